@@ -1,0 +1,61 @@
+"""`python -m agent`: serve the workspace agent (defaults: port 3001, root /app)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.server import serve
+
+TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
+
+
+def parse_args(argv: list[str] | None = None) -> AgentConfig:
+    defaults = AgentConfig()
+    parser = argparse.ArgumentParser(prog="python -m agent", description="The workspace agent (workspace.agent.v1).")
+    parser.add_argument("--listen", default=defaults.listen, help="HOST:PORT or unix:PATH (default %(default)s)")
+    parser.add_argument("--root", type=Path, default=defaults.root, help="workspace root (default %(default)s)")
+    parser.add_argument(
+        "--token-file", type=Path, help=f"file holding the bearer token (else ${TOKEN_ENV}; neither: no auth)"
+    )
+    parser.add_argument("--max-archive-bytes", type=int, default=defaults.max_archive_bytes)
+    parser.add_argument("--max-archive-files", type=int, default=defaults.max_archive_files)
+    parser.add_argument("--max-chunk-size", type=int, default=defaults.max_chunk_size)
+    parser.add_argument("--max-concurrent-commands", type=int, default=defaults.max_concurrent_commands)
+    parser.add_argument("--process-buffer-bytes", type=int, default=defaults.process_buffer_bytes)
+    parser.add_argument("--log-level", default=os.environ.get("WORKSPACE_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if args.token_file:
+        token = args.token_file.read_text().strip() or None
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root} is not a directory")
+    return AgentConfig(
+        root=args.root,
+        listen=args.listen,
+        token=token,
+        max_archive_bytes=args.max_archive_bytes,
+        max_archive_files=args.max_archive_files,
+        max_chunk_size=min(args.max_chunk_size, defaults.max_chunk_size),
+        max_concurrent_commands=args.max_concurrent_commands,
+        process_buffer_bytes=args.process_buffer_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    if config.token is None:
+        logging.getLogger("agent").warning("no token configured: every RPC is open to anyone who can connect")
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

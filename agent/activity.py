@@ -1,0 +1,71 @@
+"""What the workspace is doing, for the orchestrator's idle reaper: last activity, open streams."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from agent.interceptors import wrap_handler
+
+# Calls that do not count as activity: probes and the activity query itself.
+PASSIVE_METHODS = ("/grpc.health.v1.Health/", "/workspace.agent.v1.AgentService/GetActivity")
+
+
+class ActivityTracker:
+    """Counts calls in flight now (streams and unary alike) and remembers the wall time of the last call or file write."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self.last_activity = self.started_at
+        self.open_streams = 0
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+
+class ActivityInterceptor(aio.ServerInterceptor):
+    """Records every non-passive call's start and end, and keeps count of open streams."""
+
+    def __init__(self, tracker: ActivityTracker) -> None:
+        self._tracker = tracker
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(PASSIVE_METHODS):
+            return handler
+        tracker = self._tracker
+
+        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def call(request: Any, context: aio.ServicerContext) -> Any:
+                tracker.touch()
+                tracker.open_streams += 1
+                try:
+                    return await behavior(request, context)
+                finally:
+                    tracker.open_streams -= 1
+                    tracker.touch()
+
+            return call
+
+        def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                tracker.touch()
+                tracker.open_streams += 1
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    tracker.open_streams -= 1
+                    tracker.touch()
+
+            return call
+
+        return wrap_handler(handler, unary, streaming)

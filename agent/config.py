@@ -1,0 +1,31 @@
+"""The agent's settings and limits, with the defaults of the core image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything `python -m agent` can be told; the defaults are the architecture's."""
+
+    root: Path = Path("/app")
+    listen: str = "0.0.0.0:3001"
+    # Bearer token every RPC but health and reflection must carry; None disables auth.
+    token: str | None = None
+    # Archives: refused past these (RESOURCE_EXHAUSTED), the workspace left unchanged.
+    max_archive_bytes: int = 2048 * MiB  # uncompressed size of the members
+    max_archive_files: int = 200_000
+    # Largest chunk Read and CreateArchive send (and Read accepts as chunk_size).
+    max_chunk_size: int = 1 * MiB
+    # Read computes a file's sha256 up to this size.
+    hash_limit: int = 8 * MiB
+    # Exec: commands running at once, and the replay buffer each named process keeps.
+    max_concurrent_commands: int = 64
+    process_buffer_bytes: int = 4 * MiB
+    # Search: the default and the largest result cap.
+    default_max_results: int = 1000
+    max_results_limit: int = 100_000
