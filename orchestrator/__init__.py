@@ -1,0 +1,1 @@
+"""The orchestrator: owns workspace sessions (containers from the core image, templates injected at runtime)."""

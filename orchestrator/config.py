@@ -1,0 +1,61 @@
+"""The orchestrator's settings and limits, with their defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+# templates/ at the top of the repository: where template folders live unless told otherwise.
+REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """Everything `python -m orchestrator` can be told."""
+
+    listen: str = "127.0.0.1:50051"
+    # SQLite state, archives, template cache and the local runtime's workspaces live here.
+    data_dir: Path = Path(".data")
+    templates_dir: Path = REPO_TEMPLATES
+    # "docker" (containers from the core image) or "local" (the agent as a subprocess; no isolation).
+    runtime: str = "docker"
+    # The loopback address container ports are published on; never 0.0.0.0.
+    host_address: str = "127.0.0.1"
+    image: str = "workspace-core:latest"
+    # A PEM bundle mounted into workspaces so npm/pip/node trust a corporate proxy.
+    extra_ca_bundle: Path | None = None
+    # Labels every container with this, so two orchestrators on one engine keep apart; stable across
+    # restarts so a restarted orchestrator adopts its own containers.
+    instance_id: str = "default"
+    # Sessions: at most this many not STOPPED/FAILED at once (RESOURCE_EXHAUSTED beyond).
+    max_sessions: int = 100
+    agent_health_timeout_s: float = 30.0
+    install_timeout_s: float = 600.0
+    # Reaper: stop sessions idle this long or alive this long (0 disables either); check every interval.
+    idle_ttl_s: float = 1800.0
+    max_lifetime_s: float = 0.0
+    reap_interval_s: float = 30.0
+    save_before_reap: bool = False
+    # Archives: uploads and saves larger than this are refused.
+    max_archive_bytes: int = 2048 * MiB
+    # Output lines kept per session for late watchers and failure reports.
+    output_history_lines: int = 200
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "orchestrator.sqlite3"
+
+    @property
+    def archives_dir(self) -> Path:
+        return self.data_dir / "archives"
+
+    @property
+    def template_cache_dir(self) -> Path:
+        return self.data_dir / "template-cache"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        """The local runtime's per-session roots and pid files."""
+        return self.data_dir / "workspaces"

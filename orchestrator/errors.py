@@ -1,0 +1,65 @@
+"""Domain errors of the orchestrator, and the one table that maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator reports to a caller; the message is shown to the caller."""
+
+
+class NotFound(OrchestratorError):
+    """A session, template or archive does not exist."""
+
+
+class TemplateNotFound(NotFound):
+    """No folder with that name under the templates directory."""
+
+
+class SessionNotFound(NotFound):
+    """No session with that id."""
+
+
+class ArchiveNotFound(NotFound):
+    """No archive with that id in the archive store."""
+
+
+class FailedPrecondition(OrchestratorError):
+    """The target is not in a state that allows the request (e.g. saving a stopped session)."""
+
+
+class InvalidTemplate(FailedPrecondition):
+    """The template folder exists but its template.json is invalid; the message carries the reason."""
+
+
+class ImageMissing(FailedPrecondition):
+    """The core image is not present on the engine; the message names the build command."""
+
+
+class EngineUnavailable(OrchestratorError):
+    """The container engine cannot be reached; the message says what to do."""
+
+
+class InvalidArgument(OrchestratorError):
+    """The request is malformed: a bad field, page token, label or archive."""
+
+
+class ChecksumMismatch(OrchestratorError):
+    """Received bytes do not match the checksum announced for them."""
+
+
+class LimitExceeded(OrchestratorError):
+    """A configured limit was reached (sessions, archive size)."""
+
+
+# The one table from domain errors to status codes. Lookup walks the exception's MRO,
+# so the most specific class listed wins.
+STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
