@@ -1,0 +1,177 @@
+"""The archive store: saved and uploaded workspaces as tar.gz files under data-dir/archives.
+
+A file becomes visible only complete: written to a temp file, fsynced, checksummed, renamed, then
+recorded. A failure anywhere leaves the earlier archives as they were and no partial one behind."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import tarfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from orchestrator.errors import ArchiveNotFound, ChecksumMismatch, InvalidArgument, LimitExceeded
+from orchestrator.store import Store
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+
+CHUNK_SIZE = 1024 * 1024
+TEMP_PREFIX = ".incoming-"
+
+
+@dataclass(frozen=True)
+class ArchiveOrigin:
+    """What an archive is and where it came from, as the caller names it."""
+
+    name: str
+    source: pb.ArchiveSource.ValueType
+    template: str
+    session_id: str = ""
+
+
+class ArchiveStore:
+    """Archive files plus their records in the Store; every write is atomic and checksummed."""
+
+    def __init__(self, directory: Path, store: Store, max_bytes: int) -> None:
+        self._dir = directory
+        self._store = store
+        self._max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Removes leftovers of a crash: temp files, and files whose record was never written."""
+        recorded = {f"{archive.id}.tar.gz" for archive in self._store.list_archives()}
+        for path in self._dir.iterdir():
+            if path.name.startswith(TEMP_PREFIX) or path.name not in recorded:
+                path.unlink(missing_ok=True)
+
+    def path(self, archive_id: str) -> Path:
+        return self._dir / f"{archive_id}.tar.gz"
+
+    def get(self, archive_id: str) -> pb.Archive:
+        """The archive's record. Raises ArchiveNotFound."""
+        archive = self._store.get_archive(archive_id)
+        if archive is None:
+            raise ArchiveNotFound(f"no archive {archive_id!r}: ListArchives shows the stored ones")
+        return archive
+
+    def list(self, session_id: str = "") -> list[pb.Archive]:
+        return self._store.list_archives(session_id)
+
+    async def delete(self, archive_id: str) -> None:
+        """Removes the record, then the file (a crash between the two leaves a file the next start
+        sweeps away). Raises ArchiveNotFound."""
+        if not self._store.delete_archive(archive_id):
+            raise ArchiveNotFound(f"no archive {archive_id!r}: ListArchives shows the stored ones")
+        await asyncio.to_thread(self.path(archive_id).unlink, True)
+
+    async def read(self, archive_id: str) -> AsyncIterator[bytes]:
+        """The archive's bytes in chunks. Raises ArchiveNotFound."""
+        self.get(archive_id)
+        with open(self.path(archive_id), "rb") as file:
+            while chunk := await asyncio.to_thread(file.read, CHUNK_SIZE):
+                yield chunk
+
+    async def write(
+        self,
+        origin: ArchiveOrigin,
+        chunks: AsyncIterator[bytes],
+        *,
+        expected_sha256: str = "",
+        files: int | None = None,
+    ) -> pb.Archive:
+        """Stores the bytes of `chunks` as a new archive and records it.
+
+        `files` is the regular-file count when the producer already knows it (the agent's summary);
+        otherwise the archive is read back and checked: a readable tar.gz whose members are all
+        safe to extract. Raises LimitExceeded (over the size limit), ChecksumMismatch (the bytes do
+        not hash to `expected_sha256`), InvalidArgument (not a readable, safe tar.gz)."""
+        archive_id = f"ar-{secrets.token_hex(5)}"
+        temp = self._dir / f"{TEMP_PREFIX}{archive_id}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(temp, "xb") as file:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self._max_bytes:
+                        raise LimitExceeded(f"archive is larger than the limit of {self._max_bytes} bytes")
+                    digest.update(chunk)
+                    await asyncio.to_thread(file.write, chunk)
+                await asyncio.to_thread(_flush_to_disk, file)
+            sha256 = digest.hexdigest()
+            if expected_sha256 and expected_sha256.lower() != sha256:
+                raise ChecksumMismatch(
+                    f"archive bytes hash to sha256 {sha256}, not the announced {expected_sha256}; nothing stored"
+                )
+            if files is None:
+                files = await asyncio.to_thread(count_safe_members, temp)
+            final = self.path(archive_id)
+            await asyncio.to_thread(_publish, temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        created_at = Timestamp()
+        created_at.GetCurrentTime()
+        archive = pb.Archive(
+            id=archive_id,
+            name=origin.name or archive_id,
+            source=origin.source,
+            template=origin.template,
+            session_id=origin.session_id,
+            sha256=sha256,
+            size=size,
+            files=files,
+            created_at=created_at,
+        )
+        try:
+            self._store.put_archive(archive)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        return archive
+
+
+def count_safe_members(path: Path) -> int:
+    """The number of regular files in the tar.gz at `path`. Raises InvalidArgument when it is not
+    a readable tar.gz, or a member would land outside the extraction root, is a device or FIFO, a
+    link leading out, or carries setuid/setgid bits."""
+    files = 0
+    root = "/workspace-root"  # data_filter judges paths against a destination; any absolute one does
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in archive:
+                # data_filter would quietly strip a leading "/" and allow inner "..": refuse both outright.
+                if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
+                    raise InvalidArgument(f"archive member {member.name!r} is absolute or has '..'")
+                if member.mode & 0o6000:
+                    raise InvalidArgument(f"archive member {member.name!r} has setuid/setgid bits")
+                tarfile.data_filter(member, root)
+                files += member.isfile()
+    except tarfile.FilterError as error:
+        raise InvalidArgument(f"archive member refused: {error}") from None
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise InvalidArgument(f"not a readable tar.gz: {error}") from None
+    return files
+
+
+def _flush_to_disk(file: BinaryIO) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _publish(temp: Path, final: Path) -> None:
+    """Renames the complete file into place and makes the rename itself durable."""
+    os.rename(temp, final)
+    directory = os.open(final.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
