@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from agent import telemetry
 from agent.config import AgentConfig
 from agent.server import serve
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--process-buffer-bytes", type=int, default=defaults.process_buffer_bytes)
     parser.add_argument("--log-level", default=os.environ.get("WORKSPACE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    telemetry.configure_logging(args.log_level)
 
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    telemetry.configure_from_env()
     if config.token is None:
         logging.getLogger("agent").warning("no token configured: every RPC is open to anyone who can connect")
     asyncio.run(serve(config))

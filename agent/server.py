@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from agent import telemetry
 from agent.activity import ActivityInterceptor, ActivityTracker
 from agent.config import AgentConfig
 from agent.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor
@@ -28,7 +29,8 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
     """A started-ready (not yet started) server bound to `config.listen`, the bound port (0 for unix
     sockets) and its servicer. Raises RuntimeError when the address cannot be bound."""
     activity = ActivityTracker()
-    interceptors: list[aio.ServerInterceptor] = []
+    # Tracing first (empty while off): its span then covers auth refusals and mapped errors too.
+    interceptors: list[aio.ServerInterceptor] = telemetry.server_interceptors()
     if config.token:
         interceptors.append(BearerTokenInterceptor(config.token))
     interceptors += [ActivityInterceptor(activity), ErrorMappingInterceptor()]
