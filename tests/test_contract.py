@@ -1,8 +1,10 @@
-"""The contract: buf lint is clean and the committed stubs match the .proto files."""
+"""The contract: buf lint is clean, nothing breaks the previous commit's contract, and the committed stubs match
+the .proto files."""
 
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,56 @@ def _buf() -> str:
 def test_buf_lint_is_clean() -> None:
     result = subprocess.run([_buf(), "lint"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def breaking_changes(repo: Path, against: str) -> subprocess.CompletedProcess[str]:
+    """`buf breaking` (FILE rules, from buf.yaml) of the working tree's protos/ against commit `against`."""
+    return subprocess.run(
+        [_buf(), "breaking", "protos", "--against", f".git#ref={against},subdir=protos"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+
+
+def baseline_commit(repo: Path) -> str | None:
+    """The commit whose contract must still hold: $BUF_BREAKING_AGAINST (CI sets the merge base of a pull
+    request) or else HEAD~1. None when there is no earlier contract: the first commit, or one before protos/."""
+    ref = os.environ.get("BUF_BREAKING_AGAINST", "HEAD~1")
+    found = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    if found.returncode != 0:
+        if _git(repo, "rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+            pytest.fail(f"{ref} is not in this shallow clone: fetch more history (actions/checkout: fetch-depth: 0)")
+        if "BUF_BREAKING_AGAINST" in os.environ:
+            pytest.fail(f"BUF_BREAKING_AGAINST={ref} is not a commit")
+        return None
+    commit = found.stdout.strip()
+    return commit if _git(repo, "ls-tree", "-d", commit, "protos").stdout else None
+
+
+def test_no_breaking_change_against_the_previous_commit() -> None:
+    against = baseline_commit(REPO)
+    if against is None:
+        pytest.skip("no earlier contract to compare with (first commit)")
+    result = breaking_changes(REPO, against)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_breaking_check_catches_a_deleted_rpc(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    shutil.copy(REPO / "buf.yaml", tmp_path)
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1"]):
+        _git(tmp_path, *args).check_returncode()
+    proto = tmp_path / "protos" / "workspace" / "agent" / "v1" / "agent.proto"
+    proto.write_text("\n".join(line for line in proto.read_text().splitlines() if "rpc GetActivity(" not in line))
+
+    result = breaking_changes(tmp_path, "HEAD")
+    assert result.returncode != 0
+    assert 'Previously present RPC "GetActivity" on service "AgentService" was deleted' in result.stdout
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
