@@ -10,7 +10,7 @@ import hashlib
 import os
 import secrets
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -33,6 +33,15 @@ class ArchiveOrigin:
     source: pb.ArchiveSource.ValueType
     template: str
     session_id: str = ""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the bytes must be: their sha256 ("" = not announced) and, when the producer counted
+    them, the regular files (then the archive is not read back to count and check its members)."""
+
+    sha256: str = ""
+    files: int | None = None
 
 
 class ArchiveStore:
@@ -83,15 +92,13 @@ class ArchiveStore:
         self,
         origin: ArchiveOrigin,
         chunks: AsyncIterator[bytes],
-        *,
-        expected_sha256: str = "",
-        files: int | None = None,
+        expected: Expected | Callable[[], Expected] = Expected(),
     ) -> pb.Archive:
         """Stores the bytes of `chunks` as a new archive and records it.
 
-        `files` is the regular-file count when the producer already knows it (the agent's summary);
-        otherwise the archive is read back and checked: a readable tar.gz whose members are all
-        safe to extract. Raises LimitExceeded (over the size limit), ChecksumMismatch (the bytes do
+        `expected` may be a callable, asked once the chunks are consumed: the agent announces the
+        checksum of CreateArchive after the last chunk. Without a trusted file count the archive is
+        read back and checked: a readable tar.gz whose members are all safe to extract. Raises LimitExceeded (over the size limit), ChecksumMismatch (the bytes do
         not hash to `expected_sha256`), InvalidArgument (not a readable, safe tar.gz)."""
         archive_id = f"ar-{secrets.token_hex(5)}"
         temp = self._dir / f"{TEMP_PREFIX}{archive_id}"
@@ -107,10 +114,13 @@ class ArchiveStore:
                     await asyncio.to_thread(file.write, chunk)
                 await asyncio.to_thread(_flush_to_disk, file)
             sha256 = digest.hexdigest()
-            if expected_sha256 and expected_sha256.lower() != sha256:
+            if callable(expected):
+                expected = expected()
+            if expected.sha256 and expected.sha256.lower() != sha256:
                 raise ChecksumMismatch(
-                    f"archive bytes hash to sha256 {sha256}, not the announced {expected_sha256}; nothing stored"
+                    f"archive bytes hash to sha256 {sha256}, not the announced {expected.sha256}; nothing stored"
                 )
+            files = expected.files
             if files is None:
                 files = await asyncio.to_thread(count_safe_members, temp)
             final = self.path(archive_id)

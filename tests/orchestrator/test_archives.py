@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.archives import ArchiveOrigin, ArchiveStore
+from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
 from orchestrator.errors import ArchiveNotFound, ChecksumMismatch, InvalidArgument, LimitExceeded
 from orchestrator.store import Store
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -50,7 +50,7 @@ def visible_files(archives: ArchiveStore, tmp_path: Path) -> list[str]:
 
 async def test_a_written_archive_is_stored_byte_for_byte(archives: ArchiveStore) -> None:
     data = tar_gz([("package.json", b"{}"), ("src/index.js", b"console.log(1)\n")])
-    archive = await archives.write(UPLOAD, chunked(data), expected_sha256=hashlib.sha256(data).hexdigest())
+    archive = await archives.write(UPLOAD, chunked(data), expected=Expected(hashlib.sha256(data).hexdigest()))
 
     assert (archive.name, archive.template, archive.size, archive.files) == ("imported", "node-basic", len(data), 2)
     assert archive.sha256 == hashlib.sha256(data).hexdigest()
@@ -62,7 +62,7 @@ async def test_a_written_archive_is_stored_byte_for_byte(archives: ArchiveStore)
 async def test_a_checksum_mismatch_stores_nothing(archives: ArchiveStore, tmp_path: Path) -> None:
     kept = await archives.write(UPLOAD, chunked(tar_gz([("a", b"1")])))
     with pytest.raises(ChecksumMismatch):
-        await archives.write(UPLOAD, chunked(tar_gz([("b", b"2")])), expected_sha256="0" * 64)
+        await archives.write(UPLOAD, chunked(tar_gz([("b", b"2")])), expected=Expected("0" * 64))
     assert [a.id for a in archives.list()] == [kept.id]
     assert visible_files(archives, tmp_path) == [f"{kept.id}.tar.gz"]
 
@@ -77,7 +77,7 @@ async def test_a_source_failing_midway_leaves_earlier_archives_and_no_partial_fi
         raise ConnectionError("agent went away")
 
     with pytest.raises(ConnectionError):
-        await archives.write(UPLOAD, broken(), files=1)
+        await archives.write(UPLOAD, broken(), expected=lambda: Expected(files=1))
     assert [a.id for a in archives.list()] == [kept.id]
     assert visible_files(archives, tmp_path) == [f"{kept.id}.tar.gz"]
     assert archives.path(kept.id).read_bytes() == tar_gz([("a", b"1")])

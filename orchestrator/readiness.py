@@ -1,0 +1,56 @@
+"""The readiness probe: a plain HTTP GET of the preview URL, retried until the dev server answers."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+PROBE_INTERVAL_S = 0.2
+# One attempt may take this long before it counts as "no answer" (a dev server still compiling
+# may hold the first request open for a while; the overall deadline still applies).
+ATTEMPT_TIMEOUT_S = 5.0
+
+
+class NotReady(Exception):
+    """The dev server gave no 2xx/3xx answer before the deadline; the message says what it saw last."""
+
+
+async def http_status(url: str, timeout: float) -> int:
+    """The status code of `GET url` (HTTP/1.1, no body read). Raises OSError or TimeoutError."""
+    parts = urlsplit(url)
+    target = parts.path or "/"
+    if parts.query:
+        target += f"?{parts.query}"
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        try:
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            status_line = await reader.readline()
+        finally:
+            writer.close()
+    fields = status_line.split(maxsplit=2)
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
+        raise OSError(f"not an HTTP answer: {status_line[:80]!r}")
+    return int(fields[1])
+
+
+async def wait_until_ready(url: str, timeout: float) -> int:
+    """Probes `url` until it answers 2xx or 3xx and returns that status. Raises NotReady after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = "no attempt finished"
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            status = await http_status(url, min(ATTEMPT_TIMEOUT_S, max(remaining, 0.1)))
+            if 200 <= status < 400:
+                return status
+            last = f"HTTP {status}"
+        except TimeoutError:
+            last = "no answer within the attempt timeout"
+        except OSError as error:
+            last = error.strerror or str(error)
+        if loop.time() + PROBE_INTERVAL_S >= deadline:
+            raise NotReady(f"{url} gave no 2xx/3xx answer within {timeout:g}s (last: {last})")
+        await asyncio.sleep(PROBE_INTERVAL_S)
