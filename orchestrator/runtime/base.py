@@ -1,0 +1,123 @@
+"""What the orchestrator needs from a place that runs workspaces: the Runtime protocol, the Workspace it
+reports, the labels that mark our workspaces, and the trust settings for an extra CA bundle."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import certifi
+
+from orchestrator.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from orchestrator.templates import ResourceHints
+
+# Every workspace carries these labels (the Docker label convention of reverse-DNS-ish keys).
+SESSION_LABEL = "workspace-core.session"
+ORCHESTRATOR_LABEL = "workspace-core.orchestrator"
+MANAGED_LABEL = "workspace-core.managed"
+
+# The agent's gRPC port and the dev server's port inside a workspace (templates read $PORT, default 4321).
+AGENT_PORT = 3001
+DEV_PORT = 4321
+# The environment variable `python -m agent` reads its bearer token from.
+TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
+
+# Session ids end up in container names and directory names.
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass
+class Workspace:
+    """A running (or stopped, not yet removed) workspace as its runtime sees it."""
+
+    session_id: str
+    runtime: str  # "docker" | "local"
+    handle: str  # container id, or the agent's pid
+    agent_endpoint: str  # "127.0.0.1:PORT"
+    preview_port: int
+    preview_url: str  # "http://127.0.0.1:PORT/"
+    image: str
+    running: bool
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Runtime(Protocol):
+    """Starts, lists and removes workspaces. Implementations: DockerRuntime, LocalRuntime."""
+
+    name: str
+
+    async def start(
+        self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
+    ) -> Workspace:
+        """Creates and starts a workspace; does not wait for the agent to be healthy.
+        Raises EngineUnavailable, ImageMissing, InvalidArgument (bad session id)."""
+        ...
+
+    async def stop(self, session_id: str) -> None:
+        """Removes the workspace and everything running in it; stopping an unknown one is not an error."""
+        ...
+
+    async def list(self) -> list[Workspace]:
+        """Every workspace of this orchestrator instance, running or not."""
+        ...
+
+    async def close(self) -> None:
+        """Releases the runtime's resources; workspaces keep running (a later orchestrator adopts them)."""
+        ...
+
+
+def check_session_id(session_id: str) -> str:
+    """Returns `session_id` if it is safe as a container and directory name; raises InvalidArgument otherwise."""
+    if not _SESSION_ID.fullmatch(session_id):
+        raise InvalidArgument(
+            f"session id {session_id!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return session_id
+
+
+def workspace_labels(instance_id: str, session_id: str, extra: dict[str, str]) -> dict[str, str]:
+    """The caller's labels plus ours; ours win, so a caller cannot make a workspace look like another's."""
+    return {**extra, MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: instance_id, SESSION_LABEL: session_id}
+
+
+def trust_env(bundle: str) -> dict[str, str]:
+    """Environment that makes node, npm, pip, git, curl and OpenSSL-based tools trust the PEM bundle at `bundle`
+    (a path as the workspace sees it). The bundle holds the public roots too: most of these replace the default
+    roots rather than adding to them."""
+    return {
+        "NODE_EXTRA_CA_CERTS": bundle,
+        "npm_config_cafile": bundle,
+        "PIP_CERT": bundle,
+        "SSL_CERT_FILE": bundle,
+        "REQUESTS_CA_BUNDLE": bundle,
+        "CURL_CA_BUNDLE": bundle,
+        "GIT_SSL_CAINFO": bundle,
+    }
+
+
+def write_trust_bundle(extra_ca: Path, directory: Path) -> Path:
+    """Writes the public roots (certifi's Mozilla bundle) followed by the certificates in `extra_ca` (e.g. a
+    TLS-intercepting proxy's CA) to `directory/ca-bundle.pem`, atomically, and returns its path.
+    Raises InvalidArgument when `extra_ca` is not a readable PEM file."""
+    try:
+        extra = extra_ca.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidArgument(f"extra CA bundle {extra_ca}: cannot read it: {error}") from error
+    if "-----BEGIN CERTIFICATE-----" not in extra:
+        raise InvalidArgument(f"extra CA bundle {extra_ca}: no PEM certificate in it")
+    directory.mkdir(parents=True, exist_ok=True)
+    bundle = directory / "ca-bundle.pem"
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".ca-bundle.")
+    with os.fdopen(fd, "w") as out:
+        out.write(Path(certifi.where()).read_text())
+        out.write(f"\n# Extra CA bundle from {extra_ca}\n{extra}")
+    # Readable by the workspace user (uid 1000 in the container), which does not own the file.
+    os.chmod(temp, 0o644)
+    os.replace(temp, bundle)
+    return bundle

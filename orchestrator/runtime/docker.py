@@ -1,0 +1,189 @@
+"""The Docker runtime: one locked-down container per workspace, from the core image. The one module that uses
+the Docker SDK: blocking calls run in threads, every container is labelled, SDK errors become domain errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.models.containers import Container
+
+from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
+from orchestrator.runtime.base import (
+    AGENT_PORT,
+    DEV_PORT,
+    MANAGED_LABEL,
+    ORCHESTRATOR_LABEL,
+    SESSION_LABEL,
+    TOKEN_ENV,
+    Workspace,
+    check_session_id,
+    trust_env,
+    workspace_labels,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.templates import ResourceHints
+
+T = TypeVar("T")
+
+# Where the trust bundle (public roots + the extra CA) appears inside the container.
+CONTAINER_CA_BUNDLE = "/etc/workspace/extra-ca.pem"
+# The workspace user of the core image.
+WORKSPACE_USER = "1000:1000"
+BUILD_COMMAND = "python -m core_image.build"
+# Seconds the SDK waits for one engine API call (container creation can take a few seconds on a busy host).
+API_TIMEOUT = 60
+
+
+class DockerRuntime:
+    """Workspaces as containers on the Docker engine that DOCKER_HOST (or the default socket) points to."""
+
+    name = "docker"
+
+    def __init__(
+        self,
+        *,
+        image: str,
+        instance_id: str,
+        host_address: str = "127.0.0.1",
+        trust_bundle: Path | None = None,
+    ) -> None:
+        self.image = image
+        self.instance_id = instance_id
+        self.host_address = host_address
+        self.trust_bundle = trust_bundle
+        # Connected on first use, so the orchestrator starts (and reports UNAVAILABLE per call) without an engine.
+        self._client: docker.DockerClient | None = None
+        self._connect_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ Runtime
+
+    async def start(
+        self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
+    ) -> Workspace:
+        check_session_id(session_id)
+        return await self._call("start the workspace container", self._start, session_id, token, resources, env, labels)
+
+    async def stop(self, session_id: str) -> None:
+        await self._call("remove the workspace container", self._stop, session_id)
+
+    async def list(self) -> list[Workspace]:
+        return await self._call("list workspace containers", self._list)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+            self._client = None
+
+    # ------------------------------------------------------------------ blocking parts (run in threads)
+
+    def _start(
+        self, session_id: str, token: str, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
+    ) -> Workspace:
+        environment = {**env, "PORT": str(DEV_PORT), TOKEN_ENV: token}
+        volumes = {}
+        if self.trust_bundle is not None:
+            volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}
+            environment.update(trust_env(CONTAINER_CA_BUNDLE))
+        memory = f"{resources.memory_mb}m"
+        # `create` never pulls (unlike `run`): a missing image is reported, not fetched from a registry.
+        container = self._docker().containers.create(
+            self.image,
+            name=f"workspace-core-{session_id}",
+            labels=workspace_labels(self.instance_id, session_id, labels),
+            environment=environment,
+            # Published on the host's loopback address only; docker picks free host ports, read back below.
+            ports={f"{AGENT_PORT}/tcp": (self.host_address, None), f"{DEV_PORT}/tcp": (self.host_address, None)},
+            mem_limit=memory,
+            memswap_limit=memory,  # no swap beyond the memory limit
+            nano_cpus=int(resources.cpus * 1e9),
+            pids_limit=resources.pids,
+            user=WORKSPACE_USER,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            volumes=volumes,
+            detach=True,
+        )
+        try:
+            container.start()
+            container.reload()
+        except BaseException:
+            # Never leave a created-but-dead container behind (e.g. the port could not be published).
+            with suppress(NotFound):
+                container.remove(force=True, v=True)
+            raise
+        return self._workspace(container)
+
+    def _stop(self, session_id: str) -> None:
+        for container in self._containers(f"{SESSION_LABEL}={session_id}"):
+            with suppress(NotFound):
+                container.remove(force=True, v=True)
+
+    def _list(self) -> list[Workspace]:
+        return [self._workspace(container) for container in self._containers()]
+
+    def _containers(self, *label_filters: str) -> list[Container]:
+        labels = [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}", *label_filters]
+        return self._docker().containers.list(all=True, filters={"label": labels}, ignore_removed=True)
+
+    def _workspace(self, container: Container) -> Workspace:
+        running = container.status == "running"
+        agent_host, agent_port = _published(container, AGENT_PORT)
+        preview_host, preview_port = _published(container, DEV_PORT)
+        return Workspace(
+            session_id=container.labels.get(SESSION_LABEL, ""),
+            runtime=self.name,
+            handle=container.id,
+            agent_endpoint=f"{agent_host}:{agent_port}" if running else "",
+            preview_port=preview_port if running else 0,
+            preview_url=f"http://{preview_host}:{preview_port}/" if running else "",
+            image=container.attrs.get("Config", {}).get("Image", self.image),
+            running=running,
+            labels=dict(container.labels),
+        )
+
+    def _docker(self) -> docker.DockerClient:
+        with self._connect_lock:
+            if self._client is None:
+                # from_env asks the engine for its API version, so an unreachable engine fails here.
+                self._client = docker.from_env(timeout=API_TIMEOUT)
+            return self._client
+
+    # ------------------------------------------------------------------ error translation
+
+    async def _call(self, action: str, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.to_thread(self._translated, action, function, *args)
+
+    def _translated(self, action: str, function: Callable[..., T], *args: object) -> T:
+        try:
+            return function(*args)
+        except ImageNotFound as error:
+            raise ImageMissing(
+                f"the core image {self.image} is not on the Docker engine: build it with `{BUILD_COMMAND}`"
+            ) from error
+        except APIError as error:
+            raise FailedPrecondition(f"the Docker engine refused to {action}: {error.explanation or error}") from error
+        except (DockerException, requests.exceptions.ConnectionError) as error:
+            raise self._unavailable(error) from error
+
+    def _unavailable(self, error: Exception) -> EngineUnavailable:
+        # A broken connection invalidates the client; the next call reconnects (the engine may be back).
+        self._client = None
+        return EngineUnavailable(
+            f"cannot reach the Docker engine ({error}): start the Docker engine (dockerd) or run with --runtime local"
+        )
+
+
+def _published(container: Container, port: int) -> tuple[str, int]:
+    """The host address and port the engine published `port` on (("", 0) when it is not published)."""
+    for binding in container.ports.get(f"{port}/tcp") or ():
+        return binding["HostIp"], int(binding["HostPort"])
+    return "", 0

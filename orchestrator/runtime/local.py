@@ -1,0 +1,223 @@
+"""The local runtime: the agent as a subprocess of the host, rooted in a per-session directory. For development
+and machines without a container engine. It is NOT a security boundary: workspace code runs as the
+orchestrator's user, with its files, network and environment, and no resource limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator.runtime.base import (
+    ORCHESTRATOR_LABEL,
+    SESSION_LABEL,
+    TOKEN_ENV,
+    Workspace,
+    check_session_id,
+    trust_env,
+    workspace_labels,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.templates import ResourceHints
+
+# What the image field says for a local workspace: the interpreter the agent runs on.
+LOCAL_IMAGE = f"local:{sys.executable}"
+STATE_FILE = "workspace.json"
+# The agent stops its named processes on SIGTERM (grace 5 s each) and then its server (grace 5 s).
+STOP_GRACE_S = 12.0
+
+
+class LocalRuntime:
+    """Workspaces as agent subprocesses, each with its own process group, under `directory/<session id>/`:
+    `app/` is the workspace root, `agent.log` the agent's output, `workspace.json` its pid and ports (so a
+    restarted orchestrator finds and adopts agents that are still running).
+
+    The dev server's port is a free host port handed to the workspace as $PORT (templates read $PORT,
+    default 4321), so the preview is http://<host>:<that port>/ with no port mapping in between."""
+
+    name = "local"
+
+    def __init__(
+        self, *, directory: Path, instance_id: str, host_address: str = "127.0.0.1", trust_bundle: Path | None = None
+    ) -> None:
+        self.directory = directory
+        self.instance_id = instance_id
+        self.host_address = host_address
+        self.trust_bundle = trust_bundle
+        # Agents this orchestrator started, so stop() can reap them; adopted ones are watched by pid.
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(
+        self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
+    ) -> Workspace:
+        """Starts the agent; `resources` are not enforced (no isolation). Raises InvalidArgument (bad id)."""
+        check_session_id(session_id)
+        session_dir = self.directory / session_id
+        root = session_dir / "app"
+        await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        agent_port, preview_port = _free_ports(self.host_address, 2)
+        environment = {**os.environ, **env, "PORT": str(preview_port), TOKEN_ENV: token}
+        if self.trust_bundle is not None:
+            environment.update(trust_env(str(self.trust_bundle)))
+        # The working directory is not the workspace root: `python -m` puts it first on sys.path, and a
+        # workspace may well hold a package named `agent`.
+        with open(session_dir / "agent.log", "ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent", "--listen", f"{self.host_address}:{agent_port}", "--root", str(root),
+                cwd=session_dir, env=environment, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,  # its own process group, outside the orchestrator's terminal signals
+            )  # fmt: skip
+        self._children[session_id] = process
+        state = {
+            "session_id": session_id,
+            "pid": process.pid,
+            "agent_endpoint": f"{self.host_address}:{agent_port}",
+            "preview_port": preview_port,
+            "preview_url": f"http://{self.host_address}:{preview_port}/",
+            "labels": workspace_labels(self.instance_id, session_id, labels),
+        }
+        await asyncio.to_thread(_write_json, session_dir / STATE_FILE, state)
+        return self._workspace(state, running=True)
+
+    async def stop(self, session_id: str) -> None:
+        """SIGTERM to the agent's group (the agent then stops its named processes), SIGKILL after a grace
+        period, then SIGKILL to any process group the agent had started that is still there; removes the
+        session directory."""
+        check_session_id(session_id)
+        session_dir = self.directory / session_id
+        state = await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
+        child = self._children.pop(session_id, None)
+        if state is not None and await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
+            pid = state["pid"]
+            groups = await asyncio.to_thread(_descendant_groups, pid)
+            _signal_group(pid, signal.SIGTERM)
+            if not await _exited(pid, child, STOP_GRACE_S):
+                _signal_group(pid, signal.SIGKILL)
+                await _exited(pid, child, STOP_GRACE_S)
+            for group in groups:
+                _signal_group(group, signal.SIGKILL)
+        await asyncio.to_thread(shutil.rmtree, session_dir, ignore_errors=True)
+
+    async def list(self) -> list[Workspace]:
+        return await asyncio.to_thread(self._list)
+
+    async def close(self) -> None:
+        """Leaves the agents running: a restarted orchestrator adopts them from their state files."""
+        self._children.clear()
+
+    def _list(self) -> list[Workspace]:
+        workspaces = []
+        for path in sorted(self.directory.glob(f"*/{STATE_FILE}")):
+            state = _read_json(path)
+            if state is None or state["labels"].get(ORCHESTRATOR_LABEL) != self.instance_id:
+                continue
+            workspaces.append(self._workspace(state, running=_is_agent(state["pid"], path.parent / "app")))
+        return workspaces
+
+    def _workspace(self, state: dict, *, running: bool) -> Workspace:
+        return Workspace(
+            session_id=state["labels"][SESSION_LABEL],
+            runtime=self.name,
+            handle=str(state["pid"]),
+            agent_endpoint=state["agent_endpoint"],
+            preview_port=state["preview_port"],
+            preview_url=state["preview_url"],
+            image=LOCAL_IMAGE,
+            running=running,
+            labels=state["labels"],
+        )
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """Ports the kernel reports free on `host` now (held open together so they differ). Another process may
+    take one before the workspace binds it; the agent then fails to start and the session reports it."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps(data, indent=2))
+    os.replace(temp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+    except OSError:
+        return []
+
+
+def _is_agent(pid: int, root: Path) -> bool:
+    """The process `pid` is alive and is the agent serving `root`: a recycled pid is never mistaken for it
+    (nor is a zombie, whose command line is empty)."""
+    command = _cmdline(pid)
+    return command[1:3] == ["-m", "agent"] and command[-2:] == ["--root", str(root)]
+
+
+def _descendant_groups(pid: int) -> set[int]:
+    """Process groups of everything below `pid` (the agent's commands each run in a group of their own)."""
+    children: dict[int, list[int]] = {}
+    groups: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The fields after the command name (which may hold spaces and parentheses): state, ppid, pgrp.
+            _, ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        children.setdefault(int(ppid), []).append(int(entry.name))
+        groups[int(entry.name)] = int(pgrp)
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found.update(below)
+        frontier.extend(below)
+    return {groups[process] for process in found} - {pid}
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+async def _exited(pid: int, child: asyncio.subprocess.Process | None, timeout: float) -> bool:
+    """Waits up to `timeout` for `pid` to exit: through our Process when we started it (which also reaps it),
+    else by polling (an adopted agent is not our child and is reaped by init)."""
+    if child is not None:
+        try:
+            await asyncio.wait_for(child.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_cmdline(pid)):
+            return True
+        await asyncio.sleep(0.05)
+    return False
