@@ -1,0 +1,259 @@
+"""The template catalog: folders under templates/ with a template.json checked against
+templates/template.schema.json, and their byte-for-byte reproducible tar.gz archives, cached by content hash."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+from pathspec import GitIgnoreSpec
+
+from orchestrator.errors import InvalidArgument, InvalidTemplate, TemplateNotFound
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "templates" / "template.schema.json"
+METADATA_FILE = "template.json"
+# Never part of a template archive or a saved workspace: the install step recreates it.
+ALWAYS_EXCLUDED = ("node_modules/",)
+DEFAULT_INSTALL_COMMAND = "npm install"
+DEFAULT_DEV_PORT = 4321
+# Every member gets this mtime (2000-01-01T00:00:00Z) so an archive depends on content only; a fixed date
+# rather than 0 because some tools treat the epoch as "unset".
+ARCHIVE_MTIME = 946_684_800
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ResourceHints:
+    """What a workspace needs; the runtime turns these into container limits."""
+
+    memory_mb: int = 1024
+    cpus: float = 1.0
+    pids: int = 512
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """One template folder as read from its template.json; `valid` False means `invalid_reason` says why."""
+
+    name: str
+    valid: bool
+    invalid_reason: str = ""
+    title: str = ""
+    description: str = ""
+    install_command: str = ""  # "" = no install step
+    dev_command: str = ""
+    dev_port: int = DEFAULT_DEV_PORT
+    readiness_path: str = "/"
+    readiness_timeout_s: float = 120.0
+    env: dict[str, str] = field(default_factory=dict)
+    # gitignore-style; SaveSession leaves these out in addition to node_modules.
+    archive_excludes: tuple[str, ...] = ()
+    resources: ResourceHints = ResourceHints()
+
+
+@dataclass(frozen=True)
+class TemplateArchive:
+    """A built template archive: a file in the cache directory that readers stream in chunks."""
+
+    name: str
+    sha256: str  # of the archive bytes
+    size: int
+    files: int  # regular files
+    path: Path
+
+
+@dataclass(frozen=True)
+class _Member:
+    path: str  # relative, POSIX separators
+    is_dir: bool
+    mode: int  # normalized: 0o755 for directories and executables, 0o644 otherwise
+    data: bytes
+
+
+class TemplateCatalog:
+    """The templates under one folder. Reads the folder on every call, so new and edited templates need no restart."""
+
+    def __init__(self, directory: Path, cache_dir: Path) -> None:
+        self._directory = directory
+        self._cache_dir = cache_dir
+        schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+        Draft202012Validator.check_schema(schema)
+        self._validator = Draft202012Validator(schema)
+        # Content hash -> archive built by this process; files built by an earlier one are found on disk.
+        self._built: dict[str, TemplateArchive] = {}
+        self._build_locks: dict[str, asyncio.Lock] = {}
+
+    def list(self) -> list[TemplateSpec]:
+        """Every template folder, valid or not, sorted by name (hidden folders are skipped)."""
+        if not self._directory.is_dir():
+            return []
+        folders = (p for p in self._directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [self._load(folder) for folder in sorted(folders, key=lambda p: p.name)]
+
+    def get(self, name: str) -> TemplateSpec:
+        """The valid template `name`. Raises InvalidArgument (not a template name), TemplateNotFound,
+        InvalidTemplate (with the reason)."""
+        spec = self._load(self._folder(name))
+        if not spec.valid:
+            raise InvalidTemplate(f"template {name!r} is invalid: {spec.invalid_reason}")
+        return spec
+
+    async def archive(self, name: str) -> TemplateArchive:
+        """The template's reproducible tar.gz, built off the event loop unless an identical one is cached.
+        Raises as get(), and InvalidTemplate when the folder holds a symlink or special file."""
+        members = await asyncio.to_thread(self._members, name)
+        key = _content_hash(members)
+        # Concurrent requests for the same content wait for one build instead of each writing the file.
+        async with self._build_locks.setdefault(key, asyncio.Lock()):
+            cached = self._built.get(key)
+            if cached is None or not cached.path.exists():
+                cached = await asyncio.to_thread(self._build, name, key, members)
+                self._built[key] = cached
+            return cached
+
+    def _members(self, name: str) -> list[_Member]:
+        return _read_members(self._folder(name), self.get(name).archive_excludes)
+
+    def _folder(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise InvalidArgument(
+                f"{name!r} is not a template name (lowercase letters, digits and '-', at most 63 characters)"
+            )
+        folder = self._directory / name
+        if not folder.is_dir():
+            raise TemplateNotFound(f"no template {name!r} in {self._directory}")
+        return folder
+
+    def _load(self, folder: Path) -> TemplateSpec:
+        name = folder.name
+        try:
+            document = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return TemplateSpec(name, False, f"{METADATA_FILE} is missing")
+        except UnicodeDecodeError as error:
+            return TemplateSpec(name, False, f"{METADATA_FILE} is not UTF-8: {error.reason}")
+        except json.JSONDecodeError as error:
+            return TemplateSpec(
+                name, False, f"{METADATA_FILE} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+            )
+        problems = schema_errors(self._validator, document)
+        if not problems and document["name"] != name:
+            problems = [f"$.name: {document['name']!r} does not match the folder name {name!r}"]
+        if problems:
+            return TemplateSpec(name, False, f"{METADATA_FILE}: " + "; ".join(problems))
+        readiness = document.get("readiness", {})
+        resources = document.get("resources", {})
+        return TemplateSpec(
+            name=name,
+            valid=True,
+            title=document["title"],
+            description=document.get("description", ""),
+            install_command=document.get("install_command", DEFAULT_INSTALL_COMMAND),
+            dev_command=document["dev_command"],
+            dev_port=document.get("dev_port", DEFAULT_DEV_PORT),
+            readiness_path=readiness.get("path", "/"),
+            readiness_timeout_s=float(readiness.get("timeout_seconds", 120)),
+            env=dict(document.get("env", {})),
+            archive_excludes=tuple(document.get("archive_excludes", ())),
+            resources=ResourceHints(
+                memory_mb=resources.get("memory_mb", 1024),
+                cpus=float(resources.get("cpus", 1.0)),
+                pids=resources.get("pids", 512),
+            ),
+        )
+
+    def _build(self, name: str, key: str, members: list[_Member]) -> TemplateArchive:
+        path = self._cache_dir / f"{name}-{key[:32]}.tar.gz"
+        files = sum(1 for m in members if not m.is_dir)
+        if path.exists():  # built by an earlier run of the orchestrator
+            data = path.read_bytes()
+        else:
+            data = _tar_gz(members)
+            self._cache_dir.mkdir(parents=True, exist_ok=True)
+            # Written aside and renamed, so a reader never sees a partial archive.
+            fd, temporary = tempfile.mkstemp(dir=self._cache_dir, prefix=f".{name}-", suffix=".partial")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        return TemplateArchive(name, hashlib.sha256(data).hexdigest(), len(data), files, path)
+
+
+def schema_errors(validator: Draft202012Validator, document: object) -> list[str]:
+    """Every violation as `<JSON path>: <message>`, in document order."""
+    errors = sorted(validator.iter_errors(document), key=lambda e: (e.json_path, e.message))
+    return [f"{error.json_path}: {error.message}" for error in errors]
+
+
+def _read_members(folder: Path, excludes: tuple[str, ...]) -> list[_Member]:
+    """The folder's directories and files, sorted, without node_modules and the template's exclusions."""
+    ignored = GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *excludes])
+    members: list[_Member] = []
+    for directory, subdirectories, filenames in os.walk(folder):
+        base = Path(directory).relative_to(folder)
+        kept = []
+        for sub in subdirectories:
+            relative = (base / sub).as_posix()
+            if ignored.match_file(relative + "/"):
+                continue
+            if (Path(directory) / sub).is_symlink():
+                raise InvalidTemplate(f"template {folder.name!r}: {relative} is a symlink; templates hold plain files")
+            kept.append(sub)
+            members.append(_Member(relative, True, 0o755, b""))
+        subdirectories[:] = kept
+        for filename in filenames:
+            relative = (base / filename).as_posix()
+            if relative != METADATA_FILE and ignored.match_file(relative):
+                continue
+            info = os.lstat(Path(directory) / filename)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidTemplate(
+                    f"template {folder.name!r}: {relative} is not a regular file; templates hold plain files"
+                )
+            mode = 0o755 if info.st_mode & 0o111 else 0o644
+            members.append(_Member(relative, False, mode, (Path(directory) / filename).read_bytes()))
+    # Sorting by path components keeps a directory's members right after it.
+    members.sort(key=lambda m: m.path.split("/"))
+    return members
+
+
+def _content_hash(members: list[_Member]) -> str:
+    """sha256 over each member's path, kind, normalized mode and content: equal for equal templates."""
+    digest = hashlib.sha256()
+    for member in members:
+        header = f"{'d' if member.is_dir else 'f'} {member.mode:o} {len(member.data)} {member.path}\0"
+        digest.update(header.encode())
+        digest.update(member.data)
+    return digest.hexdigest()
+
+
+def _tar_gz(members: list[_Member]) -> bytes:
+    """The archive bytes: members in the given order, owner root, no user or group names, a fixed mtime,
+    and a gzip header without a name or timestamp."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as compressed:
+        with tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for member in members:
+                info = tarfile.TarInfo(member.path)
+                info.type = tarfile.DIRTYPE if member.is_dir else tarfile.REGTYPE
+                info.mode = member.mode
+                info.size = len(member.data)
+                info.mtime = ARCHIVE_MTIME
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(member.data) if not member.is_dir else None)
+    return buffer.getvalue()
