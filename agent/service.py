@@ -10,7 +10,12 @@ from grpc import aio
 from agent.activity import ActivityTracker
 from agent.config import AgentConfig
 from agent.errors import InvalidArgument
+from agent.fs import edit
+from agent.fs.edit import Editor
 from agent.fs.paths import WorkspaceRoot
+from agent.process import messages
+from agent.process.manager import ProcessManager
+from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
 from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
 
@@ -21,6 +26,28 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+def _edit_operation(op: pb.EditOperation) -> edit.Operation:
+    which = op.WhichOneof("operation")
+    if which == "write":
+        w = op.write
+        return edit.WriteFile(w.path, w.content, w.create_only, w.expected_sha256, w.mode)
+    if which == "replace":
+        r = op.replace
+        return edit.ReplaceText(r.path, r.old_text, r.new_text, r.expected_occurrences, r.expected_sha256)
+    if which == "insert":
+        i = op.insert
+        return edit.InsertText(i.path, i.line, i.text, i.expected_sha256)
+    if which == "delete":
+        d = op.delete
+        return edit.DeletePath(d.path, d.recursive, d.expected_sha256)
+    if which == "move":
+        m = op.move
+        return edit.MovePath(m.from_path, m.to_path, m.overwrite, m.expected_sha256)
+    if which == "make_directory":
+        return edit.MakeDirectory(op.make_directory.path)
+    raise InvalidArgument("an edit operation has none of write, replace, insert, delete, move, make_directory set")
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """One per server; holds the workspace root and the domain services."""
 
@@ -28,9 +55,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.config = config
         self.root = WorkspaceRoot(config.root)
         self.activity = activity
+        self.processes = ProcessManager(self.root, config)
+        self.editor = Editor(self.root, on_write=activity.touch)
+        self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
 
     async def close(self) -> None:
         """Stops what the servicer started (named processes) on shutdown."""
+        await self.processes.close()
 
     # ------------------------------------------------------------ Search (owner: fs helper)
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
@@ -39,31 +70,55 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     # ------------------------------------------------------------ Read (owner: fs helper)
     async def Read(self, request: pb.ReadRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ReadResponse]:
-        raise InvalidArgument("Read: not implemented yet")
-        yield
+        which = request.WhichOneof("range")
+        range_: ByteRange | LineRange | None = None
+        if which == "bytes":
+            range_ = ByteRange(request.bytes.offset, request.bytes.length)
+        elif which == "lines":
+            range_ = LineRange(request.lines.start, request.lines.end)
+        async for event in self.reader.read(request.path, range_, request.chunk_size):
+            if isinstance(event, Chunk):
+                yield pb.ReadResponse(chunk=pb.ReadChunk(offset=event.offset, data=event.data))
+            else:
+                yield pb.ReadResponse(
+                    info=pb.FileInfo(
+                        path=event.path,
+                        size=event.size,
+                        mode=event.mode,
+                        modified=_timestamp(event.modified),
+                        sha256=event.sha256,
+                        binary=event.binary,
+                    )
+                )
 
     # ------------------------------------------------------------ Edit (owner: fs helper)
     async def Edit(self, request: pb.EditRequest, context: aio.ServicerContext) -> pb.EditResponse:
-        raise InvalidArgument("Edit: not implemented yet")
+        result = await self.editor.edit([_edit_operation(op) for op in request.operations], dry_run=request.dry_run)
+        return pb.EditResponse(
+            files=[pb.EditedFile(path=f.path, sha256=f.sha256, deleted=f.deleted) for f in result.files],
+            diff=result.diff,
+        )
 
     # ------------------------------------------------------------ Exec and processes (owner: process helper)
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ExecResponse]:
-        raise InvalidArgument("Exec: not implemented yet")
-        yield
+        async for event in self.processes.exec(messages.exec_requests(request_iterator)):
+            yield messages.exec_response(event)
 
     async def ListProcesses(self, request: pb.ListProcessesRequest, context: aio.ServicerContext) -> pb.ListProcessesResponse:
-        raise InvalidArgument("ListProcesses: not implemented yet")
+        return pb.ListProcessesResponse(processes=[messages.process_info(c) for c in self.processes.list()])
 
     async def AttachProcess(
         self, request: pb.AttachProcessRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.AttachProcessResponse]:
-        raise InvalidArgument("AttachProcess: not implemented yet")
-        yield
+        async for event in self.processes.attach(request.name, request.from_sequence):
+            yield messages.attach_response(event)
 
     async def StopProcess(self, request: pb.StopProcessRequest, context: aio.ServicerContext) -> pb.StopProcessResponse:
-        raise InvalidArgument("StopProcess: not implemented yet")
+        signum, grace = messages.stop_request(request)
+        exit = await self.processes.stop(request.name, signum, grace, request.remove)
+        return pb.StopProcessResponse(exited=messages.process_exited(exit))
 
     # ------------------------------------------------------------ Archives (owner: archive helper)
     async def ExtractArchive(
@@ -83,5 +138,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             last_activity=_timestamp(self.activity.last_activity),
             open_streams=self.activity.open_streams,
             started_at=_timestamp(self.activity.started_at),
-            # running_commands / running_named_processes: filled in by the process helper.
+            running_commands=self.processes.running_commands,
+            running_named_processes=self.processes.running_named_processes,
         )
