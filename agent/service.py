@@ -12,7 +12,10 @@ from agent.config import AgentConfig
 from agent.errors import InvalidArgument
 from agent.fs import edit
 from agent.fs.edit import Editor
+from agent.fs import edit
+from agent.fs.edit import Editor
 from agent.fs.paths import WorkspaceRoot
+from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
 from agent.process import messages
 from agent.process.manager import ProcessManager
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
@@ -48,6 +51,28 @@ def _edit_operation(op: pb.EditOperation) -> edit.Operation:
     raise InvalidArgument("an edit operation has none of write, replace, insert, delete, move, make_directory set")
 
 
+def _edit_operation(op: pb.EditOperation) -> edit.Operation:
+    which = op.WhichOneof("operation")
+    if which == "write":
+        w = op.write
+        return edit.WriteFile(w.path, w.content, w.create_only, w.expected_sha256, w.mode)
+    if which == "replace":
+        r = op.replace
+        return edit.ReplaceText(r.path, r.old_text, r.new_text, r.expected_occurrences, r.expected_sha256)
+    if which == "insert":
+        i = op.insert
+        return edit.InsertText(i.path, i.line, i.text, i.expected_sha256)
+    if which == "delete":
+        d = op.delete
+        return edit.DeletePath(d.path, d.recursive, d.expected_sha256)
+    if which == "move":
+        m = op.move
+        return edit.MovePath(m.from_path, m.to_path, m.overwrite, m.expected_sha256)
+    if which == "make_directory":
+        return edit.MakeDirectory(op.make_directory.path)
+    raise InvalidArgument("an edit operation has none of write, replace, insert, delete, move, make_directory set")
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """One per server; holds the workspace root and the domain services."""
 
@@ -55,6 +80,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.config = config
         self.root = WorkspaceRoot(config.root)
         self.activity = activity
+        self.editor = Editor(self.root, on_write=activity.touch)
+        self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
         self.processes = ProcessManager(self.root, config)
         self.editor = Editor(self.root, on_write=activity.touch)
         self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
