@@ -19,7 +19,11 @@ from typing import Any
 from grpc import aio
 from opentelemetry import propagate, trace
 from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
-from opentelemetry.sdk.environment_variables import OTEL_SDK_DISABLED
+from opentelemetry.sdk.environment_variables import OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED, OTEL_SERVICE_NAME
+
+AGENT_SERVICE_NAME = "workspace-agent"
+# The span and resource attribute naming a workspace session.
+SESSION_ATTRIBUTE = "workspace.session.id"
 
 # The provider both services trace with; None while tracing is off.
 _provider: trace.TracerProvider | None = None
@@ -102,9 +106,17 @@ def trace_env() -> dict[str, str]:
     return {key.upper(): value for key, value in carrier.items() if key in ("traceparent", "tracestate")}
 
 
-def otel_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The `OTEL_*` variables of this process, for a workspace agent to trace the same way."""
-    return {key: value for key, value in environ.items() if key.startswith("OTEL_")}
+def workspace_agent_env(session_id: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The `OTEL_*` variables for a workspace's agent: this process's (same exporter, endpoint, sampler), under
+    the agent's own service name and with the session id as a resource attribute; {} while tracing is off."""
+    if not tracing_requested(environ):
+        return {}
+    env = {key: value for key, value in environ.items() if key.startswith("OTEL_")}
+    env[OTEL_SERVICE_NAME] = AGENT_SERVICE_NAME
+    env[OTEL_RESOURCE_ATTRIBUTES] = ",".join(
+        filter(None, (env.get(OTEL_RESOURCE_ATTRIBUTES, ""), f"{SESSION_ATTRIBUTE}={session_id}"))
+    )
+    return env
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and goes into the line.

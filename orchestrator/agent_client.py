@@ -13,6 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent import telemetry
 from orchestrator.errors import (
     ChecksumMismatch,
     FailedPrecondition,
@@ -65,7 +66,9 @@ class AgentClient:
 
     def __init__(self, endpoint: str, token: str) -> None:
         self.endpoint = endpoint
-        self._channel = aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        self._channel = aio.insecure_channel(
+            endpoint, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
+        )
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)

@@ -15,6 +15,7 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 
+from agent import telemetry
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
 from orchestrator.runtime.base import (
     AGENT_PORT,
@@ -88,7 +89,9 @@ class DockerRuntime:
     def _start(
         self, session_id: str, token: str, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
     ) -> Workspace:
-        environment = {**env, "PORT": str(DEV_PORT), TOKEN_ENV: token}
+        # The agent traces like the orchestrator (OTEL_* passed on); the OTLP endpoint must be reachable from
+        # the container: 127.0.0.1 is the container itself.
+        environment = {**telemetry.workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT), TOKEN_ENV: token}
         volumes = {}
         if self.trust_bundle is not None:
             volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}

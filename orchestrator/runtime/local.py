@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent import telemetry
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
@@ -64,7 +65,9 @@ class LocalRuntime:
         root = session_dir / "app"
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         agent_port, preview_port = _free_ports(self.host_address, 2)
-        environment = {**os.environ, **env, "PORT": str(preview_port), TOKEN_ENV: token}
+        environment = {
+            **os.environ, **telemetry.workspace_agent_env(session_id), **env, "PORT": str(preview_port), TOKEN_ENV: token
+        }
         if self.trust_bundle is not None:
             environment.update(trust_env(str(self.trust_bundle)))
         # The working directory is not the workspace root: `python -m` puts it first on sys.path, and a
