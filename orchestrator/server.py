@@ -1,0 +1,112 @@
+"""Builds the orchestrator's gRPC server (OrchestratorService, health, reflection) and runs it until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from agent.interceptors import ErrorMappingInterceptor
+from orchestrator.archives import ArchiveStore
+from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import STATUS_CODES
+from orchestrator.runtime import Runtime, make_runtime
+from orchestrator.service import OrchestratorServicer
+from orchestrator.sessions import SessionManager, SessionReaper
+from orchestrator.store import Store
+from orchestrator.templates import TemplateCatalog
+from workspace.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+# One 1 MiB archive chunk plus framing, in both directions.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Orchestrator:
+    """A built orchestrator: the server (not started yet) and what it runs on, for `serve` and tests."""
+
+    server: aio.Server
+    port: int
+    sessions: SessionManager
+    reaper: SessionReaper
+    runtime: Runtime
+    store: Store
+    _reaping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Reconciles the records with the runtime, then serves and starts the reaper."""
+        await self.sessions.reconcile()
+        await self.server.start()
+        self._reaping = asyncio.create_task(self.reaper.run(), name="session reaper")
+
+    async def stop(self, grace: float | None) -> None:
+        """Stops serving. Sessions keep running: the next start adopts them."""
+        if self._reaping is not None:
+            self._reaping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaping
+        await self.server.stop(grace)
+        await self.sessions.close()
+        await self.runtime.close()
+        self.store.close()
+
+
+async def create_server(config: OrchestratorConfig) -> Orchestrator:
+    """The orchestrator bound to `config.listen`, not yet started. Raises RuntimeError when the address
+    cannot be bound, InvalidArgument for an unknown runtime or unreadable CA bundle."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.state_db)
+    archives = ArchiveStore(config.archives_dir, store, config.max_archive_bytes)
+    catalog = TemplateCatalog(config.templates_dir, config.template_cache_dir)
+    runtime = make_runtime(config.runtime, config)
+    sessions = SessionManager(config, store, archives, catalog, runtime)
+
+    server = aio.server(
+        interceptors=[ErrorMappingInterceptor(STATUS_CODES)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+        OrchestratorServicer(sessions, archives, catalog), server
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(config.listen)
+    if port == 0 and not config.listen.startswith("unix:"):
+        raise RuntimeError(f"cannot listen on {config.listen}")
+    reaper = SessionReaper(sessions, config.reap_interval_s)
+    return Orchestrator(server, port, sessions, reaper, runtime, store)
+
+
+async def serve(config: OrchestratorConfig, grace: float = 5.0) -> None:
+    """Runs the orchestrator until SIGTERM or SIGINT, then stops serving within `grace` seconds;
+    sessions keep running."""
+    orchestrator = await create_server(config)
+    await orchestrator.start()
+    log.info("orchestrator serving on %s (runtime %s, data %s)", config.listen, config.runtime, config.data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("orchestrator stopping; sessions keep running")
+    await orchestrator.stop(grace)

@@ -1,0 +1,81 @@
+"""The OrchestratorService servicer: thin methods that convert the request, call the SessionManager or the
+ArchiveStore once, and convert the result. Domain errors are mapped to status codes by the interceptor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
+from orchestrator.errors import InvalidArgument
+from orchestrator.sessions import SessionManager
+from orchestrator.templates import TemplateCatalog
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+from workspace.orchestrator.v1 import orchestrator_pb2_grpc
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    def __init__(self, sessions: SessionManager, archives: ArchiveStore, catalog: TemplateCatalog) -> None:
+        self._sessions = sessions
+        self._archives = archives
+        self._catalog = catalog
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: aio.ServicerContext) -> pb.CreateSessionResponse:
+        session = await self._sessions.create(
+            template=request.template, archive_id=request.archive_id, labels=request.labels
+        )
+        return pb.CreateSessionResponse(session=session)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
+        return pb.GetSessionResponse(session=self._sessions.get(request.id))
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: aio.ServicerContext) -> pb.ListSessionsResponse:
+        sessions, next_page_token = self._sessions.list(
+            states=request.states,
+            template=request.template,
+            labels=request.labels,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=next_page_token)
+
+    async def WatchSession(
+        self, request: pb.WatchSessionRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchSessionResponse]:
+        async for event in self._sessions.watch(request.id):
+            yield event
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: aio.ServicerContext) -> pb.DeleteSessionResponse:
+        archive = await self._sessions.delete(request.id, save=request.save)
+        return pb.DeleteSessionResponse(archive=archive)
+
+    async def SaveSession(self, request: pb.SaveSessionRequest, context: aio.ServicerContext) -> pb.SaveSessionResponse:
+        return pb.SaveSessionResponse(archive=await self._sessions.save(request.id, request.name))
+
+    async def ListArchives(self, request: pb.ListArchivesRequest, context: aio.ServicerContext) -> pb.ListArchivesResponse:
+        return pb.ListArchivesResponse(archives=self._archives.list(request.session_id))
+
+    async def DeleteArchive(self, request: pb.DeleteArchiveRequest, context: aio.ServicerContext) -> pb.DeleteArchiveResponse:
+        await self._archives.delete(request.id)
+        return pb.DeleteArchiveResponse()
+
+    async def UploadArchive(
+        self, requests: AsyncIterator[pb.UploadArchiveRequest], context: aio.ServicerContext
+    ) -> pb.UploadArchiveResponse:
+        requests = aiter(requests)
+        first = await anext(requests, None)
+        if first is None or not first.HasField("spec"):
+            raise InvalidArgument("the first UploadArchive message must carry the spec, then chunks follow")
+        spec = first.spec
+        self._catalog.get(spec.template)  # a restore needs the template's commands: refuse unknown ones now
+        origin = ArchiveOrigin(name=spec.name, source=pb.ARCHIVE_SOURCE_UPLOADED, template=spec.template)
+        archive = await self._archives.write(origin, _chunks(requests), expected=Expected(spec.expected_sha256))
+        return pb.UploadArchiveResponse(archive=archive)
+
+
+async def _chunks(requests: AsyncIterator[pb.UploadArchiveRequest]) -> AsyncIterator[bytes]:
+    async for request in requests:
+        if not request.HasField("chunk"):
+            raise InvalidArgument("only chunks may follow the spec in UploadArchive")
+        yield request.chunk
