@@ -12,12 +12,7 @@ from agent.config import AgentConfig
 from agent.errors import InvalidArgument
 from agent.fs import edit
 from agent.fs.edit import Editor
-from agent.fs import edit
-from agent.fs.edit import Editor
 from agent.fs.paths import WorkspaceRoot
-from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
-from agent.process import messages
-from agent.process.manager import ProcessManager
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
 from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
@@ -51,28 +46,6 @@ def _edit_operation(op: pb.EditOperation) -> edit.Operation:
     raise InvalidArgument("an edit operation has none of write, replace, insert, delete, move, make_directory set")
 
 
-def _edit_operation(op: pb.EditOperation) -> edit.Operation:
-    which = op.WhichOneof("operation")
-    if which == "write":
-        w = op.write
-        return edit.WriteFile(w.path, w.content, w.create_only, w.expected_sha256, w.mode)
-    if which == "replace":
-        r = op.replace
-        return edit.ReplaceText(r.path, r.old_text, r.new_text, r.expected_occurrences, r.expected_sha256)
-    if which == "insert":
-        i = op.insert
-        return edit.InsertText(i.path, i.line, i.text, i.expected_sha256)
-    if which == "delete":
-        d = op.delete
-        return edit.DeletePath(d.path, d.recursive, d.expected_sha256)
-    if which == "move":
-        m = op.move
-        return edit.MovePath(m.from_path, m.to_path, m.overwrite, m.expected_sha256)
-    if which == "make_directory":
-        return edit.MakeDirectory(op.make_directory.path)
-    raise InvalidArgument("an edit operation has none of write, replace, insert, delete, move, make_directory set")
-
-
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """One per server; holds the workspace root and the domain services."""
 
@@ -82,13 +55,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.activity = activity
         self.editor = Editor(self.root, on_write=activity.touch)
         self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
-        self.processes = ProcessManager(self.root, config)
-        self.editor = Editor(self.root, on_write=activity.touch)
-        self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
 
     async def close(self) -> None:
         """Stops what the servicer started (named processes) on shutdown."""
-        await self.processes.close()
 
     # ------------------------------------------------------------ Search (owner: fs helper)
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
@@ -130,22 +99,20 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ExecResponse]:
-        async for event in self.processes.exec(messages.exec_requests(request_iterator)):
-            yield messages.exec_response(event)
+        raise InvalidArgument("Exec: not implemented yet")
+        yield
 
     async def ListProcesses(self, request: pb.ListProcessesRequest, context: aio.ServicerContext) -> pb.ListProcessesResponse:
-        return pb.ListProcessesResponse(processes=[messages.process_info(c) for c in self.processes.list()])
+        raise InvalidArgument("ListProcesses: not implemented yet")
 
     async def AttachProcess(
         self, request: pb.AttachProcessRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.AttachProcessResponse]:
-        async for event in self.processes.attach(request.name, request.from_sequence):
-            yield messages.attach_response(event)
+        raise InvalidArgument("AttachProcess: not implemented yet")
+        yield
 
     async def StopProcess(self, request: pb.StopProcessRequest, context: aio.ServicerContext) -> pb.StopProcessResponse:
-        signum, grace = messages.stop_request(request)
-        exit = await self.processes.stop(request.name, signum, grace, request.remove)
-        return pb.StopProcessResponse(exited=messages.process_exited(exit))
+        raise InvalidArgument("StopProcess: not implemented yet")
 
     # ------------------------------------------------------------ Archives (owner: archive helper)
     async def ExtractArchive(
@@ -165,6 +132,5 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             last_activity=_timestamp(self.activity.last_activity),
             open_streams=self.activity.open_streams,
             started_at=_timestamp(self.activity.started_at),
-            running_commands=self.processes.running_commands,
-            running_named_processes=self.processes.running_named_processes,
+            # running_commands / running_named_processes: filled in by the process helper.
         )
