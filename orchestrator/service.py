@@ -10,7 +10,7 @@ from grpc import aio
 from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
 from orchestrator.errors import InvalidArgument
 from orchestrator.sessions import SessionManager
-from orchestrator.templates import TemplateCatalog
+from orchestrator.templates import TemplateArchive, TemplateCatalog, TemplateSpec
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc
 
@@ -73,9 +73,39 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         archive = await self._archives.write(origin, _chunks(requests), expected=Expected(spec.expected_sha256))
         return pb.UploadArchiveResponse(archive=archive)
 
+    async def ListTemplates(self, request: pb.ListTemplatesRequest, context: aio.ServicerContext) -> pb.ListTemplatesResponse:
+        return pb.ListTemplatesResponse(
+            templates=[_template_message(spec, archive) for spec, archive in await self._catalog.listing()]
+        )
+
+    async def GetTemplateArchive(
+        self, request: pb.GetTemplateArchiveRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GetTemplateArchiveResponse]:
+        archive = await self._catalog.archive(request.name)
+        yield pb.GetTemplateArchiveResponse(
+            info=pb.TemplateArchiveInfo(name=archive.name, sha256=archive.sha256, size=archive.size, files=archive.files)
+        )
+        async for chunk in archive.chunks():
+            yield pb.GetTemplateArchiveResponse(chunk=chunk)
+
 
 async def _chunks(requests: AsyncIterator[pb.UploadArchiveRequest]) -> AsyncIterator[bytes]:
     async for request in requests:
         if not request.HasField("chunk"):
             raise InvalidArgument("only chunks may follow the spec in UploadArchive")
         yield request.chunk
+
+
+def _template_message(spec: TemplateSpec, archive: TemplateArchive | None) -> pb.Template:
+    return pb.Template(
+        name=spec.name,
+        valid=spec.valid,
+        invalid_reason=spec.invalid_reason,
+        title=spec.title,
+        description=spec.description,
+        install_command=spec.install_command,
+        dev_command=spec.dev_command,
+        dev_port=spec.dev_port if spec.valid else 0,
+        archive_sha256=archive.sha256 if archive else "",
+        files=archive.files if archive else 0,
+    )

@@ -13,7 +13,8 @@ import re
 import stat
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from jsonschema import Draft202012Validator
@@ -72,6 +73,12 @@ class TemplateArchive:
     files: int  # regular files
     path: Path
 
+    async def chunks(self, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        """The archive's bytes, read off the event loop."""
+        with open(self.path, "rb") as file:
+            while chunk := await asyncio.to_thread(file.read, chunk_size):
+                yield chunk
+
 
 @dataclass(frozen=True)
 class _Member:
@@ -100,6 +107,20 @@ class TemplateCatalog:
             return []
         folders = (p for p in self._directory.iterdir() if p.is_dir() and not p.name.startswith("."))
         return [self._load(folder) for folder in sorted(folders, key=lambda p: p.name)]
+
+    async def listing(self) -> list[tuple[TemplateSpec, TemplateArchive | None]]:
+        """list() with each valid template's archive; a template whose files cannot be archived is listed
+        as invalid with the reason."""
+        listed: list[tuple[TemplateSpec, TemplateArchive | None]] = []
+        for spec in await asyncio.to_thread(self.list):
+            if not spec.valid:
+                listed.append((spec, None))
+                continue
+            try:
+                listed.append((spec, await self.archive(spec.name)))
+            except InvalidTemplate as error:
+                listed.append((replace(spec, valid=False, invalid_reason=str(error)), None))
+        return listed
 
     def get(self, name: str) -> TemplateSpec:
         """The valid template `name`. Raises InvalidArgument (not a template name), TemplateNotFound,
