@@ -12,6 +12,8 @@ from agent.config import AgentConfig
 from agent.errors import InvalidArgument
 from agent.fs import edit
 from agent.fs.edit import Editor
+from agent.fs.archive import ArchiveStream
+from agent.fs.extract import ExtractMode, extract_archive
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
 from workspace.agent.v1 import agent_pb2 as pb
@@ -44,6 +46,21 @@ def _edit_operation(op: pb.EditOperation) -> edit.Operation:
     if which == "make_directory":
         return edit.MakeDirectory(op.make_directory.path)
     raise InvalidArgument("an edit operation has none of write, replace, insert, delete, move, make_directory set")
+
+
+_EXTRACT_MODES = {
+    pb.EXTRACT_MODE_UNSPECIFIED: ExtractMode.REPLACE,
+    pb.EXTRACT_MODE_REPLACE: ExtractMode.REPLACE,
+    pb.EXTRACT_MODE_MERGE: ExtractMode.MERGE,
+}
+
+
+async def _archive_chunks(requests: AsyncIterator[pb.ExtractArchiveRequest]) -> AsyncIterator[bytes]:
+    """The archive bytes of an ExtractArchive call, after its spec."""
+    async for request in requests:
+        if request.WhichOneof("request") != "chunk":
+            raise InvalidArgument("only the first ExtractArchiveRequest may carry a spec; later ones carry chunks")
+        yield request.chunk
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -118,13 +135,58 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def ExtractArchive(
         self, request_iterator: AsyncIterator[pb.ExtractArchiveRequest], context: aio.ServicerContext
     ) -> pb.ExtractArchiveResponse:
-        raise InvalidArgument("ExtractArchive: not implemented yet")
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("request") != "spec":
+            raise InvalidArgument("the first ExtractArchiveRequest must carry the spec")
+        spec = first.spec
+        if spec.format not in (pb.ARCHIVE_FORMAT_UNSPECIFIED, pb.ARCHIVE_FORMAT_TAR_GZIP):
+            raise InvalidArgument(f"unknown archive format {spec.format}; only tar.gz is supported")
+        if spec.mode not in _EXTRACT_MODES:
+            raise InvalidArgument(f"unknown extract mode {spec.mode}")
+        report = await extract_archive(
+            self.root,
+            self.config,
+            spec.destination,
+            _archive_chunks(requests),
+            mode=_EXTRACT_MODES[spec.mode],
+            expected_sha256=spec.expected_sha256,
+        )
+        self.activity.touch()
+        return pb.ExtractArchiveResponse(
+            files=report.files,
+            directories=report.directories,
+            symlinks=report.symlinks,
+            bytes_extracted=report.bytes_extracted,
+            sha256=report.sha256,
+            stripped_special_bits=report.stripped_special_bits,
+        )
 
     async def CreateArchive(
         self, request: pb.CreateArchiveRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.CreateArchiveResponse]:
-        raise InvalidArgument("CreateArchive: not implemented yet")
-        yield
+        if request.format not in (pb.ARCHIVE_FORMAT_UNSPECIFIED, pb.ARCHIVE_FORMAT_TAR_GZIP):
+            raise InvalidArgument(f"unknown archive format {request.format}; only tar.gz is supported")
+        archive = ArchiveStream(
+            self.root,
+            self.config,
+            request.path,
+            excludes=request.excludes,
+            default_excludes=not request.no_default_excludes,
+        )
+        async for chunk in archive:
+            yield pb.CreateArchiveResponse(chunk=chunk)
+        summary = archive.summary
+        assert summary is not None  # set once the stream is exhausted
+        yield pb.CreateArchiveResponse(
+            summary=pb.ArchiveSummary(
+                sha256=summary.sha256,
+                size=summary.size,
+                files=summary.files,
+                directories=summary.directories,
+                symlinks=summary.symlinks,
+            )
+        )
 
     # ------------------------------------------------------------ Activity
     async def GetActivity(self, request: pb.GetActivityRequest, context: aio.ServicerContext) -> pb.GetActivityResponse:

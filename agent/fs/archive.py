@@ -1,0 +1,207 @@
+"""CreateArchive: a directory as a reproducible tar.gz, streamed in chunks with backpressure.
+
+The same tree gives the same bytes: members in sorted order, owner 0:0 with no names, whole-second
+mtimes, and a gzip header without a timestamp or file name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import stat
+import tarfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pathspec
+
+from agent.config import AgentConfig
+from agent.errors import InvalidArgument, LimitExceeded, PreconditionFailed
+from agent.fs.channel import ByteChannel, run_in_own_thread
+from agent.fs.paths import WorkspaceRoot
+from agent.fs.staging import STAGING_DIR_NAME, is_staging_path
+
+DEFAULT_EXCLUDES = ("node_modules",)
+# Chunks queued between the producing thread and the stream; the producer waits past this.
+QUEUED_CHUNKS = 4
+# zlib's default level: close to level 9's size at several times its speed.
+COMPRESS_LEVEL = 6
+
+
+@dataclass(frozen=True)
+class ArchiveSummary:
+    sha256: str
+    size: int
+    files: int
+    directories: int
+    symlinks: int
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str  # the member name, relative to the archived directory
+    path: str
+    status: os.stat_result
+
+
+class ArchiveStream:
+    """Iterating it yields the archive of a directory in chunks of at most `config.max_chunk_size`;
+    `summary` is set once the last chunk has been yielded.
+
+    Errors (raised while iterating, before any chunk for all but the last): InvalidPath,
+    PathEscapesRoot, NotFound, InvalidArgument (not a directory, or the staging area),
+    LimitExceeded (more entries than `config.max_archive_files`), PreconditionFailed (a file changed
+    or vanished while it was being read).
+    """
+
+    def __init__(
+        self,
+        root: WorkspaceRoot,
+        config: AgentConfig,
+        path: str,
+        *,
+        excludes: Iterable[str] = (),
+        default_excludes: bool = True,
+    ) -> None:
+        self._root = root
+        self._config = config
+        self._path = path
+        self._patterns = [*(DEFAULT_EXCLUDES if default_excludes else ()), *excludes]
+        self.summary: ArchiveSummary | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        directory = self._root.resolve(self._path, must_exist=True)
+        if not directory.is_dir():
+            raise InvalidArgument(f"{self._path or '.'} is not a directory")
+        if is_staging_path(self._root, directory):
+            raise InvalidArgument(f"{self._path!r} is the agent's staging area, which is never archived")
+        chunk_size = self._config.max_chunk_size
+        channel = ByteChannel(QUEUED_CHUNKS * chunk_size)
+        producer = run_in_own_thread(
+            lambda: _write_archive(
+                directory,
+                _ArchivePlan(self._patterns, skip_staging=directory == self._root.path),
+                self._config.max_archive_files,
+                _ChunkSink(channel, chunk_size),
+            )
+        )
+        producer.add_done_callback(lambda _: channel.close())
+        # Its error is raised from `await producer`, or moot when the client has gone.
+        producer.add_done_callback(lambda done: done.exception())
+        try:
+            while (chunk := await channel.get()) is not None:
+                yield chunk
+            self.summary = await producer
+        finally:
+            # The client went away (or a chunk failed to send): stop the producer, which is blocked
+            # on a full channel or will be at its next chunk.
+            channel.abort()
+
+
+class _ArchivePlan:
+    """Which entries of a directory go into its archive."""
+
+    def __init__(self, patterns: list[str], *, skip_staging: bool) -> None:
+        self._excluded = pathspec.GitIgnoreSpec.from_lines(patterns)
+        self._skip_staging = skip_staging
+
+    def entries(self, directory: Path, limit: int) -> list[_Entry]:
+        """Every entry to archive, depth-first in name order; raises LimitExceeded past `limit`.
+
+        Collected before the first byte is written, so a tree over the limit is refused before any
+        chunk is sent, while memory stays bounded by the limit.
+        """
+        entries: list[_Entry] = []
+        pending = self._children(str(directory), "")
+        while pending:
+            entry, name = pending.pop()
+            is_directory = entry.is_dir(follow_symlinks=False)
+            if self._excluded.match_file(name + "/" if is_directory else name):
+                continue
+            status = entry.stat(follow_symlinks=False)
+            if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode) or stat.S_ISLNK(status.st_mode)):
+                continue  # sockets, FIFOs and devices have no place in a workspace archive
+            entries.append(_Entry(name, entry.path, status))
+            if len(entries) > limit:
+                raise LimitExceeded(f"more than {limit} entries to archive (the file count limit); exclude some")
+            if is_directory:
+                pending += self._children(entry.path, name + "/")
+        return entries
+
+    def _children(self, path: str, prefix: str) -> list[tuple[os.DirEntry[str], str]]:
+        with os.scandir(path) as scan:
+            children = [
+                (entry, prefix + entry.name)
+                for entry in scan
+                if not (self._skip_staging and not prefix and entry.name == STAGING_DIR_NAME)
+            ]
+        # Reversed, so that popping from the end visits them in name order.
+        children.sort(key=lambda child: child[1], reverse=True)
+        return children
+
+
+class _ChunkSink:
+    """A write-only file for gzip: hashes and counts the bytes and cuts them into channel chunks."""
+
+    def __init__(self, channel: ByteChannel, chunk_size: int) -> None:
+        self._channel = channel
+        self._chunk_size = chunk_size
+        self._buffer = bytearray()
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        while len(self._buffer) >= self._chunk_size:
+            self._send(bytes(self._buffer[: self._chunk_size]))
+            del self._buffer[: self._chunk_size]
+        return len(data)
+
+    def finish(self) -> None:
+        if self._buffer:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+
+    def _send(self, chunk: bytes) -> None:
+        self.hash.update(chunk)
+        self.size += len(chunk)
+        self._channel.put_blocking(chunk)
+
+
+def _write_archive(directory: Path, plan: _ArchivePlan, limit: int, sink: _ChunkSink) -> ArchiveSummary:
+    entries = plan.entries(directory, limit)
+    counts = {tarfile.REGTYPE: 0, tarfile.DIRTYPE: 0, tarfile.SYMTYPE: 0}
+    with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=COMPRESS_LEVEL, mtime=0) as compressed:  # type: ignore[arg-type]
+        with tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for entry in entries:
+                # Defaults of a fresh TarInfo are the reproducible ones: uid/gid 0, empty user/group names.
+                info = tarfile.TarInfo(entry.name)
+                info.mode = stat.S_IMODE(entry.status.st_mode)
+                info.mtime = int(entry.status.st_mtime)
+                try:
+                    if stat.S_ISDIR(entry.status.st_mode):
+                        info.type = tarfile.DIRTYPE
+                        tar.addfile(info)
+                    elif stat.S_ISLNK(entry.status.st_mode):
+                        info.type = tarfile.SYMTYPE
+                        info.linkname = os.readlink(entry.path)  # stored as a link, never followed
+                        tar.addfile(info)
+                    else:
+                        info.size = entry.status.st_size
+                        with open(entry.path, "rb") as content:
+                            tar.addfile(info, content)
+                except OSError as error:
+                    raise PreconditionFailed(
+                        f"{entry.name} changed or became unreadable while being archived ({error}); try again"
+                    ) from None
+                counts[info.type] += 1
+    sink.finish()
+    return ArchiveSummary(
+        sha256=sink.hash.hexdigest(),
+        size=sink.size,
+        files=counts[tarfile.REGTYPE],
+        directories=counts[tarfile.DIRTYPE],
+        symlinks=counts[tarfile.SYMTYPE],
+    )
