@@ -156,9 +156,9 @@ def _stage_context(extra_ca_bundle: Path | None, progress: Callable[[str], None]
     context.mkdir(parents=True)
     shutil.copy2(HERE / "Dockerfile", context / "Dockerfile")
     shutil.copy2(HERE / "healthcheck.py", context / "healthcheck.py")
-    shutil.copytree(_wheelhouse(progress), context / "wheelhouse")
-    _project_wheel(context / "project")
-    _npm(context / "npm", progress)
+    # The cached parts are hard-linked in: staging takes milliseconds when nothing changed.
+    for name, part in (("wheelhouse", _wheelhouse(progress)), ("project", _project_wheel()), ("npm", _npm(progress))):
+        shutil.copytree(part, context / name, symlinks=True, copy_function=os.link)
     (context / "extra-ca").mkdir()
     if extra_ca_bundle is not None:
         if not extra_ca_bundle.is_file():
@@ -191,45 +191,52 @@ def _wheelhouse(progress: Callable[[str], None]) -> Path:
     return wheelhouse
 
 
-def _project_wheel(dest: Path) -> None:
-    """This project's wheel, built from a clean copy of its sources (setuptools' build/ directory in the
-    work tree can keep modules that were deleted) with fixed timestamps, so equal sources give equal bytes."""
+def _project_wheel() -> Path:
+    """This project's wheel, built once per content of its sources, from a clean copy of them
+    (setuptools' build/ directory in the work tree can keep modules that were deleted)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     with tempfile.TemporaryDirectory(prefix="workspace-core-src-") as tmp:
         source = Path(tmp)
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
         for name in PROJECT_SOURCES:
             path = REPO / name
             if path.is_dir():
                 shutil.copytree(path, source / name, ignore=ignore)
             elif path.exists():
                 shutil.copy2(path, source / name)
-        env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
-        _run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-             "--wheel-dir", str(dest), str(source)],
-            env=env,
-        )  # fmt: skip
+        wheel_dir = CACHE / f"project-{_tree_digest(source).hex()[:16]}"
+        if not wheel_dir.is_dir():
+            staging = Path(tempfile.mkdtemp(dir=CACHE, prefix="project-"))
+            _run(
+                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                 "--wheel-dir", str(staging), str(source)],
+                env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},  # equal sources, equal wheel bytes
+            )  # fmt: skip
+            staging.rename(wheel_dir)
+    return wheel_dir
 
 
-def _npm(dest: Path, progress: Callable[[str], None]) -> None:
+def _npm(progress: Callable[[str], None]) -> Path:
     """npm from its registry tarball, laid out as a /usr/local prefix: lib/node_modules/npm and bin/ links."""
-    tarball = CACHE / f"npm-{NPM_VERSION}.tgz"
-    if not tarball.is_file():
-        if shutil.which("npm") is None:
-            raise ImageBuildError(f"npm is needed on this machine to fetch npm@{NPM_VERSION} for the image")
-        progress(f"fetching npm@{NPM_VERSION}")
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            _run(["npm", "pack", "--silent", f"npm@{NPM_VERSION}"], cwd=tmp)
-            Path(tmp, tarball.name).rename(tarball)
-    package = dest / "lib" / "node_modules" / "npm"
-    package.mkdir(parents=True)
-    with tarfile.open(tarball) as archive:
-        for member in archive.getmembers():
-            member.name = member.name.removeprefix("package/")
-        archive.extractall(package, filter="data")
-    (dest / "bin").mkdir()
-    for command, script in (("npm", "npm-cli.js"), ("npx", "npx-cli.js")):
-        (dest / "bin" / command).symlink_to(f"../lib/node_modules/npm/bin/{script}")
+    prefix = CACHE / f"npm-{NPM_VERSION}"
+    if prefix.is_dir():
+        return prefix
+    if shutil.which("npm") is None:
+        raise ImageBuildError(f"npm is needed on this machine to fetch npm@{NPM_VERSION} for the image")
+    progress(f"fetching npm@{NPM_VERSION}")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        _run(["npm", "pack", "--silent", f"npm@{NPM_VERSION}"], cwd=tmp)
+        staging = Path(tmp, "prefix")
+        package = staging / "lib" / "node_modules" / "npm"
+        package.mkdir(parents=True)
+        with tarfile.open(Path(tmp, f"npm-{NPM_VERSION}.tgz")) as archive:
+            for member in archive.getmembers():
+                member.name = member.name.removeprefix("package/")
+            archive.extractall(package, filter="data")
+        (staging / "bin").mkdir()
+        for command, script in (("npm", "npm-cli.js"), ("npx", "npx-cli.js")):
+            (staging / "bin" / command).symlink_to(f"../lib/node_modules/npm/bin/{script}")
+        staging.rename(prefix)
+    return prefix
 
 
 def _tree_digest(root: Path) -> bytes:

@@ -1,21 +1,34 @@
-"""Shared fixtures: an agent target (a real gRPC server over a real workspace root) and its client."""
+"""Shared fixtures: an agent target (a real gRPC server over a real workspace root) and its client.
+The `agent` fixture runs each test twice: against an agent in this process, and against the agent in a
+workspace-core container (marked `docker`); `@pytest.mark.inprocess_only(reason)` keeps a test to the first."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
 import grpc
 import pytest
+from docker.models.containers import Container
 from grpc import aio
 
 from agent.config import AgentConfig
 from agent.server import create_server
+pytest.register_assert_rewrite("tests.docker_support")
+from tests.docker_support import (  # noqa: E402 (after the rewrite registration)
+    HandOverBeforeEachCall,
+    agent_token,
+    run_agent_container,
+    wait_for_agent,
+)
 from workspace.agent.v1 import agent_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.docker_support"]
 
 
 @dataclass
@@ -28,6 +41,8 @@ class AgentTarget:
     root: Path
     channel: aio.Channel
     stub: agent_pb2_grpc.AgentServiceStub
+    # The workspace root as the agent itself sees it (what `pwd` prints there): `root` in this process, /app in a container.
+    root_in_agent: str
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -42,15 +57,50 @@ async def start_inprocess_agent(root: Path, **overrides) -> tuple[aio.Server, Ag
     await server.start()
     address = f"127.0.0.1:{port}"
     channel = aio.insecure_channel(address)
-    target = AgentTarget("inprocess", address, token, root, channel, agent_pb2_grpc.AgentServiceStub(channel))
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    target = AgentTarget("inprocess", address, token, root, channel, stub, os.path.realpath(root))
     return server, target
 
 
+async def start_container_agent(
+    client: docker.DockerClient, image: str, root: Path, *agent_args: str
+) -> tuple[Container, AgentTarget]:
+    """The image's agent in a hardened container with `root` as its /app, reached on 127.0.0.1; `agent_args`
+    are added to `python -m agent` (e.g. "--max-archive-files", "20")."""
+    container = run_agent_container(client, image, root, *agent_args)
+    try:
+        address = await wait_for_agent(container)
+    except BaseException:
+        container.remove(force=True)
+        raise
+    channel = aio.insecure_channel(address, interceptors=[HandOverBeforeEachCall(root)])
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    return container, AgentTarget("container", address, agent_token(container), root, channel, stub, "/app")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "agent" in metafunc.fixturenames:
+        targets = [pytest.param("inprocess")]
+        if metafunc.definition.get_closest_marker("inprocess_only") is None:
+            targets.append(pytest.param("container", marks=pytest.mark.docker))
+        metafunc.parametrize("agent", targets, indirect=True)
+
+
 @pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[AgentTarget]:
-    """An in-process agent rooted in a fresh directory."""
+async def agent(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AgentTarget]:
+    """An agent rooted in a fresh directory: in this process, or in a workspace-core container."""
     root = tmp_path / "app"
     root.mkdir()
+    if getattr(request, "param", "inprocess") == "container":
+        container, target = await start_container_agent(
+            request.getfixturevalue("docker_client"), request.getfixturevalue("core_image"), root
+        )
+        try:
+            yield target
+        finally:
+            await target.channel.close()
+            container.remove(force=True)
+        return
     server, target = await start_inprocess_agent(root)
     try:
         yield target
