@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
@@ -16,6 +17,7 @@ from agent.fs.archive import ArchiveStream
 from agent.fs.extract import ExtractMode, extract_archive
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
+from agent.fs.search import Context, FoundFile, Match, Searcher, SearchQuery
 from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
 
@@ -71,6 +73,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.root = WorkspaceRoot(config.root)
         self.activity = activity
         self.editor = Editor(self.root, on_write=activity.touch)
+        self.searcher = Searcher(
+            self.root,
+            default_max_results=config.default_max_results,
+            max_results_limit=config.max_results_limit,
+            engine=config.search_engine,
+        )
         self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
 
     async def close(self) -> None:
@@ -78,8 +86,48 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     # ------------------------------------------------------------ Search (owner: fs helper)
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
-        raise InvalidArgument("Search: not implemented yet")
-        yield
+        query = SearchQuery(
+            path=request.path,
+            pattern=request.pattern,
+            regex=request.regex,
+            ignore_case=request.ignore_case,
+            include_globs=tuple(request.include_globs),
+            exclude_globs=tuple(request.exclude_globs),
+            no_ignore=request.no_ignore,
+            hidden=request.hidden,
+            include_default_excludes=request.include_default_excludes,
+            context_before=request.context_before,
+            context_after=request.context_after,
+            max_results=request.max_results,
+        )
+        async for event in self.searcher.search(query):
+            if isinstance(event, Match):
+                submatches = [pb.SearchSubmatch(start=start, end=end) for start, end in event.submatches]
+                yield pb.SearchResponse(
+                    match=pb.SearchMatch(
+                        path=event.path,
+                        line_number=event.line_number,
+                        line=event.line,
+                        submatches=submatches,
+                        line_truncated=event.line_truncated,
+                    )
+                )
+            elif isinstance(event, Context):
+                yield pb.SearchResponse(context=pb.SearchContext(path=event.path, line_number=event.line_number, line=event.line))
+            elif isinstance(event, FoundFile):
+                yield pb.SearchResponse(file=pb.SearchFile(path=event.path, size=event.size))
+            else:
+                elapsed = Duration()
+                elapsed.FromNanoseconds(int(event.elapsed * 1e9))
+                yield pb.SearchResponse(
+                    summary=pb.SearchSummary(
+                        results=event.results,
+                        files_matched=event.files_matched,
+                        truncated=event.truncated,
+                        engine=event.engine,
+                        elapsed=elapsed,
+                    )
+                )
 
     # ------------------------------------------------------------ Read (owner: fs helper)
     async def Read(self, request: pb.ReadRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ReadResponse]:
