@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import shutil
 import urllib.error
 import urllib.request
@@ -70,12 +71,23 @@ async def start_orchestrator(config: OrchestratorConfig) -> OrchestratorUnderTes
 
 
 @pytest.fixture
-def orchestrator_config(tmp_path: Path, templates: Path) -> OrchestratorConfig:
+def runtime_kind() -> str:
+    """The runtime under test; tests that also run on Docker parametrize this with a `docker`-marked param."""
+    return "local"
+
+
+@pytest.fixture
+def orchestrator_config(
+    request: pytest.FixtureRequest, tmp_path: Path, templates: Path, runtime_kind: str
+) -> OrchestratorConfig:
     return OrchestratorConfig(
         listen="127.0.0.1:0",
         data_dir=tmp_path / "data",
         templates_dir=templates,
-        runtime="local",
+        runtime=runtime_kind,
+        image=request.getfixturevalue("core_image") if runtime_kind == "docker" else OrchestratorConfig.image,
+        # Its own label value: cleanup removes this test's containers and nobody else's.
+        instance_id=f"test-{secrets.token_hex(4)}",
         reap_interval_s=3600,  # tests sweep by hand
     )
 

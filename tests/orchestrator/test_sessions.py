@@ -4,16 +4,26 @@ save, delete, restore, failures, bad input, restart, concurrency, reaping."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
+import dataclasses
+import hashlib
+import io
+import tarfile
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from grpc import aio
 
 from orchestrator.agent_client import AgentClient
+from orchestrator.config import OrchestratorConfig
 from tests.conftest import status_of
-from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, start_orchestrator, watch_until_settled
+from tests.orchestrator.conftest import (
+    OrchestratorUnderTest,
+    http_get,
+    start_orchestrator,
+    stop_all_workspaces,
+    watch_until_settled,
+)
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -46,6 +56,10 @@ async def write_file(session: pb.Session, path: str, content: bytes) -> None:
         )
 
 
+BOTH_RUNTIMES = pytest.mark.parametrize("runtime_kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+
+
+@BOTH_RUNTIMES
 async def test_create_watch_edit_save_delete_restore(orchestrator: OrchestratorUnderTest) -> None:
     stub = orchestrator.stub
     created = await stub.CreateSession(pb.CreateSessionRequest(template="node-basic", labels={"user": "ada"}))
@@ -138,11 +152,7 @@ async def test_bad_input_gets_precise_status_codes(orchestrator: OrchestratorUnd
     assert (await stub.ListSessions(pb.ListSessionsRequest())).sessions == []
 
 
-async def test_upload_then_restore(orchestrator: OrchestratorUnderTest, tmp_path) -> None:
-    import hashlib
-    import io
-    import tarfile
-
+async def test_upload_then_restore(orchestrator: OrchestratorUnderTest) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         archive.add(orchestrator.config.templates_dir / "node-basic", arcname=".")
@@ -164,15 +174,16 @@ async def test_upload_then_restore(orchestrator: OrchestratorUnderTest, tmp_path
     assert status == 200 and body == (orchestrator.config.templates_dir / "node-basic/src/index.html").read_text()
 
 
+@BOTH_RUNTIMES
 async def test_restart_adopts_running_sessions_and_marks_vanished_ones(
     orchestrator: OrchestratorUnderTest,
 ) -> None:
     kept, lost = await asyncio.gather(
         create_ready(orchestrator, template="node-basic"), create_ready(orchestrator, template="node-basic")
     )
-    handles = {w.session_id: w.handle for w in await orchestrator.orchestrator.runtime.list()}
-    await orchestrator.close()  # as on SIGTERM: sessions keep running
-    os.killpg(int(handles[lost.id]), signal.SIGKILL)  # one workspace vanishes while no orchestrator runs
+    # One workspace vanishes behind the orchestrator's back, then it stops as on SIGTERM.
+    await orchestrator.orchestrator.runtime.stop(lost.id)
+    await orchestrator.close()
 
     restarted = await start_orchestrator(orchestrator.config)
     orchestrator.channel, orchestrator.orchestrator = restarted.channel, restarted.orchestrator  # fixture cleanup
@@ -212,7 +223,20 @@ async def test_ten_concurrent_creates_all_become_ready(orchestrator: Orchestrato
     assert [s.labels["n"] for s in only.sessions] == ["3"]
 
 
-async def test_reaper_stops_idle_sessions_but_not_busy_ones(orchestrator: OrchestratorUnderTest) -> None:
+@pytest.fixture
+async def impatient_orchestrator(orchestrator_config: OrchestratorConfig) -> AsyncIterator[OrchestratorUnderTest]:
+    """An orchestrator whose idle TTL is one second."""
+    config = dataclasses.replace(orchestrator_config, idle_ttl_s=1.0)
+    running = await start_orchestrator(config)
+    try:
+        yield running
+    finally:
+        await running.close()
+        await stop_all_workspaces(config)
+
+
+async def test_reaper_stops_idle_sessions_but_not_busy_ones(impatient_orchestrator: OrchestratorUnderTest) -> None:
+    orchestrator = impatient_orchestrator
     idle, busy = await asyncio.gather(
         create_ready(orchestrator, template="node-basic"), create_ready(orchestrator, template="node-basic")
     )
@@ -220,8 +244,6 @@ async def test_reaper_stops_idle_sessions_but_not_busy_ones(orchestrator: Orches
     client = AgentClient(busy.agent_endpoint, busy.agent_token)
     build = asyncio.create_task(client.run("sleep 30", on_line=lambda text, stderr: None))
     await asyncio.sleep(1.2)
-    manager = orchestrator.orchestrator.sessions
-    manager._config = type(manager._config)(**{**manager._config.__dict__, "idle_ttl_s": 1.0})
 
     reaped = await orchestrator.orchestrator.reaper.sweep()
     build.cancel()
