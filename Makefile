@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo stubs lint
+.PHONY: test demo stubs lint image engine
+
+# A PEM file of CA certificates the core image should trust besides Debian's (a TLS-intercepting proxy).
+EXTRA_CA_BUNDLE ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,9 +15,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-## Run the whole test suite.
-test: $(VENV)/.installed
+## Run the whole test suite, the tests marked `docker` included (against a real engine and the core image).
+test: $(VENV)/.installed engine image
 	$(PY) -m pytest
+
+## Start a Docker engine unless one answers (installs docker.io when missing).
+engine:
+	core_image/ensure_docker.sh
+
+## Build the core image workspace-core (cached: nothing to do when nothing changed); prints its pinned tag.
+image: $(VENV)/.installed engine
+	$(PY) -m core_image.build $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
 
 ## Regenerate the Python stubs from protos/ (the generated code is committed).
 stubs: $(VENV)/.installed

@@ -207,7 +207,7 @@ def _project_wheel() -> Path:
         if not wheel_dir.is_dir():
             staging = Path(tempfile.mkdtemp(dir=CACHE, prefix="project-"))
             _run(
-                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                  "--wheel-dir", str(staging), str(source)],
                 env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},  # equal sources, equal wheel bytes
             )  # fmt: skip
