@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agent import telemetry
 from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
 from orchestrator.config import OrchestratorConfig
@@ -250,30 +251,35 @@ class SessionManager:
     @contextlib.asynccontextmanager
     async def _phase(self, live: LiveSession, phase: pb.Phase.ValueType) -> AsyncIterator[pb.PhaseStatus]:
         """Runs one initialization phase: recorded, timed and published as it starts and ends. The body
-        may mark it SKIPPED; an exception marks it FAILED with the reason and propagates. (The seam where
-        a tracing span per phase goes.)"""
+        may mark it SKIPPED; an exception marks it FAILED with the reason and propagates. Traced as a span
+        (a child of the CreateSession call's) that the agent calls made in the body belong to."""
         session = live.session
         session.phase = phase
         status = session.phases.add(phase=phase, outcome=pb.PHASE_OUTCOME_RUNNING, started_at=_now())
         self._record(live, pb.WatchSessionResponse(phase=status))
         started = time.monotonic()
-        try:
-            yield status
-        except asyncio.CancelledError:
-            status.outcome = pb.PHASE_OUTCOME_FAILED
-            status.detail = "cancelled: the session was stopped or the orchestrator shut down"
-            raise
-        except Exception as error:
-            status.outcome = pb.PHASE_OUTCOME_FAILED
-            status.detail = _reason(error)
-            raise
-        else:
-            if status.outcome == pb.PHASE_OUTCOME_RUNNING:
-                status.outcome = pb.PHASE_OUTCOME_SUCCEEDED
-        finally:
-            status.ended_at.GetCurrentTime()
-            status.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
-            self._record(live, pb.WatchSessionResponse(phase=status))
+        name = pb.Phase.Name(phase).removeprefix("PHASE_").lower()
+        with telemetry.span(f"phase {name}", {telemetry.SESSION_ATTRIBUTE: session.id}) as span:
+            try:
+                yield status
+            except asyncio.CancelledError:
+                status.outcome = pb.PHASE_OUTCOME_FAILED
+                status.detail = "cancelled: the session was stopped or the orchestrator shut down"
+                raise
+            except Exception as error:
+                status.outcome = pb.PHASE_OUTCOME_FAILED
+                status.detail = _reason(error)
+                raise
+            else:
+                if status.outcome == pb.PHASE_OUTCOME_RUNNING:
+                    status.outcome = pb.PHASE_OUTCOME_SUCCEEDED
+            finally:
+                status.ended_at.GetCurrentTime()
+                status.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+                span.set_attributes(
+                    {"workspace.phase.outcome": pb.PhaseOutcome.Name(status.outcome), "workspace.phase.detail": status.detail}
+                )
+                self._record(live, pb.WatchSessionResponse(phase=status))
 
     async def _initialize(
         self,
@@ -354,6 +360,8 @@ class SessionManager:
             # Following after READY would hold a stream open on the agent: the reaper would see it as busy.
             if follow_dev is not None:
                 follow_dev.cancel()
+                # Its end (the dev server's exit, or a lost stream) is already reported as the failure, if any.
+                follow_dev.add_done_callback(lambda task: task.cancelled() or task.exception())
         session.state = READY
         session.ready_at.GetCurrentTime()
         self._record(live, pb.WatchSessionResponse(session=session))
