@@ -9,7 +9,7 @@ import stat
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
-from agent.errors import InvalidArgument, NotFound
+from agent.errors import InvalidArgument, NotFound, PreconditionFailed
 from agent.fs.paths import WorkspaceRoot
 
 # Files up to this size are read, hashed and sent straight from the event loop: one read(2)
@@ -74,6 +74,8 @@ class FileReader:
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"{path}: no such file") from None
+        except PermissionError:
+            raise PreconditionFailed(f"{path}: permission denied; the agent's user cannot read it") from None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):

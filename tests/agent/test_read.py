@@ -52,14 +52,14 @@ async def test_small_file_metadata_then_content(agent: AgentTarget) -> None:
     path = agent.root / "src" / "a.txt"
     path.parent.mkdir()
     path.write_bytes(content)
-    path.chmod(0o640)
+    path.chmod(0o755)
     os.utime(path, (1_700_000_000, 1_700_000_000.5))
 
     info, chunks = await read(agent, path="src/a.txt")
 
     assert info.path == "src/a.txt"
     assert info.size == len(content)
-    assert info.mode == 0o640
+    assert info.mode == 0o755
     assert info.modified.seconds == 1_700_000_000 and info.modified.nanos == 500_000_000
     assert info.sha256 == hashlib.sha256(content).hexdigest()
     assert not info.binary
