@@ -85,7 +85,8 @@ class ArchiveStream:
                 _ArchivePlan(self._patterns, skip_staging=directory == self._root.path),
                 self._config.max_archive_files,
                 _ChunkSink(channel, chunk_size),
-            )
+            ),
+            "create-archive",
         )
         producer.add_done_callback(lambda _: channel.close())
         # Its error is raised from `await producer`, or moot when the client has gone.

@@ -122,7 +122,7 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def run_in_own_thread(function: Callable[[], T]) -> asyncio.Future[T]:
+def run_in_own_thread(function: Callable[[], T], name: str) -> asyncio.Future[T]:
     """Runs `function` in a new thread and returns a future of its result.
 
     An archive stream blocks its thread for as long as the client takes; a thread of its own keeps it
@@ -148,5 +148,5 @@ def run_in_own_thread(function: Callable[[], T]) -> asyncio.Future[T]:
         else:
             loop.call_soon_threadsafe(settle, result, None)
 
-    threading.Thread(target=run, name=getattr(function, "__qualname__", "archive"), daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future

@@ -1,7 +1,7 @@
 """ExtractArchive: stream a tar.gz upload into a staging area, check every member, then swap it in.
 
-The event loop only moves chunks into a bounded channel; a worker thread hashes, inflates, parses
-(tarfile in stream mode), checks and writes, so neither memory nor the loop is held up by big archives.
+The event loop only moves chunks into a bounded channel; a worker thread hashes, inflates, parses,
+checks and writes, so neither memory nor the loop is held up by big archives.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import os
 import posixpath
 import re
 import stat
-import tarfile
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from agent.errors import ChecksumMismatch, InvalidArgument, LimitExceeded
 from agent.fs.channel import ByteChannel, run_in_own_thread
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.staging import STAGING_DIR_NAME, StagingArea, Swap, is_staging_path
+from agent.fs.tarstream import REGULAR_TYPES, TarMember, TarReader
 
 # Uploaded bytes buffered between the loop and the worker; the client is slowed down past this.
 UPLOAD_BUFFER_BYTES = 8 * 1024 * 1024
-# Inflated bytes handed to tarfile per step, and file content copied per write.
+# Inflated bytes produced per step (the most the worker holds at once, beyond one header).
 INFLATE_STEP = 256 * 1024
-COPY_STEP = 1024 * 1024
 # Tar headers, padding and pax records allowed per member on top of the content-size limit, so a
 # "bomb" of metadata (a huge pax header) is stopped like one of content.
 METADATA_ALLOWANCE_PER_MEMBER = 4096
@@ -79,7 +78,7 @@ async def extract_archive(
 
     channel = ByteChannel(UPLOAD_BUFFER_BYTES)
     extraction = _Extraction(root, target, mode, expected, config, channel)
-    worker = run_in_own_thread(extraction.run)
+    worker = run_in_own_thread(extraction.run, "extract-archive")
     # A worker that fails early (a refused member) stops reading: stop feeding it too.
     worker.add_done_callback(lambda _: channel.abort())
     # Its error is raised to the caller, or superseded by the caller's own (a cancellation).
@@ -128,12 +127,7 @@ class _Extraction:
                 + self._config.max_archive_files * METADATA_ALLOWANCE_PER_MEMBER,
             )
             writer = _MemberWriter(staging.tree, self._config, reserve_staging_name=self._is_root)
-            try:
-                with tarfile.open(fileobj=upload, mode="r|") as tar:
-                    writer.write_all(tar)
-                    _expect_only_padding(tar)
-            except tarfile.TarError as error:
-                raise InvalidArgument(f"archive is not a valid tar.gz stream: {error}") from None
+            writer.write_all(TarReader(upload))
             writer.finish()
             sha256 = upload.drain()
             if self._expected and sha256 != self._expected:
@@ -155,19 +149,8 @@ class _Extraction:
             staging.remove()
 
 
-def _expect_only_padding(tar: tarfile.TarFile) -> None:
-    """tarfile ends an archive quietly at the first header it cannot parse; anything but zero padding
-    after the point where it stopped means a corrupt header, not the end."""
-    while block := tar.fileobj.read(tarfile.RECORDSIZE):
-        if block.strip(b"\0"):
-            raise InvalidArgument(
-                f"archive is corrupt: the header at offset {tar.offset} of the tar data cannot be read "
-                "and more data follows it"
-            )
-
-
 class _GzipUpload:
-    """The uploaded bytes as a readable stream of inflated tar data, for tarfile's stream mode.
+    """The uploaded bytes as inflated tar data, for TarReader (a `TarSource`).
 
     It hashes the raw bytes as they pass and counts what they inflate to, refusing past `max_inflated`
     before inflating further, so a gzip bomb is stopped after at most one step beyond the limit.
@@ -181,20 +164,46 @@ class _GzipUpload:
         self._input = b""
         self._inflated = 0
         self._output = b""
+        self._view = memoryview(self._output)
         self._position = 0
         self._received_any = False
 
-    def read(self, size: int = -1) -> bytes:
-        if self._position >= len(self._output) and not self._inflate_more():
-            return b""
-        end = len(self._output) if size < 0 else self._position + size
-        data = self._output[self._position : end]
-        self._position += len(data)
-        return data
+    def read_exact(self, size: int) -> bytes | None:
+        end = self._position + size
+        if end <= len(self._output):
+            data = self._output[self._position : end]
+            self._position = end
+            return data
+        parts = []
+        missing = size
+        while missing:
+            if self._position >= len(self._output) and not self._inflate_more():
+                if missing == size:
+                    return None
+                raise InvalidArgument("archive is truncated: the tar data ends inside a header")
+            part = self._output[self._position : self._position + missing]
+            self._position += len(part)
+            missing -= len(part)
+            parts.append(part)
+        return b"".join(parts)
+
+    def pieces(self, size: int) -> Iterator[memoryview]:
+        while size:
+            if self._position >= len(self._output) and not self._inflate_more():
+                raise InvalidArgument("archive is truncated: the tar data ends inside a member's content")
+            end = min(self._position + size, len(self._output))
+            yield self._view[self._position : end]
+            size -= end - self._position
+            self._position = end
+
+    def remainder(self) -> Iterator[memoryview]:
+        while self._position < len(self._output) or self._inflate_more():
+            yield self._view[self._position :]
+            self._position = len(self._output)
 
     def drain(self) -> str:
-        """Hashes whatever follows the end of the tar data (tarfile stops at its end marker); returns
-        the hex sha256 of the whole upload."""
+        """Hashes whatever was not read yet (a reader may stop at the end marker); returns the hex
+        sha256 of the whole upload."""
         while (raw := self._channel.get_blocking()) is not None:
             self._hash.update(raw)
         return self._hash.hexdigest()
@@ -228,6 +237,7 @@ class _GzipUpload:
                         "(the archive size limit plus header allowance)"
                     )
                 self._output = output
+                self._view = memoryview(output)
                 self._position = 0
                 return True
 
@@ -236,6 +246,20 @@ class _Kind(enum.Enum):
     DIRECTORY = "directory"
     FILE = "file"
     SYMLINK = "symlink"
+
+
+_HARDLINK = b"1"
+_KINDS = {
+    **{regular: _Kind.FILE for regular in REGULAR_TYPES},
+    _HARDLINK: _Kind.FILE,
+    b"2": _Kind.SYMLINK,
+    b"5": _Kind.DIRECTORY,
+}
+_REFUSED_TYPES = {
+    b"3": "is a device node, which archives may not contain",
+    b"4": "is a device node, which archives may not contain",
+    b"6": "is a FIFO, which archives may not contain",
+}
 
 
 class _MemberWriter:
@@ -262,10 +286,8 @@ class _MemberWriter:
         self._bytes = 0
         self._stripped = 0
 
-    def write_all(self, tar: tarfile.TarFile) -> None:
-        while (member := tar.next()) is not None:
-            # tarfile keeps every header it has read; one extraction may hold up to the file limit.
-            tar.members.clear()
+    def write_all(self, tar: TarReader) -> None:
+        for member in tar:
             self._write(tar, member)
 
     def finish(self) -> None:
@@ -295,7 +317,7 @@ class _MemberWriter:
             stripped_special_bits=self._stripped,
         )
 
-    def _write(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    def _write(self, tar: TarReader, member: TarMember) -> None:
         self._members += 1
         if self._members > self._max_files:
             raise LimitExceeded(f"archive has more than {self._max_files} members (the file count limit)")
@@ -304,25 +326,17 @@ class _MemberWriter:
             self._stripped += 1
         mode = member.mode & 0o777
 
+        if member.sparse:
+            raise InvalidArgument(f"member {member.name!r} is a sparse file, which is not supported")
+        kind = _KINDS.get(member.type)
+        if kind is None:
+            refusal = _REFUSED_TYPES.get(member.type, f"has unsupported tar type {member.type!r}")
+            raise InvalidArgument(f"member {member.name!r} {refusal}")
         if not name:  # the archive's own top directory, `./`
-            if not member.isdir():
+            if kind is not _Kind.DIRECTORY:
                 raise InvalidArgument(f"member {member.name!r} has an empty path")
             self._directory_attributes[""] = (mode, member.mtime)
             return
-        if member.isdir():
-            kind = _Kind.DIRECTORY
-        elif member.issparse():
-            raise InvalidArgument(f"member {member.name!r} is a sparse file, which is not supported")
-        elif member.isreg() or member.islnk():
-            kind = _Kind.FILE
-        elif member.issym():
-            kind = _Kind.SYMLINK
-        elif member.ischr() or member.isblk():
-            raise InvalidArgument(f"member {member.name!r} is a device node, which archives may not contain")
-        elif member.isfifo():
-            raise InvalidArgument(f"member {member.name!r} is a FIFO, which archives may not contain")
-        else:
-            raise InvalidArgument(f"member {member.name!r} has unsupported tar type {member.type!r}")
 
         self._make_parents(name, member.name)
         path = self._prefix + name
@@ -339,7 +353,7 @@ class _MemberWriter:
             if previous is None:
                 os.mkdir(path, 0o700)
             self._directory_attributes[name] = (mode, member.mtime)
-        elif member.islnk():
+        elif member.type == _HARDLINK:
             source = self._member_path(member.linkname, member.name, link=True)
             if self._kinds.get(source) is not _Kind.FILE:
                 raise InvalidArgument(
@@ -398,18 +412,10 @@ class _MemberWriter:
                 # Writing through a link could land outside the destination: never follow one.
                 raise InvalidArgument(f"member {member_name!r} is below {prefix!r}, which is a {kind.value}, not a directory")
 
-    def _write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str, mode: int) -> None:
-        source = tar.extractfile(member)
-        assert source is not None  # regular members always have content
+    def _write_file(self, tar: TarReader, member: TarMember, path: str, mode: int) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            remaining = member.size
-            while remaining:
-                data = source.read(min(remaining, COPY_STEP))
-                if not data:
-                    raise InvalidArgument(f"archive is truncated inside member {member.name!r}")
-                remaining -= len(data)
-                view = memoryview(data)
+            for view in tar.content(member):
                 while view:
                     view = view[os.write(fd, view) :]
             os.fchmod(fd, mode)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -55,10 +56,10 @@ def populate(root: Path) -> None:
     (root / "node_modules" / "dep" / "index.js").write_text("module.exports = 1;\n")
 
 
-def targz(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+def targz(*members: tuple[tarfile.TarInfo, bytes | None], format: int = tarfile.PAX_FORMAT, pax_headers: dict[str, str] | None = None) -> bytes:
     """A tar.gz of exactly these members, however unsafe: the archives a hostile client could send."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=format, pax_headers=pax_headers) as tar:
         for info, content in members:
             if content is not None:
                 info.size = len(content)
@@ -194,6 +195,16 @@ async def test_replace_leaves_exactly_the_archive_and_merge_keeps_the_rest(agent
     }
 
 
+async def test_missing_destination_is_created_with_its_parents(agent: AgentTarget) -> None:
+    await extract(agent, targz(member("a.txt", b"a")), "deploy/v1/site")
+    assert snapshot(agent.root) == {
+        "deploy": ("dir", 0o755, None),
+        "deploy/v1": ("dir", 0o755, None),
+        "deploy/v1/site": ("dir", 0o755, None),
+        "deploy/v1/site/a.txt": ("file", 0o644, b"a"),
+    }
+
+
 async def test_merge_replaces_a_file_with_a_directory_of_the_same_name(agent: AgentTarget) -> None:
     (agent.root / "docs").write_text("was a file")
     (agent.root / "keep.txt").write_text("keep")
@@ -224,6 +235,25 @@ async def test_special_bits_are_stripped_and_counted(agent: AgentTarget) -> None
     assert snapshot(agent.root) == {"tool": ("file", 0o755, b"#!/bin/sh"), "shared": ("dir", 0o777, None)}
 
 
+async def test_gnu_and_pax_names_hardlinks_and_global_headers(agent: AgentTarget) -> None:
+    deep = "/".join(["directory-with-a-long-name"] * 6) + "/file.txt"
+    # GNU tar writes long names as ././@LongLink members; `git archive` starts with a pax global header.
+    gnu = targz(
+        member(deep, b"deep"),
+        member("caf\u00e9/\u6587\u4ef6.txt", b"unicode"),
+        member("same", kind=tarfile.LNKTYPE, link=deep),
+        format=tarfile.GNU_FORMAT,
+    )
+    pax = targz(member("p" * 150 + "/x.txt", b"pax"), pax_headers={"comment": "commit"})
+
+    await extract(agent, gnu, "gnu")
+    await extract(agent, pax, "pax")
+    assert (agent.root / "gnu" / deep).read_bytes() == b"deep"
+    assert (agent.root / "gnu" / "same").stat().st_ino == (agent.root / "gnu" / deep).stat().st_ino
+    assert (agent.root / "gnu" / "caf\u00e9" / "\u6587\u4ef6.txt").read_bytes() == b"unicode"
+    assert (agent.root / "pax" / ("p" * 150) / "x.txt").read_bytes() == b"pax"
+
+
 # ---------------------------------------------------------------- refusals
 
 
@@ -246,10 +276,10 @@ def tar_cut_inside_a_member() -> bytes:
     return gzip_of(gzip.decompress(targz(GOOD, member("x", os.urandom(20000))))[:8000])
 
 
-def corrupt_tar_header() -> bytes:
+def damaged_second_header(replacement: bytes) -> bytes:
     raw = bytearray(gzip.decompress(targz(member("a.txt", b"a"), member("b.txt", b"b"), member("c.txt", b"c"))))
-    second_header = raw.index(b"b.txt") - raw.index(b"b.txt") % 512
-    raw[second_header : second_header + 512] = b"\xee" * 512
+    assert raw[1024:1029] == b"b.txt"
+    raw[1024:1536] = replacement
     return gzip_of(bytes(raw))
 
 
@@ -301,8 +331,10 @@ REFUSALS: dict[str, tuple[Callable[[], bytes], str, grpc.StatusCode, str]] = {
     "not gzip": (lambda: b"this is plain text, not an archive", "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
     "corrupt gzip": (corrupt_gzip, "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
     "truncated gzip": (truncated_gzip, "", grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
-    "tar cut inside a member": (tar_cut_inside_a_member, "", grpc.StatusCode.INVALID_ARGUMENT, "unexpected end of data"),
-    "corrupt tar header": (corrupt_tar_header, "", grpc.StatusCode.INVALID_ARGUMENT, "header at offset"),
+    "tar cut inside a member": (tar_cut_inside_a_member, "", grpc.StatusCode.INVALID_ARGUMENT, "ends inside a member's content"),
+    "corrupt tar header": (lambda: damaged_second_header(b"\xee" * 512), "", grpc.StatusCode.INVALID_ARGUMENT, "header at offset 1024 of the tar data has a bad checksum"),
+    "zeroed tar header": (lambda: damaged_second_header(bytes(512)), "", grpc.StatusCode.INVALID_ARGUMENT, "empty header at offset 1024 of the tar data is followed by more data"),
+    "gzip of nothing": (lambda: gzip_of(b""), "", grpc.StatusCode.INVALID_ARGUMENT, "holds no tar data"),
     "empty upload": (lambda: b"", "", grpc.StatusCode.INVALID_ARGUMENT, "archive is empty"),
 }
 
@@ -332,11 +364,16 @@ async def test_checksum_mismatch_is_data_loss(agent: AgentTarget) -> None:
     await assert_refused(agent, upload(archive, expected_sha256="0" * 64), grpc.StatusCode.DATA_LOSS, f"archive sha256 is {hashlib.sha256(archive).hexdigest()}")
 
 
-def metadata_bomb() -> bytes:
-    """A member whose pax header is far larger than any content limit allows."""
+def metadata_bomb(size: int = 1_000_000) -> bytes:
+    """A member whose pax header is far larger than its content, or any real header."""
     info, content = member("a", b"a")
-    info.pax_headers = {"comment": "x" * 1_000_000}
+    info.pax_headers = {"comment": "x" * size}
     return targz((info, content))
+
+
+async def test_oversized_extended_header_is_resource_exhausted(agent: AgentTarget) -> None:
+    # Within the default limits' inflate allowance, but no real pax header is a few MiB.
+    await assert_refused(agent, upload(metadata_bomb(3_000_000)), grpc.StatusCode.RESOURCE_EXHAUSTED, "-byte extended header at offset 0")
 
 
 @pytest.mark.parametrize(
@@ -344,7 +381,7 @@ def metadata_bomb() -> bytes:
     [
         (lambda: targz(*(member(f"f{i}", b"x") for i in range(21))), "more than 20 members"),
         (lambda: targz(member("a", b"a" * 40_000), member("b", b"b" * 40_000)), "exceeds 65536 bytes (the archive size limit) at member 'b'"),
-        (metadata_bomb, "inflates to more than"),
+        (metadata_bomb, "archive inflates to more than 147456 bytes"),
     ],
     ids=["file count", "content size", "metadata size"],
 )
@@ -411,7 +448,21 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
         await asyncio.sleep(0.01)
 
 
-# ---------------------------------------------------------------- CreateArchive refusals
+# ---------------------------------------------------------------- CreateArchive refusals and cancellation
+
+
+async def test_client_leaving_a_create_midway_stops_the_producer(small_agent: AgentTarget) -> None:
+    for i in range(10):
+        (small_agent.root / f"blob{i}").write_bytes(os.urandom(100_000))
+    call = small_agent.stub.CreateArchive(pb.CreateArchiveRequest(), metadata=small_agent.metadata)
+    first = await call.read()
+    assert len(first.chunk) == 4096
+    call.cancel()
+    # The producer was held back by the full channel (4 chunks, far less than the 1 MB archive);
+    # once the client leaves it must stop rather than wait forever.
+    await wait_until(lambda: not any(thread.name == "create-archive" for thread in threading.enumerate()))
+    data, summary, _ = await create(small_agent)
+    assert summary.size == len(data) > 1_000_000
 
 
 async def test_create_over_the_file_limit_is_resource_exhausted_before_any_chunk(small_agent: AgentTarget) -> None:
