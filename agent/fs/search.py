@@ -309,7 +309,7 @@ class _PythonEngine:
         self.query = query
         globs = _override_globs(query)
         try:
-            self.overrides = pathspec.GitIgnoreSpec.from_lines(globs) if globs else None
+            self.overrides = _Globs(globs) if globs else None
         except GitWildMatchPatternError as error:
             raise InvalidArgument(f"bad glob: {error}") from None
         self.has_includes = bool(query.include_globs)
@@ -334,7 +334,7 @@ class _PythonEngine:
 
     def _walk(self, directory: str) -> Iterator[tuple[str, int]]:
         """(root-relative path, size) of every regular file to search, in ripgrep's order."""
-        chain: list[tuple[str, list[pathspec.GitIgnoreSpec | None]]] = []
+        chain: list[tuple[str, list[_Globs | None]]] = []
         parts = [] if directory == "." else directory.split("/")
         for depth in range(len(parts)):  # ignore files of the directories above the searched one
             chain.append(self._ignore_files("/".join(parts[:depth])))
@@ -358,14 +358,14 @@ class _PythonEngine:
             else:
                 yield path, entry.stat(follow_symlinks=False).st_size
 
-    def _ignore_files(self, prefix: str) -> tuple[str, list[pathspec.GitIgnoreSpec | None]]:
-        specs: list[pathspec.GitIgnoreSpec | None] = []
+    def _ignore_files(self, prefix: str) -> tuple[str, list[_Globs | None]]:
+        specs: list[_Globs | None] = []
         for name in IGNORE_FILES:
             spec = None
             if not self.query.no_ignore:
                 try:
                     text = (self.root.path / prefix / name).read_text(errors="replace")
-                    spec = pathspec.GitIgnoreSpec.from_lines(text.splitlines())
+                    spec = _Globs(text.splitlines())
                 except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                     pass
                 except GitWildMatchPatternError:
@@ -376,7 +376,7 @@ class _PythonEngine:
     def _skipped(self, path: str, name: str, is_dir: bool, chain: list) -> bool:
         probe = path + "/" if is_dir else path
         if self.overrides is not None:
-            verdict = self.overrides.check_file(probe).include
+            verdict = self.overrides.verdict(probe)
             if verdict is not None:
                 return not verdict  # a `!glob` excludes, a plain glob whitelists
             if self.has_includes and not is_dir:
@@ -386,7 +386,7 @@ class _PythonEngine:
                 spec = specs[category]
                 if spec is None:
                     continue
-                verdict = spec.check_file(probe[len(prefix) + 1 :] if prefix else probe).include
+                verdict = spec.verdict(probe[len(prefix) + 1 :] if prefix else probe)
                 if verdict is not None:
                     return verdict  # ignored, or whitelisted by a `!pattern` (hidden or not)
         return name.startswith(".") and not self.query.hidden
@@ -424,6 +424,26 @@ class _PythonEngine:
                 found.append((number, _encode(line), None))
                 last_sent, pending_after = number, pending_after - 1
         return found
+
+
+class _Globs:
+    """Gitignore-style globs matched the way ripgrep matches them: the last matching glob wins, and
+    a path is tested by itself. (pathspec, made for git, also reports a path whose parent directory
+    matches; the walk prunes such directories before reaching their entries, except inside the
+    directory searched, which rg searches even when a glob or ignore file names it.)"""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.patterns = [p for p in pathspec.GitIgnoreSpec.from_lines(lines).patterns if p.include is not None]
+
+    def verdict(self, probe: str) -> bool | None:
+        """True if a plain glob decides for `probe` (a directory ends with "/"), False if a `!glob`
+        does, None if none matches."""
+        for pattern in reversed(self.patterns):
+            found = pattern.regex.match(probe)
+            # `ps_d` is the slash after a directory the pattern named; short of the end, it matched a parent.
+            if found and not (found.groupdict().get("ps_d") and found.start("ps_d") + 1 < len(probe)):
+                return pattern.include
+        return None
 
 
 def _encode(text: str) -> bytes:

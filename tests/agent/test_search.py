@@ -1,0 +1,285 @@
+"""Search through the gRPC API with each engine, and the two engines against each other on one tree:
+same files, lines, submatch offsets and order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.fs.paths import WorkspaceRoot
+from agent.fs.search import Searcher, SearchQuery, Summary
+from tests.agent.helpers import collect, status_of_stream
+from tests.conftest import AgentTarget, start_inprocess_agent
+from workspace.agent.v1 import agent_pb2 as pb
+
+ENGINES = ["ripgrep", "python"]
+
+
+def build_tree(root: Path, outside: Path) -> None:
+    """A workspace with every case the filters and the matcher distinguish."""
+    files: dict[str, bytes] = {
+        ".gitignore": b"ignored.txt\nbuild/\n*.log\n!keep.log\n",
+        ".hidden_file": b"needle hidden\n",
+        ".config/settings.txt": b"needle in a hidden directory\n",
+        ".git/HEAD": b"needle in git\n",
+        "node_modules/lib/index.js": b"needle in node_modules\n",
+        "ignored.txt": b"needle ignored\n",
+        "build/out.txt": b"needle in build\n",
+        "debug.log": b"needle log\n",
+        "keep.log": b"needle kept log\n",
+        "binary.bin": b"needle\0binary\n",
+        "late_binary.bin": b"needle\n" + b"x" * 70_000 + b"\0\n",  # NUL past rg's first buffer
+        "a/x.txt": b"needle in a directory named a\n",
+        "a-b.txt": b"needle a-b\n",
+        "a.txt": b"needle a\n",
+        "src/.ignore": b"generated.ts\n",
+        "src/generated.ts": b"needle generated\n",
+        "src/main.ts": b"const a = 1;\n// needle one\nconst b = 2;\nconst c = 3;\nconst d = 4;\nneedle two needle\nend\n",
+        "src/unicode.txt": "héllo needle wörld\n日本語 NEEDLE Ñandú\n".encode(),
+        "src/crlf.txt": b"needle crlf\r\nother\r\n",
+        "src/long.txt": b"x" * 5000 + b"needle\n" + b"y" * 4093 + b"needle\n",
+        "src/invalid.txt": b"caf\xe9 needle\n",
+        "src/sub/deep.py": b"# needle deep\nDEF = 'Needle'\n",
+    }
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    (outside / "secret.txt").write_bytes(b"needle outside the root\n")
+    (root / "link_in.txt").symlink_to("src/main.ts")
+    (root / "link_out").symlink_to(outside)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "app"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    build_tree(root, outside)
+    return root
+
+
+@pytest.fixture(params=ENGINES)
+async def searching_agent(request: pytest.FixtureRequest, tree: Path) -> AsyncIterator[AgentTarget]:
+    server, target = await start_inprocess_agent(tree, search_engine=request.param)
+    try:
+        yield target
+    finally:
+        await target.channel.close()
+        await server.stop(None)
+
+
+async def search(agent: AgentTarget, **fields) -> tuple[list[pb.SearchResponse], pb.SearchSummary]:
+    events = await collect(agent.stub.Search(pb.SearchRequest(**fields), metadata=agent.metadata))
+    assert events[-1].WhichOneof("event") == "summary"
+    return events[:-1], events[-1].summary
+
+
+def matches(events: list[pb.SearchResponse]) -> list[tuple[str, int, str, list[tuple[int, int]]]]:
+    return [
+        (e.match.path, e.match.line_number, e.match.line, [(s.start, s.end) for s in e.match.submatches])
+        for e in events
+        if e.WhichOneof("event") == "match"
+    ]
+
+
+async def test_default_search_skips_ignored_hidden_dependency_binary_and_linked_files(
+    searching_agent: AgentTarget, request: pytest.FixtureRequest
+) -> None:
+    events, summary = await search(searching_agent, pattern="needle")
+    assert [path for path, *_ in matches(events)] == [
+        "a/x.txt",  # entries sorted by name in each directory: "a" before "a-b.txt"
+        "a-b.txt",
+        "a.txt",
+        "keep.log",  # whitelisted by `!keep.log`
+        "src/crlf.txt",
+        "src/invalid.txt",
+        "src/long.txt",
+        "src/long.txt",
+        "src/main.ts",
+        "src/main.ts",
+        "src/sub/deep.py",
+        "src/unicode.txt",
+    ]
+    assert (summary.results, summary.files_matched, summary.truncated) == (12, 10, False)
+    assert summary.engine == request.node.callspec.params["searching_agent"]
+
+
+async def test_match_lines_and_byte_offsets(searching_agent: AgentTarget) -> None:
+    events, _ = await search(searching_agent, pattern="needle", path="src")
+    found = {(path, line): (text, spans) for path, line, text, spans in matches(events)}
+    assert found[("src/unicode.txt", 1)] == ("héllo needle wörld", [(7, 13)])  # é is two bytes
+    assert found[("src/crlf.txt", 1)] == ("needle crlf", [(0, 6)])  # without its \r\n
+    assert found[("src/invalid.txt", 1)] == ("caf\ufffd needle", [(7, 13)])  # U+FFFD is three bytes
+    assert found[("src/main.ts", 6)] == ("needle two needle", [(0, 6), (11, 17)])
+    # Lines are cut at 4 KiB; so are the matches in them.
+    assert found[("src/long.txt", 1)] == ("x" * 4096, [])
+    assert found[("src/long.txt", 2)] == ("y" * 4093 + "nee", [(4093, 4096)])
+    cut = [e.match.line_truncated for e in events if e.match.path == "src/long.txt"]
+    assert cut == [True, True]
+
+
+async def test_context_lines_come_in_file_order(searching_agent: AgentTarget) -> None:
+    events, summary = await search(searching_agent, pattern="needle", path="src", include_globs=["main.ts"],
+                                   context_before=1, context_after=2)  # fmt: skip
+    lines = [(e.WhichOneof("event"), getattr(e, e.WhichOneof("event")).line_number) for e in events]
+    assert lines == [("context", 1), ("match", 2), ("context", 3), ("context", 4), ("context", 5),
+                     ("match", 6), ("context", 7)]  # fmt: skip
+    assert summary.results == 2
+
+
+async def test_options_widen_or_narrow_the_search(searching_agent: AgentTarget) -> None:
+    async def paths(**fields) -> set[str]:
+        events, _ = await search(searching_agent, pattern="needle", **fields)
+        return {path for path, *_ in matches(events)}
+
+    default = await paths()
+    assert await paths(hidden=True) - default == {".hidden_file", ".config/settings.txt"}
+    assert await paths(no_ignore=True) - default == {"ignored.txt", "build/out.txt", "debug.log", "src/generated.ts"}
+    assert await paths(include_default_excludes=True, hidden=True) - await paths(hidden=True) == {
+        "node_modules/lib/index.js",
+        ".git/HEAD",
+    }
+    # As with rg, an include glob overrides ignore files: debug.log is searched.
+    assert await paths(include_globs=["src/**/*.py", "*.log"]) == {"src/sub/deep.py", "keep.log", "debug.log"}
+    assert await paths(exclude_globs=["src", "a*"]) == {"keep.log"}
+    assert await paths(path="src/sub") == {"src/sub/deep.py"}
+
+
+async def test_regex_and_ignore_case(searching_agent: AgentTarget) -> None:
+    events, _ = await search(searching_agent, pattern=r"ne+dle\s+(one|two)", regex=True)
+    assert [(p, n) for p, n, *_ in matches(events)] == [("src/main.ts", 2), ("src/main.ts", 6)]
+    events, _ = await search(searching_agent, pattern="ne+dle", path="src/sub")  # literal: no match
+    assert matches(events) == []
+    events, _ = await search(searching_agent, pattern="needle", ignore_case=True, path="src/sub")
+    assert [(n, spans) for _, n, _, spans in matches(events)] == [(1, [(2, 8)]), (2, [(7, 13)])]
+    events, _ = await search(searching_agent, pattern="ñandú", ignore_case=True, path="src")
+    assert matches(events) == [("src/unicode.txt", 2, "日本語 NEEDLE Ñandú", [(17, 24)])]
+
+
+async def test_result_cap_sets_truncated(searching_agent: AgentTarget) -> None:
+    events, summary = await search(searching_agent, pattern="needle", max_results=3, context_after=1)
+    assert [p for p, *_ in matches(events)] == ["a/x.txt", "a-b.txt", "a.txt"]
+    assert (summary.results, summary.files_matched, summary.truncated) == (3, 3, True)
+    _, exact = await search(searching_agent, pattern="needle", max_results=12)
+    assert (exact.results, exact.truncated) == (12, False)
+
+
+async def test_file_discovery(searching_agent: AgentTarget) -> None:
+    events, summary = await search(searching_agent, path="src")
+    files = [(e.file.path, e.file.size) for e in events]
+    assert [path for path, _ in files] == [
+        "src/crlf.txt", "src/invalid.txt", "src/long.txt", "src/main.ts", "src/sub/deep.py", "src/unicode.txt",
+    ]  # fmt: skip
+    assert dict(files)["src/crlf.txt"] == len(b"needle crlf\r\nother\r\n")
+    events, summary = await search(searching_agent, include_globs=["*.bin"])
+    assert [e.file.path for e in events] == ["binary.bin", "late_binary.bin"]  # listed, binary or not
+    events, summary = await search(searching_agent, max_results=2)
+    assert [e.file.path for e in events] == ["a/x.txt", "a-b.txt"] and summary.truncated
+
+
+async def test_bad_requests(searching_agent: AgentTarget) -> None:
+    cases = [
+        (pb.SearchRequest(pattern="x", path="missing"), grpc.StatusCode.NOT_FOUND),
+        (pb.SearchRequest(pattern="x", path="a.txt"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="x", path="/etc"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="x", path="../outside"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="x", path="src\x00"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="x", path="link_out"), grpc.StatusCode.PERMISSION_DENIED),
+        (pb.SearchRequest(pattern="(unclosed", regex=True), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="two\nlines"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="x", context_before=21), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="x", max_results=100_001), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for request, code in cases:
+        got, details = await status_of_stream(searching_agent.stub.Search(request, metadata=searching_agent.metadata))
+        assert got == code, (request, details)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_cancelling_stops_the_search(engine: str, tmp_path: Path) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    (root / "many.txt").write_bytes(b"needle\n" * 200_000)
+    server, agent = await start_inprocess_agent(root, search_engine=engine)
+    try:
+        call = agent.stub.Search(pb.SearchRequest(pattern="needle", max_results=100_000), metadata=agent.metadata)
+        first = await call.read()
+        assert first.match.path == "many.txt"
+        call.cancel()
+        for _ in range(100):  # the agent kills rg once the call is gone
+            if not rg_children():
+                break
+            await asyncio.sleep(0.02)
+        assert rg_children() == []
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
+
+
+def rg_children() -> list[int]:
+    """Pids of this process's child processes running rg."""
+    children = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if name == "rg" and int(rest[1]) == os.getpid():
+            children.append(int(pid))
+    return children
+
+
+# ------------------------------------------------------------------ both engines, same results
+
+
+def run_both(root: Path, query: SearchQuery) -> tuple[list, list]:
+    async def run(engine: str) -> list:
+        searcher = Searcher(WorkspaceRoot(root), default_max_results=1000, max_results_limit=100_000, engine=engine)
+        events = [event async for event in searcher.search(query)]
+        summary = events.pop()
+        assert isinstance(summary, Summary) and summary.engine == engine
+        return [*events, (summary.results, summary.files_matched, summary.truncated)]
+
+    async def both() -> tuple[list, list]:
+        return await run("ripgrep"), await run("python")
+
+    return asyncio.run(both())
+
+
+WORDS = ["needle", "NEEDLE", "ne+dle", "const", "a", "ö", "日本", "x{3}", r"\bneedle\b", "needle$", "^const", "e.d"]
+GLOBS = ["*.ts", "src/**", "*.log", "a*", "sub", "src", "*.txt", "lib/", "[ab]*.txt", "**/deep.*"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pattern=st.sampled_from(["", *WORDS]),
+    regex=st.booleans(),
+    ignore_case=st.booleans(),
+    include=st.lists(st.sampled_from(GLOBS), max_size=2),
+    exclude=st.lists(st.sampled_from(GLOBS), max_size=2),
+    no_ignore=st.booleans(),
+    hidden=st.booleans(),
+    defaults=st.booleans(),
+    before=st.integers(0, 3),
+    after=st.integers(0, 3),
+    cap=st.sampled_from([0, 1, 2, 5]),
+    path=st.sampled_from(["", "src", "a", "build", "node_modules"]),
+)
+def test_engines_agree(tree: Path, pattern, regex, ignore_case, include, exclude, no_ignore, hidden, defaults,
+                       before, after, cap, path) -> None:  # fmt: skip
+    query = SearchQuery(
+        path=path, pattern=pattern, regex=regex, ignore_case=ignore_case, include_globs=include,
+        exclude_globs=exclude, no_ignore=no_ignore, hidden=hidden, include_default_excludes=defaults,
+        context_before=before, context_after=after, max_results=cap,
+    )  # fmt: skip
+    ripgrep, python = run_both(tree, query)
+    assert ripgrep == python
