@@ -20,8 +20,8 @@ from agent.config import AgentConfig
 from agent.server import create_server
 pytest.register_assert_rewrite("tests.docker_support")
 from tests.docker_support import (  # noqa: E402 (after the rewrite registration)
-    HandOverBeforeEachCall,
     agent_token,
+    hand_over_before_each_call,
     run_agent_container,
     wait_for_agent,
 )
@@ -73,7 +73,7 @@ async def start_container_agent(
     except BaseException:
         container.remove(force=True)
         raise
-    channel = aio.insecure_channel(address, interceptors=[HandOverBeforeEachCall(root)])
+    channel = aio.insecure_channel(address, interceptors=hand_over_before_each_call(root))
     stub = agent_pb2_grpc.AgentServiceStub(channel)
     return container, AgentTarget("container", address, agent_token(container), root, channel, stub, "/app")
 

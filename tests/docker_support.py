@@ -62,6 +62,7 @@ def core_image(docker_client: docker.DockerClient) -> str:
 def run_agent_container(client: docker.DockerClient, image: str, root: Path, *agent_args: str, **options) -> Container:
     """Starts the image's agent on `root` (mounted as /app), published on 127.0.0.1 only, hardened, with
     a random token in its environment; `options` add to or override the container's settings."""
+    hand_over_to_workspace_user(root)
     return client.containers.run(
         image,
         list(agent_args),
@@ -118,30 +119,37 @@ def hand_over_to_workspace_user(root: Path) -> None:
                 os.chown(path, WORKSPACE_UID, WORKSPACE_UID, follow_symlinks=False)
 
 
-class HandOverBeforeEachCall(
-    aio.UnaryUnaryClientInterceptor,
-    aio.UnaryStreamClientInterceptor,
-    aio.StreamUnaryClientInterceptor,
-    aio.StreamStreamClientInterceptor,
-):
-    """Runs hand_over_to_workspace_user before every call, so a test can write files on the host and
-    then ask the containerised agent to change them, as it does with the in-process agent."""
-
+class _HandOver:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+
+class _HandOverUnaryUnary(_HandOver, aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         hand_over_to_workspace_user(self.root)
         return await continuation(client_call_details, request)
 
+
+class _HandOverUnaryStream(_HandOver, aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         hand_over_to_workspace_user(self.root)
         return await continuation(client_call_details, request)
 
+
+class _HandOverStreamUnary(_HandOver, aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         hand_over_to_workspace_user(self.root)
         return await continuation(client_call_details, request_iterator)
 
+
+class _HandOverStreamStream(_HandOver, aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         hand_over_to_workspace_user(self.root)
         return await continuation(client_call_details, request_iterator)
+
+
+def hand_over_before_each_call(root: Path) -> list[aio.ClientInterceptor]:
+    """Channel interceptors that run hand_over_to_workspace_user before every call, so a test can write
+    files on the host and then have the containerised agent change them, as with the in-process agent.
+    (One per kind of call: a grpc.aio channel files each interceptor under one kind only.)"""
+    return [cls(root) for cls in (_HandOverUnaryUnary, _HandOverUnaryStream, _HandOverStreamUnary, _HandOverStreamStream)]

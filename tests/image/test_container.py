@@ -50,9 +50,7 @@ def run_in(container: Container, *command: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("workspace")
-    hand_over_to_workspace_user(root)
-    return root
+    return tmp_path_factory.mktemp("workspace")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +132,6 @@ def test_npm_runs_a_package_script(container: Container, workspace: Path) -> Non
 async def test_pids_limit_stops_a_fork_bomb_and_the_agent_still_answers(
     docker_client: docker.DockerClient, core_image: str, tmp_path: Path
 ) -> None:
-    hand_over_to_workspace_user(tmp_path)
     container = run_agent_container(docker_client, core_image, tmp_path, pids_limit=64)
     try:
         await wait_for_agent(container)
@@ -164,7 +161,6 @@ FAST_CHECKS = Healthcheck(interval=500_000_000, timeout=5_000_000_000, retries=2
 
 
 def test_healthcheck_reports_healthy(docker_client: docker.DockerClient, core_image: str, tmp_path: Path) -> None:
-    hand_over_to_workspace_user(tmp_path)
     container = run_agent_container(docker_client, core_image, tmp_path, healthcheck=FAST_CHECKS)
     try:
         assert "/tools/healthcheck.py" in container.attrs["Config"]["Healthcheck"]["Test"]
@@ -176,7 +172,6 @@ def test_healthcheck_reports_healthy(docker_client: docker.DockerClient, core_im
 def test_healthcheck_reports_an_agent_that_does_not_serve(
     docker_client: docker.DockerClient, core_image: str, tmp_path: Path
 ) -> None:
-    hand_over_to_workspace_user(tmp_path)
     # The agent listens elsewhere than the port the check (and the orchestrator) expects.
     container = run_agent_container(docker_client, core_image, tmp_path, "--listen", "0.0.0.0:3999", healthcheck=FAST_CHECKS)
     try:
