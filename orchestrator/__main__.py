@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from pathlib import Path
 
+from agent import telemetry
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.server import serve
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:
     parser.add_argument("--max-archive-bytes", type=int, default=d.max_archive_bytes)
     parser.add_argument("--log-level", default=os.environ.get("WORKSPACE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    telemetry.configure_logging(args.log_level)
     return OrchestratorConfig(
         listen=args.listen,
         data_dir=args.data_dir,
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    telemetry.configure_from_env()
     try:
         asyncio.run(serve(config))
     except OrchestratorError as error:

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from agent import telemetry
 from agent.interceptors import ErrorMappingInterceptor
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
@@ -72,7 +73,8 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
     sessions = SessionManager(config, store, archives, catalog, runtime)
 
     server = aio.server(
-        interceptors=[ErrorMappingInterceptor(STATUS_CODES)],
+        # Tracing first (empty while off), so its span sees the mapped status.
+        interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor(STATUS_CODES)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
