@@ -90,7 +90,7 @@ class ArchiveStream:
         )
         producer.add_done_callback(lambda _: channel.close())
         # Its error is raised from `await producer`, or moot when the client has gone.
-        producer.add_done_callback(lambda done: done.exception())
+        producer.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             while (chunk := await channel.get()) is not None:
                 yield chunk

@@ -82,7 +82,7 @@ async def extract_archive(
     # A worker that fails early (a refused member) stops reading: stop feeding it too.
     worker.add_done_callback(lambda _: channel.abort())
     # Its error is raised to the caller, or superseded by the caller's own (a cancellation).
-    worker.add_done_callback(lambda done: done.exception())
+    worker.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
         async for chunk in chunks:
             if not await channel.put(chunk):

@@ -15,6 +15,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from agent.errors import PreconditionFailed
 from agent.fs.paths import WorkspaceRoot
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,17 @@ class StagingArea:
     """
 
     def __init__(self, root: WorkspaceRoot) -> None:
+        """Raises PreconditionFailed if the staging directory's name is taken by something else."""
         self._parent = root.path / STAGING_DIR_NAME
         while True:
-            os.makedirs(self._parent, mode=0o700, exist_ok=True)
             try:
+                os.mkdir(self._parent, 0o700)
+            except FileExistsError:
+                pass  # another extraction's, or a leftover of a crash: each uses its own subdirectory
+            try:
+                if not stat.S_ISDIR(os.lstat(self._parent).st_mode):
+                    # A link planted there would move extraction outside the root.
+                    raise PreconditionFailed(f"{STAGING_DIR_NAME} in the workspace root is not a directory; remove it")
                 self.path = Path(tempfile.mkdtemp(prefix="extract-", dir=self._parent))
                 break
             except FileNotFoundError:

@@ -228,6 +228,17 @@ async def test_replace_of_the_root_itself(agent: AgentTarget) -> None:
     assert (report.files, report.directories) == (2, 1)
 
 
+async def test_read_only_directories_are_extracted_and_replaced(agent: AgentTarget) -> None:
+    # As the workspace user (the container variant), moving or emptying a read-only directory needs care.
+    locked = targz(member("ro", None, kind=tarfile.DIRTYPE, mode=0o555), member("ro/f.txt", b"f", mode=0o444))
+    await extract(agent, locked)
+    assert snapshot(agent.root) == {"ro": ("dir", 0o555, None), "ro/f.txt": ("file", 0o444, b"f")}
+
+    await extract(agent, targz(member("new.txt", b"n")))
+    assert snapshot(agent.root) == {"new.txt": ("file", 0o644, b"n")}
+    assert not (agent.root / STAGING).exists()
+
+
 async def test_special_bits_are_stripped_and_counted(agent: AgentTarget) -> None:
     archive = targz(member("tool", b"#!/bin/sh", mode=0o4755), member("shared", None, kind=tarfile.DIRTYPE, mode=0o3777))
     report = await extract(agent, archive)
@@ -356,6 +367,17 @@ async def test_unsafe_or_broken_archives_are_refused_and_change_nothing(agent: A
     (agent.root / "sub").mkdir()
     (agent.root / "sub" / "kept.txt").write_text("kept")
     await assert_refused(agent, upload(build(), destination), code, fragment)
+
+
+async def test_a_link_planted_as_the_staging_directory_is_not_followed(agent: AgentTarget, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, agent.root / STAGING)
+    with pytest.raises(aio.AioRpcError) as error:
+        await extract(agent, targz(member("a.txt", b"a")))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"{STAGING} in the workspace root is not a directory" in error.value.details()
+    assert list(outside.iterdir()) == [] and not (agent.root / "a.txt").exists()
 
 
 async def test_checksum_mismatch_is_data_loss(agent: AgentTarget) -> None:
