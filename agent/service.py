@@ -18,6 +18,8 @@ from agent.fs.extract import ExtractMode, extract_archive
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
 from agent.fs.search import Context, FoundFile, Match, Searcher, SearchQuery
+from agent.process import messages
+from agent.process.manager import ProcessManager
 from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
 
@@ -72,6 +74,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.config = config
         self.root = WorkspaceRoot(config.root)
         self.activity = activity
+        self.processes = ProcessManager(self.root, config)
         self.editor = Editor(self.root, on_write=activity.touch)
         self.searcher = Searcher(
             self.root,
@@ -83,6 +86,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def close(self) -> None:
         """Stops what the servicer started (named processes) on shutdown."""
+        await self.processes.close()
 
     # ------------------------------------------------------------ Search (owner: fs helper)
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
@@ -164,20 +168,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ExecResponse]:
-        raise InvalidArgument("Exec: not implemented yet")
-        yield
+        async for event in self.processes.exec(messages.exec_requests(request_iterator)):
+            yield messages.exec_response(event)
 
     async def ListProcesses(self, request: pb.ListProcessesRequest, context: aio.ServicerContext) -> pb.ListProcessesResponse:
-        raise InvalidArgument("ListProcesses: not implemented yet")
+        return pb.ListProcessesResponse(processes=[messages.process_info(c) for c in self.processes.list()])
 
     async def AttachProcess(
         self, request: pb.AttachProcessRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.AttachProcessResponse]:
-        raise InvalidArgument("AttachProcess: not implemented yet")
-        yield
+        async for event in self.processes.attach(request.name, request.from_sequence):
+            yield messages.attach_response(event)
 
     async def StopProcess(self, request: pb.StopProcessRequest, context: aio.ServicerContext) -> pb.StopProcessResponse:
-        raise InvalidArgument("StopProcess: not implemented yet")
+        signum, grace = messages.stop_request(request)
+        exit = await self.processes.stop(request.name, signum, grace, request.remove)
+        return pb.StopProcessResponse(exited=messages.process_exited(exit))
 
     # ------------------------------------------------------------ Archives (owner: archive helper)
     async def ExtractArchive(
@@ -242,5 +248,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             last_activity=_timestamp(self.activity.last_activity),
             open_streams=self.activity.open_streams,
             started_at=_timestamp(self.activity.started_at),
-            # running_commands / running_named_processes: filled in by the process helper.
+            running_commands=self.processes.running_commands,
+            running_named_processes=self.processes.running_named_processes,
         )

@@ -1,0 +1,228 @@
+"""Starts commands for Exec calls, enforces the concurrency cap, and keeps the named long-running processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from agent.config import AgentConfig
+from agent.errors import AlreadyExists, InvalidArgument, LimitExceeded, NotFound
+from agent.fs.paths import WorkspaceRoot
+from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, PtySize
+from agent.process.output import OutputBuffer, OutputChunk
+
+# Output a one-shot command may have read ahead of its caller before the command is made to wait.
+EXEC_BUFFER_BYTES = 256 * 1024
+# StopProcess waits this long between its signal and SIGKILL unless told otherwise.
+STOP_GRACE = 5.0
+DEFAULT_PTY_SIZE = PtySize(rows=24, cols=80)
+PROCESS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Attached:
+    process: Command
+    missed_chunks: int
+
+
+ExecEvent = Started | OutputChunk | CommandExit
+AttachEvent = Attached | OutputChunk | CommandExit
+
+
+class ProcessManager:
+    """Every command the agent runs. One-shot commands live as long as their Exec call; named
+    processes outlive it and are kept (running or exited) until stopped with `remove` or replaced."""
+
+    def __init__(self, root: WorkspaceRoot, config: AgentConfig) -> None:
+        self._root = root
+        self._config = config
+        self._running: set[Command] = set()
+        self._starting = 0  # slots held by commands being spawned, so concurrent starts respect the cap
+        self._named: dict[str, Command] = {}
+        self._names_starting: set[str] = set()
+
+    @property
+    def running_commands(self) -> int:
+        return len(self._running)
+
+    @property
+    def running_named_processes(self) -> int:
+        return sum(1 for command in self._named.values() if command.running)
+
+    async def exec(self, requests: AsyncIterator[CommandSpec | Control]) -> AsyncIterator[ExecEvent]:
+        """Runs the command of the first request, applies the later ones to it, and streams what happens.
+
+        When the caller leaves early, a one-shot command's process group is killed; a named process
+        keeps running. Raises InvalidArgument, NotFound, PathEscapesRoot, AlreadyExists, LimitExceeded.
+        """
+        spec = await anext(requests, None)
+        if not isinstance(spec, CommandSpec):
+            raise InvalidArgument("the first Exec message must be `start`")
+        command = await self.start(spec)
+        follower = command.output.follow(0)
+
+        async def apply_controls() -> None:
+            try:
+                async for control in requests:
+                    if isinstance(control, CommandSpec):
+                        raise InvalidArgument("`start` may only be the first Exec message")
+                    await command.apply(control)
+            except Exception as error:  # noqa: BLE001 - ends the call with it (mapped or logged there)
+                follower.abort(error)
+
+        controls = asyncio.create_task(apply_controls())
+        try:
+            yield Started(command.pid, command.name)
+            async for chunk in follower:
+                yield chunk
+            yield await command.wait()
+        finally:
+            controls.cancel()
+            if command.name:
+                command.release_stdin()
+            else:
+                command.output.abandon()
+                command.kill()
+
+    async def start(self, spec: CommandSpec) -> Command:
+        """Spawns a command (named or not) and registers it; raises as `exec` does."""
+        argv = _argv(spec)
+        if spec.name and not PROCESS_NAME.fullmatch(spec.name):
+            raise InvalidArgument(f"process name {spec.name!r}: use 1 to 64 letters, digits, '-', '_' or '.'")
+        cwd = self._root.resolve(spec.cwd, must_exist=True)
+        if not cwd.is_dir():
+            raise InvalidArgument(f"cwd {spec.cwd!r} is not a directory")
+        env = _environment(spec.env)
+        _require_executable(argv[0], cwd, env)
+        pty = spec.pty
+        if pty is not None:
+            pty = pty if pty.rows and pty.cols else DEFAULT_PTY_SIZE
+            if pty.rows > 0xFFFF or pty.cols > 0xFFFF:
+                raise InvalidArgument(f"PTY size {pty.rows}x{pty.cols} is too large")
+        if spec.name and (spec.name in self._names_starting or self._is_running(spec.name)):
+            raise AlreadyExists(f"a process named {spec.name!r} is running; stop it first (StopProcess)")
+        limit = self._config.max_concurrent_commands
+        if len(self._running) + self._starting >= limit:
+            raise LimitExceeded(f"{limit} commands are running, the most allowed; wait for one to finish")
+
+        self._starting += 1
+        if spec.name:
+            self._names_starting.add(spec.name)
+        try:
+            command = await Command.spawn(
+                argv,
+                cwd=cwd,
+                display_cwd=self._root.relative(cwd),
+                env=env,
+                pty=pty,
+                open_stdin=spec.open_stdin,
+                name=spec.name,
+                output=_output_buffer(spec.name, self._config),
+                timeout=None if spec.name else spec.timeout,
+                on_exit=self._running.discard,
+            )
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as error:
+            raise NotFound(f"cannot run {argv[0]!r}: {error.strerror}") from error
+        finally:
+            self._starting -= 1
+            self._names_starting.discard(spec.name)
+        self._running.add(command)
+        if spec.name:
+            self._named.pop(spec.name, None)  # an exited process of that name is replaced
+            self._named[spec.name] = command
+        return command
+
+    def list(self) -> list[Command]:
+        """The named processes, oldest first."""
+        return list(self._named.values())
+
+    async def attach(self, name: str, from_sequence: int) -> AsyncIterator[AttachEvent]:
+        """`Attached`, the buffered output from `from_sequence`, then live output until the process exits
+        (then its exit). Raises NotFound, InvalidArgument (a sequence the process has not reached)."""
+        command = self._get(name)
+        if from_sequence > command.output.next_sequence:
+            raise InvalidArgument(
+                f"from_sequence {from_sequence} is past the output of {name!r} (next sequence:"
+                f" {command.output.next_sequence}); was the process replaced?"
+            )
+        follower = command.output.follow(from_sequence)
+        yield Attached(command, follower.missed)
+        async for chunk in follower:
+            yield chunk
+        yield await command.wait()
+
+    async def stop(self, name: str, signum: int | None, grace: float | None, remove: bool) -> CommandExit:
+        """Stops a named process (signal to its group, SIGKILL after `grace`) and returns how it ended.
+        Raises NotFound, InvalidArgument (a negative grace period)."""
+        command = self._get(name)
+        if grace is not None and grace < 0:
+            raise InvalidArgument("grace_period must not be negative")
+        exit = await command.terminate(signum or signal.SIGTERM, STOP_GRACE if grace is None else grace)
+        if remove and self._named.get(name) is command:
+            del self._named[name]
+        return exit
+
+    async def close(self) -> None:
+        """Kills every command still running (the agent is shutting down)."""
+        await asyncio.gather(*(command.terminate(grace=KILL_GRACE) for command in list(self._running)))
+
+    def _get(self, name: str) -> Command:
+        command = self._named.get(name)
+        if command is None:
+            raise NotFound(f"no process named {name!r}")
+        return command
+
+    def _is_running(self, name: str) -> bool:
+        command = self._named.get(name)
+        return command is not None and command.running
+
+
+def _argv(spec: CommandSpec) -> list[str]:
+    if spec.argv and spec.shell:
+        raise InvalidArgument("give either argv or shell, not both")
+    argv = list(spec.argv) if spec.argv else ["/bin/sh", "-c", spec.shell] if spec.shell else []
+    if not argv or not argv[0]:
+        raise InvalidArgument("no command: set argv or shell")
+    if any("\x00" in arg for arg in argv):
+        raise InvalidArgument("the command contains a NUL byte")
+    return argv
+
+
+def _environment(extra: Mapping[str, str] | None) -> dict[str, str] | None:
+    """The agent's environment with the caller's additions; None (inherit as is) when there are none."""
+    if not extra:
+        return None
+    for key, value in extra.items():
+        if not key or "=" in key or "\x00" in key or "\x00" in value:
+            raise InvalidArgument(f"environment variable {key!r}: names must be non-empty without '=', and no NUL bytes")
+    return {**os.environ, **extra}
+
+
+def _require_executable(program: str, cwd: os.PathLike[str], env: dict[str, str] | None) -> None:
+    """Raises NotFound unless `program` is an executable file: a path (relative to the command's cwd)
+    or a name on the command's PATH."""
+    if "/" in program:
+        path = os.path.join(cwd, program)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise NotFound(f"{program!r}: no such executable file")
+        return
+    search_path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    if shutil.which(program, path=search_path) is None:
+        raise NotFound(f"{program!r}: command not found on PATH ({search_path})")
+
+
+def _output_buffer(name: str, config: AgentConfig) -> OutputBuffer:
+    if name:
+        return OutputBuffer(config.process_buffer_bytes, evict_oldest=True)
+    return OutputBuffer(EXEC_BUFFER_BYTES, evict_oldest=False)

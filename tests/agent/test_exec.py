@@ -1,0 +1,328 @@
+"""Exec through the gRPC stub: commands, input, signals, PTY, timeouts, cancellation, bad input, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from grpc import aio
+
+from tests.conftest import AgentTarget, start_inprocess_agent
+from workspace.agent.v1 import agent_pb2 as pb
+
+
+@dataclass
+class Result:
+    pid: int = 0
+    stdout: bytes = b""
+    stderr: bytes = b""
+    pty: bytes = b""
+    sequences: list[int] = field(default_factory=list)
+    exited: pb.ProcessExited | None = None
+
+
+def add_event(result: Result, event: pb.ExecResponse) -> None:
+    kind = event.WhichOneof("event")
+    if kind == "started":
+        result.pid = event.started.pid
+    elif kind == "output":
+        result.sequences.append(event.output.sequence)
+        name = pb.OutputStream.Name(event.output.stream).removeprefix("OUTPUT_STREAM_").lower()
+        setattr(result, name, getattr(result, name) + event.output.data)
+    else:
+        result.exited = event.exited
+
+
+async def read_to_end(call: aio.StreamStreamCall, result: Result) -> Result:
+    while (event := await call.read()) != aio.EOF:
+        add_event(result, event)
+    return result
+
+
+async def run(agent: AgentTarget, *requests: pb.ExecRequest, **start: object) -> Result:
+    """Runs one command to the end, sending `requests` after the start."""
+
+    async def stream():
+        yield pb.ExecRequest(start=pb.ExecStart(**start))
+        for request in requests:
+            yield request
+
+    result = Result()
+    async for event in agent.stub.Exec(stream(), metadata=agent.metadata):
+        add_event(result, event)
+    return result
+
+
+async def expect_error(agent: AgentTarget, code: grpc.StatusCode, **start: object) -> str:
+    with pytest.raises(aio.AioRpcError) as error:
+        await run(agent, **start)
+    assert error.value.code() == code, error.value.details()
+    return error.value.details()
+
+
+async def alive(agent: AgentTarget, pid: int) -> bool:
+    """Whether a process exists, zombies aside, as seen from inside the agent (pids may be in its container)."""
+    stat = (await run(agent, shell=f"cat /proc/{pid}/stat 2>/dev/null")).stdout
+    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
+async def gone_within(agent: AgentTarget, pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while [pid for pid in pids if await alive(agent, pid)]:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_argv_streams_output_in_order_and_exit(agent: AgentTarget) -> None:
+    result = await run(agent, argv=["printf", "%s\\n", "hello", "world"])
+    assert result.pid > 0
+    assert result.stdout == b"hello\nworld\n"
+    assert result.sequences == list(range(len(result.sequences)))
+    assert (result.exited.exit_code, result.exited.signal, result.exited.timed_out) == (0, 0, False)
+    assert result.exited.duration.ToNanoseconds() > 0
+
+
+async def test_shell_separates_stdout_and_stderr_and_reports_exit_code(agent: AgentTarget) -> None:
+    result = await run(agent, shell="echo out; echo err >&2; exit 3")
+    assert (result.stdout, result.stderr, result.exited.exit_code) == (b"out\n", b"err\n", 3)
+
+
+async def test_env_is_added_to_the_agents_environment(agent: AgentTarget) -> None:
+    result = await run(agent, shell='echo "$GREETING"; command -v sh', env={"GREETING": "hi there"})
+    assert result.stdout.splitlines()[0] == b"hi there"
+    assert result.stdout.splitlines()[1].endswith(b"/sh")  # PATH still inherited
+
+
+async def test_cwd_is_relative_to_the_root(agent: AgentTarget) -> None:
+    (agent.root / "src" / "app").mkdir(parents=True)
+    result = await run(agent, argv=["pwd"], cwd="src/app")
+    assert result.stdout.decode().strip() == f"{agent.root_in_agent}/src/app"
+    assert (await run(agent, argv=["pwd"])).stdout.decode().strip() == agent.root_in_agent
+
+
+async def test_relative_program_path_is_found_from_cwd(agent: AgentTarget) -> None:
+    (agent.root / "bin").mkdir()
+    script = agent.root / "bin" / "hello"
+    script.write_text("#!/bin/sh\necho from script\n")
+    script.chmod(0o755)
+    assert (await run(agent, argv=["./hello"], cwd="bin")).stdout == b"from script\n"
+
+
+async def test_stdin_is_streamed_then_closed(agent: AgentTarget) -> None:
+    call = agent.stub.Exec(metadata=agent.metadata)
+    await call.write(pb.ExecRequest(start=pb.ExecStart(argv=["cat"], open_stdin=True)))
+    result = Result()
+    add_event(result, await call.read())
+    await call.write(pb.ExecRequest(stdin=b"first "))
+    add_event(result, await call.read())
+    assert result.stdout == b"first "  # echoed before stdin ends: input is streamed, not batched
+    await call.write(pb.ExecRequest(stdin=b"second"))
+    await call.write(pb.ExecRequest(close_stdin=pb.CloseStdin()))
+    await call.done_writing()
+    await read_to_end(call, result)
+    assert (result.stdout, result.exited.exit_code) == (b"first second", 0)
+
+
+async def test_stdin_defaults_to_dev_null(agent: AgentTarget) -> None:
+    result = await run(agent, argv=["cat"])
+    assert (result.stdout, result.exited.exit_code) == (b"", 0)
+
+
+async def test_stdin_without_open_stdin_is_refused(agent: AgentTarget) -> None:
+    with pytest.raises(aio.AioRpcError) as error:
+        await run(agent, pb.ExecRequest(stdin=b"x"), argv=["sleep", "5"])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "open_stdin" in error.value.details()
+
+
+async def test_signal_goes_to_the_process_group(agent: AgentTarget) -> None:
+    call = agent.stub.Exec(metadata=agent.metadata)
+    # The shell's child (sleep) is in the same group; both die of the signal.
+    await call.write(pb.ExecRequest(start=pb.ExecStart(shell="sleep 30 & echo $!; wait")))
+    result = Result()
+    while not result.stdout:
+        add_event(result, await call.read())
+    child = int(result.stdout)
+    await call.write(pb.ExecRequest(signal=pb.SendSignal(signal=pb.SIGNAL_SIGINT)))
+    await read_to_end(call, result)
+    assert (result.exited.exit_code, result.exited.signal, result.exited.timed_out) == (-1, signal.SIGINT, False)
+    assert await gone_within(agent, [child], 2)
+
+
+async def test_exit_by_signal_is_reported(agent: AgentTarget) -> None:
+    result = await run(agent, shell="kill -TERM $$")
+    assert (result.exited.exit_code, result.exited.signal) == (-1, signal.SIGTERM)
+
+
+async def test_pty_has_the_requested_size_and_can_be_resized(agent: AgentTarget) -> None:
+    call = agent.stub.Exec(metadata=agent.metadata)
+    start = pb.ExecStart(
+        shell="stty size; test -t 0 && echo tty; read line; stty size",
+        pty=pb.PtySize(rows=24, cols=80),
+        open_stdin=True,
+    )
+    await call.write(pb.ExecRequest(start=start))
+    result = Result()
+    while b"tty" not in result.pty:
+        add_event(result, await call.read())
+    await call.write(pb.ExecRequest(resize=pb.PtySize(rows=40, cols=120)))
+    await call.write(pb.ExecRequest(stdin=b"go\n"))
+    await call.done_writing()
+    await read_to_end(call, result)
+    lines = result.pty.replace(b"\r\n", b"\n").splitlines()
+    assert lines[0] == b"24 80" and lines[1] == b"tty"
+    assert lines[-1] == b"40 120"
+    assert (result.stdout, result.stderr, result.exited.exit_code) == (b"", b"", 0)
+
+
+async def test_pty_ctrl_c_interrupts_the_foreground_program(agent: AgentTarget) -> None:
+    call = agent.stub.Exec(metadata=agent.metadata)
+    await call.write(pb.ExecRequest(start=pb.ExecStart(shell="echo ready; exec sleep 30", pty=pb.PtySize(), open_stdin=True)))
+    result = Result()
+    while b"ready" not in result.pty:
+        add_event(result, await call.read())
+    await call.write(pb.ExecRequest(stdin=b"\x03"))
+    await read_to_end(call, result)
+    assert result.exited.signal == signal.SIGINT
+
+
+async def test_timeout_kills_the_whole_group(agent: AgentTarget) -> None:
+    started = time.monotonic()
+    result = await run(agent, shell="sleep 30 & echo $!; sleep 30", timeout=Duration(nanos=300_000_000))
+    assert time.monotonic() - started < 5
+    assert result.exited.timed_out
+    assert (result.exited.exit_code, result.exited.signal) == (-1, signal.SIGTERM)
+    assert await gone_within(agent, [int(result.stdout), result.pid], 2)
+
+
+async def test_cancelling_the_call_kills_the_whole_group(agent: AgentTarget) -> None:
+    call = agent.stub.Exec(metadata=agent.metadata)
+    await call.write(pb.ExecRequest(start=pb.ExecStart(shell="sleep 30 & echo $!; sleep 30")))
+    result = Result()
+    while not result.stdout:
+        add_event(result, await call.read())
+    assert await alive(agent, result.pid) and await alive(agent, int(result.stdout))
+    call.cancel()
+    assert await gone_within(agent, [result.pid, int(result.stdout)], 5)
+
+
+async def test_background_children_do_not_outlive_the_command(agent: AgentTarget) -> None:
+    result = await run(agent, shell="sleep 30 & echo $!")
+    assert result.exited.exit_code == 0
+    assert await gone_within(agent, [int(result.stdout)], 2)
+
+
+async def test_missing_program_is_not_found(agent: AgentTarget) -> None:
+    details = await expect_error(agent, grpc.StatusCode.NOT_FOUND, argv=["no-such-program-xyz", "--help"])
+    assert "no-such-program-xyz" in details and "PATH" in details
+    await expect_error(agent, grpc.StatusCode.NOT_FOUND, argv=["./missing.sh"])
+
+
+@pytest.mark.parametrize(
+    ("cwd", "code"),
+    [
+        ("/tmp", grpc.StatusCode.INVALID_ARGUMENT),
+        ("../", grpc.StatusCode.INVALID_ARGUMENT),
+        ("a/../../x", grpc.StatusCode.INVALID_ARGUMENT),
+        ("escape", grpc.StatusCode.PERMISSION_DENIED),
+        ("missing", grpc.StatusCode.NOT_FOUND),
+        ("file.txt", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_bad_cwd_is_refused_and_nothing_runs(agent: AgentTarget, tmp_path: Path, cwd: str, code: grpc.StatusCode) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (agent.root / "escape").symlink_to(outside)
+    (agent.root / "file.txt").write_text("x")
+    await expect_error(agent, code, shell="touch ran", cwd=cwd)
+    assert not (outside / "ran").exists() and not (agent.root / "ran").exists()
+
+
+@pytest.mark.parametrize(
+    ("start", "detail"),
+    [
+        ({}, "no command"),
+        ({"argv": ["true"], "shell": "true"}, "not both"),
+        ({"argv": ["true"], "env": {"A=B": "c"}}, "A=B"),
+        ({"argv": ["true"], "name": "bad name!"}, "bad name!"),
+    ],
+)
+async def test_malformed_start_is_invalid_argument(agent: AgentTarget, start: dict, detail: str) -> None:
+    assert detail in await expect_error(agent, grpc.StatusCode.INVALID_ARGUMENT, **start)
+
+
+async def test_first_message_must_be_start(agent: AgentTarget) -> None:
+    async def stream():
+        yield pb.ExecRequest(stdin=b"x")
+
+    with pytest.raises(aio.AioRpcError) as error:
+        async for _ in agent.stub.Exec(stream(), metadata=agent.metadata):
+            pass
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_resize_without_pty_is_refused(agent: AgentTarget) -> None:
+    with pytest.raises(aio.AioRpcError) as error:
+        await run(agent, pb.ExecRequest(resize=pb.PtySize(rows=1, cols=1)), argv=["sleep", "5"])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def written_and_agent_rss(agent: AgentTarget, pid: int) -> tuple[int, int]:
+    """Bytes process `pid` has written so far, and the agent's resident memory (the parent of this shell)."""
+    shell = f"grep ^wchar /proc/{pid}/io; grep ^VmRSS /proc/$PPID/status"
+    wchar, rss = (await run(agent, shell=shell)).stdout.decode().splitlines()
+    return int(wchar.split()[1]), int(rss.split()[1]) * 1024
+
+
+async def test_flooding_command_blocks_when_the_client_does_not_read(agent: AgentTarget) -> None:
+    call = agent.stub.Exec(metadata=agent.metadata)
+    await call.write(pb.ExecRequest(start=pb.ExecStart(argv=["yes", "flood"])))
+    pid = (await call.read()).started.pid
+    assert (await call.read()).output.data.startswith(b"flood\n")
+    _, rss_before = await written_and_agent_rss(agent, pid)
+    await asyncio.sleep(0.7)  # the agent's buffers and the transport's windows fill up
+    written, _ = await written_and_agent_rss(agent, pid)
+    await asyncio.sleep(0.7)
+    written_later, rss_after = await written_and_agent_rss(agent, pid)
+    # `yes` writes GB/s when nothing holds it; here it is blocked on a full pipe.
+    assert written_later == written
+    assert written < 64 * 1024 * 1024
+    assert rss_after - rss_before < 64 * 1024 * 1024
+    # Reading again lets it go on, in order and without gaps.
+    sequences = [(await call.read()).output.sequence for _ in range(50)]
+    assert sequences == list(range(1, 51))
+    call.cancel()
+    assert await gone_within(agent, [pid], 5)
+
+
+async def test_concurrent_commands_are_capped(tmp_path: Path) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    server, agent = await start_inprocess_agent(root, max_concurrent_commands=2)
+    try:
+        calls = [agent.stub.Exec(metadata=agent.metadata) for _ in range(2)]
+        for call in calls:
+            await call.write(pb.ExecRequest(start=pb.ExecStart(argv=["sleep", "30"])))
+            assert (await call.read()).started.pid > 0
+        activity = await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)
+        assert (activity.running_commands, activity.running_named_processes) == (2, 0)
+        details = await expect_error(agent, grpc.StatusCode.RESOURCE_EXHAUSTED, argv=["true"])
+        assert "2 commands" in details
+        calls[0].cancel()
+        for _ in range(100):  # the slot is free once the cancelled command has exited
+            if (await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)).running_commands < 2:
+                break
+            await asyncio.sleep(0.02)
+        assert (await run(agent, argv=["true"])).exited.exit_code == 0
+        calls[1].cancel()
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
