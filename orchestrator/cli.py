@@ -1,0 +1,408 @@
+"""wsctl: the orchestrator from a terminal - templates, sessions with live progress, archives, and the
+session's agent (exec, read, search) called directly with the session's endpoint and token."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from datetime import timezone
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import click
+import grpc
+import typer
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+from workspace.orchestrator.v1 import orchestrator_pb2_grpc
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+# Exit statuses beyond the command's own: the shell's conventions for timeouts and signals.
+EXIT_FAILED = 1
+EXIT_TIMED_OUT = 124
+EXIT_SIGNALLED_BASE = 128
+
+app = typer.Typer(
+    name="wsctl",
+    help="Live coding workspaces: create sessions from templates, talk to them, save and restore them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+templates_app = typer.Typer(help="Templates under the orchestrator's templates folder.", no_args_is_help=True)
+sessions_app = typer.Typer(help="Sessions, newest first.", no_args_is_help=True)
+archives_app = typer.Typer(help="Saved and uploaded workspace archives.", no_args_is_help=True)
+app.add_typer(templates_app, name="templates")
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(archives_app, name="archives")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    server: Annotated[
+        str, typer.Option("--server", envvar="WSCTL_SERVER", help="The orchestrator's gRPC address.")
+    ] = DEFAULT_SERVER,
+) -> None:
+    ctx.obj = server
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    _err().print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def reports_rpc_errors(command: F) -> F:
+    """Turns a failed call into its status and message on stderr and exit status 1, instead of a traceback.
+    The command takes the typer context as `ctx`."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except grpc.RpcError as error:
+            code, details = error.code(), error.details()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                details += f" (is the orchestrator running at {kwargs['ctx'].find_root().obj}?)"
+            _fail(f"{code.name}: {details}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _orchestrator(ctx: typer.Context) -> tuple[grpc.Channel, orchestrator_pb2_grpc.OrchestratorServiceStub]:
+    channel = grpc.insecure_channel(ctx.find_root().obj)
+    ctx.call_on_close(channel.close)
+    return channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+
+
+def _agent(ctx: typer.Context, session_id: str) -> tuple[agent_pb2_grpc.AgentServiceStub, tuple[tuple[str, str], ...]]:
+    """The session's agent stub and call metadata, from the session's endpoint and token."""
+    _, orchestrator = _orchestrator(ctx)
+    session = orchestrator.GetSession(pb.GetSessionRequest(id=session_id)).session
+    if not session.agent_endpoint:
+        _fail(f"session {session_id} has no agent yet (it is {_state(session.state)})")
+    channel = grpc.insecure_channel(session.agent_endpoint)
+    ctx.call_on_close(channel.close)
+    return agent_pb2_grpc.AgentServiceStub(channel), (("authorization", f"Bearer {session.agent_token}"),)
+
+
+def _enum_label(enum: Any, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).replace("_", " ").lower()
+
+
+def _state(value: int) -> str:
+    return _enum_label(pb.SessionState, value, "SESSION_STATE_")
+
+
+def _phase(value: int) -> str:
+    return _enum_label(pb.Phase, value, "PHASE_")
+
+
+def _when(stamp: Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return ""
+    return stamp.ToDatetime(tzinfo=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- templates
+
+
+@templates_app.command("list")
+@reports_rpc_errors
+def templates_list(ctx: typer.Context) -> None:
+    """Every template, valid or not (with the reason)."""
+    _, stub = _orchestrator(ctx)
+    response = stub.ListTemplates(pb.ListTemplatesRequest())
+    table = Table("NAME", "TITLE", "INSTALL", "DEV", "FILES", "SHA256", "PROBLEM")
+    for template in response.templates:
+        if template.valid:
+            table.add_row(
+                template.name,
+                template.title,
+                template.install_command or "-",
+                template.dev_command,
+                str(template.files),
+                template.archive_sha256[:12],
+                "",
+            )
+        else:
+            table.add_row(template.name, "", "", "", "", "", f"[red]{escape(template.invalid_reason)}[/red]")
+    _out().print(table)
+
+
+# ---------------------------------------------------------------- sessions
+
+
+def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Session) -> None:
+    """Shows a session's progress until it settles: the preview URL on stdout when READY, the failure
+    (phase, reason, last output) on stderr and exit status 1 otherwise."""
+    console = _err()
+    console.print(f"session [bold]{session.id}[/bold] ({session.template})")
+    try:
+        with console.status("waiting for the session to start") as status:
+            for event in stub.WatchSession(pb.WatchSessionRequest(id=session.id)):
+                kind = event.WhichOneof("event")
+                if kind == "phase":
+                    _show_phase(console, status, event.phase)
+                elif kind == "output":
+                    style = "red" if event.output.stderr else "dim"
+                    console.print(f"  [{style}]{escape(event.output.text)}[/{style}]", soft_wrap=True)
+                elif kind == "session":
+                    session = event.session
+                    if session.state in (pb.SESSION_STATE_READY, pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPED):
+                        break
+    except KeyboardInterrupt:
+        _fail(f"stopped watching; session {session.id} goes on (`wsctl delete {session.id}` stops it)", 130)
+    if session.state == pb.SESSION_STATE_READY:
+        console.print(f"[green]ready[/green]  agent {session.agent_endpoint}")
+        _out().print(session.preview_url, soft_wrap=True)
+        return
+    if session.state == pb.SESSION_STATE_FAILED:
+        for line in session.failure.last_output:
+            console.print(f"  [dim]{escape(line)}[/dim]")
+        _fail(f"session {session.id} failed in {_phase(session.failure.phase)}: {session.failure.reason}")
+    _fail(f"session {session.id} is {_state(session.state)} {session.stop_reason}".rstrip())
+
+
+def _show_phase(console: Console, status: Any, phase: pb.PhaseStatus) -> None:
+    name = _phase(phase.phase)
+    seconds = phase.duration.ToTimedelta().total_seconds()
+    detail = f": {escape(phase.detail)}" if phase.detail else ""
+    if phase.outcome == pb.PHASE_OUTCOME_RUNNING:
+        status.update(f"{name}...")
+    elif phase.outcome == pb.PHASE_OUTCOME_SUCCEEDED:
+        console.print(f"[green]✓[/green] {name} [dim]{seconds:.1f}s[/dim]{detail}")
+    elif phase.outcome == pb.PHASE_OUTCOME_SKIPPED:
+        console.print(f"[dim]- {name} skipped{detail}[/dim]")
+    elif phase.outcome == pb.PHASE_OUTCOME_FAILED:
+        console.print(f"[red]✗ {name}[/red] [dim]{seconds:.1f}s[/dim]{detail}")
+
+
+@app.command()
+@reports_rpc_errors
+def create(
+    ctx: typer.Context,
+    template: Annotated[str, typer.Argument(help="A template name (see `wsctl templates list`).")],
+    label: Annotated[list[str], typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = [],  # noqa: B006
+) -> None:
+    """Creates a session from a template, shows its progress and prints the preview URL when it is ready."""
+    _, stub = _orchestrator(ctx)
+    request = pb.CreateSessionRequest(template=template, labels=_labels(label))
+    _follow(stub, stub.CreateSession(request).session)
+
+
+@app.command()
+@reports_rpc_errors
+def restore(
+    ctx: typer.Context,
+    archive_id: Annotated[str, typer.Argument(help="A saved or uploaded archive id (see `wsctl archives list`).")],
+    label: Annotated[list[str], typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = [],  # noqa: B006
+) -> None:
+    """Creates a session from a saved archive, shows its progress and prints the preview URL."""
+    _, stub = _orchestrator(ctx)
+    request = pb.CreateSessionRequest(archive_id=archive_id, labels=_labels(label))
+    _follow(stub, stub.CreateSession(request).session)
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--label")
+        labels[key] = value
+    return labels
+
+
+@sessions_app.command("list")
+@reports_rpc_errors
+def sessions_list(
+    ctx: typer.Context,
+    template: Annotated[str, typer.Option(help="Only sessions of this template.")] = "",
+) -> None:
+    """Every session: state, phase, preview URL."""
+    _, stub = _orchestrator(ctx)
+    table = Table("ID", "STATE", "TEMPLATE", "PHASE", "PREVIEW", "CREATED", "NOTE")
+    for session in _all_sessions(stub, template):
+        note = session.failure.reason if session.state == pb.SESSION_STATE_FAILED else session.stop_reason
+        table.add_row(
+            session.id,
+            _state(session.state),
+            session.template,
+            _phase(session.phase) if session.phase else "",
+            session.preview_url,
+            _when(session.created_at),
+            escape(note),
+        )
+    _out().print(table)
+
+
+def _all_sessions(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, template: str) -> Iterator[pb.Session]:
+    token = ""
+    while True:
+        page = stub.ListSessions(pb.ListSessionsRequest(template=template, page_size=500, page_token=token))
+        yield from page.sessions
+        if not (token := page.next_page_token):
+            return
+
+
+@app.command()
+@reports_rpc_errors
+def delete(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    save: Annotated[bool, typer.Option("--save", help="Save the workspace into an archive first.")] = False,
+) -> None:
+    """Stops and removes a session; saved archives stay."""
+    _, stub = _orchestrator(ctx)
+    with _err().status(f"deleting {session_id}"):
+        response = stub.DeleteSession(pb.DeleteSessionRequest(id=session_id, save=save))
+    if response.HasField("archive"):
+        _err().print(f"saved as [bold]{response.archive.id}[/bold]")
+    _err().print(f"deleted {session_id}")
+
+
+@app.command()
+@reports_rpc_errors
+def save(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    name: Annotated[str, typer.Option(help="A name for the archive.")] = "",
+) -> None:
+    """Saves a session's workspace (without node_modules) as an archive and prints its id."""
+    _, stub = _orchestrator(ctx)
+    with _err().status(f"saving {session_id}"):
+        archive = stub.SaveSession(pb.SaveSessionRequest(id=session_id, name=name)).archive
+    _err().print(f"saved {archive.files} files, {_size(archive.size)}, sha256 {archive.sha256[:12]}")
+    _out().print(archive.id, soft_wrap=True)
+
+
+# ---------------------------------------------------------------- archives
+
+
+@archives_app.command("list")
+@reports_rpc_errors
+def archives_list(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Option("--session", help="Only archives saved from this session.")] = "",
+) -> None:
+    """Saved and uploaded archives, newest first."""
+    _, stub = _orchestrator(ctx)
+    table = Table("ID", "NAME", "SOURCE", "TEMPLATE", "SESSION", "FILES", "SIZE", "CREATED")
+    for archive in stub.ListArchives(pb.ListArchivesRequest(session_id=session_id)).archives:
+        table.add_row(
+            archive.id,
+            escape(archive.name),
+            _enum_label(pb.ArchiveSource, archive.source, "ARCHIVE_SOURCE_"),
+            archive.template,
+            archive.session_id,
+            str(archive.files),
+            _size(archive.size),
+            _when(archive.created_at),
+        )
+    _out().print(table)
+
+
+# ---------------------------------------------------------------- the session's agent
+
+
+@app.command()
+@reports_rpc_errors
+def exec(  # noqa: A001 - the command is called exec
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    command: Annotated[list[str], typer.Argument(metavar="-- COMMAND...", help="The program and its arguments.")],
+    cwd: Annotated[str, typer.Option(help="Working directory, relative to the workspace root.")] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds before the command is killed; 0: the agent's default.")] = 0,
+) -> None:
+    """Runs a command in the session's workspace, streaming its output; exits with the command's status."""
+    agent, metadata = _agent(ctx, session_id)
+    start = agent_pb2.ExecStart(argv=command, cwd=cwd)
+    if timeout:
+        start.timeout.FromNanoseconds(int(timeout * 1e9))
+    stdout, stderr = click.get_binary_stream("stdout"), click.get_binary_stream("stderr")
+    for event in agent.Exec(iter([agent_pb2.ExecRequest(start=start)]), metadata=metadata):
+        kind = event.WhichOneof("event")
+        if kind == "output":
+            stream = stderr if event.output.stream == agent_pb2.OUTPUT_STREAM_STDERR else stdout
+            stream.write(event.output.data)
+            stream.flush()
+        elif kind == "exited":
+            exited = event.exited
+            if exited.timed_out:
+                _fail("the command timed out and was killed", EXIT_TIMED_OUT)
+            raise typer.Exit(EXIT_SIGNALLED_BASE + exited.signal if exited.signal else exited.exit_code)
+    _fail("the agent ended the call before the command exited")
+
+
+@app.command()
+@reports_rpc_errors
+def read(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    path: Annotated[str, typer.Argument(help="A path relative to the workspace root.")],
+) -> None:
+    """Writes a workspace file's bytes to stdout."""
+    agent, metadata = _agent(ctx, session_id)
+    stdout = click.get_binary_stream("stdout")
+    for event in agent.Read(agent_pb2.ReadRequest(path=path), metadata=metadata):
+        if event.WhichOneof("event") == "chunk":
+            stdout.write(event.chunk.data)
+    stdout.flush()
+
+
+@app.command()
+@reports_rpc_errors
+def search(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    pattern: Annotated[str, typer.Argument(help="Literal text, or a regex with --regex.")],
+    path: Annotated[str, typer.Option(help="Directory to search, relative to the workspace root.")] = "",
+    regex: Annotated[bool, typer.Option("--regex", "-e", help="PATTERN is a regular expression.")] = False,
+    ignore_case: Annotated[bool, typer.Option("--ignore-case", "-i")] = False,
+    glob: Annotated[list[str], typer.Option("--glob", "-g", help="Only files matching, repeatable.")] = [],  # noqa: B006
+    max_results: Annotated[int, typer.Option(help="Stop after this many matches; 0: the agent's default.")] = 0,
+) -> None:
+    """Searches the workspace's files; prints PATH:LINE:TEXT per match. Exits 1 when nothing matches."""
+    agent, metadata = _agent(ctx, session_id)
+    request = agent_pb2.SearchRequest(
+        path=path, pattern=pattern, regex=regex, ignore_case=ignore_case, include_globs=glob, max_results=max_results
+    )
+    out = _out()
+    summary = agent_pb2.SearchSummary()
+    for event in agent.Search(request, metadata=metadata):
+        kind = event.WhichOneof("event")
+        if kind == "match":
+            line = escape(event.match.line.rstrip("\r\n"))
+            out.print(f"[magenta]{escape(event.match.path)}[/magenta]:{event.match.line_number}:{line}", soft_wrap=True)
+        elif kind == "summary":
+            summary = event.summary
+    truncated = " (truncated)" if summary.truncated else ""
+    _err().print(f"[dim]{summary.results} matches in {summary.files_matched} files{truncated}[/dim]")
+    if not summary.results:
+        raise typer.Exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,126 @@
+"""wsctl against a real orchestrator (local runtime): what a person at a terminal sees and the exit statuses
+scripts rely on. The CLI is synchronous, so it runs in a thread while the server runs on the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from orchestrator.cli import app
+from tests.orchestrator.conftest import OrchestratorUnderTest, http_get
+
+# Wide enough that tables are not wrapped.
+ENV = {"COLUMNS": "250", "WSCTL_SERVER": ""}
+
+
+async def wsctl(orchestrator: OrchestratorUnderTest, *args: str) -> Result:
+    address = f"127.0.0.1:{orchestrator.orchestrator.port}"
+    return await asyncio.to_thread(CliRunner().invoke, app, ["--server", address, *args], env=ENV)
+
+
+def table_row(output: str, first_cell: str) -> str:
+    (row,) = [line for line in output.splitlines() if re.search(rf"[│|]\s*{re.escape(first_cell)}\s", line)]
+    return row
+
+
+async def test_templates_list_shows_valid_and_invalid_templates(orchestrator: OrchestratorUnderTest) -> None:
+    result = await wsctl(orchestrator, "templates", "list")
+
+    assert result.exit_code == 0, result.output
+    node_basic = table_row(result.stdout, "node-basic")
+    assert "npm run dev" in node_basic
+    assert re.search(r"\b[0-9a-f]{12}\b", node_basic), node_basic
+    assert "$.dev_port: 4321 was expected" in table_row(result.stdout, "invalid")
+
+
+async def test_a_session_from_create_to_restore(orchestrator: OrchestratorUnderTest, tmp_path: Path) -> None:
+    created = await wsctl(orchestrator, "create", "node-basic", "--label", "owner=cli-test")
+
+    assert created.exit_code == 0, created.output
+    preview_url = created.stdout.strip()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", preview_url), created.stdout
+    assert "✓ agent healthy" in created.stderr
+    assert "install skipped" in created.stderr
+    status, page = await http_get(preview_url)
+    assert status == 200 and "Hello from node-basic" in page
+    session_id = re.search(r"session (ws-\S+)", created.stderr).group(1)
+
+    listed = await wsctl(orchestrator, "sessions", "list")
+    assert "ready" in table_row(listed.stdout, session_id)
+
+    ran = await wsctl(orchestrator, "exec", session_id, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (ran.exit_code, ran.stdout, ran.stderr) == (7, "out\n", "err\n"), ran.stderr
+
+    read = await wsctl(orchestrator, "read", session_id, "src/index.html")
+    assert read.exit_code == 0
+    assert read.stdout_bytes == (orchestrator.config.templates_dir / "node-basic/src/index.html").read_bytes()
+
+    found = await wsctl(orchestrator, "search", session_id, "hello from")
+    assert found.exit_code == 1, "search is case-sensitive unless told otherwise"
+    found = await wsctl(orchestrator, "search", session_id, "-i", "hello from")
+    assert found.exit_code == 0, found.output
+    assert re.fullmatch(r"src/index\.html:\d+:\s*<h1>Hello from node-basic</h1>\n", found.stdout)
+
+    saved = await wsctl(orchestrator, "save", session_id, "--name", "before-delete")
+    assert saved.exit_code == 0, saved.output
+    archive_id = saved.stdout.strip()
+    archives = await wsctl(orchestrator, "archives", "list")
+    assert "before-delete" in table_row(archives.stdout, archive_id)
+
+    deleted = await wsctl(orchestrator, "delete", session_id)
+    assert deleted.exit_code == 0, deleted.output
+    gone = await wsctl(orchestrator, "exec", session_id, "--", "true")
+    assert gone.exit_code != 0
+
+    restored = await wsctl(orchestrator, "restore", archive_id)
+    assert restored.exit_code == 0, restored.output
+    status, page = await http_get(restored.stdout.strip())
+    assert status == 200 and "Hello from node-basic" in page
+
+
+async def test_create_reports_the_failed_phase_and_its_output(orchestrator: OrchestratorUnderTest) -> None:
+    result = await wsctl(orchestrator, "create", "failing-install")
+
+    assert result.exit_code == 1
+    assert "failed in install" in result.stderr
+    assert "npm ERR! 404 no-such-package" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["create", "no-such-template"], "NOT_FOUND: no template 'no-such-template'"),
+        (["create", "invalid"], "FAILED_PRECONDITION: template 'invalid' is invalid"),
+        (["read", "ws-0000000000", "x"], "NOT_FOUND"),
+        (["delete", "ws-0000000000"], "NOT_FOUND"),
+        (["restore", "ar-0000000000"], "NOT_FOUND"),
+    ],
+)
+async def test_bad_input_gets_the_status_and_message(
+    orchestrator: OrchestratorUnderTest, args: list[str], expected: str
+) -> None:
+    result = await wsctl(orchestrator, *args)
+
+    assert result.exit_code == 1
+    assert expected in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_an_unreachable_orchestrator_is_reported_with_its_address() -> None:
+    result = CliRunner().invoke(app, ["--server", "127.0.0.1:1", "templates", "list"], env=ENV)
+
+    assert result.exit_code == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert "is the orchestrator running at 127.0.0.1:1?" in result.stderr
+
+
+def test_labels_must_be_key_value() -> None:
+    result = CliRunner().invoke(app, ["--server", "127.0.0.1:1", "create", "node-basic", "-l", "novalue"], env=ENV)
+
+    assert result.exit_code == 2
+    assert "is not KEY=VALUE" in result.output
