@@ -1,0 +1,156 @@
+"""The local runtime with real agent subprocesses: start, use through AgentClient, list, adopt after a
+restart, and stop (which must take the workspace's own processes down too)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.agent_client import AgentClient
+from orchestrator.errors import InvalidArgument
+from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, Workspace
+from orchestrator.runtime.local import LocalRuntime
+from orchestrator.templates import ResourceHints
+
+TOKEN = "local-test-token"
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[LocalRuntime]:
+    runtime = LocalRuntime(directory=tmp_path / "workspaces", instance_id="test")
+    yield runtime
+    for workspace in await runtime.list():
+        await runtime.stop(workspace.session_id)
+    await runtime.close()
+
+
+async def start(runtime: LocalRuntime, session_id: str) -> tuple[Workspace, AgentClient]:
+    workspace = await runtime.start(session_id, TOKEN, resources=ResourceHints(), env={"GREETING": "hello"}, labels={"team": "a"})
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    await client.wait_healthy(timeout=30)
+    return workspace, client
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/cmdline").read_bytes() != b""  # a zombie is not alive
+
+
+async def output_of(client: AgentClient, shell: str) -> list[str]:
+    lines: list[str] = []
+    assert await client.run(shell, on_line=lambda text, _: lines.append(text)) == 0
+    return lines
+
+
+async def test_a_started_workspace_serves_its_agent_with_env_and_port(runtime: LocalRuntime, tmp_path: Path) -> None:
+    workspace, client = await start(runtime, "ws-one")
+    try:
+        assert workspace.runtime == "local" and workspace.running
+        assert workspace.preview_url == f"http://127.0.0.1:{workspace.preview_port}/"
+        assert workspace.labels == {"team": "a", MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: "test", SESSION_LABEL: "ws-one"}
+        assert await output_of(client, 'echo "$GREETING on $PORT in $PWD"') == [
+            f"hello on {workspace.preview_port} in {tmp_path / 'workspaces' / 'ws-one' / 'app'}"
+        ]
+        # The token is required: the agent was started with it.
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            await AgentClient(workspace.agent_endpoint, "wrong").activity()
+    finally:
+        await client.close()
+
+
+async def test_archives_go_in_and_come_out(runtime: LocalRuntime, tmp_path: Path) -> None:
+    workspace, client = await start(runtime, "ws-archive")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("index.js")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"hello\n"))
+    archive = buffer.getvalue()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield archive
+
+    try:
+        await client.extract_archive(chunks(), hashlib.sha256(archive).hexdigest())
+        assert (tmp_path / "workspaces" / "ws-archive" / "app" / "index.js").read_bytes() == b"hello\n"
+        stream = await client.create_archive()
+        data = b"".join([chunk async for chunk in stream])
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            assert tar.extractfile(next(m for m in tar if m.name.endswith("index.js"))).read() == b"hello\n"
+    finally:
+        await client.close()
+
+
+async def test_list_shows_workspaces_and_a_restarted_orchestrator_adopts_them(runtime: LocalRuntime, tmp_path: Path) -> None:
+    first, client = await start(runtime, "ws-adopt")
+    await client.close()
+    assert [w.session_id for w in await runtime.list()] == ["ws-adopt"]
+    # Another orchestrator instance on the same data dir sees nothing of ours.
+    assert await LocalRuntime(directory=tmp_path / "workspaces", instance_id="other").list() == []
+
+    await runtime.close()
+    restarted = LocalRuntime(directory=tmp_path / "workspaces", instance_id="test")
+    [adopted] = await restarted.list()
+    assert (adopted.session_id, adopted.handle, adopted.agent_endpoint, adopted.running) == (
+        "ws-adopt", first.handle, first.agent_endpoint, True
+    )  # fmt: skip
+
+    await restarted.stop("ws-adopt")
+    assert not alive(int(first.handle))
+    assert await restarted.list() == []
+    assert not (tmp_path / "workspaces" / "ws-adopt").exists()
+
+
+async def test_a_dead_agent_is_listed_as_not_running(runtime: LocalRuntime) -> None:
+    workspace, client = await start(runtime, "ws-dead")
+    await client.close()
+    os.kill(int(workspace.handle), 9)
+    for _ in range(100):
+        [listed] = await runtime.list()
+        if not listed.running:
+            break
+        await asyncio.sleep(0.05)
+    assert not listed.running
+
+
+async def test_stop_ends_the_dev_server_and_what_it_started(runtime: LocalRuntime) -> None:
+    workspace, client = await start(runtime, "ws-stop")
+    lines: list[str] = []
+    try:
+        # A dev server with a helper that left its process group (as watchers and bundlers sometimes do).
+        dev = await client.start_process("dev", "setsid sleep 301 & echo $!; exec sleep 300")
+        following = asyncio.create_task(client.process_lines("dev", lambda text, _: lines.append(text)))
+        while not lines:
+            await asyncio.sleep(0.02)
+        following.cancel()
+    finally:
+        await client.close()
+    helper = int(lines[0])
+    assert alive(dev) and alive(helper)
+
+    await runtime.stop("ws-stop")
+
+    for _ in range(100):
+        if not (alive(dev) or alive(helper)):
+            break
+        await asyncio.sleep(0.05)
+    assert not alive(int(workspace.handle))
+    assert not alive(dev)
+    assert not alive(helper)
+    await runtime.stop("ws-stop")  # idempotent
+
+
+async def test_unsafe_session_ids_are_refused(runtime: LocalRuntime) -> None:
+    for session_id in ("../escape", "", "a/b", ".hidden"):
+        with pytest.raises(InvalidArgument):
+            await runtime.start(session_id, TOKEN, resources=ResourceHints(), env={}, labels={})
