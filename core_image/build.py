@@ -78,11 +78,14 @@ def ensure_image(
     client = client or docker.from_env(timeout=600)
     base = _ensure_base(client, progress)
     context = _stage_context(extra_ca_bundle, progress)
-    digest = hashlib.sha256(client.images.get(base).id.encode() + _tree_digest(context)).hexdigest()
-    tag = f"{IMAGE}:{digest[:16]}"
-    if force or not _image_exists(client, tag):
-        progress(f"building {tag} from {base}")
-        _build(client, context, tag, base, progress)
+    try:
+        digest = hashlib.sha256(client.images.get(base).id.encode() + _tree_digest(context)).hexdigest()
+        tag = f"{IMAGE}:{digest[:16]}"
+        if force or not _image_exists(client, tag):
+            progress(f"building {tag} from {base}")
+            _build(client, context, tag, base, progress)
+    finally:
+        shutil.rmtree(context)
     client.api.tag(tag, IMAGE, "latest")
     return tag
 
@@ -151,9 +154,9 @@ def _stage_context(extra_ca_bundle: Path | None, progress: Callable[[str], None]
     """Lays out the build context: the Dockerfile, the wheelhouse of the agent's dependencies for the
     image's Python, the agent's wheel, npm, and the optional extra CA bundle. The build needs no
     PyPI and no npm registry of its own."""
-    context = CACHE / "context"
-    shutil.rmtree(context, ignore_errors=True)
-    context.mkdir(parents=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # A context of its own: builds run at once (tests, make, an orchestrator) must not share one.
+    context = Path(tempfile.mkdtemp(dir=CACHE, prefix="context-"))
     shutil.copy2(HERE / "Dockerfile", context / "Dockerfile")
     shutil.copy2(HERE / "healthcheck.py", context / "healthcheck.py")
     # The cached parts are hard-linked in: staging takes milliseconds when nothing changed.
@@ -187,7 +190,7 @@ def _wheelhouse(progress: Callable[[str], None]) -> Path:
     # A fixed name, so the Dockerfile can run pip from its wheel.
     pip_wheels[0].rename(staging / "pip.whl")
     (staging / "requirements.txt").write_text("\n".join(requirements) + "\n")
-    staging.rename(wheelhouse)
+    _publish(staging, wheelhouse)
     return wheelhouse
 
 
@@ -211,7 +214,10 @@ def _project_wheel() -> Path:
                  "--wheel-dir", str(staging), str(source)],
                 env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},  # equal sources, equal wheel bytes
             )  # fmt: skip
-            staging.rename(wheel_dir)
+            _publish(staging, wheel_dir)
+            # Each code change leaves a wheel; the few newest stay for builds still hard-linking from them.
+            for stale in sorted(CACHE.glob("project-*"), key=lambda path: path.stat().st_mtime)[:-5]:
+                shutil.rmtree(stale, ignore_errors=True)
     return wheel_dir
 
 
@@ -235,8 +241,18 @@ def _npm(progress: Callable[[str], None]) -> Path:
         (staging / "bin").mkdir()
         for command, script in (("npm", "npm-cli.js"), ("npx", "npx-cli.js")):
             (staging / "bin" / command).symlink_to(f"../lib/node_modules/npm/bin/{script}")
-        staging.rename(prefix)
+        _publish(staging, prefix)
     return prefix
+
+
+def _publish(staging: Path, cached: Path) -> None:
+    """Moves a finished cache entry into place; when a concurrent build got there first, keeps theirs."""
+    try:
+        staging.rename(cached)
+    except OSError:
+        if not cached.is_dir():
+            raise
+        shutil.rmtree(staging)
 
 
 def _tree_digest(root: Path) -> bytes:
