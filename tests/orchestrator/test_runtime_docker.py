@@ -1,0 +1,129 @@
+"""The Docker runtime against a real engine and the real core image: the container's labels, loopback-only
+ports, limits and hardening, its agent through AgentClient, removal, and the errors a person acts on."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import docker
+import docker.errors
+import pytest
+
+from orchestrator.agent_client import AgentClient
+from orchestrator.errors import EngineUnavailable, ImageMissing
+from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, write_trust_bundle
+from orchestrator.runtime.docker import CONTAINER_CA_BUNDLE, DockerRuntime
+from orchestrator.templates import ResourceHints
+
+TOKEN = "docker-test-token"
+HINTS = ResourceHints(memory_mb=512, cpus=0.5, pids=200)
+
+
+@pytest.fixture
+async def runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
+    runtime = DockerRuntime(image=core_image, instance_id=f"test-{secrets.token_hex(4)}")
+    yield runtime
+    for workspace in await runtime.list():
+        await runtime.stop(workspace.session_id)
+    await runtime.close()
+
+
+async def output_of(client: AgentClient, shell: str) -> list[str]:
+    lines: list[str] = []
+    assert await client.run(shell, on_line=lambda text, _: lines.append(text)) == 0
+    return lines
+
+
+@pytest.mark.docker
+async def test_a_workspace_container_is_labelled_locked_down_and_serves_its_agent(
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    workspace = await runtime.start("ws-docker", TOKEN, resources=HINTS, env={"GREETING": "hi"}, labels={"team": "a"})
+
+    container = docker_client.containers.get(workspace.handle)
+    assert container.labels == {
+        "team": "a", MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: runtime.instance_id, SESSION_LABEL: "ws-docker"
+    }  # fmt: skip
+    ports = container.attrs["NetworkSettings"]["Ports"]
+    assert [binding["HostIp"] for binding in ports["3001/tcp"] + ports["4321/tcp"]] == ["127.0.0.1", "127.0.0.1"]
+    assert workspace.agent_endpoint == f"127.0.0.1:{ports['3001/tcp'][0]['HostPort']}"
+    assert workspace.preview_url == f"http://127.0.0.1:{ports['4321/tcp'][0]['HostPort']}/"
+    host_config = container.attrs["HostConfig"]
+    assert host_config["Memory"] == 512 * 1024 * 1024
+    assert host_config["NanoCpus"] == 500_000_000
+    assert host_config["PidsLimit"] == 200
+    assert host_config["CapDrop"] == ["ALL"]
+    assert host_config["SecurityOpt"] == ["no-new-privileges"]
+    assert container.attrs["Config"]["User"] == "1000:1000"
+
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    try:
+        await client.wait_healthy(timeout=30)
+        assert await output_of(client, 'echo "$(id -u) $GREETING $PORT $PWD"; grep ^CapEff /proc/self/status') == [
+            "1000 hi 4321 /app",
+            "CapEff:\t0000000000000000",
+        ]
+    finally:
+        await client.close()
+
+    [listed] = await runtime.list()
+    assert (listed.session_id, listed.handle, listed.running) == ("ws-docker", workspace.handle, True)
+
+    await runtime.stop("ws-docker")
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(workspace.handle)
+    assert await runtime.list() == []
+    await runtime.stop("ws-docker")  # idempotent
+
+
+@pytest.mark.docker
+async def test_an_extra_ca_bundle_is_trusted_by_the_workspace_tools(core_image: str, tmp_path: Path) -> None:
+    extra = tmp_path / "proxy-ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=Test Proxy CA",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(extra)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    bundle = write_trust_bundle(extra, tmp_path / "trust")
+    runtime = DockerRuntime(image=core_image, instance_id=f"test-{secrets.token_hex(4)}", trust_bundle=bundle)
+    workspace = await runtime.start("ws-ca", TOKEN, resources=HINTS, env={}, labels={})
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    try:
+        await client.wait_healthy(timeout=30)
+        [env] = await output_of(client, 'echo "$NODE_EXTRA_CA_CERTS $npm_config_cafile $PIP_CERT $SSL_CERT_FILE"')
+        assert env.split() == [CONTAINER_CA_BUNDLE] * 4
+        # The mounted bundle holds the proxy's CA after the public roots, and node loads it without complaint.
+        mounted = await output_of(client, f"cat {CONTAINER_CA_BUNDLE}")
+        proxy_ca = extra.read_text().splitlines()
+        assert mounted[-len(proxy_ca) :] == proxy_ca
+        assert sum(line == "-----BEGIN CERTIFICATE-----" for line in mounted) > 100
+        lines: list[str] = []
+        await client.run("node -e 'require(\"https\")'", on_line=lambda text, _: lines.append(text))
+        assert not [line for line in lines if "extra certs" in line.lower()]
+        # Read-only: the workspace cannot swap in another CA.
+        assert await client.run(f"echo x >> {CONTAINER_CA_BUNDLE}", on_line=lambda *_: None) != 0
+    finally:
+        await client.close()
+        await runtime.stop("ws-ca")
+        await runtime.close()
+
+
+@pytest.mark.docker
+async def test_a_missing_image_names_the_build_command(docker_client: docker.DockerClient) -> None:
+    runtime = DockerRuntime(image="workspace-core:no-such-tag", instance_id=f"test-{secrets.token_hex(4)}")
+    with pytest.raises(ImageMissing, match="python -m core_image.build"):
+        await runtime.start("ws-noimage", TOKEN, resources=HINTS, env={}, labels={})
+    assert await runtime.list() == []
+    await runtime.close()
+
+
+async def test_an_unreachable_engine_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    runtime = DockerRuntime(image="workspace-core:latest", instance_id="test")
+    with pytest.raises(EngineUnavailable, match=r"start the Docker engine \(dockerd\) or run with --runtime local"):
+        await runtime.start("ws-noengine", TOKEN, resources=HINTS, env={}, labels={})
+    with pytest.raises(EngineUnavailable):
+        await runtime.list()
