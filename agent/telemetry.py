@@ -100,7 +100,10 @@ def _traced_calls():
 
 
 def trace_env() -> dict[str, str]:
-    """The current span's context as `TRACEPARENT` (and `TRACESTATE`) for a child process; {} outside a span."""
+    """The current span's context as `TRACEPARENT` (and `TRACESTATE`) for a child process; {} outside a span
+    or while tracing is off."""
+    if _provider is None:
+        return {}
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return {key.upper(): value for key, value in carrier.items() if key in ("traceparent", "tracestate")}

@@ -10,6 +10,7 @@ import signal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+from agent import telemetry
 from agent.config import AgentConfig
 from agent.errors import AlreadyExists, InvalidArgument, LimitExceeded, NotFound
 from agent.fs.paths import WorkspaceRoot
@@ -200,13 +201,15 @@ def _argv(spec: CommandSpec) -> list[str]:
 
 
 def _environment(extra: Mapping[str, str] | None) -> dict[str, str] | None:
-    """The agent's environment with the caller's additions; None (inherit as is) when there are none."""
-    if not extra:
+    """The agent's environment with the calling span's TRACEPARENT (while tracing) and the caller's additions;
+    None (inherit as is) when there are none."""
+    trace_context = telemetry.trace_env()
+    if not extra and not trace_context:
         return None
-    for key, value in extra.items():
+    for key, value in (extra or {}).items():
         if not key or "=" in key or "\x00" in key or "\x00" in value:
             raise InvalidArgument(f"environment variable {key!r}: names must be non-empty without '=', and no NUL bytes")
-    return {**os.environ, **extra}
+    return {**os.environ, **trace_context, **(extra or {})}
 
 
 def _require_executable(program: str, cwd: os.PathLike[str], env: dict[str, str] | None) -> None:

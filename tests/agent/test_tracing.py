@@ -112,11 +112,13 @@ def test_only_an_exporter_turns_tracing_on(environ: dict[str, str], requested: b
     assert telemetry.tracing_requested(environ) is requested
 
 
-def test_commands_get_the_span_as_traceparent(spans: InMemorySpanExporter) -> None:
-    with telemetry.span("exec") as current:
-        env = telemetry.trace_env()
-    context = current.get_span_context()
-    assert env["TRACEPARENT"] == f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+async def test_a_command_gets_the_exec_span_as_traceparent(traced: AgentTarget, spans: InMemorySpanExporter) -> None:
+    start = pb.ExecRequest(start=pb.ExecStart(shell='echo "$TRACEPARENT"'))
+    output = b"".join([r.output.data async for r in traced.stub.Exec(iter([start]), metadata=traced.metadata)])
+
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    assert server.name == "/workspace.agent.v1.AgentService/Exec"
+    assert output.decode().startswith(f"00-{server.context.trace_id:032x}-{server.context.span_id:016x}-")
 
 
 def test_log_lines_are_json_with_the_trace_ids(spans: InMemorySpanExporter) -> None:
