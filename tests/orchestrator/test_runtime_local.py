@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.errors import InvalidArgument
+from orchestrator.config import OrchestratorConfig
+from orchestrator.runtime import make_runtime
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, Workspace
 from orchestrator.runtime.local import LocalRuntime
 from orchestrator.templates import ResourceHints
@@ -154,3 +157,34 @@ async def test_unsafe_session_ids_are_refused(runtime: LocalRuntime) -> None:
     for session_id in ("../escape", "", "a/b", ".hidden"):
         with pytest.raises(InvalidArgument):
             await runtime.start(session_id, TOKEN, resources=ResourceHints(), env={}, labels={})
+
+
+async def test_make_runtime_hands_an_extra_ca_bundle_to_the_workspace(tmp_path: Path) -> None:
+    extra = tmp_path / "proxy-ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=Test Proxy CA",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(extra)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    config = OrchestratorConfig(data_dir=tmp_path / "data", extra_ca_bundle=extra, instance_id="test")
+    runtime = make_runtime("local", config)
+    workspace = await runtime.start("ws-ca", TOKEN, resources=ResourceHints(), env={}, labels={})
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    try:
+        await client.wait_healthy(timeout=30)
+        [pip_cert] = await output_of(client, 'echo "$PIP_CERT"')
+        bundle = Path(pip_cert).read_text()
+        assert bundle.endswith(extra.read_text())
+        assert bundle.count("-----BEGIN CERTIFICATE-----") > 100  # the public roots stay trusted
+    finally:
+        await client.close()
+        await runtime.stop("ws-ca")
+
+
+def test_make_runtime_refuses_what_it_cannot_use(tmp_path: Path) -> None:
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate")
+    with pytest.raises(InvalidArgument, match="no PEM certificate"):
+        make_runtime("local", OrchestratorConfig(data_dir=tmp_path, extra_ca_bundle=not_pem))
+    with pytest.raises(InvalidArgument, match="use docker or local"):
+        make_runtime("podman", OrchestratorConfig(data_dir=tmp_path))
