@@ -118,11 +118,16 @@ def _when(stamp: Timestamp) -> str:
 
 
 def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
+    size = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _count(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
 
 
 # ---------------------------------------------------------------- templates
@@ -399,7 +404,7 @@ def search(
         elif kind == "summary":
             summary = event.summary
     truncated = " (truncated)" if summary.truncated else ""
-    _err().print(f"[dim]{summary.results} matches in {summary.files_matched} files{truncated}[/dim]")
+    _err().print(f"[dim]{_count(summary.results, 'match', 'matches')} in {_count(summary.files_matched, 'file', 'files')}{truncated}[/dim]")
     if not summary.results:
         raise typer.Exit(EXIT_FAILED)
 
