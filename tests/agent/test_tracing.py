@@ -121,6 +121,18 @@ async def test_a_command_gets_the_exec_span_as_traceparent(traced: AgentTarget, 
     assert output.decode().startswith(f"00-{server.context.trace_id:032x}-{server.context.span_id:016x}-")
 
 
+def test_a_failed_unit_of_work_is_recorded_on_its_span(spans: InMemorySpanExporter) -> None:
+    with pytest.raises(TimeoutError), telemetry.span("phase agent_healthy", {telemetry.SESSION_ATTRIBUTE: "ws-1"}):
+        raise TimeoutError("the workspace agent was not healthy within 30 s")
+
+    (failed,) = spans.get_finished_spans()
+    assert failed.status.status_code == StatusCode.ERROR
+    assert failed.attributes[telemetry.SESSION_ATTRIBUTE] == "ws-1"
+    (event,) = failed.events
+    assert event.name == "exception"
+    assert event.attributes["exception.message"] == "the workspace agent was not healthy within 30 s"
+
+
 def test_log_lines_are_json_with_the_trace_ids(spans: InMemorySpanExporter) -> None:
     record = logging.LogRecord("agent.server", logging.INFO, __file__, 1, "agent serving", None, None)
     record.port = 3001
