@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 # What the image field says for a local workspace: the interpreter the agent runs on.
 LOCAL_IMAGE = f"local:{sys.executable}"
 STATE_FILE = "workspace.json"
-# The agent stops its named processes on SIGTERM (grace 5 s each) and then its server (grace 5 s).
-STOP_GRACE_S = 12.0
+# On SIGTERM the agent kills its commands (SIGKILL 2 s after SIGTERM) and then stops its server (grace 5 s).
+STOP_GRACE_S = 10.0
 
 
 class LocalRuntime:
