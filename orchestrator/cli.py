@@ -209,11 +209,11 @@ def _show_phase(console: Console, status: Any, phase: pb.PhaseStatus) -> None:
 def create(
     ctx: typer.Context,
     template: Annotated[str, typer.Argument(help="A template name (see `wsctl templates list`).")],
-    label: Annotated[list[str], typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = [],  # noqa: B006
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
 ) -> None:
     """Creates a session from a template, shows its progress and prints the preview URL when it is ready."""
     _, stub = _orchestrator(ctx)
-    request = pb.CreateSessionRequest(template=template, labels=_labels(label))
+    request = pb.CreateSessionRequest(template=template, labels=_labels(label or []))
     _follow(stub, stub.CreateSession(request).session)
 
 
@@ -222,11 +222,11 @@ def create(
 def restore(
     ctx: typer.Context,
     archive_id: Annotated[str, typer.Argument(help="A saved or uploaded archive id (see `wsctl archives list`).")],
-    label: Annotated[list[str], typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = [],  # noqa: B006
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
 ) -> None:
     """Creates a session from a saved archive, shows its progress and prints the preview URL."""
     _, stub = _orchestrator(ctx)
-    request = pb.CreateSessionRequest(archive_id=archive_id, labels=_labels(label))
+    request = pb.CreateSessionRequest(archive_id=archive_id, labels=_labels(label or []))
     _follow(stub, stub.CreateSession(request).session)
 
 
@@ -332,9 +332,9 @@ def archives_list(
 # ---------------------------------------------------------------- the session's agent
 
 
-@app.command()
+@app.command("exec")
 @reports_rpc_errors
-def exec(  # noqa: A001 - the command is called exec
+def exec_command(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(metavar="SESSION")],
     command: Annotated[list[str], typer.Argument(metavar="-- COMMAND...", help="The program and its arguments.")],
@@ -386,13 +386,13 @@ def search(
     path: Annotated[str, typer.Option(help="Directory to search, relative to the workspace root.")] = "",
     regex: Annotated[bool, typer.Option("--regex", "-e", help="PATTERN is a regular expression.")] = False,
     ignore_case: Annotated[bool, typer.Option("--ignore-case", "-i")] = False,
-    glob: Annotated[list[str], typer.Option("--glob", "-g", help="Only files matching, repeatable.")] = [],  # noqa: B006
+    glob: Annotated[list[str] | None, typer.Option("--glob", "-g", help="Only files matching, repeatable.")] = None,
     max_results: Annotated[int, typer.Option(help="Stop after this many matches; 0: the agent's default.")] = 0,
 ) -> None:
     """Searches the workspace's files; prints PATH:LINE:TEXT per match. Exits 1 when nothing matches."""
     agent, metadata = _agent(ctx, session_id)
     request = agent_pb2.SearchRequest(
-        path=path, pattern=pattern, regex=regex, ignore_case=ignore_case, include_globs=glob, max_results=max_results
+        path=path, pattern=pattern, regex=regex, ignore_case=ignore_case, include_globs=glob or [], max_results=max_results
     )
     out = _out()
     summary = agent_pb2.SearchSummary()
@@ -404,7 +404,8 @@ def search(
         elif kind == "summary":
             summary = event.summary
     truncated = " (truncated)" if summary.truncated else ""
-    _err().print(f"[dim]{_count(summary.results, 'match', 'matches')} in {_count(summary.files_matched, 'file', 'files')}{truncated}[/dim]")
+    found = f"{_count(summary.results, 'match', 'matches')} in {_count(summary.files_matched, 'file', 'files')}"
+    _err().print(f"[dim]{found}{truncated}[/dim]")
     if not summary.results:
         raise typer.Exit(EXIT_FAILED)
 

@@ -165,9 +165,8 @@ class TemplateCatalog:
         except UnicodeDecodeError as error:
             return TemplateSpec(name, False, f"{METADATA_FILE} is not UTF-8: {error.reason}")
         except json.JSONDecodeError as error:
-            return TemplateSpec(
-                name, False, f"{METADATA_FILE} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
-            )
+            where = f"line {error.lineno}, column {error.colno}"
+            return TemplateSpec(name, False, f"{METADATA_FILE} is not valid JSON: {error.msg} ({where})")
         problems = schema_errors(self._validator, document)
         if not problems and document["name"] != name:
             problems = [f"$.name: {document['name']!r} does not match the folder name {name!r}"]

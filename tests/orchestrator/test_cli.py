@@ -64,6 +64,8 @@ async def test_a_session_from_create_to_restore(orchestrator: OrchestratorUnderT
     found = await wsctl(orchestrator, "search", session_id, "-i", "hello from")
     assert found.exit_code == 0, found.output
     assert re.fullmatch(r"src/index\.html:\d+:\s*<h1>Hello from node-basic</h1>\n", found.stdout)
+    only_js = await wsctl(orchestrator, "search", session_id, "-i", "hello from", "--glob", "*.js")
+    assert (only_js.exit_code, only_js.stdout) == (1, "")
 
     saved = await wsctl(orchestrator, "save", session_id, "--name", "before-delete")
     assert saved.exit_code == 0, saved.output
