@@ -92,11 +92,16 @@ async def test_health_probes_are_not_traced(traced: AgentTarget, spans: InMemory
     assert spans.get_finished_spans() == ()
 
 
-async def test_tracing_off_adds_nothing(agent: AgentTarget) -> None:
+async def test_tracing_off_adds_nothing(tmp_path: Path) -> None:
     assert telemetry.server_interceptors() == []
     assert telemetry.client_interceptors() == []
     assert telemetry.trace_env() == {}
-    await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)
+    server, agent = await start_inprocess_agent(tmp_path)
+    try:
+        await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
 
 
 @pytest.mark.parametrize(
