@@ -20,10 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from grpc import StatusCode, aio
 
 from orchestrator import templates
 from orchestrator.errors import InvalidArgument, InvalidTemplate, TemplateNotFound
 from orchestrator.templates import ARCHIVE_MTIME, TemplateCatalog
+from tests.orchestrator.conftest import OrchestratorUnderTest
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 NODE_BASIC = REPO_TEMPLATES / "node-basic"
@@ -381,3 +384,25 @@ async def test_npm_template_installs_and_serves(name: str, tmp_path: Path, dev_s
 
     page = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}{spec.readiness_path}", spec.readiness_timeout_s)
     assert "<html" in page.lower()
+
+
+# ---------------------------------------------------------------- over gRPC
+
+
+async def test_list_templates_and_get_template_archive_over_grpc(orchestrator: OrchestratorUnderTest) -> None:
+    listed = {t.name: t for t in (await orchestrator.stub.ListTemplates(pb.ListTemplatesRequest())).templates}
+    assert not listed["invalid"].valid and "$.dev_port" in listed["invalid"].invalid_reason
+    node_basic = listed["node-basic"]
+
+    events = [e async for e in orchestrator.stub.GetTemplateArchive(pb.GetTemplateArchiveRequest(name="node-basic"))]
+
+    info, chunks = events[0].info, b"".join(e.chunk for e in events[1:])
+    assert (info.sha256, info.files) == (node_basic.archive_sha256, node_basic.files)
+    assert hashlib.sha256(chunks).hexdigest() == info.sha256 and len(chunks) == info.size
+    local = await TemplateCatalog(REPO_TEMPLATES, orchestrator.config.data_dir / "other-cache").archive("node-basic")
+    assert local.sha256 == info.sha256
+    for name, code in (("missing", StatusCode.NOT_FOUND), ("invalid", StatusCode.FAILED_PRECONDITION)):
+        with pytest.raises(aio.AioRpcError) as raised:
+            async for _ in orchestrator.stub.GetTemplateArchive(pb.GetTemplateArchiveRequest(name=name)):
+                pass
+        assert raised.value.code() == code, raised.value
