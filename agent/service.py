@@ -104,7 +104,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             context_after=request.context_after,
             max_results=request.max_results,
         )
-        async for event in self.searcher.search(query):
+        events = self.searcher.search(query)
+        # gRPC leaves the generator of a call cancelled between two messages to the garbage collector;
+        # closing it when the call ends kills rg at once. (A generator still running is being unwound
+        # by the cancellation itself.)
+        context.add_done_callback(lambda _: events.ag_running or asyncio.ensure_future(events.aclose()))
+        async for event in events:
             if isinstance(event, Match):
                 submatches = [pb.SearchSubmatch(start=start, end=end) for start, end in event.submatches]
                 yield pb.SearchResponse(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -33,7 +34,7 @@ IGNORE_FILES = (".rgignore", ".ignore", ".gitignore")
 # The Python engine hands results to the event loop in batches of this many files.
 PYTHON_BATCH_FILES = 64
 # Bytes of rg output buffered ahead of the consumer.
-RG_READ_AHEAD = 64 * 1024 * 1024
+RG_READ_AHEAD = 16 * 1024 * 1024
 
 Engine = Literal["ripgrep", "python"]
 
@@ -124,32 +125,35 @@ class Searcher:
         results = files_matched = 0
         truncated = False
         if not query.pattern:
-            async for path, size in engine.files(directory):
-                if results == cap:
-                    truncated = True
-                    break
-                results += 1
-                yield FoundFile(path, size)
-        else:
-            async for path, lines in engine.matches(directory):
-                last_match = 0
-                for number, raw, spans in lines:
-                    if spans is None:
-                        # Once the cap is reached only the after-context of the last match is sent.
-                        if results < cap or number <= last_match + query.context_after:
-                            yield Context(path, number, _decode(raw, [])[0])
-                        continue
+            async with contextlib.aclosing(engine.files(directory)) as files:
+                async for path, size in files:
                     if results == cap:
                         truncated = True
                         break
-                    if not last_match:
-                        files_matched += 1
                     results += 1
-                    last_match = number
-                    line, submatches, cut = _decode(raw, spans)
-                    yield Match(path, number, line, submatches, cut)
-                if truncated:
-                    break
+                    yield FoundFile(path, size)
+        else:
+            # One match past the cap tells whether the results were truncated.
+            async with contextlib.aclosing(engine.matches(directory, cap + 1)) as found:
+                async for path, lines in found:
+                    last_match = 0
+                    for number, raw, spans in lines:
+                        if spans is None:
+                            # Once the cap is reached only the after-context of the last match is sent.
+                            if results < cap or (last_match and number <= last_match + query.context_after):
+                                yield Context(path, number, _decode(raw, [])[0])
+                            continue
+                        if results == cap:
+                            truncated = True
+                            break
+                        if not last_match:
+                            files_matched += 1
+                        results += 1
+                        last_match = number
+                        line, submatches, cut = _decode(raw, spans)
+                        yield Match(path, number, line, submatches, cut)
+                    if truncated:
+                        break
         yield Summary(results, files_matched, truncated, self.engine, time.monotonic() - started)
 
     def _cap(self, query: SearchQuery) -> int:
@@ -227,39 +231,51 @@ class _Ripgrep:
             self.args += ["--glob", glob]
 
     async def files(self, directory: str) -> AsyncIterator[tuple[str, int]]:
-        async for output in self._run(["--files", "--null", "--", directory], separator=b"\0"):
-            for name in output.split(b"\0"):
-                if not name:
-                    continue
-                path = _strip_dot(os.fsdecode(name))
-                try:
-                    size = os.lstat(self.root.path / path).st_size
-                except FileNotFoundError:
-                    continue  # deleted since rg listed it
-                yield path, size
+        run = self._run(["--files", "--null", "--", directory], separator=b"\0")
+        async with contextlib.aclosing(run) as output:
+            async for piece in output:
+                for name in piece.split(b"\0"):
+                    if not name:
+                        continue
+                    path = _strip_dot(os.fsdecode(name))
+                    try:
+                        size = os.lstat(self.root.path / path).st_size
+                    except FileNotFoundError:
+                        continue  # deleted since rg listed it
+                    yield path, size
 
-    async def matches(self, directory: str) -> AsyncIterator[tuple[str, list[_RawLine]]]:
+    async def matches(self, directory: str, limit: int) -> AsyncIterator[tuple[str, list[_RawLine]]]:
+        """Each file's lines up to its `limit`-th match, once rg has finished the file (so that a file
+        found binary after some matches is dropped whole), in rg's order."""
         q = self.query
         args = ["--json"] + (["--fixed-strings"] if not q.regex else [])
         args += ["--ignore-case" if q.ignore_case else "--case-sensitive"]
         args += ["--before-context", str(q.context_before), "--after-context", str(q.context_after)]
         lines: list[_RawLine] = []
-        path: dict[str, str] = {}
-        async for output in self._run([*args, "--regexp", q.pattern, "--", directory], separator=b"\n"):
-            for message in output.split(b"\n"):
-                kind = message[9:14]  # {"type":"match"... ; rg writes "type" first
-                if kind == b"match" or kind == b"conte":
-                    data = json.loads(message)["data"]
-                    spans = [(s["start"], s["end"]) for s in data["submatches"]] if kind == b"match" else None
-                    text = data["lines"]
-                    raw = text["text"].encode() if "text" in text else base64.b64decode(text["bytes"])
-                    lines.append((data["line_number"], raw[:-1] if raw.endswith(b"\n") else raw, spans))
-                    path = data["path"]
-                elif kind == b"end\",":
-                    # A NUL byte found after some matches: rg stops, and the file counts as binary.
-                    if lines and b'"binary_offset":null' in message:
-                        yield _strip_dot(path["text"] if "text" in path else os.fsdecode(base64.b64decode(path["bytes"]))), lines
-                    lines = []
+        found = 0
+        path = ""
+        run = self._run([*args, "--regexp", q.pattern, "--", directory], separator=b"\n")
+        async with contextlib.aclosing(run) as output:
+            async for piece in output:
+                for message in piece.split(b"\n"):
+                    kind = message[9:14]  # {"type":"match"... ; rg writes "type" first
+                    if (kind == b"match" or kind == b"conte") and found < limit:
+                        data = json.loads(message)["data"]
+                        spans = None
+                        if kind == b"match":
+                            spans = [(s["start"], s["end"]) for s in data["submatches"]]
+                            found += 1
+                        raw = _json_bytes(data["lines"])
+                        lines.append((data["line_number"], raw[:-1] if raw.endswith(b"\n") else raw, spans))
+                        path = _strip_dot(os.fsdecode(_json_bytes(data["path"])))
+                        if found == limit and not await asyncio.to_thread(_has_nul, self.root.path / path):
+                            # Nothing past this match is ever sent: no need to wait for rg to finish the file.
+                            yield path, lines
+                    elif kind == b"end\",":
+                        # A NUL byte found after some matches: rg stops, and the file counts as binary.
+                        if lines and found < limit and b'"binary_offset":null' in message:
+                            yield path, lines
+                        lines, found = [], 0
 
     async def _run(self, args: list[str], separator: bytes) -> AsyncIterator[bytes]:
         """rg's stdout in pieces of whole records (the last separator of each piece left out)."""
@@ -296,6 +312,19 @@ def _strip_dot(path: str) -> str:
     return path[2:] if path.startswith("./") else path
 
 
+def _json_bytes(field: dict[str, str]) -> bytes:
+    """rg's JSON for arbitrary bytes: {"text": ...} when valid UTF-8, else {"bytes": base64}."""
+    return field["text"].encode() if "text" in field else base64.b64decode(field["bytes"])
+
+
+def _has_nul(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return any(b"\0" in block for block in iter(lambda: file.read(1 << 20), b""))
+    except OSError:
+        return True  # gone or unreadable: rg's verdict at the end of the file decides
+
+
 # ------------------------------------------------------------------ Python
 
 
@@ -326,8 +355,9 @@ class _PythonEngine:
             for path, size in batch:
                 yield path, size
 
-    async def matches(self, directory: str) -> AsyncIterator[tuple[str, list[_RawLine]]]:
-        found = ((path, self._match_file(path)) for path, _ in self._walk(directory))
+    async def matches(self, directory: str, limit: int) -> AsyncIterator[tuple[str, list[_RawLine]]]:
+        """Each file's lines up to its `limit`-th match, in ripgrep's order."""
+        found = ((path, self._match_file(path, limit)) for path, _ in self._walk(directory))
         async for batch in _batches((path, lines) for path, lines in found if lines):
             for path, lines in batch:
                 yield path, lines
@@ -391,7 +421,7 @@ class _PythonEngine:
                     return verdict  # ignored, or whitelisted by a `!pattern` (hidden or not)
         return name.startswith(".") and not self.query.hidden
 
-    def _match_file(self, path: str) -> list[_RawLine]:
+    def _match_file(self, path: str, limit: int) -> list[_RawLine]:
         assert self.regex is not None
         try:
             data = (self.root.path / path).read_bytes()
@@ -408,6 +438,7 @@ class _PythonEngine:
         before, after = self.query.context_before, self.query.context_after
         found: list[_RawLine] = []
         last_sent = 0  # line number of the last line sent
+        matched = 0
         pending_after = 0
         for index, line in enumerate(lines):
             number = index + 1
@@ -419,6 +450,9 @@ class _PythonEngine:
                 if not line.isascii():
                     spans = [(len(_encode(line[:s])), len(_encode(line[:e]))) for s, e in spans]
                 found.append((number, encoded, spans))
+                matched += 1
+                if matched == limit:
+                    break
                 last_sent, pending_after = number, after
             elif pending_after:
                 found.append((number, _encode(line), None))

@@ -207,17 +207,33 @@ async def test_bad_requests(searching_agent: AgentTarget) -> None:
 async def test_cancelling_stops_the_search(engine: str, tmp_path: Path) -> None:
     root = tmp_path / "app"
     root.mkdir()
-    (root / "many.txt").write_bytes(b"needle\n" * 200_000)
+    (root / "many.txt").write_bytes(b"needle\n" * 400_000)  # far more rg output than the agent reads ahead
     server, agent = await start_inprocess_agent(root, search_engine=engine)
     try:
-        call = agent.stub.Search(pb.SearchRequest(pattern="needle", max_results=100_000), metadata=agent.metadata)
+        call = agent.stub.Search(pb.SearchRequest(pattern="needle", max_results=20_000), metadata=agent.metadata)
         first = await call.read()
-        assert first.match.path == "many.txt"
+        assert (first.match.path, first.match.line_number) == ("many.txt", 1)
+        assert len(rg_children()) == (1 if engine == "ripgrep" else 0)
         call.cancel()
-        for _ in range(100):  # the agent kills rg once the call is gone
+        for _ in range(100):
             if not rg_children():
                 break
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.01)
+        assert rg_children() == []
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_reaching_the_cap_stops_rg(engine: str, tmp_path: Path) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    (root / "many.txt").write_bytes(b"needle\n" * 400_000)
+    server, agent = await start_inprocess_agent(root, search_engine=engine)
+    try:
+        events, summary = await search(agent, pattern="needle", max_results=5)
+        assert [e.match.line_number for e in events] == [1, 2, 3, 4, 5] and summary.truncated
         assert rg_children() == []
     finally:
         await agent.channel.close()
