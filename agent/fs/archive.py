@@ -52,8 +52,8 @@ class ArchiveStream:
 
     Errors (raised while iterating, before any chunk for all but the last): InvalidPath,
     PathEscapesRoot, NotFound, InvalidArgument (not a directory, or the staging area),
-    LimitExceeded (more entries than `config.max_archive_files`), PreconditionFailed (a file changed
-    or vanished while it was being read).
+    LimitExceeded (more entries than `config.max_archive_files`), PreconditionFailed (a file changed,
+    vanished or became a link while it was being read).
     """
 
     def __init__(
@@ -77,12 +77,13 @@ class ArchiveStream:
             raise InvalidArgument(f"{self._path or '.'} is not a directory")
         if is_staging_path(self._root, directory):
             raise InvalidArgument(f"{self._path!r} is the agent's staging area, which is never archived")
+        plan = _ArchivePlan(self._patterns, skip_staging=directory == self._root.path)
         chunk_size = self._config.max_chunk_size
         channel = ByteChannel(QUEUED_CHUNKS * chunk_size)
         producer = run_in_own_thread(
             lambda: _write_archive(
                 directory,
-                _ArchivePlan(self._patterns, skip_staging=directory == self._root.path),
+                plan,
                 self._config.max_archive_files,
                 _ChunkSink(channel, chunk_size),
             ),
@@ -105,7 +106,11 @@ class _ArchivePlan:
     """Which entries of a directory go into its archive."""
 
     def __init__(self, patterns: list[str], *, skip_staging: bool) -> None:
-        self._excluded = pathspec.GitIgnoreSpec.from_lines(patterns)
+        """Raises InvalidArgument for a pattern gitignore would not accept."""
+        try:
+            self._excluded = pathspec.GitIgnoreSpec.from_lines(patterns)
+        except ValueError as error:
+            raise InvalidArgument(f"bad exclude pattern: {error}") from None
         self._skip_staging = skip_staging
 
     def entries(self, directory: Path, limit: int) -> list[_Entry]:
@@ -171,6 +176,11 @@ class _ChunkSink:
         self._channel.put_blocking(chunk)
 
 
+def _open_no_follow(path: str, flags: int) -> int:
+    # A file swapped for a link since the walk must not pull in what the link points to.
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 def _write_archive(directory: Path, plan: _ArchivePlan, limit: int, sink: _ChunkSink) -> ArchiveSummary:
     entries = plan.entries(directory, limit)
     counts = {tarfile.REGTYPE: 0, tarfile.DIRTYPE: 0, tarfile.SYMTYPE: 0}
@@ -191,7 +201,7 @@ def _write_archive(directory: Path, plan: _ArchivePlan, limit: int, sink: _Chunk
                         tar.addfile(info)
                     else:
                         info.size = entry.status.st_size
-                        with open(entry.path, "rb") as content:
+                        with open(entry.path, "rb", opener=_open_no_follow) as content:
                             tar.addfile(info, content)
                 except OSError as error:
                     raise PreconditionFailed(

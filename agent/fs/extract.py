@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import hashlib
 import os
 import posixpath
@@ -127,7 +128,12 @@ class _Extraction:
                 + self._config.max_archive_files * METADATA_ALLOWANCE_PER_MEMBER,
             )
             writer = _MemberWriter(staging.tree, self._config, reserve_staging_name=self._is_root)
-            writer.write_all(TarReader(upload))
+            try:
+                writer.write_all(TarReader(upload))
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise LimitExceeded("the workspace's disk is full; nothing was changed") from None
+                raise
             writer.finish()
             sha256 = upload.drain()
             if self._expected and sha256 != self._expected:

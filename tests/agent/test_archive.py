@@ -504,15 +504,18 @@ async def test_create_over_the_file_limit_is_resource_exhausted_before_any_chunk
 
 
 @pytest.mark.parametrize(
-    ("path", "code", "fragment"),
+    ("request_", "code", "fragment"),
     [
-        ("missing", grpc.StatusCode.NOT_FOUND, "missing: no such file or directory"),
-        ("run.sh", grpc.StatusCode.INVALID_ARGUMENT, "run.sh is not a directory"),
-        ("../elsewhere", grpc.StatusCode.INVALID_ARGUMENT, "contains '..'"),
+        (pb.CreateArchiveRequest(path="missing"), grpc.StatusCode.NOT_FOUND, "missing: no such file or directory"),
+        (pb.CreateArchiveRequest(path="run.sh"), grpc.StatusCode.INVALID_ARGUMENT, "run.sh is not a directory"),
+        (pb.CreateArchiveRequest(path="../elsewhere"), grpc.StatusCode.INVALID_ARGUMENT, "contains '..'"),
+        (pb.CreateArchiveRequest(path=STAGING), grpc.StatusCode.INVALID_ARGUMENT, "the agent's staging area"),
+        (pb.CreateArchiveRequest(excludes=["!"]), grpc.StatusCode.INVALID_ARGUMENT, "bad exclude pattern: Invalid git pattern: '!'"),
     ],
+    ids=["missing", "file", "dotdot", "staging", "bad pattern"],
 )
-async def test_create_of_a_bad_path(agent: AgentTarget, path: str, code: grpc.StatusCode, fragment: str) -> None:
+async def test_create_of_a_bad_path_or_pattern(agent: AgentTarget, request_: pb.CreateArchiveRequest, code: grpc.StatusCode, fragment: str) -> None:
     populate(agent.root)
-    call = agent.stub.CreateArchive(pb.CreateArchiveRequest(path=path), metadata=agent.metadata)
-    got, details = await status_of_stream(call)
+    (agent.root / STAGING).mkdir()
+    got, details = await status_of_stream(agent.stub.CreateArchive(request_, metadata=agent.metadata))
     assert got == code and fragment in details
