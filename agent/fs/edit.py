@@ -316,6 +316,10 @@ class EditPlan:
                 self._plan(operation)
             except AgentError as error:
                 raise type(error)(f"operation {number} ({_describe(operation)}): {error}") from None
+            except PermissionError as error:
+                raise PreconditionFailed(
+                    f"operation {number} ({_describe(operation)}): the agent's user may not read {error.filename}"
+                ) from None
         self.result = EditResult(self._edited_paths(), self._diff())
 
     def apply(self) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -105,6 +104,8 @@ class Searcher:
         self.root = root
         self.default_max_results = default_max_results
         self.max_results_limit = max_results_limit
+        if engine not in (None, "ripgrep", "python"):
+            raise ValueError(f"unknown search engine {engine!r}; use 'ripgrep' or 'python'")
         self.rg = shutil.which("rg") if engine in (None, "ripgrep") else None
         if engine == "ripgrep" and self.rg is None:
             raise RuntimeError("the ripgrep engine was asked for, but rg is not on PATH")
