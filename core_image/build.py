@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -57,6 +58,7 @@ SLIM_REMOVED = (
 )
 EXTRA_CA_ENV = "WORKSPACE_EXTRA_CA_BUNDLE"
 # The project's sources that go into the agent's wheel.
+SETUPTOOLS_MAJOR = 69  # pyproject.toml's [build-system] requires setuptools>=69
 PROJECT_SOURCES = ("pyproject.toml", "README.md", "agent", "orchestrator", "protos")
 
 
@@ -210,7 +212,7 @@ def _project_wheel() -> Path:
         if not wheel_dir.is_dir():
             staging = Path(tempfile.mkdtemp(dir=CACHE, prefix="project-"))
             _run(
-                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *_isolation(),
                  "--wheel-dir", str(staging), str(source)],
                 env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"},  # equal sources, equal wheel bytes
             )  # fmt: skip
@@ -219,6 +221,16 @@ def _project_wheel() -> Path:
             for stale in sorted(CACHE.glob("project-*"), key=lambda path: path.stat().st_mtime)[:-5]:
                 shutil.rmtree(stale, ignore_errors=True)
     return wheel_dir
+
+
+def _isolation() -> list[str]:
+    """pip's isolated build environment costs seconds per wheel; skip it when this Python already has
+    the build backend the project asks for."""
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return ["--no-build-isolation"] if major >= SETUPTOOLS_MAJOR else []
 
 
 def _npm(progress: Callable[[str], None]) -> Path:
