@@ -169,14 +169,22 @@ class Swap:
 def _rename(source: Path, target: Path) -> None:
     try:
         os.rename(source, target)
+        return
     except PermissionError:
-        # Moving a directory to another parent rewrites its `..` entry, which needs write permission
-        # on the directory itself: lend it for the move if the archive (or the user) made it read-only.
-        mode = os.lstat(source).st_mode
-        if not stat.S_ISDIR(mode) or mode & stat.S_IWUSR:
-            raise
-        os.chmod(source, mode | stat.S_IWUSR)
-        try:
-            os.rename(source, target)
-        finally:
-            os.chmod(target if os.path.lexists(target) else source, stat.S_IMODE(mode))
+        pass
+    # As the workspace user, read-only directories (an archive's or the user's) stop a rename: both
+    # parents gain or lose an entry, and a directory moving to another parent rewrites its `..`.
+    # Lend them owner write permission for the move.
+    lent: list[tuple[Path, int]] = []
+    moved = False
+    try:
+        for directory in (source.parent, target.parent, source):
+            mode = os.lstat(directory).st_mode
+            if stat.S_ISDIR(mode) and not mode & stat.S_IWUSR:
+                os.chmod(directory, mode | stat.S_IWUSR)
+                lent.append((directory, mode))
+        os.rename(source, target)
+        moved = True
+    finally:
+        for directory, mode in lent:
+            os.chmod(target if moved and directory == source else directory, stat.S_IMODE(mode))

@@ -228,11 +228,25 @@ async def test_replace_of_the_root_itself(agent: AgentTarget) -> None:
     assert (report.files, report.directories) == (2, 1)
 
 
-async def test_read_only_directories_are_extracted_and_replaced(agent: AgentTarget) -> None:
-    # As the workspace user (the container variant), moving or emptying a read-only directory needs care.
-    locked = targz(member("ro", None, kind=tarfile.DIRTYPE, mode=0o555), member("ro/f.txt", b"f", mode=0o444))
-    await extract(agent, locked)
-    assert snapshot(agent.root) == {"ro": ("dir", 0o555, None), "ro/f.txt": ("file", 0o444, b"f")}
+async def test_read_only_directories_are_extracted_merged_and_replaced(agent: AgentTarget) -> None:
+    # As the workspace user (the container variant), moving entries into, out of, or away with a
+    # read-only directory, and deleting one, each need write permission lent for the moment.
+    def locked(*files: str) -> bytes:
+        return targz(
+            member(".", None, kind=tarfile.DIRTYPE, mode=0o555),
+            member("ro", None, kind=tarfile.DIRTYPE, mode=0o555),
+            *(member(f"ro/{name}", name.encode(), mode=0o444) for name in files),
+        )
+
+    await extract(agent, locked("a.txt"))
+    assert snapshot(agent.root) == {"ro": ("dir", 0o555, None), "ro/a.txt": ("file", 0o444, b"a.txt")}
+
+    await extract(agent, locked("b.txt"), mode=MERGE)
+    assert snapshot(agent.root) == {
+        "ro": ("dir", 0o555, None),
+        "ro/a.txt": ("file", 0o444, b"a.txt"),
+        "ro/b.txt": ("file", 0o444, b"b.txt"),
+    }
 
     await extract(agent, targz(member("new.txt", b"n")))
     assert snapshot(agent.root) == {"new.txt": ("file", 0o644, b"n")}
