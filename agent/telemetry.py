@@ -28,7 +28,7 @@ SESSION_ATTRIBUTE = "workspace.session.id"
 # The provider both services trace with; None while tracing is off.
 _provider: trace.TracerProvider | None = None
 
-# Health probes arrive every few hundred milliseconds while a workspace starts: not worth a span each.
+# Health probes come in a loop while a workspace starts, and from monitors all along: not worth a span each.
 _UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 
 
@@ -93,7 +93,7 @@ def client_interceptors() -> list[aio.ClientInterceptor]:
     return aio_client_interceptors(tracer_provider=_provider, filter_=_traced_calls())
 
 
-def _traced_calls():
+def _traced_calls():  # -> the instrumentation's call filter
     from opentelemetry.instrumentation.grpc import filters
 
     return filters.negate(filters.any_of(*(filters.service_prefix(s) for s in _UNTRACED_SERVICES)))
