@@ -386,6 +386,8 @@ class _MemberWriter:
         what = f"hardlink member {member_name!r} points to {raw!r}, which" if link else f"member {raw!r}"
         if raw.startswith("/"):
             raise InvalidArgument(f"{what} is an absolute path; archive paths must be relative")
+        if "\0" in raw:
+            raise InvalidArgument(f"{what} contains a NUL byte")
         parts = [part for part in raw.split("/") if part not in ("", ".")]
         if ".." in parts:
             raise InvalidArgument(f"{what} contains '..', which could lead out of the destination")
@@ -394,8 +396,8 @@ class _MemberWriter:
         return "/".join(parts)
 
     def _check_symlink_target(self, name: str, target: str) -> None:
-        if not target:
-            raise InvalidArgument(f"symlink member {name!r} has an empty target")
+        if not target or "\0" in target:
+            raise InvalidArgument(f"symlink member {name!r} has an empty target or one with a NUL byte")
         if target.startswith("/"):
             raise InvalidArgument(f"symlink member {name!r} -> {target!r} points to an absolute path, outside the destination")
         if posixpath.normpath(posixpath.join(posixpath.dirname(name), target)).split("/")[0] == "..":

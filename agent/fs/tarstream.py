@@ -7,6 +7,7 @@ slicing, and hands file content over as views of the inflated buffer, without co
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +112,8 @@ class TarReader:
             try:
                 size = int(records.get("size", size))
                 mtime = float(records.get("mtime", mtime))
+                if size < 0 or not math.isfinite(mtime):
+                    raise ValueError
             except ValueError:
                 raise InvalidArgument(f"archive is corrupt: bad size or mtime in the pax header of {name!r}") from None
         if typeflag == b"\0" and name.endswith("/"):

@@ -308,6 +308,11 @@ def damaged_second_header(replacement: bytes) -> bytes:
     return gzip_of(bytes(raw))
 
 
+def with_pax(entry: tuple[tarfile.TarInfo, bytes | None], **records: str) -> tuple[tarfile.TarInfo, bytes | None]:
+    entry[0].pax_headers = records
+    return entry
+
+
 GOOD = member("good.txt", b"accepted before the bad member")
 
 REFUSALS: dict[str, tuple[Callable[[], bytes], str, grpc.StatusCode, str]] = {
@@ -353,6 +358,8 @@ REFUSALS: dict[str, tuple[Callable[[], bytes], str, grpc.StatusCode, str]] = {
         lambda: targz(GOOD, member(f"{STAGING}/x")),
         "", grpc.StatusCode.INVALID_ARGUMENT, "reserved staging directory",
     ),
+    "NUL byte in a pax path": (lambda: targz(GOOD, with_pax(member("x"), path="a\0b")), "", grpc.StatusCode.INVALID_ARGUMENT, "'a\\x00b' contains a NUL byte"),
+    "negative pax size": (lambda: targz(GOOD, with_pax(member("x"), size="-5")), "", grpc.StatusCode.INVALID_ARGUMENT, "bad size or mtime in the pax header of 'x'"),
     "not gzip": (lambda: b"this is plain text, not an archive", "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
     "corrupt gzip": (corrupt_gzip, "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
     "truncated gzip": (truncated_gzip, "", grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
