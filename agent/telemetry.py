@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -93,7 +93,8 @@ def client_interceptors() -> list[aio.ClientInterceptor]:
     return aio_client_interceptors(tracer_provider=_provider, filter_=_traced_calls())
 
 
-def _traced_calls():  # -> the instrumentation's call filter
+def _traced_calls() -> Callable[[Any], bool]:
+    """The instrumentation's call filter: everything but _UNTRACED_SERVICES."""
     from opentelemetry.instrumentation.grpc import filters
 
     return filters.negate(filters.any_of(*(filters.service_prefix(s) for s in _UNTRACED_SERVICES)))
