@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import telemetry
+from orchestrator.errors import FailedPrecondition
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
@@ -59,10 +60,13 @@ class LocalRuntime:
     async def start(
         self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
     ) -> Workspace:
-        """Starts the agent; `resources` are not enforced (no isolation). Raises InvalidArgument (bad id)."""
+        """Starts the agent; `resources` are not enforced (no isolation). Raises InvalidArgument (bad id),
+        FailedPrecondition (a workspace of that session is running)."""
         check_session_id(session_id)
         session_dir = self.directory / session_id
         root = session_dir / "app"
+        if await asyncio.to_thread(self._running, session_dir):
+            raise FailedPrecondition(f"a local workspace of session {session_id} is already running")
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         agent_port, preview_port = _free_ports(self.host_address, 2)
         environment = {
@@ -124,6 +128,10 @@ class LocalRuntime:
                 continue
             workspaces.append(self._workspace(state, running=_is_agent(state["pid"], path.parent / "app")))
         return workspaces
+
+    def _running(self, session_dir: Path) -> bool:
+        state = _read_json(session_dir / STATE_FILE)
+        return state is not None and _is_agent(state["pid"], session_dir / "app")
 
     def _workspace(self, state: dict, *, running: bool) -> Workspace:
         return Workspace(

@@ -13,7 +13,7 @@ import docker.errors
 import pytest
 
 from orchestrator.agent_client import AgentClient
-from orchestrator.errors import EngineUnavailable, ImageMissing
+from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, write_trust_bundle
 from orchestrator.runtime.docker import CONTAINER_CA_BUNDLE, DockerRuntime
 from orchestrator.templates import ResourceHints
@@ -71,6 +71,8 @@ async def test_a_workspace_container_is_labelled_locked_down_and_serves_its_agen
 
     [listed] = await runtime.list()
     assert (listed.session_id, listed.handle, listed.running) == ("ws-docker", workspace.handle, True)
+    with pytest.raises(FailedPrecondition, match="already in use"):
+        await runtime.start("ws-docker", TOKEN, resources=HINTS, env={}, labels={})
 
     await runtime.stop("ws-docker")
     with pytest.raises(docker.errors.NotFound):

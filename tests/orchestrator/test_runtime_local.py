@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.agent_client import AgentClient
-from orchestrator.errors import InvalidArgument
+from orchestrator.errors import FailedPrecondition, InvalidArgument
 from orchestrator.config import OrchestratorConfig
 from orchestrator.runtime import make_runtime
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, Workspace
@@ -42,11 +42,12 @@ async def start(runtime: LocalRuntime, session_id: str) -> tuple[Workspace, Agen
 
 
 def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (killed but not yet reaped)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
         return False
-    return Path(f"/proc/{pid}/cmdline").read_bytes() != b""  # a zombie is not alive
+    return state not in ("Z", "X")
 
 
 async def output_of(client: AgentClient, shell: str) -> list[str]:
@@ -97,6 +98,8 @@ async def test_archives_go_in_and_come_out(runtime: LocalRuntime, tmp_path: Path
 async def test_list_shows_workspaces_and_a_restarted_orchestrator_adopts_them(runtime: LocalRuntime, tmp_path: Path) -> None:
     first, client = await start(runtime, "ws-adopt")
     await client.close()
+    with pytest.raises(FailedPrecondition, match="already running"):
+        await runtime.start("ws-adopt", TOKEN, resources=ResourceHints(), env={}, labels={})
     assert [w.session_id for w in await runtime.list()] == ["ws-adopt"]
     # Another orchestrator instance on the same data dir sees nothing of ours.
     assert await LocalRuntime(directory=tmp_path / "workspaces", instance_id="other").list() == []
