@@ -70,13 +70,19 @@ class DockerRuntime:
     async def start(
         self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
     ) -> Workspace:
+        """Creates and starts the session's container; does not wait for its agent. Raises EngineUnavailable,
+        ImageMissing, FailedPrecondition (the engine refused, e.g. the session's container exists),
+        InvalidArgument (bad session id)."""
         check_session_id(session_id)
         return await self._call("start the workspace container", self._start, session_id, token, resources, env, labels)
 
     async def stop(self, session_id: str) -> None:
+        """Removes the session's container (killing what runs in it); no container is not an error.
+        Raises EngineUnavailable."""
         await self._call("remove the workspace container", self._stop, session_id)
 
     async def list(self) -> list[Workspace]:
+        """This instance's containers, running or not. Raises EngineUnavailable."""
         return await self._call("list workspace containers", self._list)
 
     async def close(self) -> None:

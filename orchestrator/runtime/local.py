@@ -114,6 +114,7 @@ class LocalRuntime:
         await asyncio.to_thread(shutil.rmtree, session_dir, ignore_errors=True)
 
     async def list(self) -> list[Workspace]:
+        """This instance's workspaces from their state files; `running` is whether the agent still is."""
         return await asyncio.to_thread(self._list)
 
     async def close(self) -> None:

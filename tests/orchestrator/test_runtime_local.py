@@ -66,8 +66,10 @@ async def test_a_started_workspace_serves_its_agent_with_env_and_port(runtime: L
             f"hello on {workspace.preview_port} in {tmp_path / 'workspaces' / 'ws-one' / 'app'}"
         ]
         # The token is required: the agent was started with it.
-        with pytest.raises(Exception, match="UNAUTHENTICATED"):
-            await AgentClient(workspace.agent_endpoint, "wrong").activity()
+        intruder = AgentClient(workspace.agent_endpoint, "wrong")
+        with pytest.raises(FailedPrecondition, match="UNAUTHENTICATED"):
+            await intruder.activity()
+        await intruder.close()
     finally:
         await client.close()
 
