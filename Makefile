@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 
 # A PEM file of CA certificates the core image should trust besides Debian's (a TLS-intercepting proxy).
 EXTRA_CA_BUNDLE ?=
+# The template of `make demo`'s session.
+DEMO_TEMPLATE ?= node-basic
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 ## Run the whole test suite, the tests marked `docker` included (against a real engine and the core image).
 test: $(VENV)/.installed engine image
 	$(PY) -m pytest
+
+## An orchestrator on 127.0.0.1:50051 with the built-in templates and a demo session to open in a browser
+## (its URL is printed); Ctrl-C stops both. DEMO_TEMPLATE=vite-react picks another template.
+demo: $(VENV)/.installed engine image
+	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
 
 ## Start a Docker engine unless one answers (installs docker.io when missing).
 engine:

@@ -14,7 +14,8 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.server import serve
 
 
-def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
+    """The configuration, and the template of the demo session ("" without --demo)."""
     d = OrchestratorConfig()
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
     parser.add_argument("--listen", default=d.listen, help="HOST:PORT or unix:PATH (default %(default)s)")
@@ -29,16 +30,27 @@ def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:
     parser.add_argument("--extra-ca-bundle", type=Path, help="PEM file workspaces trust in addition to the public roots")
     parser.add_argument("--instance-id", default=d.instance_id, help="label separating orchestrators on one engine")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
-    parser.add_argument("--idle-ttl", type=float, default=d.idle_ttl_s, help="seconds idle before a session is stopped (0: never)")
+    parser.add_argument(
+        "--idle-ttl", type=float,
+        help=f"seconds idle before a session is stopped (0: never; default {d.idle_ttl_s:g}, with --demo 0)",
+    )  # fmt: skip
     parser.add_argument("--max-lifetime", type=float, default=d.max_lifetime_s, help="seconds a session may live (0: no limit)")
     parser.add_argument("--reap-interval", type=float, default=d.reap_interval_s, help="seconds between reaper sweeps")
     parser.add_argument("--save-before-reap", action="store_true", help="save a session's workspace before reaping it")
     parser.add_argument("--install-timeout", type=float, default=d.install_timeout_s)
     parser.add_argument("--max-archive-bytes", type=int, default=d.max_archive_bytes)
-    parser.add_argument("--log-level", default=os.environ.get("WORKSPACE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", help="default $WORKSPACE_LOG_LEVEL, else INFO (WARNING with --demo)")
+    parser.add_argument(
+        "--demo", metavar="TEMPLATE", default="",
+        help="also create a session from TEMPLATE, print its preview URL, and delete it on exit",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    telemetry.configure_logging(args.log_level)
-    return OrchestratorConfig(
+    # A demo is watched by a person: its progress lines, not the JSON log, and no reaping behind their back.
+    log_level = args.log_level or os.environ.get("WORKSPACE_LOG_LEVEL") or ("WARNING" if args.demo else "INFO")
+    telemetry.configure_logging(log_level)
+    if args.idle_ttl is None:
+        args.idle_ttl = 0.0 if args.demo else d.idle_ttl_s
+    config = OrchestratorConfig(
         listen=args.listen,
         data_dir=args.data_dir,
         templates_dir=args.templates_dir,
@@ -55,13 +67,14 @@ def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:
         install_timeout_s=args.install_timeout,
         max_archive_bytes=args.max_archive_bytes,
     )
+    return config, args.demo
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    config, demo_template = parse_args(argv)
     telemetry.configure_from_env()
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, demo_template=demo_template))
     except OrchestratorError as error:
         # E.g. the engine is unreachable at start-up: the message says what to do.
         print(f"orchestrator: {error}", file=sys.stderr)

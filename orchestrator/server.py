@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from agent import telemetry
 from agent.interceptors import ErrorMappingInterceptor
+from orchestrator import demo
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import STATUS_CODES
@@ -99,9 +100,10 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
     return Orchestrator(server, port, sessions, reaper, runtime, store)
 
 
-async def serve(config: OrchestratorConfig, grace: float = 5.0) -> None:
+async def serve(config: OrchestratorConfig, grace: float = 5.0, *, demo_template: str = "") -> None:
     """Runs the orchestrator until SIGTERM or SIGINT, then stops serving within `grace` seconds;
-    sessions keep running."""
+    sessions keep running. With `demo_template`, a demo session from it lives as long as the server
+    (see orchestrator.demo)."""
     orchestrator = await create_server(config)
     await orchestrator.start()
     log.info("orchestrator serving on %s (runtime %s, data %s)", config.listen, config.runtime, config.data_dir)
@@ -109,6 +111,13 @@ async def serve(config: OrchestratorConfig, grace: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("orchestrator stopping; sessions keep running")
-    await orchestrator.stop(grace)
+    try:
+        if demo_template:
+            tcp = not config.listen.startswith("unix:")
+            address = f"{config.listen.rpartition(':')[0]}:{orchestrator.port}" if tcp else config.listen
+            await demo.run(orchestrator.sessions, demo_template, address, stop)
+        else:
+            await stop.wait()
+    finally:
+        log.info("orchestrator stopping; sessions keep running")
+        await orchestrator.stop(grace)
