@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -299,3 +300,25 @@ def test_engines_agree(tree: Path, pattern, regex, ignore_case, include, exclude
     )  # fmt: skip
     ripgrep, python = run_both(tree, query)
     assert ripgrep == python
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lines=st.lists(st.text(alphabet="aAbéÉß日 .\r\t\x00\x85", max_size=12), max_size=12),
+    pattern=st.sampled_from(["a", "é", "ab", "日", "ss", r"a\b", "^a", "a$", "[ab]+", r"\s"]),
+    regex=st.booleans(),
+    ignore_case=st.booleans(),
+    before=st.integers(0, 2),
+    after=st.integers(0, 2),
+    cap=st.sampled_from([0, 1, 3]),
+)
+def test_engines_agree_on_generated_content(lines, pattern, regex, ignore_case, before, after, cap) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        content = "\n".join(lines).encode()
+        (root / "one.txt").write_bytes(content)
+        (root / "two.txt").write_bytes(content[::-1] + b"\xff a\n")  # invalid UTF-8 too
+        query = SearchQuery(pattern=pattern, regex=regex, ignore_case=ignore_case, context_before=before,
+                            context_after=after, max_results=cap)  # fmt: skip
+        ripgrep, python = run_both(root, query)
+        assert ripgrep == python
