@@ -4,11 +4,11 @@ session's agent (exec, read, search) called directly with the session's endpoint
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from datetime import timezone
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import click
 import grpc
 import typer
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -346,7 +346,7 @@ def exec_command(
     start = agent_pb2.ExecStart(argv=command, cwd=cwd)
     if timeout:
         start.timeout.FromNanoseconds(int(timeout * 1e9))
-    stdout, stderr = click.get_binary_stream("stdout"), click.get_binary_stream("stderr")
+    stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
     for event in agent.Exec(iter([agent_pb2.ExecRequest(start=start)]), metadata=metadata):
         kind = event.WhichOneof("event")
         if kind == "output":
@@ -370,7 +370,7 @@ def read(
 ) -> None:
     """Writes a workspace file's bytes to stdout."""
     agent, metadata = _agent(ctx, session_id)
-    stdout = click.get_binary_stream("stdout")
+    stdout = sys.stdout.buffer
     for event in agent.Read(agent_pb2.ReadRequest(path=path), metadata=metadata):
         if event.WhichOneof("event") == "chunk":
             stdout.write(event.chunk.data)
