@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo stubs lint image engine
+.PHONY: test demo stubs lint image engine tools
 
 # A PEM file of CA certificates the core image should trust besides Debian's (a TLS-intercepting proxy).
 EXTRA_CA_BUNDLE ?=
@@ -18,13 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 ## Run the whole test suite, the tests marked `docker` included (against a real engine and the core image).
-test: $(VENV)/.installed engine image
+test: $(VENV)/.installed tools engine image
 	$(PY) -m pytest
 
 ## An orchestrator on 127.0.0.1:50051 with the built-in templates and a demo session to open in a browser
 ## (its URL is printed); Ctrl-C stops both. DEMO_TEMPLATE=vite-react picks another template.
 demo: $(VENV)/.installed engine image
 	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
+
+## Command-line tools the tests call besides the venv's: jq (the README's grpcurl lines pipe into it).
+tools:
+	@command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq; }
 
 ## Start a Docker engine unless one answers (installs docker.io when missing).
 engine:
