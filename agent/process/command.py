@@ -6,6 +6,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import struct
 import termios
@@ -19,9 +20,11 @@ from agent.process.output import OutputBuffer, OutputStream
 
 # Seconds between SIGTERM and SIGKILL when the agent kills a command (timeout, cancelled call, shutdown).
 KILL_GRACE = 2.0
-# After a command exits, how long its output may still arrive from processes that left its group.
+# After a command exits, how long a process that left its group may hold its output open without writing.
 DRAIN_TIMEOUT = 1.0
 READ_CHUNK = 64 * 1024
+# Found on the agent's PATH, not the command's (a caller may replace PATH); part of every Debian base.
+_SETSID = shutil.which("setsid") or "/usr/bin/setsid"
 # What a terminal sends for Ctrl-D: end of input for the program reading it.
 TERMINAL_EOF = b"\x04"
 # The signals a caller may send (those of `workspace.agent.v1.Signal`).
@@ -68,6 +71,13 @@ class SendSignal:
 
 
 Control = StdinData | CloseStdin | SendSignal | PtySize
+
+
+def caller_signal(signum: int) -> signal.Signals:
+    """The signal a caller asked for; raises InvalidArgument for one it may not send."""
+    if signum not in CALLER_SIGNALS:
+        raise InvalidArgument(f"signal {signum} cannot be sent; use one of {sorted(int(s) for s in CALLER_SIGNALS)}")
+    return signal.Signals(signum)
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,7 @@ class Command:
                 # terminal its controlling one (job control, Ctrl-C, SIGWINCH), then execs the command
                 # under the same pid: no Python code runs in the forked child of this threaded process.
                 process = await _create_process(
-                    ["setsid", "--ctty", *argv], stdin=tty, stdout=tty, stderr=tty, cwd=cwd, env=env, new_session=False
+                    [_SETSID, "--ctty", *argv], stdin=tty, stdout=tty, stderr=tty, cwd=cwd, env=env, new_session=False
                 )
             except BaseException:
                 os.close(terminal)
@@ -189,9 +199,7 @@ class Command:
                 else:
                     await self._write_stdin(TERMINAL_EOF)
             case SendSignal(signum):
-                if signum not in CALLER_SIGNALS:
-                    raise InvalidArgument(f"signal {signum} cannot be sent; use one of {sorted(int(s) for s in CALLER_SIGNALS)}")
-                self.signal_group(signum)
+                self.signal_group(caller_signal(signum))
             case PtySize():
                 if self._terminal is None:
                     raise InvalidArgument("resize needs a command started with a PTY (ExecStart.pty)")
@@ -256,11 +264,18 @@ class Command:
         self.signal_group(signal.SIGKILL)
         if self._timer is not None:
             self._timer.cancel()
-        # Output already in the pipes is still read; a process that left the group may hold them open.
-        _, stuck = await asyncio.wait(pumps, timeout=DRAIN_TIMEOUT)
-        for pump in stuck:
-            pump.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        # Output still in the pipes is read, however slowly the caller takes it. Only a process that
+        # left the group can still hold them open: once it has been silent for DRAIN_TIMEOUT, stop.
+        while True:
+            sequence = self.output.next_sequence
+            _, pending = await asyncio.wait(pumps, timeout=DRAIN_TIMEOUT)
+            if not pending:
+                break
+            if self.output.next_sequence == sequence and not self.output.full:
+                for pump in pending:
+                    pump.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                break
         self._process.close()
         if self._terminal is not None:
             os.close(self._terminal)

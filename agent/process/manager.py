@@ -14,7 +14,7 @@ from agent import telemetry
 from agent.config import AgentConfig
 from agent.errors import AlreadyExists, InvalidArgument, LimitExceeded, NotFound
 from agent.fs.paths import WorkspaceRoot
-from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, PtySize
+from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, PtySize, caller_signal
 from agent.process.output import OutputBuffer, OutputChunk
 
 # Output a one-shot command may have read ahead of its caller before the command is made to wait.
@@ -104,6 +104,8 @@ class ProcessManager:
         cwd = self._root.resolve(spec.cwd, must_exist=True)
         if not cwd.is_dir():
             raise InvalidArgument(f"cwd {spec.cwd!r} is not a directory")
+        if spec.timeout is not None and spec.timeout < 0:
+            raise InvalidArgument("timeout must not be negative")
         env = _environment(spec.env)
         _require_executable(argv[0], cwd, env)
         pty = spec.pty
@@ -165,11 +167,12 @@ class ProcessManager:
 
     async def stop(self, name: str, signum: int | None, grace: float | None, remove: bool) -> CommandExit:
         """Stops a named process (signal to its group, SIGKILL after `grace`) and returns how it ended.
-        Raises NotFound, InvalidArgument (a negative grace period)."""
+        Raises NotFound, InvalidArgument (a signal a caller may not send, a negative grace period)."""
         command = self._get(name)
         if grace is not None and grace < 0:
             raise InvalidArgument("grace_period must not be negative")
-        exit = await command.terminate(signum or signal.SIGTERM, STOP_GRACE if grace is None else grace)
+        signum = signal.SIGTERM if signum is None else caller_signal(signum)
+        exit = await command.terminate(signum, STOP_GRACE if grace is None else grace)
         if remove and self._named.get(name) is command:
             del self._named[name]
         return exit

@@ -51,9 +51,14 @@ class OutputBuffer:
         """The oldest sequence number still held (`next_sequence` when nothing is)."""
         return self._chunks[0].sequence if self._chunks else self.next_sequence
 
+    @property
+    def full(self) -> bool:
+        """With backpressure: the next `append` waits for the reader."""
+        return not self.evict_oldest and self._bytes >= self.limit
+
     async def append(self, stream: OutputStream, data: bytes) -> None:
         """Adds a chunk; with backpressure, first waits until the buffer is below its limit."""
-        while not self.evict_oldest and self._bytes >= self.limit:
+        while self.full:
             self._space.clear()
             await self._space.wait()
         self._chunks.append(OutputChunk(self.next_sequence, stream, data))

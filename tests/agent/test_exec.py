@@ -13,6 +13,10 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 
+from agent.config import AgentConfig
+from agent.fs.paths import WorkspaceRoot
+from agent.process.command import DRAIN_TIMEOUT, CommandSpec
+from agent.process.manager import ProcessManager, Started
 from tests.conftest import AgentTarget, start_inprocess_agent
 from workspace.agent.v1 import agent_pb2 as pb
 
@@ -220,6 +224,30 @@ async def test_background_children_do_not_outlive_the_command(agent: AgentTarget
     assert await gone_within(agent, [int(result.stdout)], 2)
 
 
+async def test_a_slow_reader_gets_all_output_of_a_command_that_already_exited(tmp_path: Path) -> None:
+    # Below the gRPC layer (whose windows would take it all): the output fits in the agent's buffers and
+    # the pipe, so the command exits while the agent still holds output its reader has not taken.
+    processes = ProcessManager(WorkspaceRoot(tmp_path), AgentConfig(root=tmp_path))
+    size = 400 * 1024
+
+    async def requests():
+        yield CommandSpec(argv=("head", "-c", str(size), "/dev/zero"))
+
+    events = processes.exec(requests())
+    assert isinstance(await anext(events), Started)
+    await asyncio.sleep(DRAIN_TIMEOUT + 0.5)
+    received = [event async for event in events]
+    assert sum(len(chunk.data) for chunk in received[:-1]) == size
+    assert received[-1].exit_code == 0
+
+
+async def test_a_process_that_left_the_group_cannot_hold_the_call_open(agent: AgentTarget) -> None:
+    started = time.monotonic()
+    result = await run(agent, shell="setsid sleep 3 & echo detached")
+    assert (result.stdout, result.exited.exit_code) == (b"detached\n", 0)
+    assert time.monotonic() - started < 2.5
+
+
 async def test_missing_program_is_not_found(agent: AgentTarget) -> None:
     details = await expect_error(agent, grpc.StatusCode.NOT_FOUND, argv=["no-such-program-xyz", "--help"])
     assert "no-such-program-xyz" in details and "PATH" in details
@@ -303,6 +331,14 @@ async def test_flooding_command_blocks_when_the_client_does_not_read(agent: Agen
     assert await gone_within(agent, [pid], 5)
 
 
+async def running_commands_drop_to(agent: AgentTarget, count: int) -> None:
+    for _ in range(100):
+        if (await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)).running_commands <= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still more than {count} commands running")
+
+
 async def test_concurrent_commands_are_capped(tmp_path: Path) -> None:
     root = tmp_path / "app"
     root.mkdir()
@@ -317,12 +353,10 @@ async def test_concurrent_commands_are_capped(tmp_path: Path) -> None:
         details = await expect_error(agent, grpc.StatusCode.RESOURCE_EXHAUSTED, argv=["true"])
         assert "2 commands" in details
         calls[0].cancel()
-        for _ in range(100):  # the slot is free once the cancelled command has exited
-            if (await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)).running_commands < 2:
-                break
-            await asyncio.sleep(0.02)
+        await running_commands_drop_to(agent, 1)  # the slot is free once the cancelled command has exited
         assert (await run(agent, argv=["true"])).exited.exit_code == 0
         calls[1].cancel()
+        await running_commands_drop_to(agent, 0)
     finally:
         await agent.channel.close()
         await server.stop(None)
