@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import AgentConfig
-from agent.errors import ChecksumMismatch, InvalidArgument, LimitExceeded
+from agent.errors import ChecksumMismatch, InvalidArgument, LimitExceeded, PreconditionFailed
 from agent.fs.channel import ByteChannel, run_in_own_thread
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.staging import STAGING_DIR_NAME, StagingArea, Swap, is_staging_path
@@ -66,7 +66,8 @@ async def extract_archive(
     The destination changes only if the whole stream arrived, its sha256 matched and every member was
     accepted; otherwise it is left as it was and the staging area is removed. Raises InvalidPath,
     PathEscapesRoot, InvalidArgument (unsafe member, corrupt or truncated data), ChecksumMismatch,
-    LimitExceeded, Cancelled (the upload stopped midway).
+    LimitExceeded, Cancelled (the upload stopped midway), PreconditionFailed (the swap failed part-way
+    and was rolled back, or the staging directory's name is taken).
     """
     expected = expected_sha256.strip().lower()
     if expected and not _SHA256_HEX.fullmatch(expected):
@@ -147,8 +148,13 @@ class _Extraction:
                     swap.replace(self._destination, is_root=self._is_root)
                 else:
                     swap.merge(self._destination)
-            except BaseException:
+            except BaseException as error:
                 swap.roll_back()
+                if isinstance(error, OSError):
+                    raise PreconditionFailed(
+                        f"cannot move the extracted files into place ({error.strerror}: {error.filename}); "
+                        "the destination was restored"
+                    ) from None
                 raise
             return writer.report(sha256)
         finally:

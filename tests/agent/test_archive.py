@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -251,6 +252,33 @@ async def test_read_only_directories_are_extracted_merged_and_replaced(agent: Ag
     await extract(agent, targz(member("new.txt", b"n")))
     assert snapshot(agent.root) == {"new.txt": ("file", 0o644, b"n")}
     assert not (agent.root / STAGING).exists()
+
+
+@pytest.fixture
+def immutable(tmp_path: Path):
+    """Makes a path immutable (`chattr +i`: not even root may rename it) until the test ends."""
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here (needs root and ext4 or similar)")
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.inprocess_only("the container harness hands files over with chown, which an immutable directory refuses")
+async def test_a_swap_failing_part_way_is_rolled_back(agent: AgentTarget, immutable: Callable[[Path], None]) -> None:
+    (agent.root / "a.txt").write_text("moved aside first")
+    (agent.root / "z").mkdir()
+    (agent.root / "z" / "kept").write_text("kept")
+    immutable(agent.root / "z")
+    before = snapshot(agent.root)
+    # REPLACE moves `a.txt` aside, then cannot move `z`: everything must go back.
+    await assert_refused(agent, upload(targz(member("new.txt", b"n"))), grpc.StatusCode.FAILED_PRECONDITION, "the destination was restored")
+    assert snapshot(agent.root) == before
 
 
 async def test_special_bits_are_stripped_and_counted(agent: AgentTarget) -> None:
