@@ -40,6 +40,14 @@ class PtySize:
     rows: int
     cols: int
 
+    def checked(self) -> PtySize:
+        """This size, or 24x80 when either side is unset; raises InvalidArgument when no terminal can have it."""
+        if not (self.rows and self.cols):
+            return PtySize(24, 80)
+        if self.rows > 0xFFFF or self.cols > 0xFFFF:
+            raise InvalidArgument(f"PTY size {self.rows}x{self.cols} is too large")
+        return self
+
 
 @dataclass(frozen=True)
 class CommandSpec:
@@ -151,7 +159,10 @@ class Command:
                 env=env,
             )
             command = cls(argv, display_cwd, name, process, output, None, open_stdin)
-            pumps = [_pump_pipe(process.stdout, OutputStream.STDOUT, output), _pump_pipe(process.stderr, OutputStream.STDERR, output)]
+            pumps = [
+                _pump_pipe(process.stdout, OutputStream.STDOUT, output),
+                _pump_pipe(process.stderr, OutputStream.STDERR, output),
+            ]
         else:
             terminal, tty = os.openpty()
             try:
@@ -203,8 +214,9 @@ class Command:
             case PtySize():
                 if self._terminal is None:
                     raise InvalidArgument("resize needs a command started with a PTY (ExecStart.pty)")
+                size = control.checked()
                 if self.running:
-                    _set_terminal_size(self._terminal, control)
+                    _set_terminal_size(self._terminal, size)
 
     def release_stdin(self) -> None:
         """Closes a stdin pipe: nobody will write to it any more."""
@@ -294,7 +306,9 @@ class _LeaderProcess(asyncio.subprocess.Process):
     """A subprocess that also tells when the leader itself exits: `wait()` waits for its pipes to
     close as well, which a background child holding them can put off forever."""
 
-    def __init__(self, transport: asyncio.SubprocessTransport, protocol: _LeaderProtocol, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, transport: asyncio.SubprocessTransport, protocol: _LeaderProtocol, loop: asyncio.AbstractEventLoop
+    ) -> None:
         super().__init__(transport, protocol, loop)
         self.leader_exited = protocol.leader_exited
 

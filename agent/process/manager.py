@@ -14,14 +14,13 @@ from agent import telemetry
 from agent.config import AgentConfig
 from agent.errors import AlreadyExists, InvalidArgument, LimitExceeded, NotFound
 from agent.fs.paths import WorkspaceRoot
-from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, PtySize, caller_signal
+from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, caller_signal
 from agent.process.output import OutputBuffer, OutputChunk
 
 # Output a one-shot command may have read ahead of its caller before the command is made to wait.
 EXEC_BUFFER_BYTES = 256 * 1024
 # StopProcess waits this long between its signal and SIGKILL unless told otherwise.
 STOP_GRACE = 5.0
-DEFAULT_PTY_SIZE = PtySize(rows=24, cols=80)
 PROCESS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -65,7 +64,8 @@ class ProcessManager:
         """Runs the command of the first request, applies the later ones to it, and streams what happens.
 
         When the caller leaves early, a one-shot command's process group is killed; a named process
-        keeps running. Raises InvalidArgument, NotFound, PathEscapesRoot, AlreadyExists, LimitExceeded.
+        keeps running. Raises InvalidArgument, NotFound, PathEscapesRoot, AlreadyExists, LimitExceeded,
+        and InvalidArgument for a later request that does not fit the command (which ends the call).
         """
         spec = await anext(requests, None)
         if not isinstance(spec, CommandSpec):
@@ -108,11 +108,7 @@ class ProcessManager:
             raise InvalidArgument("timeout must not be negative")
         env = _environment(spec.env)
         _require_executable(argv[0], cwd, env)
-        pty = spec.pty
-        if pty is not None:
-            pty = pty if pty.rows and pty.cols else DEFAULT_PTY_SIZE
-            if pty.rows > 0xFFFF or pty.cols > 0xFFFF:
-                raise InvalidArgument(f"PTY size {pty.rows}x{pty.cols} is too large")
+        pty = spec.pty.checked() if spec.pty else None
         if spec.name and (spec.name in self._names_starting or self._is_running(spec.name)):
             raise AlreadyExists(f"a process named {spec.name!r} is running; stop it first (StopProcess)")
         limit = self._config.max_concurrent_commands
@@ -211,7 +207,9 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str] | None:
         return None
     for key, value in (extra or {}).items():
         if not key or "=" in key or "\x00" in key or "\x00" in value:
-            raise InvalidArgument(f"environment variable {key!r}: names must be non-empty without '=', and no NUL bytes")
+            raise InvalidArgument(
+                f"environment variable {key!r}: names must be non-empty without '=', and no NUL bytes"
+            )
     return {**os.environ, **trace_context, **(extra or {})}
 
 

@@ -90,7 +90,8 @@ def attach_response(event: AttachEvent) -> pb.AttachProcessResponse:
         case OutputChunk():
             return pb.AttachProcessResponse(output=process_output(event))
         case Attached(command, missed):
-            return pb.AttachProcessResponse(attached=pb.ProcessAttached(process=process_info(command), missed_chunks=missed))
+            attached = pb.ProcessAttached(process=process_info(command), missed_chunks=missed)
+            return pb.AttachProcessResponse(attached=attached)
         case CommandExit():
             return pb.AttachProcessResponse(exited=process_exited(event))
 

@@ -189,7 +189,8 @@ async def test_pty_has_the_requested_size_and_can_be_resized(agent: AgentTarget)
 
 async def test_pty_ctrl_c_interrupts_the_foreground_program(agent: AgentTarget) -> None:
     call = agent.stub.Exec(metadata=agent.metadata)
-    await call.write(pb.ExecRequest(start=pb.ExecStart(shell="echo ready; exec sleep 30", pty=pb.PtySize(), open_stdin=True)))
+    start = pb.ExecStart(shell="echo ready; exec sleep 30", pty=pb.PtySize(), open_stdin=True)
+    await call.write(pb.ExecRequest(start=start))
     result = Result()
     while b"ready" not in result.pty:
         add_event(result, await call.read())
@@ -265,7 +266,9 @@ async def test_missing_program_is_not_found(agent: AgentTarget) -> None:
         ("file.txt", grpc.StatusCode.INVALID_ARGUMENT),
     ],
 )
-async def test_bad_cwd_is_refused_and_nothing_runs(agent: AgentTarget, tmp_path: Path, cwd: str, code: grpc.StatusCode) -> None:
+async def test_bad_cwd_is_refused_and_nothing_runs(
+    agent: AgentTarget, tmp_path: Path, cwd: str, code: grpc.StatusCode
+) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (agent.root / "escape").symlink_to(outside)

@@ -185,7 +185,8 @@ async def small_agent(tmp_path: Path) -> AsyncIterator[tuple[AgentTarget, AgentS
     await server.start()
     address = f"127.0.0.1:{port}"
     channel = aio.insecure_channel(address)
-    target = AgentTarget("inprocess", address, token, root, channel, agent_pb2_grpc.AgentServiceStub(channel), str(root))
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    target = AgentTarget("inprocess", address, token, root, channel, stub, str(root))
     try:
         yield target, servicer
     finally:
@@ -194,7 +195,9 @@ async def small_agent(tmp_path: Path) -> AsyncIterator[tuple[AgentTarget, AgentS
         await server.stop(None)
 
 
-async def test_replay_buffer_is_bounded_and_reports_missed_chunks(small_agent: tuple[AgentTarget, AgentServicer]) -> None:
+async def test_replay_buffer_is_bounded_and_reports_missed_chunks(
+    small_agent: tuple[AgentTarget, AgentServicer],
+) -> None:
     agent, _ = small_agent
     line = "x" * 99 + "\n"
     # Separate writes a little apart, so they arrive as separate chunks.
