@@ -136,7 +136,7 @@ class _Extraction:
                     raise LimitExceeded("the workspace's disk is full; nothing was changed") from None
                 raise
             writer.finish()
-            sha256 = upload.drain()
+            sha256 = upload.sha256
             if self._expected and sha256 != self._expected:
                 raise ChecksumMismatch(
                     f"archive sha256 is {sha256} but {self._expected} was expected: "
@@ -178,7 +178,7 @@ class _GzipUpload:
         self._output = b""
         self._view = memoryview(self._output)
         self._position = 0
-        self._received_any = False
+        self._received = 0
 
     def read_exact(self, size: int) -> bytes | None:
         end = self._position + size
@@ -213,11 +213,10 @@ class _GzipUpload:
             yield self._view[self._position :]
             self._position = len(self._output)
 
-    def drain(self) -> str:
-        """Hashes whatever was not read yet (a reader may stop at the end marker); returns the hex
-        sha256 of the whole upload."""
-        while (raw := self._channel.get_blocking()) is not None:
-            self._hash.update(raw)
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the upload; complete once TarReader is done, as it reads to the end of the data
+        (past the end marker, which only zero padding may follow)."""
         return self._hash.hexdigest()
 
     def _inflate_more(self) -> bool:
@@ -225,12 +224,12 @@ class _GzipUpload:
             if not self._input:
                 raw = self._channel.get_blocking()
                 if raw is None:
-                    if not self._received_any:
+                    if not self._received:
                         raise InvalidArgument("archive is empty: no bytes arrived after the spec")
                     if not self._inflater.eof:
                         raise InvalidArgument("archive is truncated: the gzip stream ends before its end marker")
                     return False
-                self._received_any = True
+                self._received += len(raw)
                 self._hash.update(raw)
                 self._input = raw
             if self._inflater.eof:

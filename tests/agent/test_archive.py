@@ -394,6 +394,7 @@ REFUSALS: dict[str, tuple[Callable[[], bytes], str, grpc.StatusCode, str]] = {
     "tar cut inside a member": (tar_cut_inside_a_member, "", grpc.StatusCode.INVALID_ARGUMENT, "ends inside a member's content"),
     "corrupt tar header": (lambda: damaged_second_header(b"\xee" * 512), "", grpc.StatusCode.INVALID_ARGUMENT, "header at offset 1024 of the tar data has a bad checksum"),
     "zeroed tar header": (lambda: damaged_second_header(bytes(512)), "", grpc.StatusCode.INVALID_ARGUMENT, "empty header at offset 1024 of the tar data is followed by more data"),
+    "garbage after the gzip stream": (lambda: targz(GOOD) + b"trailing garbage", "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
     "gzip of nothing": (lambda: gzip_of(b""), "", grpc.StatusCode.INVALID_ARGUMENT, "holds no tar data"),
     "empty upload": (lambda: b"", "", grpc.StatusCode.INVALID_ARGUMENT, "archive is empty"),
 }
