@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "protos")]
 
 from orchestrator.readiness import wait_until_ready  # noqa: E402
+from orchestrator.runtime.base import trust_env  # noqa: E402
 from orchestrator.templates import TemplateCatalog, TemplateSpec  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
@@ -41,6 +42,8 @@ CORE_IMAGE = "workspace-core:latest"
 PHASES = [pb.Phase.Name(p).removeprefix("PHASE_").lower() for p in pb.Phase.values() if p]
 READY_TIMEOUT_S = 300.0
 BENCH_LABEL = "workspace-core.bench"
+# Where the old way's image keeps the extra CA bundle, as the docker runtime mounts it.
+IMAGE_CA_BUNDLE = "/etc/workspace/extra-ca.pem"
 
 
 def free_port() -> int:
@@ -77,7 +80,7 @@ def machine() -> str:
 class Orchestrator:
     """`python -m orchestrator --runtime docker` as a subprocess with its own data dir and instance id."""
 
-    def __init__(self, data_dir: Path, image: str, instance_id: str) -> None:
+    def __init__(self, data_dir: Path, image: str, instance_id: str, extra_ca_bundle: Path | None) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self.log = data_dir / "orchestrator.log"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,7 @@ class Orchestrator:
                 [
                     sys.executable, "-m", "orchestrator", "--runtime", "docker", "--listen", self.address,
                     "--data-dir", str(data_dir), "--image", image, "--instance-id", instance_id, "--log-level", "WARNING",
+                    *(["--extra-ca-bundle", str(extra_ca_bundle)] if extra_ca_bundle else []),
                 ],  # fmt: skip
                 cwd=REPO,
                 stdout=log,
@@ -143,10 +147,13 @@ class Orchestrator:
 # ---------------------------------------------------------------------------------------------- the old way
 
 
-def dockerfile(base: str, spec: TemplateSpec) -> str:
-    """What a template would be without runtime injection: its own image, built from a Node base."""
+def dockerfile(base: str, spec: TemplateSpec, trusted_ca: bool) -> str:
+    """What a template would be without runtime injection: its own image, built from a Node base (trusting a
+    TLS-intercepting proxy's CA the way the docker runtime makes workspaces trust it)."""
+    trust = [f"COPY extra-ca.pem {IMAGE_CA_BUNDLE}", *(f"ENV {k}={v}" for k, v in trust_env(IMAGE_CA_BUNDLE).items())]
     lines = [
         f"FROM {base}",
+        *(trust if trusted_ca else []),
         "WORKDIR /app",
         "COPY --chown=1000:1000 . /app",
         *(f"ENV {key}={json.dumps(value)}" for key, value in sorted(spec.env.items())),
@@ -161,12 +168,14 @@ def dockerfile(base: str, spec: TemplateSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_context(directory: Path, base: str, spec: TemplateSpec) -> Path:
+def build_context(directory: Path, base: str, spec: TemplateSpec, extra_ca_bundle: Path | None) -> Path:
     shutil.copytree(
         spec_path(spec), directory, ignore=shutil.ignore_patterns("template.json", "node_modules", "dist")
     )
-    (directory / "Dockerfile").write_text(dockerfile(base, spec))
+    (directory / "Dockerfile").write_text(dockerfile(base, spec, extra_ca_bundle is not None))
     (directory / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
+    if extra_ca_bundle is not None:
+        shutil.copyfile(extra_ca_bundle, directory / "extra-ca.pem")
     return directory
 
 
@@ -209,7 +218,9 @@ def measure(runs: int, label: str, once: Callable[[], float]) -> list[float]:
     return samples
 
 
-def bench_template(orchestrator: Orchestrator, spec: TemplateSpec, base: str, runs: int, run_label: str) -> list[str]:
+def bench_template(
+    orchestrator: Orchestrator, spec: TemplateSpec, base: str, runs: int, run_label: str, extra_ca_bundle: Path | None
+) -> list[str]:
     name = spec.name
     new_totals: list[float] = []
     phase_samples: dict[str, list[float]] = {}
@@ -223,7 +234,7 @@ def bench_template(orchestrator: Orchestrator, spec: TemplateSpec, base: str, ru
 
     measure(runs, f"{name} new way", new_once)
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch:
-        context = build_context(Path(scratch) / "context", base, spec)
+        context = build_context(Path(scratch) / "context", base, spec, extra_ca_bundle)
         cold_tag = f"workspace-core-bench-old:{name}-{run_label}"
         cold = measure(
             runs,
@@ -272,6 +283,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="runs per way and template (medians are reported)")
     parser.add_argument("--npm", action="store_true", help="also vite-react, whose install needs the npm registry")
+    parser.add_argument(
+        "--extra-ca-bundle", type=Path, default=os.environ.get("WORKSPACE_EXTRA_CA_BUNDLE") or None,
+        help="a PEM bundle (public roots + a TLS-intercepting proxy's CA) both ways trust for npm",
+    )  # fmt: skip
     args = parser.parse_args()
 
     run_label = secrets.token_hex(4)
@@ -285,10 +300,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-orchestrator-") as data_dir:
         catalog = TemplateCatalog(REPO / "templates", Path(data_dir) / "catalog")
         specs = [catalog.get("node-basic"), *([catalog.get("vite-react")] if args.npm else [])]
-        orchestrator = Orchestrator(Path(data_dir) / "orchestrator", base_tag, instance_id)
+        orchestrator = Orchestrator(Path(data_dir) / "orchestrator", base_tag, instance_id, args.extra_ca_bundle)
         try:
             for spec in specs:
-                rows += bench_template(orchestrator, spec, base_tag, args.runs, run_label)
+                rows += bench_template(orchestrator, spec, base_tag, args.runs, run_label, args.extra_ca_bundle)
         finally:
             orchestrator.stop()
             cleanup(instance_id, run_label, base_tag)
