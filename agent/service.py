@@ -18,7 +18,7 @@ from agent.fs.archive import ArchiveStream
 from agent.fs.extract import ExtractMode, extract_archive
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
-from agent.fs.search import Context, FoundFile, Match, Searcher, SearchQuery
+from agent.fs.search import Context, Hit, Match, Searcher, SearchQuery, Summary
 from agent.process import messages
 from agent.process.manager import ProcessManager
 from workspace.agent.v1 import agent_pb2 as pb
@@ -29,6 +29,23 @@ def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def _search_hit(hit: Hit) -> pb.SearchHit:
+    if isinstance(hit, Match):
+        submatches = [pb.SearchSubmatch(start=start, end=end) for start, end in hit.submatches]
+        return pb.SearchHit(
+            match=pb.SearchMatch(
+                path=hit.path,
+                line_number=hit.line_number,
+                line=hit.line,
+                submatches=submatches,
+                line_truncated=hit.line_truncated,
+            )
+        )
+    if isinstance(hit, Context):
+        return pb.SearchHit(context=pb.SearchContext(path=hit.path, line_number=hit.line_number, line=hit.line))
+    return pb.SearchHit(file=pb.SearchFile(path=hit.path, size=hit.size))
 
 
 def _edit_operation(op: pb.EditOperation) -> edit.Operation:
@@ -111,22 +128,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         # by the cancellation itself.)
         context.add_done_callback(lambda _: events.ag_running or asyncio.ensure_future(events.aclose()))
         async for event in events:
-            if isinstance(event, Match):
-                submatches = [pb.SearchSubmatch(start=start, end=end) for start, end in event.submatches]
-                yield pb.SearchResponse(
-                    match=pb.SearchMatch(
-                        path=event.path,
-                        line_number=event.line_number,
-                        line=event.line,
-                        submatches=submatches,
-                        line_truncated=event.line_truncated,
-                    )
-                )
-            elif isinstance(event, Context):
-                yield pb.SearchResponse(context=pb.SearchContext(path=event.path, line_number=event.line_number, line=event.line))
-            elif isinstance(event, FoundFile):
-                yield pb.SearchResponse(file=pb.SearchFile(path=event.path, size=event.size))
-            else:
+            if isinstance(event, Summary):
                 elapsed = Duration()
                 elapsed.FromNanoseconds(int(event.elapsed * 1e9))
                 yield pb.SearchResponse(
@@ -138,6 +140,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         elapsed=elapsed,
                     )
                 )
+            else:
+                yield pb.SearchResponse(hits=[_search_hit(hit) for hit in event])
 
     # ------------------------------------------------------------ Read (owner: fs helper)
     async def Read(self, request: pb.ReadRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ReadResponse]:

@@ -396,13 +396,13 @@ def search(
     )
     out = _out()
     summary = agent_pb2.SearchSummary()
-    for event in agent.Search(request, metadata=metadata):
-        kind = event.WhichOneof("event")
-        if kind == "match":
-            line = escape(event.match.line.rstrip("\r\n"))
-            out.print(f"[magenta]{escape(event.match.path)}[/magenta]:{event.match.line_number}:{line}", soft_wrap=True)
-        elif kind == "summary":
-            summary = event.summary
+    for response in agent.Search(request, metadata=metadata):
+        for hit in response.hits:
+            if hit.WhichOneof("hit") == "match":
+                line = escape(hit.match.line.rstrip("\r\n"))
+                out.print(f"[magenta]{escape(hit.match.path)}[/magenta]:{hit.match.line_number}:{line}", soft_wrap=True)
+        if response.HasField("summary"):
+            summary = response.summary
     truncated = " (truncated)" if summary.truncated else ""
     found = f"{_count(summary.results, 'match', 'matches')} in {_count(summary.files_matched, 'file', 'files')}"
     _err().print(f"[dim]{found}{truncated}[/dim]")

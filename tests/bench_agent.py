@@ -267,9 +267,8 @@ async def run(quick: bool) -> None:
         async def search() -> int:
             results = 0
             request = pb.SearchRequest(path="tree", pattern=pattern, regex=True, max_results=100_000)
-            async for event in stub.Search(request, metadata=md):
-                if event.WhichOneof("event") == "match":
-                    results += 1
+            async for response in stub.Search(request, metadata=md):
+                results += sum(hit.WhichOneof("hit") == "match" for hit in response.hits)
             return results
 
         found = await search()

@@ -13,9 +13,8 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import pathspec
 from pathspec.patterns.gitwildmatch import GitWildMatchPatternError
@@ -30,12 +29,19 @@ MAX_LINE_BYTES = 4096
 DEFAULT_EXCLUDES = ("node_modules", ".git")
 # Ignore files by precedence, highest first, as ripgrep reads them.
 IGNORE_FILES = (".rgignore", ".ignore", ".gitignore")
-# The Python engine hands results to the event loop in batches of this many files.
+# A batch of hits (one response) is sent once it holds this many hits or about this many bytes of text...
+BATCH_HITS = 1000
+BATCH_BYTES = 64 * 1024
+# ...or once its first hit has waited this long. Engines report at least this often while they work, so a hit
+# waits at most about twice this: a slow search still streams, a fast one sends few large batches.
+BATCH_WAIT = 0.025
+# The Python engine hands results to the event loop in batches of at most this many files.
 PYTHON_BATCH_FILES = 64
 # Bytes of rg output buffered ahead of the consumer.
 RG_READ_AHEAD = 16 * 1024 * 1024
 
 Engine = Literal["ripgrep", "python"]
+_Item = TypeVar("_Item")
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,9 @@ class Summary:
     elapsed: float
 
 
-SearchEvent = Match | Context | FoundFile | Summary
+Hit = Match | Context | FoundFile
+# A batch of hits in search order, or the Summary that ends a search.
+SearchEvent = list[Hit] | Summary
 # One line of a file as an engine reports it: number, raw bytes without the newline, and the
 # byte spans that matched (None for a context line).
 _RawLine = tuple[int, bytes, list[tuple[int, int]] | None]
@@ -112,9 +120,9 @@ class Searcher:
         self.engine: Engine = "ripgrep" if self.rg else "python"
 
     async def search(self, query: SearchQuery) -> AsyncIterator[SearchEvent]:
-        """Streams Match and Context events (content search) or FoundFile events (discovery),
-        then one Summary. Raises InvalidPath, PathEscapesRoot, NotFound (no such directory) and
-        InvalidArgument (not a directory, bad pattern, glob, context or cap)."""
+        """Streams batches of hits, Match and Context (content search) or FoundFile (discovery), then one
+        Summary. Raises InvalidPath, PathEscapesRoot, NotFound (no such directory) and InvalidArgument
+        (not a directory, bad pattern, glob, context or cap)."""
         started = time.monotonic()
         cap = self._cap(query)
         directory = self._directory(query.path)
@@ -123,38 +131,55 @@ class Searcher:
         if query.context_before > MAX_CONTEXT_LINES or query.context_after > MAX_CONTEXT_LINES:
             raise InvalidArgument(f"at most {MAX_CONTEXT_LINES} context lines before and after a match")
         engine = _Ripgrep(self.rg, self.root, query) if self.rg else _PythonEngine(self.root, query)
+        batch = _Batch()
         results = files_matched = 0
         truncated = False
         if not query.pattern:
-            async with contextlib.aclosing(engine.files(directory)) as files:
-                async for path, size in files:
-                    if results == cap:
-                        truncated = True
-                        break
-                    results += 1
-                    yield FoundFile(path, size)
-        else:
-            # One match past the cap tells whether the results were truncated.
-            async with contextlib.aclosing(engine.matches(directory, cap + 1)) as found:
-                async for path, lines in found:
-                    last_match = 0
-                    for number, raw, spans in lines:
-                        if spans is None:
-                            # Once the cap is reached only the after-context of the last match is sent.
-                            if results < cap or (last_match and number <= last_match + query.context_after):
-                                yield Context(path, number, _decode(raw, [])[0])
-                            continue
+            async with contextlib.aclosing(engine.files(directory)) as chunks:
+                async for chunk in chunks:
+                    for path, size in chunk:
                         if results == cap:
                             truncated = True
                             break
-                        if not last_match:
-                            files_matched += 1
                         results += 1
-                        last_match = number
-                        line, submatches, cut = _decode(raw, spans)
-                        yield Match(path, number, line, submatches, cut)
+                        if batch.add(FoundFile(path, size), len(path)):
+                            yield batch.take()
                     if truncated:
                         break
+                    if batch.due():
+                        yield batch.take()
+        else:
+            # One match past the cap tells whether the results were truncated.
+            async with contextlib.aclosing(engine.matches(directory, cap + 1)) as chunks:
+                async for chunk in chunks:
+                    for path, lines in chunk:
+                        last_match = 0
+                        for number, raw, spans in lines:
+                            if spans is None:
+                                # Once the cap is reached only the after-context of the last match is sent.
+                                if results < cap or (last_match and number <= last_match + query.context_after):
+                                    line = _decode(raw, [])[0]
+                                    if batch.add(Context(path, number, line), len(path) + len(line)):
+                                        yield batch.take()
+                                continue
+                            if results == cap:
+                                truncated = True
+                                break
+                            if not last_match:
+                                files_matched += 1
+                            results += 1
+                            last_match = number
+                            line, submatches, cut = _decode(raw, spans)
+                            if batch.add(Match(path, number, line, submatches, cut), len(path) + len(line)):
+                                yield batch.take()
+                        if truncated:
+                            break
+                    if truncated:
+                        break
+                    if batch.due():
+                        yield batch.take()
+        if batch.hits:
+            yield batch.take()
         yield Summary(results, files_matched, truncated, self.engine, time.monotonic() - started)
 
     def _cap(self, query: SearchQuery) -> int:
@@ -169,6 +194,31 @@ class Searcher:
                 raise NotFound(f"{path}: no such directory")
             raise InvalidArgument(f"{path}: is not a directory; Search takes a directory")
         return self.root.relative(real)
+
+
+class _Batch:
+    """Hits gathered for one response, in order."""
+
+    def __init__(self) -> None:
+        self.hits: list[Hit] = []
+        self.size = 0
+        self.started = 0.0
+
+    def add(self, hit: Hit, size: int) -> bool:
+        """Adds a hit of about `size` bytes; True when the batch is full."""
+        if not self.hits:
+            self.started = time.monotonic()
+        self.hits.append(hit)
+        self.size += size + 32  # and the hit's field tags, lengths and numbers
+        return len(self.hits) == BATCH_HITS or self.size >= BATCH_BYTES
+
+    def due(self) -> bool:
+        """Whether the first hit has waited long enough to be sent without waiting for more."""
+        return bool(self.hits) and time.monotonic() - self.started >= BATCH_WAIT
+
+    def take(self) -> list[Hit]:
+        hits, self.hits, self.size = self.hits, [], 0
+        return hits
 
 
 def _decode(raw: bytes, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]], bool]:
@@ -231,23 +281,29 @@ class _Ripgrep:
         for glob in _override_globs(query):
             self.args += ["--glob", glob]
 
-    async def files(self, directory: str) -> AsyncIterator[tuple[str, int]]:
+    async def files(self, directory: str) -> AsyncIterator[list[tuple[str, int]]]:
+        """(path, size) of the files listed, in rg's order, a chunk per piece of rg's output."""
         run = self._run(["--files", "--null", "--", directory], separator=b"\0")
         async with contextlib.aclosing(run) as output:
             async for piece in output:
-                for name in piece.split(b"\0"):
-                    if not name:
-                        continue
-                    path = _strip_dot(os.fsdecode(name))
-                    try:
-                        size = os.lstat(self.root.path / path).st_size
-                    except FileNotFoundError:
-                        continue  # deleted since rg listed it
-                    yield path, size
+                yield await asyncio.to_thread(self._sizes, piece.split(b"\0"))
 
-    async def matches(self, directory: str, limit: int) -> AsyncIterator[tuple[str, list[_RawLine]]]:
+    def _sizes(self, names: list[bytes]) -> list[tuple[str, int]]:
+        found = []
+        for name in names:
+            if not name:
+                continue
+            path = _strip_dot(os.fsdecode(name))
+            try:
+                found.append((path, os.lstat(self.root.path / path).st_size))
+            except FileNotFoundError:
+                continue  # deleted since rg listed it
+        return found
+
+    async def matches(self, directory: str, limit: int) -> AsyncIterator[list[tuple[str, list[_RawLine]]]]:
         """Each file's lines up to its `limit`-th match, once rg has finished the file (so that a file
-        found binary after some matches is dropped whole), in rg's order."""
+        found binary after some matches is dropped whole), in rg's order: a chunk of files per piece
+        of rg's output."""
         q = self.query
         args = ["--json"] + (["--fixed-strings"] if not q.regex else [])
         args += ["--ignore-case" if q.ignore_case else "--case-sensitive"]
@@ -258,6 +314,7 @@ class _Ripgrep:
         run = self._run([*args, "--regexp", q.pattern, "--", directory], separator=b"\n")
         async with contextlib.aclosing(run) as output:
             async for piece in output:
+                finished: list[tuple[str, list[_RawLine]]] = []
                 for message in piece.split(b"\n"):
                     kind = message[9:14]  # {"type":"match"... ; rg writes "type" first
                     if (kind == b"match" or kind == b"conte") and found < limit:
@@ -271,15 +328,18 @@ class _Ripgrep:
                         path = _strip_dot(os.fsdecode(_json_bytes(data["path"])))
                         if found == limit and not await asyncio.to_thread(_has_nul, self.root.path / path):
                             # Nothing past this match is ever sent: no need to wait for rg to finish the file.
-                            yield path, lines
+                            yield [*finished, (path, lines)]
+                            return
                     elif kind == b"end\",":
                         # A NUL byte found after some matches: rg stops, and the file counts as binary.
                         if lines and found < limit and b'"binary_offset":null' in message:
-                            yield path, lines
+                            finished.append((path, lines))
                         lines, found = [], 0
+                yield finished
 
     async def _run(self, args: list[str], separator: bytes) -> AsyncIterator[bytes]:
-        """rg's stdout in pieces of whole records (the last separator of each piece left out)."""
+        """rg's stdout in pieces of whole records (the last separator of each piece left out), and an
+        empty piece whenever rg has been silent for BATCH_WAIT."""
         process = await asyncio.create_subprocess_exec(
             *self.args, *args,
             cwd=self.root.path, stdin=asyncio.subprocess.DEVNULL,
@@ -290,7 +350,15 @@ class _Ripgrep:
         assert process.stdout is not None and process.stderr is not None
         try:
             pending = b""
-            while block := await process.stdout.read(256 * 1024):
+            while True:
+                try:
+                    async with asyncio.timeout(BATCH_WAIT):
+                        block = await process.stdout.read(256 * 1024)
+                except TimeoutError:
+                    yield b""  # so that the caller can send the hits it holds
+                    continue
+                if not block:
+                    break
                 cut = block.rfind(separator) + 1
                 if not cut:
                     pending += block
@@ -351,17 +419,18 @@ class _PythonEngine:
             except re.error as error:
                 raise InvalidArgument(f"bad regex: {error}") from None
 
-    async def files(self, directory: str) -> AsyncIterator[tuple[str, int]]:
-        async for batch in _batches(self._walk(directory)):
-            for path, size in batch:
-                yield path, size
+    def files(self, directory: str) -> AsyncIterator[list[tuple[str, int]]]:
+        """(path, size) of the files to search, in ripgrep's order, in chunks."""
+        return _in_thread(self._walk(directory))
 
-    async def matches(self, directory: str, limit: int) -> AsyncIterator[tuple[str, list[_RawLine]]]:
-        """Each file's lines up to its `limit`-th match, in ripgrep's order."""
-        found = ((path, self._match_file(path, limit)) for path, _ in self._walk(directory))
-        async for batch in _batches((path, lines) for path, lines in found if lines):
-            for path, lines in batch:
-                yield path, lines
+    def matches(self, directory: str, limit: int) -> AsyncIterator[list[tuple[str, list[_RawLine]]]]:
+        """Each file's lines up to its `limit`-th match, in ripgrep's order, in chunks of files."""
+        return _in_thread(self._match_files(directory, limit))
+
+    def _match_files(self, directory: str, limit: int) -> Iterator[tuple[str, list[_RawLine]] | None]:
+        for path, _ in self._walk(directory):
+            lines = self._match_file(path, limit)
+            yield (path, lines) if lines else None  # None still lets _in_thread read the clock
 
     def _walk(self, directory: str) -> Iterator[tuple[str, int]]:
         """(root-relative path, size) of every regular file to search, in ripgrep's order."""
@@ -485,7 +554,21 @@ def _encode(text: str) -> bytes:
     return text.encode(errors="surrogateescape")
 
 
-async def _batches(items: Iterator) -> AsyncIterator[list]:
-    """Runs a blocking iterator in a worker thread, a batch of items per hop."""
-    while batch := await asyncio.to_thread(lambda: list(islice(items, PYTHON_BATCH_FILES))):
-        yield batch
+async def _in_thread(items: Iterator[_Item | None]) -> AsyncIterator[list[_Item]]:
+    """Runs a blocking iterator in a worker thread, handing over up to PYTHON_BATCH_FILES items per hop, and
+    what it has (maybe nothing) after BATCH_WAIT. None items are skipped; they only let the clock be read."""
+
+    def take() -> tuple[list[_Item], bool]:
+        chunk: list[_Item] = []
+        deadline = time.monotonic() + BATCH_WAIT
+        for item in items:
+            if item is not None:
+                chunk.append(item)
+            if len(chunk) == PYTHON_BATCH_FILES or time.monotonic() >= deadline:
+                return chunk, False
+        return chunk, True
+
+    done = False
+    while not done:
+        chunk, done = await asyncio.to_thread(take)
+        yield chunk

@@ -22,11 +22,10 @@ async def test_fifty_concurrent_mixed_calls(agent: AgentTarget) -> None:
     async def search(i: int) -> None:
         lines = []
         request = pb.SearchRequest(pattern=f"needle-{i % 10}", include_globs=["doc*.txt"])
-        async for event in agent.stub.Search(request, metadata=agent.metadata):
-            if event.WhichOneof("event") == "match":
-                lines.append((event.match.path, event.match.line))
-            else:
-                assert event.summary.results == 50
+        async for response in agent.stub.Search(request, metadata=agent.metadata):
+            lines += [(hit.match.path, hit.match.line) for hit in response.hits]
+            if response.HasField("summary"):
+                assert response.summary.results == 50
         assert lines == [(f"doc{i % 10}.txt", f"needle-{i % 10}")] * 50
 
     async def run(i: int) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc import aio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -77,25 +79,26 @@ async def searching_agent(request: pytest.FixtureRequest, tree: Path) -> AsyncIt
         await server.stop(None)
 
 
-async def search(agent: AgentTarget, **fields) -> tuple[list[pb.SearchResponse], pb.SearchSummary]:
-    events = await collect(agent.stub.Search(pb.SearchRequest(**fields), metadata=agent.metadata))
-    assert events[-1].WhichOneof("event") == "summary"
-    return events[:-1], events[-1].summary
+async def search(agent: AgentTarget, **fields) -> tuple[list[pb.SearchHit], pb.SearchSummary]:
+    """The hits of a search in the order received, and its summary."""
+    responses = await collect(agent.stub.Search(pb.SearchRequest(**fields), metadata=agent.metadata))
+    assert [r.HasField("summary") for r in responses] == [False] * (len(responses) - 1) + [True]
+    return [hit for r in responses for hit in r.hits], responses[-1].summary
 
 
-def matches(events: list[pb.SearchResponse]) -> list[tuple[str, int, str, list[tuple[int, int]]]]:
+def matches(hits: list[pb.SearchHit]) -> list[tuple[str, int, str, list[tuple[int, int]]]]:
     return [
-        (e.match.path, e.match.line_number, e.match.line, [(s.start, s.end) for s in e.match.submatches])
-        for e in events
-        if e.WhichOneof("event") == "match"
+        (h.match.path, h.match.line_number, h.match.line, [(s.start, s.end) for s in h.match.submatches])
+        for h in hits
+        if h.WhichOneof("hit") == "match"
     ]
 
 
 async def test_default_search_skips_ignored_hidden_dependency_binary_and_linked_files(
     searching_agent: AgentTarget, request: pytest.FixtureRequest
 ) -> None:
-    events, summary = await search(searching_agent, pattern="needle")
-    assert [path for path, *_ in matches(events)] == [
+    hits, summary = await search(searching_agent, pattern="needle")
+    assert [path for path, *_ in matches(hits)] == [
         "a/x.txt",  # entries sorted by name in each directory: "a" before "a-b.txt"
         "a-b.txt",
         "a.txt",
@@ -114,8 +117,8 @@ async def test_default_search_skips_ignored_hidden_dependency_binary_and_linked_
 
 
 async def test_match_lines_and_byte_offsets(searching_agent: AgentTarget) -> None:
-    events, _ = await search(searching_agent, pattern="needle", path="src")
-    found = {(path, line): (text, spans) for path, line, text, spans in matches(events)}
+    hits, _ = await search(searching_agent, pattern="needle", path="src")
+    found = {(path, line): (text, spans) for path, line, text, spans in matches(hits)}
     assert found[("src/unicode.txt", 1)] == ("héllo needle wörld", [(7, 13)])  # é is two bytes
     assert found[("src/crlf.txt", 1)] == ("needle crlf", [(0, 6)])  # without its \r\n
     assert found[("src/invalid.txt", 1)] == ("caf\ufffd needle", [(7, 13)])  # U+FFFD is three bytes
@@ -123,14 +126,14 @@ async def test_match_lines_and_byte_offsets(searching_agent: AgentTarget) -> Non
     # Lines are cut at 4 KiB; so are the matches in them.
     assert found[("src/long.txt", 1)] == ("x" * 4096, [])
     assert found[("src/long.txt", 2)] == ("y" * 4093 + "nee", [(4093, 4096)])
-    cut = [e.match.line_truncated for e in events if e.match.path == "src/long.txt"]
+    cut = [h.match.line_truncated for h in hits if h.match.path == "src/long.txt"]
     assert cut == [True, True]
 
 
 async def test_context_lines_come_in_file_order(searching_agent: AgentTarget) -> None:
-    events, summary = await search(searching_agent, pattern="needle", path="src", include_globs=["main.ts"],
+    hits, summary = await search(searching_agent, pattern="needle", path="src", include_globs=["main.ts"],
                                    context_before=1, context_after=2)  # fmt: skip
-    lines = [(e.WhichOneof("event"), getattr(e, e.WhichOneof("event")).line_number) for e in events]
+    lines = [(h.WhichOneof("hit"), getattr(h, h.WhichOneof("hit")).line_number) for h in hits]
     assert lines == [("context", 1), ("match", 2), ("context", 3), ("context", 4), ("context", 5),
                      ("match", 6), ("context", 7)]  # fmt: skip
     assert summary.results == 2
@@ -138,8 +141,8 @@ async def test_context_lines_come_in_file_order(searching_agent: AgentTarget) ->
 
 async def test_options_widen_or_narrow_the_search(searching_agent: AgentTarget) -> None:
     async def paths(**fields) -> set[str]:
-        events, _ = await search(searching_agent, pattern="needle", **fields)
-        return {path for path, *_ in matches(events)}
+        hits, _ = await search(searching_agent, pattern="needle", **fields)
+        return {path for path, *_ in matches(hits)}
 
     default = await paths()
     assert await paths(hidden=True) - default == {".hidden_file", ".config/settings.txt"}
@@ -155,35 +158,35 @@ async def test_options_widen_or_narrow_the_search(searching_agent: AgentTarget) 
 
 
 async def test_regex_and_ignore_case(searching_agent: AgentTarget) -> None:
-    events, _ = await search(searching_agent, pattern=r"ne+dle\s+(one|two)", regex=True)
-    assert [(p, n) for p, n, *_ in matches(events)] == [("src/main.ts", 2), ("src/main.ts", 6)]
-    events, _ = await search(searching_agent, pattern="ne+dle", path="src/sub")  # literal: no match
-    assert matches(events) == []
-    events, _ = await search(searching_agent, pattern="needle", ignore_case=True, path="src/sub")
-    assert [(n, spans) for _, n, _, spans in matches(events)] == [(1, [(2, 8)]), (2, [(7, 13)])]
-    events, _ = await search(searching_agent, pattern="ñandú", ignore_case=True, path="src")
-    assert matches(events) == [("src/unicode.txt", 2, "日本語 NEEDLE Ñandú", [(17, 24)])]
+    hits, _ = await search(searching_agent, pattern=r"ne+dle\s+(one|two)", regex=True)
+    assert [(p, n) for p, n, *_ in matches(hits)] == [("src/main.ts", 2), ("src/main.ts", 6)]
+    hits, _ = await search(searching_agent, pattern="ne+dle", path="src/sub")  # literal: no match
+    assert matches(hits) == []
+    hits, _ = await search(searching_agent, pattern="needle", ignore_case=True, path="src/sub")
+    assert [(n, spans) for _, n, _, spans in matches(hits)] == [(1, [(2, 8)]), (2, [(7, 13)])]
+    hits, _ = await search(searching_agent, pattern="ñandú", ignore_case=True, path="src")
+    assert matches(hits) == [("src/unicode.txt", 2, "日本語 NEEDLE Ñandú", [(17, 24)])]
 
 
 async def test_result_cap_sets_truncated(searching_agent: AgentTarget) -> None:
-    events, summary = await search(searching_agent, pattern="needle", max_results=3, context_after=1)
-    assert [p for p, *_ in matches(events)] == ["a/x.txt", "a-b.txt", "a.txt"]
+    hits, summary = await search(searching_agent, pattern="needle", max_results=3, context_after=1)
+    assert [p for p, *_ in matches(hits)] == ["a/x.txt", "a-b.txt", "a.txt"]
     assert (summary.results, summary.files_matched, summary.truncated) == (3, 3, True)
     _, exact = await search(searching_agent, pattern="needle", max_results=12)
     assert (exact.results, exact.truncated) == (12, False)
 
 
 async def test_file_discovery(searching_agent: AgentTarget) -> None:
-    events, summary = await search(searching_agent, path="src")
-    files = [(e.file.path, e.file.size) for e in events]
+    hits, summary = await search(searching_agent, path="src")
+    files = [(h.file.path, h.file.size) for h in hits]
     assert [path for path, _ in files] == [
         "src/crlf.txt", "src/invalid.txt", "src/long.txt", "src/main.ts", "src/sub/deep.py", "src/unicode.txt",
     ]  # fmt: skip
     assert dict(files)["src/crlf.txt"] == len(b"needle crlf\r\nother\r\n")
-    events, summary = await search(searching_agent, include_globs=["*.bin"])
-    assert [e.file.path for e in events] == ["binary.bin", "late_binary.bin"]  # listed, binary or not
-    events, summary = await search(searching_agent, max_results=2)
-    assert [e.file.path for e in events] == ["a/x.txt", "a-b.txt"] and summary.truncated
+    hits, summary = await search(searching_agent, include_globs=["*.bin"])
+    assert [h.file.path for h in hits] == ["binary.bin", "late_binary.bin"]  # listed, binary or not
+    hits, summary = await search(searching_agent, max_results=2)
+    assert [h.file.path for h in hits] == ["a/x.txt", "a-b.txt"] and summary.truncated
 
 
 async def test_bad_requests(searching_agent: AgentTarget) -> None:
@@ -213,7 +216,7 @@ async def test_cancelling_stops_the_search(engine: str, tmp_path: Path) -> None:
     try:
         call = agent.stub.Search(pb.SearchRequest(pattern="needle", max_results=20_000), metadata=agent.metadata)
         first = await call.read()
-        assert (first.match.path, first.match.line_number) == ("many.txt", 1)
+        assert (first.hits[0].match.path, first.hits[0].match.line_number) == ("many.txt", 1)
         assert len(rg_children()) == (1 if engine == "ripgrep" else 0)
         call.cancel()
         for _ in range(100):
@@ -233,9 +236,53 @@ async def test_reaching_the_cap_stops_rg(engine: str, tmp_path: Path) -> None:
     (root / "many.txt").write_bytes(b"needle\n" * 400_000)
     server, agent = await start_inprocess_agent(root, search_engine=engine)
     try:
-        events, summary = await search(agent, pattern="needle", max_results=5)
-        assert [e.match.line_number for e in events] == [1, 2, 3, 4, 5] and summary.truncated
+        hits, summary = await search(agent, pattern="needle", max_results=5)
+        assert [h.match.line_number for h in hits] == [1, 2, 3, 4, 5] and summary.truncated
         assert rg_children() == []
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_hits_come_in_batches_in_order(engine: str, tmp_path: Path) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    (root / "many.txt").write_bytes(b"needle\n" * 2500)
+    (root / "wide.txt").write_bytes((b"needle " + b"w" * 4000 + b"\n") * 40)
+    server, agent = await start_inprocess_agent(root, search_engine=engine)
+    try:
+        request = pb.SearchRequest(pattern="needle", max_results=10_000)
+        responses = await collect(agent.stub.Search(request, metadata=agent.metadata))
+        # A file's hits are found together: 2,500 short lines fill two responses of 1,000 hits, 40 lines of 4 KiB
+        # take three or so of about 64 KiB; the rest may be split between the files, and the summary comes last.
+        assert [len(r.hits) for r in responses[:2]] == [1000, 1000]
+        assert all(len(r.hits) <= 1000 and r.ByteSize() < 70 * 1024 for r in responses)
+        assert len(responses) <= 7
+        hits = [(h.match.path, h.match.line_number) for r in responses for h in r.hits]
+        assert hits == [("many.txt", n) for n in range(1, 2501)] + [("wide.txt", n) for n in range(1, 41)]
+        assert responses[-1].summary.results == 2540
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
+
+
+async def test_a_slow_search_streams_what_it_has_found(tmp_path: Path) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"needle\n")
+    for i in range(8):  # each costs Python's backtracking regex engine about 0.1 s
+        (root / f"slow{i}.txt").write_bytes(b"x" * 20 + b"\n")
+    server, agent = await start_inprocess_agent(root, search_engine="python")
+    try:
+        call = agent.stub.Search(pb.SearchRequest(pattern=r"needle|(x+x+)+y", regex=True), metadata=agent.metadata)
+        started = time.monotonic()
+        first = await call.read()
+        waited = time.monotonic() - started
+        assert [h.match.path for h in first.hits] == ["a.txt"]
+        while (last := await call.read()) is not aio.EOF:
+            summary = last.summary
+        assert waited < summary.elapsed.ToTimedelta().total_seconds() / 2
     finally:
         await agent.channel.close()
         await server.stop(None)
@@ -261,10 +308,10 @@ def rg_children() -> list[int]:
 def run_both(root: Path, query: SearchQuery) -> tuple[list, list]:
     async def run(engine: str) -> list:
         searcher = Searcher(WorkspaceRoot(root), default_max_results=1000, max_results_limit=100_000, engine=engine)
-        events = [event async for event in searcher.search(query)]
-        summary = events.pop()
+        *batches, summary = [event async for event in searcher.search(query)]
         assert isinstance(summary, Summary) and summary.engine == engine
-        return [*events, (summary.results, summary.files_matched, summary.truncated)]
+        hits = [hit for batch in batches for hit in batch]
+        return [*hits, (summary.results, summary.files_matched, summary.truncated)]
 
     async def both() -> tuple[list, list]:
         return await run("ripgrep"), await run("python")

@@ -213,14 +213,51 @@ Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
 
 @_typing.final
 class SearchResponse(_message.Message):
-    """SearchResponse is one event of a search stream."""
+    """SearchResponse is one batch of a search stream. Results are batched because
+    a message per result costs more than finding it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
+        """Results in search order: files depth-first, each directory's entries
+        sorted by name bytes; within a file, its matches and context lines in
+        line order (content search), or the files found (discovery). A response
+        holds up to 1000 hits or about 64 KiB, and results found are sent within
+        about 50 ms, so a slow search still streams. The last response may have
+        none.
+        """
+
+    @_builtins.property
+    def summary(self) -> Global___SearchSummary:
+        """Set on the last response only."""
+
+    def __init__(
+        self,
+        *,
+        hits: _abc.Iterable[Global___SearchHit] | None = ...,
+        summary: Global___SearchSummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
+
+@_typing.final
+class SearchHit(_message.Message):
+    """SearchHit is one result of a search."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MATCH_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
-    SUMMARY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def match(self) -> Global___SearchMatch:
         """A line that matches (content search)."""
@@ -233,27 +270,22 @@ class SearchResponse(_message.Message):
     def file(self) -> Global___SearchFile:
         """A file found (file discovery)."""
 
-    @_builtins.property
-    def summary(self) -> Global___SearchSummary:
-        """Always the last event."""
-
     def __init__(
         self,
         *,
         match: Global___SearchMatch | None = ...,
         context: Global___SearchContext | None = ...,
         file: Global___SearchFile | None = ...,
-        summary: Global___SearchSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "event", b"event", "file", b"file", "match", b"match", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "file", b"file", "hit", b"hit", "match", b"match"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "event", b"event", "file", b"file", "match", b"match", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "file", b"file", "hit", b"hit", "match", b"match"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["match", "context", "file", "summary"]  # noqa: Y015
-    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+    _WhichOneofReturnType_hit: _TypeAlias = _typing.Literal["match", "context", "file"]  # noqa: Y015
+    _WhichOneofArgType_hit: _TypeAlias = _typing.Literal["hit", b"hit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_hit) -> _WhichOneofReturnType_hit | None: ...
 
-Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
+Global___SearchHit: _TypeAlias = SearchHit  # noqa: Y015
 
 @_typing.final
 class SearchMatch(_message.Message):
@@ -325,7 +357,7 @@ Global___SearchSubmatch: _TypeAlias = SearchSubmatch  # noqa: Y015
 
 @_typing.final
 class SearchContext(_message.Message):
-    """SearchContext is a line near a match, sent in file order among the matches."""
+    """SearchContext is a line near a match, sent in line order among the matches."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -378,7 +410,7 @@ Global___SearchFile: _TypeAlias = SearchFile  # noqa: Y015
 
 @_typing.final
 class SearchSummary(_message.Message):
-    """SearchSummary ends every search stream."""
+    """SearchSummary ends every search stream, on its last response."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -95,7 +95,8 @@ class AgentServiceServicer:
 
     def Search(self, request, context):
         """Searches file contents (literal or regex), or lists files by glob.
-        Streams matches (and context lines) in file order, then one summary.
+        Streams matches (and context lines) in file order, in batches, then one
+        summary.
         `.gitignore` is respected; `node_modules`, `.git` and binary files are
         skipped unless asked otherwise. Errors: INVALID_ARGUMENT (bad path or
         regex), NOT_FOUND (the directory does not exist).

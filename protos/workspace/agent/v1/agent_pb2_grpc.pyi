@@ -48,7 +48,8 @@ class AgentServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Search: _grpc.UnaryStreamMultiCallable[_agent_pb2.SearchRequest, _agent_pb2.SearchResponse]
     """Searches file contents (literal or regex), or lists files by glob.
-    Streams matches (and context lines) in file order, then one summary.
+    Streams matches (and context lines) in file order, in batches, then one
+    summary.
     `.gitignore` is respected; `node_modules`, `.git` and binary files are
     skipped unless asked otherwise. Errors: INVALID_ARGUMENT (bad path or
     regex), NOT_FOUND (the directory does not exist).
@@ -121,7 +122,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Search: _aio.UnaryStreamMultiCallable[_agent_pb2.SearchRequest, _agent_pb2.SearchResponse]  # type: ignore[assignment]
     """Searches file contents (literal or regex), or lists files by glob.
-    Streams matches (and context lines) in file order, then one summary.
+    Streams matches (and context lines) in file order, in batches, then one
+    summary.
     `.gitignore` is respected; `node_modules`, `.git` and binary files are
     skipped unless asked otherwise. Errors: INVALID_ARGUMENT (bad path or
     regex), NOT_FOUND (the directory does not exist).
@@ -197,7 +199,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.SearchResponse], _abc.AsyncIterator[_agent_pb2.SearchResponse]]:
         """Searches file contents (literal or regex), or lists files by glob.
-        Streams matches (and context lines) in file order, then one summary.
+        Streams matches (and context lines) in file order, in batches, then one
+        summary.
         `.gitignore` is respected; `node_modules`, `.git` and binary files are
         skipped unless asked otherwise. Errors: INVALID_ARGUMENT (bad path or
         regex), NOT_FOUND (the directory does not exist).
