@@ -175,7 +175,11 @@ class ProcessManager:
 
     async def close(self) -> None:
         """Kills every command still running (the agent is shutting down)."""
-        await asyncio.gather(*(command.terminate(grace=KILL_GRACE) for command in list(self._running)))
+        running = list(self._running)
+        for command in running:
+            # Output a slow caller has not taken yet must not hold up the agent's exit.
+            command.output.abandon()
+        await asyncio.gather(*(command.terminate(grace=KILL_GRACE) for command in running))
 
     def _get(self, name: str) -> Command:
         command = self._named.get(name)

@@ -148,6 +148,15 @@ async def test_starting_a_running_name_is_already_exists_and_an_exited_name_is_r
     assert b"".join(e.output.data for e in (await attach(agent, "dev"))[1:-1]) == b"second\n"
 
 
+async def test_a_process_ignoring_the_signal_is_killed_after_the_grace_period(processes: AgentTarget) -> None:
+    agent = processes
+    pid, _, _ = await start_named(agent, "stubborn", "trap '' TERM; echo up; sleep 30", wait_for=b"up")
+    request = pb.StopProcessRequest(name="stubborn", grace_period=Duration(nanos=200_000_000))
+    stopped = await agent.stub.StopProcess(request, metadata=agent.metadata)
+    assert (stopped.exited.exit_code, stopped.exited.signal) == (-1, signal.SIGKILL)
+    assert await gone_within(agent, [pid], 2)
+
+
 async def test_unknown_names_are_not_found(processes: AgentTarget) -> None:
     agent = processes
     with pytest.raises(aio.AioRpcError) as error:
@@ -218,3 +227,16 @@ async def test_agent_shutdown_stops_named_processes(small_agent: tuple[AgentTarg
     [info] = await list_processes(agent)
     assert not info.running and info.exited.signal == signal.SIGTERM
     assert await gone_within(agent, [pid], 2)
+
+
+async def test_agent_shutdown_is_not_held_up_by_a_caller_that_does_not_read(
+    small_agent: tuple[AgentTarget, AgentServicer],
+) -> None:
+    agent, servicer = small_agent
+    call = agent.stub.Exec(metadata=agent.metadata)
+    await call.write(pb.ExecRequest(start=pb.ExecStart(argv=["yes"])))
+    pid = (await call.read()).started.pid
+    await asyncio.sleep(0.3)  # every buffer between `yes` and this client fills up
+    await asyncio.wait_for(servicer.close(), timeout=5)
+    assert await gone_within(agent, [pid], 2)
+    call.cancel()
