@@ -140,6 +140,7 @@ async def test_stdin_defaults_to_dev_null(agent: AgentTarget) -> None:
     assert (result.stdout, result.exited.exit_code) == (b"", 0)
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 async def test_stdin_without_open_stdin_is_refused(agent: AgentTarget) -> None:
     with pytest.raises(aio.AioRpcError) as error:
         await run(agent, pb.ExecRequest(stdin=b"x"), argv=["sleep", "5"])
@@ -255,6 +256,7 @@ async def test_missing_program_is_not_found(agent: AgentTarget) -> None:
     await expect_error(agent, grpc.StatusCode.NOT_FOUND, argv=["./missing.sh"])
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 @pytest.mark.parametrize(
     ("cwd", "code"),
     [
@@ -277,6 +279,7 @@ async def test_bad_cwd_is_refused_and_nothing_runs(
     assert not (outside / "ran").exists() and not (agent.root / "ran").exists()
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 @pytest.mark.parametrize(
     ("start", "detail"),
     [
@@ -290,6 +293,7 @@ async def test_malformed_start_is_invalid_argument(agent: AgentTarget, start: di
     assert detail in await expect_error(agent, grpc.StatusCode.INVALID_ARGUMENT, **start)
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 async def test_first_message_must_be_start(agent: AgentTarget) -> None:
     async def stream():
         yield pb.ExecRequest(stdin=b"x")
@@ -300,6 +304,7 @@ async def test_first_message_must_be_start(agent: AgentTarget) -> None:
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 async def test_resize_without_pty_is_refused(agent: AgentTarget) -> None:
     with pytest.raises(aio.AioRpcError) as error:
         await run(agent, pb.ExecRequest(resize=pb.PtySize(rows=1, cols=1)), argv=["sleep", "5"])

@@ -157,6 +157,7 @@ async def test_a_process_ignoring_the_signal_is_killed_after_the_grace_period(pr
     assert await gone_within(agent, [pid], 2)
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 async def test_unknown_names_are_not_found(processes: AgentTarget) -> None:
     agent = processes
     with pytest.raises(aio.AioRpcError) as error:
@@ -167,6 +168,7 @@ async def test_unknown_names_are_not_found(processes: AgentTarget) -> None:
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 async def test_stopping_with_a_signal_callers_may_not_send_is_invalid(processes: AgentTarget) -> None:
     await start_named(processes, "dev", "echo up; sleep 30", wait_for=b"up")
     with pytest.raises(aio.AioRpcError) as error:
@@ -175,6 +177,7 @@ async def test_stopping_with_a_signal_callers_may_not_send_is_invalid(processes:
     assert [p.running for p in await list_processes(processes)] == [True]
 
 
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
 async def test_attaching_past_the_output_is_invalid(processes: AgentTarget) -> None:
     await run(processes, shell="echo once", name="once")
     with pytest.raises(aio.AioRpcError) as error:
