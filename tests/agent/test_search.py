@@ -271,8 +271,8 @@ async def test_a_slow_search_streams_what_it_has_found(tmp_path: Path) -> None:
     root = tmp_path / "app"
     root.mkdir()
     (root / "a.txt").write_bytes(b"needle\n")
-    for i in range(8):  # each costs Python's backtracking regex engine about 0.1 s
-        (root / f"slow{i}.txt").write_bytes(b"x" * 20 + b"\n")
+    for i in range(40):  # each costs Python's backtracking regex engine 10 to 20 ms
+        (root / f"slow{i:02}.txt").write_bytes(b"x" * 18 + b"\n")
     server, agent = await start_inprocess_agent(root, search_engine="python")
     try:
         call = agent.stub.Search(pb.SearchRequest(pattern=r"needle|(x+x+)+y", regex=True), metadata=agent.metadata)
