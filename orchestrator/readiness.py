@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
-PROBE_INTERVAL_S = 0.2
+# Probing is one loopback connection: cheap enough to poll often, and every interval is added to time-to-ready.
+PROBE_INTERVAL_S = 0.05
 # One attempt may take this long before it counts as "no answer" (a dev server still compiling
 # may hold the first request open for a while; the overall deadline still applies).
 ATTEMPT_TIMEOUT_S = 5.0

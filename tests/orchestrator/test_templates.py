@@ -76,7 +76,7 @@ def test_repository_templates_are_valid() -> None:
     ]
     node_basic = listed[1]
     assert node_basic.install_command == ""
-    assert node_basic.dev_command == "npm run dev"
+    assert node_basic.dev_command == "node --watch-path=server.js --watch-path=src server.js"
     assert node_basic.dev_port == 4321
 
 
