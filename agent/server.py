@@ -7,22 +7,18 @@ import logging
 import signal
 
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from agent import telemetry
 from agent.activity import ActivityInterceptor, ActivityTracker
 from agent.config import AgentConfig
 from agent.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor
 from agent.service import AgentServicer
+from agent.serving import add_health_and_reflection, bind, new_server
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-# Large enough for one 1 MiB chunk plus framing, in both directions.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServicer]:
@@ -34,30 +30,12 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
     if config.token:
         interceptors.append(BearerTokenInterceptor(config.token))
     interceptors += [ActivityInterceptor(activity), ErrorMappingInterceptor()]
-    server = aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    server = new_server(interceptors)
     servicer = AgentServicer(config, activity)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
 
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = server.add_insecure_port(config.listen)
-    if port == 0 and not config.listen.startswith("unix:"):
-        raise RuntimeError(f"cannot listen on {config.listen}")
-    return server, port, servicer
+    await add_health_and_reflection(server, SERVICE_NAME)
+    return server, bind(server, config.listen), servicer
 
 
 async def serve(config: AgentConfig, grace: float = 5.0) -> None:

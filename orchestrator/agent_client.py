@@ -13,7 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent import telemetry
+from agent import serving, telemetry
 from orchestrator.errors import (
     ChecksumMismatch,
     FailedPrecondition,
@@ -26,8 +26,6 @@ from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
 
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
-# One 1 MiB archive chunk plus framing fits; the agent uses the same limit.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Chunks sent to ExtractArchive are cut to this size, whatever the source yields.
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 # Output lines longer than this (in bytes) are cut, and the rest of the line dropped.
@@ -35,8 +33,7 @@ MAX_LINE_BYTES = 4096
 # A freshly started container refuses connections for a moment: retry connecting every 100 ms to 1 s,
 # not with gRPC's default backoff (1 s growing to 120 s), which would add seconds to every session start.
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    *serving.CHANNEL_OPTIONS,
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),

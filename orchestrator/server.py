@@ -9,12 +9,10 @@ import signal
 from dataclasses import dataclass
 
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from agent import telemetry
 from agent.interceptors import ErrorMappingInterceptor
+from agent.serving import add_health_and_reflection, bind, new_server
 from orchestrator import demo
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
@@ -30,7 +28,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 # One 1 MiB archive chunk plus framing, in both directions.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -73,29 +70,13 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
     runtime = make_runtime(config.runtime, config)
     sessions = SessionManager(config, store, archives, catalog, runtime)
 
-    server = aio.server(
-        # Tracing first (empty while off), so its span sees the mapped status.
-        interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor(STATUS_CODES)],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    # Tracing first (empty while off), so its span sees the mapped status.
+    server = new_server([*telemetry.server_interceptors(), ErrorMappingInterceptor(STATUS_CODES)])
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
         OrchestratorServicer(sessions, archives, catalog), server
     )
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = server.add_insecure_port(config.listen)
-    if port == 0 and not config.listen.startswith("unix:"):
-        raise RuntimeError(f"cannot listen on {config.listen}")
+    await add_health_and_reflection(server, SERVICE_NAME)
+    port = bind(server, config.listen)
     reaper = SessionReaper(sessions, config.reap_interval_s)
     return Orchestrator(server, port, sessions, reaper, runtime, store)
 
