@@ -106,7 +106,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         """Stops what the servicer started (named processes) on shutdown."""
         await self.processes.close()
 
-    # ------------------------------------------------------------ Search (owner: fs helper)
+    # ------------------------------------------------------------ Search
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
         query = SearchQuery(
             path=request.path,
@@ -143,7 +143,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             else:
                 yield pb.SearchResponse(hits=[_search_hit(hit) for hit in event])
 
-    # ------------------------------------------------------------ Read (owner: fs helper)
+    # ------------------------------------------------------------ Read
     async def Read(self, request: pb.ReadRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ReadResponse]:
         which = request.WhichOneof("range")
         range_: ByteRange | LineRange | None = None
@@ -166,7 +166,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     )
                 )
 
-    # ------------------------------------------------------------ Edit (owner: fs helper)
+    # ------------------------------------------------------------ Edit
     async def Edit(self, request: pb.EditRequest, context: aio.ServicerContext) -> pb.EditResponse:
         result = await self.editor.edit([_edit_operation(op) for op in request.operations], dry_run=request.dry_run)
         return pb.EditResponse(
@@ -174,7 +174,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             diff=result.diff,
         )
 
-    # ------------------------------------------------------------ Exec and processes (owner: process helper)
+    # ------------------------------------------------------------ Exec and processes
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ExecResponse]:
@@ -195,7 +195,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         exit = await self.processes.stop(request.name, signum, grace, request.remove)
         return pb.StopProcessResponse(exited=messages.process_exited(exit))
 
-    # ------------------------------------------------------------ Archives (owner: archive helper)
+    # ------------------------------------------------------------ Archives
     async def ExtractArchive(
         self, request_iterator: AsyncIterator[pb.ExtractArchiveRequest], context: aio.ServicerContext
     ) -> pb.ExtractArchiveResponse:
