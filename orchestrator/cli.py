@@ -14,7 +14,7 @@ import typer
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -42,8 +42,17 @@ app.add_typer(archives_app, name="archives")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Piped output is read by scripts: wide enough that ids and URLs are never cut.
+PIPED_WIDTH = 240
+
+
 def _out() -> Console:
-    return Console(highlight=False)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
+
+
+def _key(header: str) -> Column:
+    """A column of identifiers (ids, names, URLs): never wrapped or cut, the other columns give way."""
+    return Column(header, no_wrap=True, min_width=len(header))
 
 
 def _err() -> Console:
@@ -139,7 +148,7 @@ def templates_list(ctx: typer.Context) -> None:
     """Every template, valid or not (with the reason)."""
     _, stub = _orchestrator(ctx)
     response = stub.ListTemplates(pb.ListTemplatesRequest())
-    table = Table("NAME", "TITLE", "INSTALL", "DEV", "FILES", "SHA256", "PROBLEM")
+    table = Table(_key("NAME"), "TITLE", "INSTALL", "DEV", "FILES", "SHA256", "PROBLEM")
     for template in response.templates:
         if template.valid:
             table.add_row(
@@ -248,7 +257,7 @@ def sessions_list(
 ) -> None:
     """Every session: state, phase, preview URL."""
     _, stub = _orchestrator(ctx)
-    table = Table("ID", "STATE", "TEMPLATE", "PHASE", "PREVIEW", "CREATED", "NOTE")
+    table = Table(_key("ID"), "STATE", "TEMPLATE", "PHASE", _key("PREVIEW"), "CREATED", "NOTE")
     for session in _all_sessions(stub, template):
         note = session.failure.reason if session.state == pb.SESSION_STATE_FAILED else session.stop_reason
         table.add_row(
@@ -314,7 +323,7 @@ def archives_list(
 ) -> None:
     """Saved and uploaded archives, newest first."""
     _, stub = _orchestrator(ctx)
-    table = Table("ID", "NAME", "SOURCE", "TEMPLATE", "SESSION", "FILES", "SIZE", "CREATED")
+    table = Table(_key("ID"), "NAME", "SOURCE", "TEMPLATE", "SESSION", "FILES", "SIZE", "CREATED")
     for archive in stub.ListArchives(pb.ListArchivesRequest(session_id=session_id)).archives:
         table.add_row(
             archive.id,
