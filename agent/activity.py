@@ -11,8 +11,13 @@ from grpc import aio
 
 from agent.interceptors import wrap_handler
 
-# Calls that do not count as activity: probes and the activity query itself.
-PASSIVE_METHODS = ("/grpc.health.v1.Health/", "/workspace.agent.v1.AgentService/GetActivity")
+# Calls that do not count as activity: probes, schema look-ups (grpcurl's reflection stream), and the
+# activity query itself.
+PASSIVE_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/workspace.agent.v1.AgentService/GetActivity",
+)
 
 
 class ActivityTracker:
