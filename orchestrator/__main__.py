@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
     parser.add_argument("--save-before-reap", action="store_true", help="save a session's workspace before reaping it")
     parser.add_argument("--install-timeout", type=float, default=d.install_timeout_s)
     parser.add_argument("--max-archive-bytes", type=int, default=d.max_archive_bytes)
+    parser.add_argument(
+        "--no-install-cache", dest="install_cache", action="store_false",
+        help="run every install from scratch instead of starting from a cached node_modules",
+    )  # fmt: skip
+    parser.add_argument("--max-install-cache-bytes", type=int, default=d.max_install_cache_bytes)
     parser.add_argument("--log-level", help="default $WORKSPACE_LOG_LEVEL, else INFO (WARNING with --demo)")
     parser.add_argument(
         "--demo", metavar="TEMPLATE", default="",
@@ -66,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
         save_before_reap=args.save_before_reap,
         install_timeout_s=args.install_timeout,
         max_archive_bytes=args.max_archive_bytes,
+        install_cache=args.install_cache,
+        max_install_cache_bytes=args.max_install_cache_bytes,
     )
     return config, args.demo
 

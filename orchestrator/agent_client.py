@@ -198,14 +198,27 @@ class AgentClient:
         with _translated("ExtractArchive", self.endpoint):
             return await self._stub.ExtractArchive(requests(), metadata=self._metadata)
 
-    async def create_archive(self, excludes: tuple[str, ...] | list[str] = (), *, path: str = "") -> ArchiveStream:
-        """Starts archiving the workspace (`path`, the root by default) as tar.gz without `node_modules` and
-        `excludes` (gitignore-style). Iterate the returned stream for the bytes; its `summary` is set at the end."""
-        call = self._stub.CreateArchive(
-            pb.CreateArchiveRequest(path=path, format=pb.ARCHIVE_FORMAT_TAR_GZIP, excludes=list(excludes)),
-            metadata=self._metadata,
+    async def create_archive(
+        self, excludes: tuple[str, ...] | list[str] = (), *, path: str = "", no_default_excludes: bool = False
+    ) -> ArchiveStream:
+        """Starts archiving the workspace (`path`, the root by default) as tar.gz without `excludes`
+        (gitignore-style) and, unless `no_default_excludes`, `node_modules`. Iterate the returned stream for
+        the bytes; its `summary` is set at the end."""
+        request = pb.CreateArchiveRequest(
+            path=path, format=pb.ARCHIVE_FORMAT_TAR_GZIP, excludes=list(excludes), no_default_excludes=no_default_excludes
         )
+        call = self._stub.CreateArchive(request, metadata=self._metadata)
         return ArchiveStream(call, self.endpoint)
+
+    async def read_file(self, path: str) -> bytes:
+        """The whole content of the workspace file at `path` (root-relative). Raises NotFound, InvalidArgument
+        (not a regular file, or outside the root)."""
+        content = bytearray()
+        with _translated("Read", self.endpoint):
+            async for response in self._stub.Read(pb.ReadRequest(path=path), metadata=self._metadata):
+                if response.HasField("chunk"):
+                    content += response.chunk.data
+        return bytes(content)
 
     async def activity(self) -> pb.GetActivityResponse:
         """What the workspace has been doing (for idle detection); asking does not count as activity."""

@@ -84,9 +84,8 @@ class ArchiveStore:
     async def read(self, archive_id: str) -> AsyncIterator[bytes]:
         """The archive's bytes in chunks. Raises ArchiveNotFound."""
         self.get(archive_id)
-        with open(self.path(archive_id), "rb") as file:
-            while chunk := await asyncio.to_thread(file.read, CHUNK_SIZE):
-                yield chunk
+        async for chunk in file_chunks(self.path(archive_id)):
+            yield chunk
 
     async def write(
         self,
@@ -112,7 +111,7 @@ class ArchiveStore:
                         raise LimitExceeded(f"archive is larger than the limit of {self._max_bytes} bytes")
                     digest.update(chunk)
                     await asyncio.to_thread(file.write, chunk)
-                await asyncio.to_thread(_flush_to_disk, file)
+                await asyncio.to_thread(flush_to_disk, file)
             sha256 = digest.hexdigest()
             if callable(expected):
                 expected = expected()
@@ -124,7 +123,7 @@ class ArchiveStore:
             if files is None:
                 files = await asyncio.to_thread(count_safe_members, temp)
             final = self.path(archive_id)
-            await asyncio.to_thread(_publish, temp, final)
+            await asyncio.to_thread(publish, temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -172,12 +171,19 @@ def count_safe_members(path: Path) -> int:
     return files
 
 
-def _flush_to_disk(file: BinaryIO) -> None:
+async def file_chunks(path: Path) -> AsyncIterator[bytes]:
+    """The bytes of the file at `path` in chunks, read off the event loop."""
+    with open(path, "rb") as file:
+        while chunk := await asyncio.to_thread(file.read, CHUNK_SIZE):
+            yield chunk
+
+
+def flush_to_disk(file: BinaryIO) -> None:
     file.flush()
     os.fsync(file.fileno())
 
 
-def _publish(temp: Path, final: Path) -> None:
+def publish(temp: Path, final: Path) -> None:
     """Renames the complete file into place and makes the rename itself durable."""
     os.rename(temp, final)
     directory = os.open(final.parent, os.O_DIRECTORY)

@@ -40,6 +40,10 @@ class OrchestratorConfig:
     save_before_reap: bool = False
     # Archives: uploads and saves larger than this are refused.
     max_archive_bytes: int = 2048 * MiB
+    # Install cache: node_modules after an install, reused by sessions with the same package.json, lockfile
+    # and install command; at most this many bytes of entries (least recently used go first).
+    install_cache: bool = True
+    max_install_cache_bytes: int = 4096 * MiB
     # Output lines kept per session for late watchers and failure reports.
     output_history_lines: int = 200
 
@@ -54,6 +58,10 @@ class OrchestratorConfig:
     @property
     def template_cache_dir(self) -> Path:
         return self.data_dir / "template-cache"
+
+    @property
+    def install_cache_dir(self) -> Path:
+        return self.data_dir / "install-cache"
 
     @property
     def workspaces_dir(self) -> Path:

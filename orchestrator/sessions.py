@@ -11,7 +11,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timezone
-from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -29,6 +28,7 @@ from orchestrator.errors import (
     OrchestratorError,
     SessionNotFound,
 )
+from orchestrator.install_cache import HIT_ENV, InstallCache
 from orchestrator.readiness import wait_until_ready
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.store import Store
@@ -144,6 +144,9 @@ class SessionManager:
         self._catalog = catalog
         self._runtime = runtime
         self._live: dict[str, LiveSession] = {}
+        self._install_cache = (
+            InstallCache(config.install_cache_dir, config.max_install_cache_bytes) if config.install_cache else None
+        )
 
     # ------------------------------------------------------------------ queries
 
@@ -291,6 +294,7 @@ class SessionManager:
         session = live.session
         session.state = STARTING
         follow_dev: asyncio.Task[None] | None = None
+        install_key = ""
         try:
             async with self._phase(live, pb.PHASE_CONTAINER_STARTED) as status:
                 try:
@@ -317,7 +321,7 @@ class SessionManager:
                     status.detail = f"archive {archive.id}: {archive.files} files, {archive.size} bytes"
                 else:
                     built = await self._catalog.archive(template.name)
-                    await live.agent.extract_archive(_file_chunks(built.path), built.sha256)
+                    await live.agent.extract_archive(built.chunks(), built.sha256)
                     status.detail = f"template {template.name}: {built.files} files, {built.size} bytes"
 
             async with self._phase(live, pb.PHASE_INSTALL) as status:
@@ -325,9 +329,10 @@ class SessionManager:
                     status.outcome = pb.PHASE_OUTCOME_SKIPPED
                     status.detail = "the template has no install command"
                 else:
+                    install_key, env, status.detail = await self._from_install_cache(live, template)
                     exit_code = await live.agent.run(
                         template.install_command,
-                        env=dict(template.env),
+                        env=env,
                         on_line=live.line_sink(pb.PHASE_INSTALL),
                         timeout=self._config.install_timeout_s,
                     )
@@ -365,6 +370,22 @@ class SessionManager:
         session.state = READY
         session.ready_at.GetCurrentTime()
         self._record(live, pb.WatchSessionResponse(session=session))
+        if install_key:
+            # After READY: keeping node_modules for later sessions must not delay this one.
+            self._install_cache.store_in_background(live.agent, install_key)
+
+    async def _from_install_cache(self, live: LiveSession, template: TemplateSpec) -> tuple[str, dict[str, str], str]:
+        """Puts the cached node_modules for the workspace's install in place, if there is one. Returns the
+        install's cache key ("" = not cacheable, or no cache), the install's environment and a note."""
+        if self._install_cache is None:
+            return "", dict(template.env), "install cache off"
+        key = await self._install_cache.key(live.agent, template.install_command)
+        if not key:
+            return "", dict(template.env), "install cache not used: no package.json and lockfile"
+        injected = await self._install_cache.inject(live.agent, key)
+        # The template's own settings win over the hit's defaults.
+        env = {**HIT_ENV, **template.env} if injected.hit else dict(template.env)
+        return key, env, injected.note
 
     def _attach(self, live: LiveSession, workspace: Workspace) -> None:
         live.workspace = workspace
@@ -505,6 +526,8 @@ class SessionManager:
 
     async def close(self) -> None:
         """Lets go of the sessions without stopping them: a later orchestrator adopts them."""
+        if self._install_cache is not None:
+            await self._install_cache.close()
         tasks = [live.initialization for live in self._live.values() if live.initialization]
         for task in tasks:
             task.cancel()
@@ -585,9 +608,3 @@ def _copied(session: pb.Session) -> pb.Session:
     copy = pb.Session()
     copy.CopyFrom(session)
     return copy
-
-
-async def _file_chunks(path: Path, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-    with open(path, "rb") as file:
-        while chunk := await asyncio.to_thread(file.read, chunk_size):
-            yield chunk

@@ -1,0 +1,114 @@
+"""The install cache through the real gRPC server with the local runtime: a template whose install is a
+script that records whether node_modules was already in place, so no npm registry is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.orchestrator.conftest import OrchestratorUnderTest, derive_template, watch_until_settled
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+
+TEMPLATE = "cached-install"
+# Records "hit" when the package is in place before the install ran, "miss" when the install had to make it.
+INSTALL_SCRIPT = """\
+if [ -f node_modules/left-pad/index.js ]; then echo hit >> "$INSTALL_LOG"; else echo miss >> "$INSTALL_LOG"; fi
+mkdir -p node_modules/left-pad && echo 'module.exports = "padded";' > node_modules/left-pad/index.js
+"""
+
+
+@pytest.fixture
+def install_log(templates: Path, tmp_path: Path) -> Path:
+    """The record of the template's install runs, one "hit" or "miss" a line."""
+    log = tmp_path / "installs.log"
+    derive_template(templates, TEMPLATE, install_command="sh install.sh", env={"INSTALL_LOG": str(log)})
+    (templates / TEMPLATE / "install.sh").write_text(INSTALL_SCRIPT)
+    (templates / TEMPLATE / "package-lock.json").write_text(json.dumps({"lockfileVersion": 3, "packages": {}}))
+    return log
+
+
+def runs(install_log: Path) -> list[str]:
+    return install_log.read_text().split()
+
+
+async def create_ready(o: OrchestratorUnderTest) -> pb.Session:
+    created = await o.stub.CreateSession(pb.CreateSessionRequest(template=TEMPLATE))
+    session = (await watch_until_settled(o.stub, created.session.id))[-1].session
+    assert session.state == pb.SESSION_STATE_READY, session.failure
+    return session
+
+
+def install_note(session: pb.Session) -> str:
+    (install,) = [phase for phase in session.phases if phase.phase == pb.PHASE_INSTALL]
+    assert install.outcome == pb.PHASE_OUTCOME_SUCCEEDED
+    return install.detail
+
+
+async def cache_entries(o: OrchestratorUnderTest, count: int = 1, timeout: float = 10) -> list[Path]:
+    """The cache's entries once there are `count` of them (they are written in the background after READY)."""
+    async with asyncio.timeout(timeout):
+        while len(entries := sorted(o.config.install_cache_dir.glob("*.tar.gz"))) < count:
+            await asyncio.sleep(0.05)
+    return entries
+
+
+def members(entry: Path) -> dict[str, bytes]:
+    with tarfile.open(entry, "r:gz") as archive:
+        return {member.name: archive.extractfile(member).read() for member in archive if member.isfile()}
+
+
+async def test_a_second_session_starts_from_the_first_ones_node_modules(
+    orchestrator: OrchestratorUnderTest, install_log: Path
+) -> None:
+    first = await create_ready(orchestrator)
+    assert install_note(first).startswith("install cache miss")
+    (entry,) = await cache_entries(orchestrator)
+    assert members(entry) == {"left-pad/index.js": b'module.exports = "padded";\n'}
+
+    second = await create_ready(orchestrator)
+    key = entry.name.removesuffix(".tar.gz")
+    assert install_note(second).startswith(f"install cache hit {key[:12]}")
+    # The install still ran, and found the package in place.
+    assert runs(install_log) == ["miss", "hit"]
+
+
+async def test_a_corrupt_entry_is_discarded_and_the_install_runs_as_usual(
+    orchestrator: OrchestratorUnderTest, install_log: Path
+) -> None:
+    await create_ready(orchestrator)
+    (entry,) = await cache_entries(orchestrator)
+    entry.write_bytes(b"\x1f\x8b not really gzip")
+
+    session = await create_ready(orchestrator)
+    assert "unusable and is discarded" in install_note(session)
+    assert runs(install_log) == ["miss", "miss"]
+    # The session's own install becomes the entry again.
+    (rewritten,) = await cache_entries(orchestrator)
+    assert members(rewritten) == {"left-pad/index.js": b'module.exports = "padded";\n'}
+
+
+async def test_a_changed_lockfile_misses(orchestrator: OrchestratorUnderTest, install_log: Path, templates: Path) -> None:
+    await create_ready(orchestrator)
+    await cache_entries(orchestrator)
+    lockfile = templates / TEMPLATE / "package-lock.json"
+    lockfile.write_text(json.dumps({"lockfileVersion": 3, "packages": {"node_modules/left-pad": {"version": "1.3.0"}}}))
+
+    session = await create_ready(orchestrator)
+    assert install_note(session).startswith("install cache miss")
+    assert runs(install_log) == ["miss", "miss"]
+    assert len(await cache_entries(orchestrator, count=2)) == 2
+
+
+async def test_without_a_lockfile_nothing_is_cached(
+    orchestrator: OrchestratorUnderTest, install_log: Path, templates: Path
+) -> None:
+    (templates / TEMPLATE / "package-lock.json").unlink()
+    await create_ready(orchestrator)
+    session = await create_ready(orchestrator)
+    assert install_note(session) == "install cache not used: no package.json and lockfile"
+    assert runs(install_log) == ["miss", "miss"]
+    assert list(orchestrator.config.install_cache_dir.glob("*")) == []
