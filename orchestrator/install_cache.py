@@ -27,8 +27,14 @@ LOCKFILES = ("package-lock.json", "npm-shrinkwrap.json")
 # Caches tools write into node_modules while the dev server runs (Vite's pre-bundled deps, babel and
 # friends): not part of the install, and possibly half-written while the archive is made.
 RUNTIME_CACHES = ("/.vite/", "/.cache/")
-# On a hit node_modules already matches the lockfile: npm need not ask the registry, audit or ask for funding.
-HIT_ENV = {"npm_config_prefer_offline": "true", "npm_config_audit": "false", "npm_config_fund": "false"}
+# On a hit node_modules already matches the lockfile: npm need not ask the registry (for packages, audits,
+# funding or its own updates).
+HIT_ENV = {
+    "npm_config_prefer_offline": "true",
+    "npm_config_audit": "false",
+    "npm_config_fund": "false",
+    "npm_config_update_notifier": "false",
+}
 
 
 @dataclass(frozen=True)
@@ -120,9 +126,12 @@ class InstallCache:
 
     def _evict(self, keep: Path) -> None:
         """Removes least recently used entries until all fit in max_bytes."""
-        entries = sorted(
-            (entry.stat().st_mtime, entry.stat().st_size, entry) for entry in self._dir.glob("*.tar.gz")
-        )
+        entries = []
+        for entry in self._dir.glob("*.tar.gz"):
+            with contextlib.suppress(FileNotFoundError):  # another writer's eviction took it
+                stat = entry.stat()
+                entries.append((stat.st_mtime, stat.st_size, entry))
+        entries.sort()
         total = sum(size for _, size, _ in entries)
         for _, size, entry in entries:
             if total <= self._max_bytes:

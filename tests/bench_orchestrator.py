@@ -1,7 +1,7 @@
 """Orchestrator benchmark: CreateSession to READY through the real gRPC API on Docker, beside the old way this
 architecture replaces (a Dockerfile per template: docker build, docker run, the same readiness probe).
 
-Run: python tests/bench_orchestrator.py [--runs N] [--npm]
+Run: python tests/bench_orchestrator.py [--runs N] [--npm] [--extra-ca-bundle PEM]
 The orchestrator runs as a subprocess with the docker runtime; the old way runs the docker CLI. Both use the
 same core image (it is the Node base of the old way's Dockerfile) and the template's resource limits.
 """
@@ -81,6 +81,7 @@ class Orchestrator:
     """`python -m orchestrator --runtime docker` as a subprocess with its own data dir and instance id."""
 
     def __init__(self, data_dir: Path, image: str, instance_id: str, extra_ca_bundle: Path | None) -> None:
+        self.install_cache = data_dir / "install-cache"
         self.address = f"127.0.0.1:{free_port()}"
         self.log = data_dir / "orchestrator.log"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +113,11 @@ class Orchestrator:
                 time.sleep(0.1)
         raise RuntimeError(f"the orchestrator did not answer within {timeout:g} s:\n{self.log.read_text()}")
 
-    def create_until_ready(self, template: str) -> tuple[float, dict[str, float]]:
+    def create_until_ready(
+        self, template: str, *, keep_until: Callable[[], None] = lambda: None
+    ) -> tuple[float, dict[str, float]]:
         """Seconds from CreateSession to the READY event, and each phase's seconds (Session.phases).
-        The session is deleted afterwards."""
+        The session is deleted afterwards, once `keep_until` returns."""
         started = time.perf_counter()
         session = self.stub.CreateSession(pb.CreateSessionRequest(template=template)).session
         try:
@@ -130,9 +133,18 @@ class Orchestrator:
             phases = {
                 pb.Phase.Name(p.phase).removeprefix("PHASE_").lower(): p.duration.ToNanoseconds() / 1e9 for p in session.phases
             }
+            keep_until()
             return elapsed, phases
         finally:
             self.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id))
+
+    def wait_for_install_cache(self, timeout: float = 120.0) -> None:
+        """Returns once an install cache entry exists (it is written in the background after READY)."""
+        deadline = time.monotonic() + timeout
+        while not any(self.install_cache.glob("*.tar.gz")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no install cache entry within {timeout:g} s:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self.channel.close()
@@ -219,20 +231,42 @@ def measure(runs: int, label: str, once: Callable[[], float]) -> list[float]:
 
 
 def bench_template(
-    orchestrator: Orchestrator, spec: TemplateSpec, base: str, runs: int, run_label: str, extra_ca_bundle: Path | None
+    orchestrator: Orchestrator,
+    fresh_orchestrator: Callable[[], Orchestrator],
+    spec: TemplateSpec,
+    base: str,
+    runs: int,
+    run_label: str,
+    extra_ca_bundle: Path | None,
 ) -> list[str]:
+    """Rows of the table for one template: the new way (cold and warm install cache when it has an install
+    step), its phases, and the old way without and with docker's build cache."""
     name = spec.name
-    new_totals: list[float] = []
-    phase_samples: dict[str, list[float]] = {}
+    new_ways: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
 
-    def new_once() -> float:
-        elapsed, phases = orchestrator.create_until_ready(name)
-        new_totals.append(elapsed)
+    def new_once(kind: str, way: Orchestrator) -> float:
+        totals, phase_samples = new_ways.setdefault(kind, ([], {}))
+        elapsed, phases = way.create_until_ready(name)
+        totals.append(elapsed)
         for phase, seconds in phases.items():
             phase_samples.setdefault(phase, []).append(seconds)
         return elapsed
 
-    measure(runs, f"{name} new way", new_once)
+    def cold_once() -> float:
+        # A fresh data dir: an empty install cache, as for the first session of a lockfile.
+        way = fresh_orchestrator()
+        try:
+            return new_once("cold install cache", way)
+        finally:
+            way.stop()
+
+    if spec.install_command:
+        measure(runs, f"{name} new way, cold install cache", cold_once)
+        # Fills the install cache; not timed.
+        orchestrator.create_until_ready(name, keep_until=orchestrator.wait_for_install_cache)
+        measure(runs, f"{name} new way, warm install cache", lambda: new_once("warm install cache", orchestrator))
+    else:
+        measure(runs, f"{name} new way", lambda: new_once("nothing to install", orchestrator))
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch:
         context = build_context(Path(scratch) / "context", base, spec, extra_ca_bundle)
         cold_tag = f"workspace-core-bench-old:{name}-{run_label}"
@@ -252,14 +286,20 @@ def bench_template(
         finally:
             subprocess.run(["docker", "rmi", "--force", warm_tag], capture_output=True)
 
-    new = median(new_totals)
-    rows = [f"{name:<11} {'new: CreateSession -> READY':<38} {new:8.2f} s   1.0x"]
-    for phase in PHASES:
-        if phase in phase_samples:
-            rows.append(f"{'':<11}   {phase:<36} {median(phase_samples[phase]):8.2f} s")
-    rows.append(f"{'':<11} {'old: build --no-cache + run + probe':<38} {median(cold):8.2f} s  {median(cold) / new:5.1f}x")
-    rows.append(f"{'':<11} {'old: build (warm cache) + run + probe':<38} {median(warm):8.2f} s  {median(warm) / new:5.1f}x")
-    return rows
+    news = {kind: median(totals) for kind, (totals, _) in new_ways.items()}
+    rows = []
+    for kind, (_, phase_samples) in new_ways.items():
+        ratios = "".join(f" {news[kind] / new:5.1f}x" for new in news.values())
+        rows.append(f"{name:<11} {'new (' + kind + ')':<42} {news[kind]:8.2f} s {ratios}")
+        for phase in PHASES:
+            if phase in phase_samples:
+                rows.append(f"{'':<11}   {phase:<40} {median(phase_samples[phase]):8.2f} s")
+    olds = {"old: build --no-cache + run + probe": cold, "old: build (warm cache) + run + probe": warm}
+    for what, samples in olds.items():
+        ratios = "".join(f" {median(samples) / new:5.1f}x" for new in news.values())
+        rows.append(f"{'':<11} {what:<42} {median(samples):8.2f} s {ratios}")
+    columns = " / ".join(f"new ({kind})" for kind in news)
+    return [f"{name}: ratios are each row's median / {columns}", *rows, ""]
 
 
 def _then_remove(tag: str, seconds: float) -> float:
@@ -301,9 +341,18 @@ def main() -> int:
         catalog = TemplateCatalog(REPO / "templates", Path(data_dir) / "catalog")
         specs = [catalog.get("node-basic"), *([catalog.get("vite-react")] if args.npm else [])]
         orchestrator = Orchestrator(Path(data_dir) / "orchestrator", base_tag, instance_id, args.extra_ca_bundle)
+
+        def fresh_orchestrator() -> Orchestrator:
+            # The same instance id: cleanup finds its containers too. Its start-up removes none of the first
+            # orchestrator's, as that one deletes each session before the next is created.
+            fresh_dir = Path(tempfile.mkdtemp(prefix="orchestrator-", dir=data_dir))
+            return Orchestrator(fresh_dir, base_tag, instance_id, args.extra_ca_bundle)
+
         try:
             for spec in specs:
-                rows += bench_template(orchestrator, spec, base_tag, args.runs, run_label, args.extra_ca_bundle)
+                rows += bench_template(
+                    orchestrator, fresh_orchestrator, spec, base_tag, args.runs, run_label, args.extra_ca_bundle
+                )
         finally:
             orchestrator.stop()
             cleanup(instance_id, run_label, base_tag)
@@ -313,8 +362,11 @@ def main() -> int:
         f"core image {CORE_IMAGE} ({image_id}) on both ways: the old way's Node base too (no node: image is "
         "available offline); the template's limits and the workspace hardening on both ways"
     )
-    print(f"medians of {args.runs} runs; ratio = old / new\n")
-    print(f"{'template':<11} {'what':<38} {'median':>10}  {'ratio':>5}")
+    print(
+        f"medians of {args.runs} runs; the new way cold has an empty install cache (a fresh data dir per run), "
+        "warm has node_modules of an earlier session with the same lockfile in it\n"
+    )
+    print(f"{'template':<11} {'what':<42} {'median':>10}  ratios")
     print("\n".join(rows))
     return 0
 

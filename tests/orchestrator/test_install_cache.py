@@ -91,7 +91,9 @@ async def test_a_corrupt_entry_is_discarded_and_the_install_runs_as_usual(
     assert members(rewritten) == {"left-pad/index.js": b'module.exports = "padded";\n'}
 
 
-async def test_a_changed_lockfile_misses(orchestrator: OrchestratorUnderTest, install_log: Path, templates: Path) -> None:
+async def test_a_changed_lockfile_misses(
+    orchestrator: OrchestratorUnderTest, install_log: Path, templates: Path
+) -> None:
     await create_ready(orchestrator)
     await cache_entries(orchestrator)
     lockfile = templates / TEMPLATE / "package-lock.json"
