@@ -12,6 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
+from zlib import adler32
 
 from agent.errors import InvalidArgument, LimitExceeded
 
@@ -155,10 +156,16 @@ class TarReader:
 
 def _verify_checksum(block: bytes, offset: int) -> None:
     stored = _number(block[148:156], offset)
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
+    unsigned = _byte_sum(block) - sum(block[148:156]) + 8 * 0x20
     # Some old tars summed signed bytes; accept either, as tar does.
     if stored != unsigned and stored != sum(_SIGNED_BYTES.unpack(block)) + 8 * 0x20:
         raise InvalidArgument(f"archive is corrupt: the header at offset {offset} of the tar data has a bad checksum")
+
+
+def _byte_sum(block: bytes) -> int:
+    # sum() walks the block one Python int at a time (2 µs, twice per member with pax headers);
+    # adler32's low half is 1 + the byte sum mod 65521, exact for 256 bytes (at most 65,280).
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
 
 
 def _number(field: bytes, offset: int) -> int:
