@@ -111,9 +111,9 @@ def machine() -> str:
     )
 
 
-async def run(quick: bool) -> None:
+async def run(quick: bool, work_parent: Path | None) -> None:
     rows: list[Row] = []
-    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-", dir=work_parent))
     root = work / "app"
     root.mkdir()
     token = secrets.token_urlsafe(16)
@@ -241,7 +241,9 @@ async def run(quick: bool) -> None:
             await stub.ExtractArchive(requests(), metadata=md)
 
         ext_times, tar_times = [], []
-        for i in range(3):
+        # Best of 5 for both: extraction is disk-bound and the disk here is shared, so single runs of
+        # either vary several-fold; the best run is each one's own speed with the least interference.
+        for i in range(5):
             start = time.perf_counter()
             await extract(f"extract{i}")
             ext_times.append(time.perf_counter() - start)
@@ -249,9 +251,9 @@ async def run(quick: bool) -> None:
             out.mkdir()
             tar_times.append(timed(lambda: subprocess.run(["tar", "-xzf", str(work / "tree.tar.gz"), "-C", str(out)], check=True)))
             shutil.rmtree(root / f"extract{i}")
-        ext, tar_t = statistics.median(ext_times), statistics.median(tar_times)
+        ext, tar_t = min(ext_times), min(tar_times)
         rows.append(Row(
-            f"ExtractArchive {files} files ({payload / MB:.0f} MB)",
+            f"ExtractArchive {files} files ({payload / MB:.0f} MB), best of 5",
             f"{files / ext:,.0f} files/s, {payload / MB / ext:.0f} MB/s",
             "tar -xzf",
             f"{files / tar_t:,.0f} files/s, {payload / MB / tar_t:.0f} MB/s",
@@ -292,14 +294,19 @@ async def run(quick: bool) -> None:
         agent.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"machine: {machine()}\n")
+    print(f"machine: {machine()}")
+    print(f"files in: {work.parent} (both the agent's and the baselines')\n")
     print_table(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    asyncio.run(run(parser.parse_args().quick))
+    # A memory filesystem by default: this machine's disk is shared, and single extractions to it (the
+    # agent's and tar's alike) vary several-fold from run to run; --work-dir measures on a disk of your choice.
+    parser.add_argument("--work-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    args = parser.parse_args()
+    asyncio.run(run(args.quick, args.work_dir))
 
 
 if __name__ == "__main__":
