@@ -154,7 +154,7 @@ class DockerRuntime:
             agent_endpoint=f"{agent_host}:{agent_port}" if running else "",
             preview_port=preview_port if running else 0,
             preview_url=f"http://{preview_host}:{preview_port}/" if running else "",
-            image=container.attrs.get("Config", {}).get("Image", self.image),
+            image=_exact_image(container),
             running=running,
             labels=dict(container.labels),
         )
@@ -189,6 +189,17 @@ class DockerRuntime:
         return EngineUnavailable(
             f"cannot reach the Docker engine ({error}): start the Docker engine (dockerd) or run with --runtime local"
         )
+
+
+def _exact_image(container: Container) -> str:
+    """The image a container runs, pinned: its content-derived tag (`python -m core_image.build` tags every
+    build `workspace-core:<digest>` besides `:latest`), else its image id."""
+    try:
+        tags = sorted(container.image.tags)
+    except NotFound:  # the image was removed under a container that still runs
+        return container.attrs.get("Image", "")
+    pinned = [tag for tag in tags if not tag.endswith(":latest")]
+    return (pinned or tags or [container.attrs.get("Image", "")])[0]
 
 
 def _published(container: Container, port: int) -> tuple[str, int]:

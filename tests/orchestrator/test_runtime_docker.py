@@ -129,3 +129,15 @@ async def test_an_unreachable_engine_says_what_to_do(monkeypatch: pytest.MonkeyP
         await runtime.start("ws-noengine", TOKEN, resources=HINTS, env={}, labels={})
     with pytest.raises(EngineUnavailable):
         await runtime.list()
+
+
+@pytest.mark.docker
+async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_from_latest(core_image: str) -> None:
+    runtime = DockerRuntime(image="workspace-core:latest", instance_id=f"test-{secrets.token_hex(4)}")
+    try:
+        workspace = await runtime.start("ws-pinned", TOKEN, resources=HINTS, env={}, labels={})
+        assert workspace.image == core_image  # the content-derived tag, which a later session can pin
+        assert [w.image for w in await runtime.list()] == [core_image]
+    finally:
+        await runtime.stop("ws-pinned")
+        await runtime.close()
