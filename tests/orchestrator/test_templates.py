@@ -4,7 +4,6 @@ templates whose dev servers really answer."""
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
 import json
 import os
