@@ -4,6 +4,8 @@ the Docker SDK: blocking calls run in threads, every container is labelled, SDK 
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -23,7 +25,6 @@ from orchestrator.runtime.base import (
     MANAGED_LABEL,
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
-    TOKEN_ENV,
     Workspace,
     check_session_id,
     trust_env,
@@ -39,6 +40,11 @@ T = TypeVar("T")
 CONTAINER_CA_BUNDLE = "/etc/workspace/extra-ca.pem"
 # The workspace user of the core image.
 WORKSPACE_USER = "1000:1000"
+WORKSPACE_UID = 1000
+# Where the agent's token is written into the created container, before it starts: a directory of the image
+# that only the workspace user can enter; the agent reads and removes the file before any workspace code runs.
+TOKEN_DIR = "/run/workspace-agent"
+TOKEN_PATH = f"{TOKEN_DIR}/token"
 BUILD_COMMAND = "python -m core_image.build"
 # Seconds the SDK waits for one engine API call (container creation can take a few seconds on a busy host).
 API_TIMEOUT = 60
@@ -97,7 +103,7 @@ class DockerRuntime:
     ) -> Workspace:
         # The agent traces like the orchestrator (OTEL_* passed on); the OTLP endpoint must be reachable from
         # the container: 127.0.0.1 is the container itself.
-        environment = {**telemetry.workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT), TOKEN_ENV: token}
+        environment = {**telemetry.workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT)}
         volumes = {}
         if self.trust_bundle is not None:
             volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}
@@ -108,6 +114,8 @@ class DockerRuntime:
             self.image,
             name=f"workspace-core-{session_id}",
             labels=workspace_labels(self.instance_id, session_id, labels),
+            # Added to the image's entrypoint (`python -m agent --listen 0.0.0.0:3001 --root /app`).
+            command=["--token-file", TOKEN_PATH],
             environment=environment,
             # Published on the host's loopback address only; docker picks free host ports, read back below.
             ports={f"{AGENT_PORT}/tcp": (self.host_address, None), f"{DEV_PORT}/tcp": (self.host_address, None)},
@@ -122,6 +130,8 @@ class DockerRuntime:
             detach=True,
         )
         try:
+            # Not in the environment: every process in the container could read it from tini's /proc/1/environ.
+            deliver_token(container, token)
             container.start()
             container.reload()
         except BaseException:
@@ -189,6 +199,19 @@ class DockerRuntime:
         return EngineUnavailable(
             f"cannot reach the Docker engine ({error}): start the Docker engine (dockerd) or run with --runtime local"
         )
+
+
+def deliver_token(container: Container, token: str) -> None:
+    """Writes `token` to TOKEN_PATH in a created, not yet started container (for its agent's `--token-file`),
+    readable by the workspace user only."""
+    data = token.encode()
+    info = tarfile.TarInfo(TOKEN_PATH.rsplit("/", 1)[1])
+    info.size, info.mode, info.uid, info.gid = len(data), 0o400, WORKSPACE_UID, WORKSPACE_UID
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.addfile(info, io.BytesIO(data))
+    if not container.put_archive(TOKEN_DIR, buffer.getvalue()):
+        raise FailedPrecondition(f"the Docker engine did not write the agent's token to {TOKEN_PATH}")
 
 
 def _exact_image(container: Container) -> str:
