@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 import docker
 import requests
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
+from docker.models.networks import Network
 
 from agent import telemetry
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
@@ -46,6 +47,10 @@ WORKSPACE_UID = 1000
 TOKEN_DIR = "/run/workspace-agent"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
 BUILD_COMMAND = "python -m core_image.build"
+# Workspaces of one orchestrator instance share a bridge network with inter-container traffic off (the engine
+# drops packets between its containers): they reach the outside (package registries) through NAT, and the host
+# through published ports' replies only (see _shut_off_host).
+NETWORK_ICC_OPTION = "com.docker.network.bridge.enable_icc"
 # Seconds the SDK waits for one engine API call (container creation can take a few seconds on a busy host).
 API_TIMEOUT = 60
 
@@ -70,6 +75,13 @@ class DockerRuntime:
         # Connected on first use, so the orchestrator starts (and reports UNAVAILABLE per call) without an engine.
         self._client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
+        # The workspace network once it exists and is shut off from the host (per process: rules are re-checked).
+        self._network: Network | None = None
+        self._network_lock = threading.Lock()
+
+    @property
+    def network_name(self) -> str:
+        return f"workspace-core-{self.instance_id}"
 
     # ------------------------------------------------------------------ Runtime
 
@@ -91,6 +103,11 @@ class DockerRuntime:
         """This instance's containers, running or not. Raises EngineUnavailable."""
         return await self._call("list workspace containers", self._list)
 
+    async def remove_network(self) -> None:
+        """Removes this instance's workspace network and its host firewall rule (for tests and uninstalling;
+        the orchestrator itself keeps both). Raises EngineUnavailable, FailedPrecondition (containers use it)."""
+        await self._call("remove the workspace network", self._remove_network)
+
     async def close(self) -> None:
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
@@ -109,6 +126,7 @@ class DockerRuntime:
             volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}
             environment.update(trust_env(CONTAINER_CA_BUNDLE))
         memory = f"{resources.memory_mb}m"
+        network = self._workspace_network()
         # `create` never pulls (unlike `run`): a missing image is reported, not fetched from a registry.
         container = self._docker().containers.create(
             self.image,
@@ -127,6 +145,7 @@ class DockerRuntime:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             volumes=volumes,
+            network=network.name,
             detach=True,
         )
         try:
@@ -135,11 +154,91 @@ class DockerRuntime:
             container.start()
             container.reload()
         except BaseException:
+            self._network = None  # checked again next time (it may have been removed under us)
             # Never leave a created-but-dead container behind (e.g. the port could not be published).
             with suppress(NotFound):
                 container.remove(force=True, v=True)
             raise
         return self._workspace(container)
+
+    def _workspace_network(self) -> Network:
+        """This instance's workspace network, created on first use, with the host shut off from it."""
+        with self._network_lock:
+            if self._network is None:
+                # A missing image is ImageMissing before anything is created (the rule below needs it too).
+                self._docker().images.get(self.image)
+                network = self._find_network()
+                if network is None:
+                    try:
+                        network = self._docker().networks.create(
+                            self.network_name,
+                            driver="bridge",
+                            options={NETWORK_ICC_OPTION: "false"},
+                            labels={MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id},
+                            check_duplicate=True,
+                        )
+                    except APIError as error:  # another orchestrator process of this instance was first
+                        network = self._find_network()
+                        if network is None:
+                            raise error from None
+                network.reload()
+                if network.attrs["Options"].get(NETWORK_ICC_OPTION) != "false":
+                    raise FailedPrecondition(
+                        f"the network {self.network_name} lets workspaces reach each other ({NETWORK_ICC_OPTION} is"
+                        " not false): remove it (docker network rm) and the orchestrator recreates it"
+                    )
+                self._shut_off_host(network, "-I")
+                self._network = network
+            return self._network
+
+    def _find_network(self) -> Network | None:
+        filters = {"label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
+        # `names` matches substrings too.
+        found = self._docker().networks.list(names=[self.network_name], filters=filters)
+        return next((network for network in found if network.name == self.network_name), None)
+
+    def _shut_off_host(self, network: Network, action: str) -> None:
+        """Drops (action "-I", idempotent) or stops dropping ("-D") every connection a workspace opens to the
+        engine's host itself: its services listening on 0.0.0.0 answer on the network's gateway address, and the
+        engine has no option against that. Replies to connections from the host (published ports) still pass.
+        The rule goes in the host's INPUT chain through a one-off container on the host's network stack, from
+        the core image (which has iptables): so it lands on the engine's host whatever machine and user the
+        orchestrator runs as. Raises FailedPrecondition when the engine does not allow it."""
+        interface = network.attrs["Options"].get("com.docker.network.bridge.name") or f"br-{network.id[:12]}"
+        rule = f"INPUT -i {interface} -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP"
+        if action == "-I":
+            script = f"iptables -w -C {rule} 2>/dev/null || iptables -w -I {rule}"
+        else:
+            script = f"while iptables -w -C {rule} 2>/dev/null; do iptables -w -D {rule}; done"
+        try:
+            self._docker().containers.run(
+                self.image,
+                ["-c", script],
+                entrypoint=["/bin/sh"],
+                user="0:0",
+                network_mode="host",
+                cap_drop=["ALL"],
+                cap_add=["NET_ADMIN", "NET_RAW"],
+                security_opt=["no-new-privileges"],
+                # Not MANAGED_LABEL: it is no workspace.
+                labels={ORCHESTRATOR_LABEL: self.instance_id},
+                remove=True,
+            )
+        except ContainerError as error:
+            output = (error.stderr or b"").decode(errors="replace").strip()
+            raise FailedPrecondition(
+                f"could not shut the host off from the workspace network {self.network_name} ({output or error}):"
+                " the Docker engine must allow a container with NET_ADMIN on the host network"
+            ) from error
+
+    def _remove_network(self) -> None:
+        with self._network_lock:
+            network = self._find_network()
+            if network is not None:
+                self._shut_off_host(network, "-D")
+                with suppress(NotFound):
+                    network.remove()
+            self._network = None
 
     def _stop(self, session_id: str) -> None:
         for container in self._containers(f"{SESSION_LABEL}={session_id}"):

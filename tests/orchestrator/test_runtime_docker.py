@@ -28,6 +28,7 @@ async def runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
     yield runtime
     for workspace in await runtime.list():
         await runtime.stop(workspace.session_id)
+    await runtime.remove_network()
     await runtime.close()
 
 
@@ -58,6 +59,7 @@ async def test_a_workspace_container_is_labelled_locked_down_and_serves_its_agen
     assert host_config["CapDrop"] == ["ALL"]
     assert host_config["SecurityOpt"] == ["no-new-privileges"]
     assert container.attrs["Config"]["User"] == "1000:1000"
+    assert list(container.attrs["NetworkSettings"]["Networks"]) == [runtime.network_name]
 
     client = AgentClient(workspace.agent_endpoint, TOKEN)
     try:
@@ -110,6 +112,7 @@ async def test_an_extra_ca_bundle_is_trusted_by_the_workspace_tools(core_image: 
     finally:
         await client.close()
         await runtime.stop("ws-ca")
+        await runtime.remove_network()
         await runtime.close()
 
 
@@ -119,6 +122,7 @@ async def test_a_missing_image_names_the_build_command(docker_client: docker.Doc
     with pytest.raises(ImageMissing, match="python -m core_image.build"):
         await runtime.start("ws-noimage", TOKEN, resources=HINTS, env={}, labels={})
     assert await runtime.list() == []
+    assert docker_client.networks.list(names=[runtime.network_name]) == []
     await runtime.close()
 
 
@@ -140,4 +144,5 @@ async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_fro
         assert [w.image for w in await runtime.list()] == [core_image]
     finally:
         await runtime.stop("ws-pinned")
+        await runtime.remove_network()
         await runtime.close()

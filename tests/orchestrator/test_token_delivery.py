@@ -74,6 +74,7 @@ async def docker_runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
     yield runtime
     for workspace in await runtime.list():
         await runtime.stop(workspace.session_id)
+    await runtime.remove_network()
     await runtime.close()
 
 
