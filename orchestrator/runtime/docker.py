@@ -17,6 +17,7 @@ import requests
 from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.models.networks import Network
+from docker.types import Mount
 
 from agent import telemetry
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
@@ -47,6 +48,13 @@ WORKSPACE_UID = 1000
 TOKEN_DIR = "/run/workspace-agent"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
 BUILD_COMMAND = "python -m core_image.build"
+# The root filesystem is read-only; these are the workspace's writable places. Volumes (removed with the
+# container) for what may grow large, where a tmpfs would count against the memory limit: the code (/app),
+# the home directory (npm's cache, git's config), the token's directory (written before the start, where a
+# tmpfs does not exist yet). A tmpfs for /tmp. Each volume starts as a copy of the image's directory (owner,
+# mode).
+WRITABLE_VOLUMES = ("/app", "/home/workspace", TOKEN_DIR)
+TMPFS = {"/tmp": "rw,nosuid,nodev,exec,mode=1777,size=512m", "/var/tmp": "rw,nosuid,nodev,exec,mode=1777,size=64m"}
 # Workspaces of one orchestrator instance share a bridge network with inter-container traffic off (the engine
 # drops packets between its containers): they reach the outside (package registries) through NAT, and the host
 # through published ports' replies only (see _shut_off_host).
@@ -144,6 +152,9 @@ class DockerRuntime:
             user=WORKSPACE_USER,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
+            read_only=True,
+            mounts=[Mount(target, None) for target in WRITABLE_VOLUMES],
+            tmpfs=TMPFS,
             volumes=volumes,
             network=network.name,
             detach=True,

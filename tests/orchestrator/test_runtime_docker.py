@@ -146,3 +146,32 @@ async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_fro
         await runtime.stop("ws-pinned")
         await runtime.remove_network()
         await runtime.close()
+
+
+# A package-free npm project with a script, and a git repository with one commit: what workspaces do.
+WORKSPACE_CHORES = """
+set -e
+cd /app && mkdir chores && cd chores
+npm init -y >/dev/null && npm pkg set scripts.hello='node -p process.version' && npm run --silent hello
+git init -q && git config user.email w@example.com && git config user.name w
+echo hi > file && git add file && git commit -qm first && git log --format=%s
+echo cached > ~/.npm-probe && cat ~/.npm-probe && echo scratch > /tmp/probe && cat /tmp/probe
+"""
+
+
+@pytest.mark.docker
+async def test_the_root_filesystem_is_read_only_but_app_home_and_tmp_are_writable(
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    workspace = await runtime.start("ws-readonly", TOKEN, resources=HINTS, env={}, labels={})
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    try:
+        await client.wait_healthy(timeout=30)
+        assert docker_client.containers.get(workspace.handle).attrs["HostConfig"]["ReadonlyRootfs"] is True
+        lines: list[str] = []
+        assert await client.run("touch /var/tmp/x /etc/x", on_line=lambda text, _: lines.append(text)) != 0
+        assert lines == ["touch: cannot touch '/etc/x': Read-only file system"]  # /var/tmp is a tmpfs
+        version, *rest = await output_of(client, WORKSPACE_CHORES)
+        assert version.startswith("v20.") and rest == ["first", "cached", "scratch"]
+    finally:
+        await client.close()
