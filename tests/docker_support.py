@@ -69,10 +69,13 @@ def run_agent_container(client: docker.DockerClient, image: str, root: Path, *ag
     random token handed over as the orchestrator does (a file the agent removes); `options` add to or override
     the container's settings."""
     hand_over_to_workspace_user(root)
+    uid, gid = (WORKSPACE_UID, WORKSPACE_UID) if os.geteuid() in (0, WORKSPACE_UID) else (os.geteuid(), os.getegid())
+    # Another user than the image's cannot enter the image's token directory: its token goes to /tmp.
+    token_path = TOKEN_PATH if uid == WORKSPACE_UID else "/tmp/agent-token"
     container = client.containers.create(
         image,
-        ["--token-file", TOKEN_PATH, *agent_args],
-        user=f"{WORKSPACE_UID}:{WORKSPACE_UID}" if os.geteuid() in (0, WORKSPACE_UID) else f"{os.geteuid()}:{os.getegid()}",
+        ["--token-file", token_path, *agent_args],
+        user=f"{uid}:{gid}",
         ports={AGENT_PORT: ("127.0.0.1", None)},
         volumes={str(root): {"bind": "/app", "mode": "rw"}},
         labels={TEST_LABEL: "agent"},
@@ -80,7 +83,7 @@ def run_agent_container(client: docker.DockerClient, image: str, root: Path, *ag
     )
     try:
         _tokens[container.id] = secrets.token_urlsafe(16)
-        deliver_token(container, _tokens[container.id])
+        deliver_token(container, _tokens[container.id], path=token_path, uid=uid)
         container.start()
     except BaseException:
         container.remove(force=True)

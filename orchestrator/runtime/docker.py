@@ -311,17 +311,18 @@ class DockerRuntime:
         )
 
 
-def deliver_token(container: Container, token: str) -> None:
-    """Writes `token` to TOKEN_PATH in a created, not yet started container (for its agent's `--token-file`),
-    readable by the workspace user only."""
+def deliver_token(container: Container, token: str, *, path: str = TOKEN_PATH, uid: int = WORKSPACE_UID) -> None:
+    """Writes `token` to `path` in a created, not yet started container (for its agent's `--token-file`),
+    readable by `uid` (the container's user) only."""
+    directory, name = path.rsplit("/", 1)
     data = token.encode()
-    info = tarfile.TarInfo(TOKEN_PATH.rsplit("/", 1)[1])
-    info.size, info.mode, info.uid, info.gid = len(data), 0o400, WORKSPACE_UID, WORKSPACE_UID
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.uid, info.gid = len(data), 0o400, uid, uid
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.addfile(info, io.BytesIO(data))
-    if not container.put_archive(TOKEN_DIR, buffer.getvalue()):
-        raise FailedPrecondition(f"the Docker engine did not write the agent's token to {TOKEN_PATH}")
+    if not container.put_archive(directory, buffer.getvalue()):
+        raise FailedPrecondition(f"the Docker engine did not write the agent's token to {path}")
 
 
 def _exact_image(container: Container) -> str:

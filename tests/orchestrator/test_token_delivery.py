@@ -33,12 +33,11 @@ for proc in pathlib.Path("/proc").glob("[0-9]*"):
             refused.append(f"{proc}/{name}")
         except OSError:
             pass
-for path in (os.environ.get("TOKEN_PATH", ""),):
-    try:
-        seen[path] = pathlib.Path(path).read_text()
-    except OSError as error:
-        seen[path] = error.strerror
-agent = [str(p) for p in pathlib.Path("/proc").glob("[0-9]*") if (p / "cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"agent"]]
+try:
+    seen[os.environ["TOKEN_PATH"]] = pathlib.Path(os.environ["TOKEN_PATH"]).read_text()
+except OSError as error:
+    seen[os.environ["TOKEN_PATH"]] = error.strerror
+agent = [path[: -len("/cmdline")] for path, text in seen.items() if text.split("\0")[1:3] == ["-m", "agent"]]
 print(json.dumps({"seen": seen, "refused": refused, "agent": agent}))
 """
 
