@@ -51,8 +51,8 @@ BUILD_COMMAND = "python -m core_image.build"
 # The root filesystem is read-only; these are the workspace's writable places. Volumes (removed with the
 # container) for what may grow large, where a tmpfs would count against the memory limit: the code (/app),
 # the home directory (npm's cache, git's config), the token's directory (written before the start, where a
-# tmpfs does not exist yet). A tmpfs for /tmp. Each volume starts as a copy of the image's directory (owner,
-# mode).
+# tmpfs does not exist yet); each starts as a copy of the image's directory (owner, mode). Scratch space
+# (/tmp, /var/tmp) is tmpfs.
 WRITABLE_VOLUMES = ("/app", "/home/workspace", TOKEN_DIR)
 TMPFS = {"/tmp": "rw,nosuid,nodev,exec,mode=1777,size=512m", "/var/tmp": "rw,nosuid,nodev,exec,mode=1777,size=64m"}
 # Workspaces of one orchestrator instance share a bridge network with inter-container traffic off (the engine
