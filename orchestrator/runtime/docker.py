@@ -237,6 +237,10 @@ class DockerRuntime:
             )
         except ContainerError as error:
             output = (error.stderr or b"").decode(errors="replace").strip()
+            if error.exit_status == 127:  # sh: command not found
+                raise FailedPrecondition(
+                    f"the core image {self.image} has no iptables (an older build): rebuild it with `{BUILD_COMMAND}`"
+                ) from error
             raise FailedPrecondition(
                 f"could not shut the host off from the workspace network {self.network_name} ({output or error}):"
                 " the Docker engine must allow a container with NET_ADMIN on the host network"
