@@ -249,11 +249,13 @@ class DockerRuntime:
     def _remove_network(self) -> None:
         with self._network_lock:
             network = self._find_network()
-            if network is not None:
-                self._shut_off_host(network, "-D")
-                with suppress(NotFound):
-                    network.remove()
             self._network = None
+            if network is not None:
+                try:
+                    self._shut_off_host(network, "-D")
+                finally:  # a rule left behind names an interface that is gone: it matches nothing
+                    with suppress(NotFound):
+                        network.remove()
 
     def _stop(self, session_id: str) -> None:
         for container in self._containers(f"{SESSION_LABEL}={session_id}"):
