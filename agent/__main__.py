@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import sys
 from pathlib import Path
 
 from agent import telemetry
-from agent.config import AgentConfig
+from agent.config import TOKEN_ENV, AgentConfig
 from agent.server import serve
 
-TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
 def parse_args(argv: list[str] | None = None) -> AgentConfig:
@@ -22,7 +23,9 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--listen", default=defaults.listen, help="HOST:PORT or unix:PATH (default %(default)s)")
     parser.add_argument("--root", type=Path, default=defaults.root, help="workspace root (default %(default)s)")
     parser.add_argument(
-        "--token-file", type=Path, help=f"file holding the bearer token (else ${TOKEN_ENV}; neither: no auth)"
+        "--token-file",
+        type=Path,
+        help=f"file holding the bearer token, removed once read (else ${TOKEN_ENV}; neither: no auth)",
     )
     parser.add_argument("--max-archive-bytes", type=int, default=defaults.max_archive_bytes)
     parser.add_argument("--max-archive-files", type=int, default=defaults.max_archive_files)
@@ -33,9 +36,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     args = parser.parse_args(argv)
     telemetry.configure_logging(args.log_level)
 
-    token = os.environ.get(TOKEN_ENV) or None
-    if args.token_file:
-        token = args.token_file.read_text().strip() or None
+    token = take_token(parser, args.token_file)
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a directory")
     return AgentConfig(
@@ -50,7 +51,35 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     )
 
 
+def take_token(parser: argparse.ArgumentParser, token_file: Path | None) -> str | None:
+    """The bearer token, taken so that no process started later can read it: the file is removed once read
+    (it must be: workspace code runs as the same user), and the variable leaves the environment every command
+    inherits. (The kernel's copy of the initial environment stays in /proc/<pid>/environ: protect_process()
+    makes that unreadable.)"""
+    token = os.environ.pop(TOKEN_ENV, "") or None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip() or None
+            token_file.unlink()
+        except OSError as error:
+            parser.error(f"--token-file {token_file}: {error.strerror} (the agent reads and removes it)")
+    return token
+
+
+def protect_process() -> None:
+    """Marks the agent non-dumpable: its /proc/<pid>/environ, mem, fd and the like become unreadable to other
+    processes of the same user (workspace code), and they cannot ptrace it. Its children are dumpable again
+    after exec, as usual. Linux only; elsewhere the local runtime is no boundary anyway."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Before the token is read, so that not even a moment exists in which another process could read it.
+    protect_process()
     config = parse_args(argv)
     telemetry.configure_from_env()
     if config.token is None:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 1024 * 1024
+# The bearer token's environment variable (compatibility: the orchestrator hands it over in a file, which
+# `python -m agent --token-file` removes once read; an init process would keep a readable copy of a variable).
+TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,8 @@ class TemplateCatalog:
         return [self._load(folder) for folder in sorted(folders, key=lambda p: p.name)]
 
     async def listing(self) -> list[tuple[TemplateSpec, TemplateArchive | None]]:
-        """list() with each valid template's archive; a template whose files cannot be archived is listed
-        as invalid with the reason."""
+        """list() with each valid template's archive. A template that changed into an invalid one between the
+        check and the build is listed as invalid with the reason."""
         listed: list[tuple[TemplateSpec, TemplateArchive | None]] = []
         for spec in await asyncio.to_thread(self.list):
             if not spec.valid:
@@ -123,8 +123,8 @@ class TemplateCatalog:
         return listed
 
     def get(self, name: str) -> TemplateSpec:
-        """The valid template `name`. Raises InvalidArgument (not a template name), TemplateNotFound,
-        InvalidTemplate (with the reason)."""
+        """The valid template `name`, judged exactly as list() judges it (template.json and the files). Raises
+        InvalidArgument (not a template name), TemplateNotFound, InvalidTemplate (with the reason)."""
         spec = self._load(self._folder(name))
         if not spec.valid:
             raise InvalidTemplate(f"template {name!r} is invalid: {spec.invalid_reason}")
@@ -144,7 +144,11 @@ class TemplateCatalog:
             return cached
 
     def _members(self, name: str) -> list[_Member]:
-        return _read_members(self._folder(name), self.get(name).archive_excludes)
+        spec = self.get(name)
+        try:
+            return _read_members(self._folder(name), spec.archive_excludes)
+        except InvalidTemplate as error:  # changed since get() judged it
+            raise InvalidTemplate(f"template {name!r} is invalid: {error}") from error
 
     def _folder(self, name: str) -> Path:
         if not _NAME.match(name):
@@ -157,6 +161,18 @@ class TemplateCatalog:
         return folder
 
     def _load(self, folder: Path) -> TemplateSpec:
+        """The one validity check, used by list() and get() alike: template.json against the schema, then
+        the files (plain files and directories only), so CreateSession refuses what ListTemplates reports."""
+        spec = self._load_metadata(folder)
+        if not spec.valid:
+            return spec
+        try:
+            _walk(folder, spec.archive_excludes)
+        except InvalidTemplate as error:
+            return replace(spec, valid=False, invalid_reason=str(error))
+        return spec
+
+    def _load_metadata(self, folder: Path) -> TemplateSpec:
         name = folder.name
         try:
             document = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
@@ -220,9 +236,26 @@ def schema_errors(validator: Draft202012Validator, document: object) -> list[str
 
 
 def _read_members(folder: Path, excludes: tuple[str, ...]) -> list[_Member]:
-    """The folder's directories and files, sorted, without node_modules and the template's exclusions."""
+    """The folder's directories and files with their content, sorted, without node_modules and the template's
+    exclusions. Raises InvalidTemplate as _walk()."""
+    members = []
+    for relative, path, info in _walk(folder, excludes):
+        if stat.S_ISDIR(info.st_mode):
+            members.append(_Member(relative, True, 0o755, b""))
+        else:
+            mode = 0o755 if info.st_mode & 0o111 else 0o644
+            members.append(_Member(relative, False, mode, path.read_bytes()))
+    # Sorting by path components keeps a directory's members right after it.
+    members.sort(key=lambda m: m.path.split("/"))
+    return members
+
+
+def _walk(folder: Path, excludes: tuple[str, ...]) -> list[tuple[str, Path, os.stat_result]]:
+    """Every directory and file a template's archive would hold (relative path, path, lstat), without
+    node_modules and the template's exclusions. Raises InvalidTemplate naming the first member that is not a
+    plain directory or regular file (a symlink, FIFO, socket or device)."""
     ignored = GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *excludes])
-    members: list[_Member] = []
+    found: list[tuple[str, Path, os.stat_result]] = []
     for directory, subdirectories, filenames in os.walk(folder):
         base = Path(directory).relative_to(folder)
         kept = []
@@ -230,25 +263,22 @@ def _read_members(folder: Path, excludes: tuple[str, ...]) -> list[_Member]:
             relative = (base / sub).as_posix()
             if ignored.match_file(relative + "/"):
                 continue
-            if (Path(directory) / sub).is_symlink():
-                raise InvalidTemplate(f"template {folder.name!r}: {relative} is a symlink; templates hold plain files")
+            path = Path(directory) / sub
+            if path.is_symlink():
+                raise InvalidTemplate(f"{relative} is a symlink; templates hold plain files")
             kept.append(sub)
-            members.append(_Member(relative, True, 0o755, b""))
+            found.append((relative, path, os.lstat(path)))
         subdirectories[:] = kept
         for filename in filenames:
             relative = (base / filename).as_posix()
             if relative != METADATA_FILE and ignored.match_file(relative):
                 continue
-            info = os.lstat(Path(directory) / filename)
+            path = Path(directory) / filename
+            info = os.lstat(path)
             if not stat.S_ISREG(info.st_mode):
-                raise InvalidTemplate(
-                    f"template {folder.name!r}: {relative} is not a regular file; templates hold plain files"
-                )
-            mode = 0o755 if info.st_mode & 0o111 else 0o644
-            members.append(_Member(relative, False, mode, (Path(directory) / filename).read_bytes()))
-    # Sorting by path components keeps a directory's members right after it.
-    members.sort(key=lambda m: m.path.split("/"))
-    return members
+                raise InvalidTemplate(f"{relative} is not a regular file; templates hold plain files")
+            found.append((relative, path, info))
+    return found
 
 
 def _content_hash(members: list[_Member]) -> str:

@@ -18,6 +18,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core_image.build import ensure_image
+from orchestrator.runtime.docker import TOKEN_PATH, deliver_token
 
 IN_CI = os.environ.get("CI") == "true"
 WORKSPACE_UID = 1000  # the image's workspace user, owner of /app
@@ -59,26 +60,39 @@ def core_image(docker_client: docker.DockerClient) -> str:
     return ensure_image(docker_client)
 
 
+# The token each agent container was given (it is nowhere in the container once its agent has started).
+_tokens: dict[str, str] = {}
+
+
 def run_agent_container(client: docker.DockerClient, image: str, root: Path, *agent_args: str, **options) -> Container:
-    """Starts the image's agent on `root` (mounted as /app), published on 127.0.0.1 only, hardened, with
-    a random token in its environment; `options` add to or override the container's settings."""
+    """Starts the image's agent on `root` (mounted as /app), published on 127.0.0.1 only, hardened, with a
+    random token handed over as the orchestrator does (a file the agent removes); `options` add to or override
+    the container's settings."""
     hand_over_to_workspace_user(root)
-    return client.containers.run(
+    uid, gid = (WORKSPACE_UID, WORKSPACE_UID) if os.geteuid() in (0, WORKSPACE_UID) else (os.geteuid(), os.getegid())
+    # Another user than the image's cannot enter the image's token directory: its token goes to /tmp.
+    token_path = TOKEN_PATH if uid == WORKSPACE_UID else "/tmp/agent-token"
+    container = client.containers.create(
         image,
-        list(agent_args),
-        detach=True,
-        user=f"{WORKSPACE_UID}:{WORKSPACE_UID}" if os.geteuid() in (0, WORKSPACE_UID) else f"{os.geteuid()}:{os.getegid()}",
-        environment={"WORKSPACE_AGENT_TOKEN": secrets.token_urlsafe(16)},
+        ["--token-file", token_path, *agent_args],
+        user=f"{uid}:{gid}",
         ports={AGENT_PORT: ("127.0.0.1", None)},
         volumes={str(root): {"bind": "/app", "mode": "rw"}},
         labels={TEST_LABEL: "agent"},
         **{**HARDENING, **options},
     )
+    try:
+        _tokens[container.id] = secrets.token_urlsafe(16)
+        deliver_token(container, _tokens[container.id], path=token_path, uid=uid)
+        container.start()
+    except BaseException:
+        container.remove(force=True)
+        raise
+    return container
 
 
 def agent_token(container: Container) -> str:
-    env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
-    return env["WORKSPACE_AGENT_TOKEN"]
+    return _tokens[container.id]
 
 
 async def wait_for_agent(container: Container, timeout: float = 20.0) -> str:

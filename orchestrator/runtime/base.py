@@ -25,7 +25,9 @@ MANAGED_LABEL = "workspace-core.managed"
 # The agent's gRPC port and the dev server's port inside a workspace (templates read $PORT, default 4321).
 AGENT_PORT = 3001
 DEV_PORT = 4321
-# The environment variable `python -m agent` reads its bearer token from.
+# The environment variable `python -m agent` would also read its bearer token from: never set for a workspace
+# (every process of the workspace user could read it, e.g. from the init process's /proc/1/environ); runtimes
+# hand the token over in a file that the agent removes once read (`--token-file`), before any workspace code runs.
 TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
 
 # Session ids end up in container names and directory names.

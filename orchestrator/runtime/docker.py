@@ -4,6 +4,8 @@ the Docker SDK: blocking calls run in threads, every container is labelled, SDK 
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -12,8 +14,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import docker
 import requests
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
+from docker.models.networks import Network
+from docker.types import Mount
 
 from agent import telemetry
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
@@ -23,7 +27,6 @@ from orchestrator.runtime.base import (
     MANAGED_LABEL,
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
-    TOKEN_ENV,
     Workspace,
     check_session_id,
     trust_env,
@@ -39,7 +42,23 @@ T = TypeVar("T")
 CONTAINER_CA_BUNDLE = "/etc/workspace/extra-ca.pem"
 # The workspace user of the core image.
 WORKSPACE_USER = "1000:1000"
+WORKSPACE_UID = 1000
+# Where the agent's token is written into the created container, before it starts: a directory of the image
+# that only the workspace user can enter; the agent reads and removes the file before any workspace code runs.
+TOKEN_DIR = "/run/workspace-agent"
+TOKEN_PATH = f"{TOKEN_DIR}/token"
 BUILD_COMMAND = "python -m core_image.build"
+# The root filesystem is read-only; these are the workspace's writable places. Volumes (removed with the
+# container) for what may grow large, where a tmpfs would count against the memory limit: the code (/app),
+# the home directory (npm's cache, git's config), the token's directory (written before the start, where a
+# tmpfs does not exist yet); each starts as a copy of the image's directory (owner, mode). Scratch space
+# (/tmp, /var/tmp) is tmpfs.
+WRITABLE_VOLUMES = ("/app", "/home/workspace", TOKEN_DIR)
+TMPFS = {"/tmp": "rw,nosuid,nodev,exec,mode=1777,size=512m", "/var/tmp": "rw,nosuid,nodev,exec,mode=1777,size=64m"}
+# Workspaces of one orchestrator instance share a bridge network with inter-container traffic off (the engine
+# drops packets between its containers): they reach the outside (package registries) through NAT, and the host
+# through published ports' replies only (see _shut_off_host).
+NETWORK_ICC_OPTION = "com.docker.network.bridge.enable_icc"
 # Seconds the SDK waits for one engine API call (container creation can take a few seconds on a busy host).
 API_TIMEOUT = 60
 
@@ -64,6 +83,13 @@ class DockerRuntime:
         # Connected on first use, so the orchestrator starts (and reports UNAVAILABLE per call) without an engine.
         self._client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
+        # The workspace network once it exists and is shut off from the host (per process: rules are re-checked).
+        self._network: Network | None = None
+        self._network_lock = threading.Lock()
+
+    @property
+    def network_name(self) -> str:
+        return f"workspace-core-{self.instance_id}"
 
     # ------------------------------------------------------------------ Runtime
 
@@ -85,6 +111,11 @@ class DockerRuntime:
         """This instance's containers, running or not. Raises EngineUnavailable."""
         return await self._call("list workspace containers", self._list)
 
+    async def remove_network(self) -> None:
+        """Removes this instance's workspace network and its host firewall rule (for tests and uninstalling;
+        the orchestrator itself keeps both). Raises EngineUnavailable, FailedPrecondition (containers use it)."""
+        await self._call("remove the workspace network", self._remove_network)
+
     async def close(self) -> None:
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
@@ -97,17 +128,20 @@ class DockerRuntime:
     ) -> Workspace:
         # The agent traces like the orchestrator (OTEL_* passed on); the OTLP endpoint must be reachable from
         # the container: 127.0.0.1 is the container itself.
-        environment = {**telemetry.workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT), TOKEN_ENV: token}
+        environment = {**telemetry.workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT)}
         volumes = {}
         if self.trust_bundle is not None:
             volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}
             environment.update(trust_env(CONTAINER_CA_BUNDLE))
         memory = f"{resources.memory_mb}m"
+        network = self._workspace_network()
         # `create` never pulls (unlike `run`): a missing image is reported, not fetched from a registry.
         container = self._docker().containers.create(
             self.image,
             name=f"workspace-core-{session_id}",
             labels=workspace_labels(self.instance_id, session_id, labels),
+            # Added to the image's entrypoint (`python -m agent --listen 0.0.0.0:3001 --root /app`).
+            command=["--token-file", TOKEN_PATH],
             environment=environment,
             # Published on the host's loopback address only; docker picks free host ports, read back below.
             ports={f"{AGENT_PORT}/tcp": (self.host_address, None), f"{DEV_PORT}/tcp": (self.host_address, None)},
@@ -118,18 +152,110 @@ class DockerRuntime:
             user=WORKSPACE_USER,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
+            read_only=True,
+            mounts=[Mount(target, None) for target in WRITABLE_VOLUMES],
+            tmpfs=TMPFS,
             volumes=volumes,
+            network=network.name,
             detach=True,
         )
         try:
+            # Not in the environment: every process in the container could read it from tini's /proc/1/environ.
+            deliver_token(container, token)
             container.start()
             container.reload()
         except BaseException:
+            self._network = None  # checked again next time (it may have been removed under us)
             # Never leave a created-but-dead container behind (e.g. the port could not be published).
             with suppress(NotFound):
                 container.remove(force=True, v=True)
             raise
         return self._workspace(container)
+
+    def _workspace_network(self) -> Network:
+        """This instance's workspace network, created on first use, with the host shut off from it."""
+        with self._network_lock:
+            if self._network is None:
+                # A missing image is ImageMissing before anything is created (the rule below needs it too).
+                self._docker().images.get(self.image)
+                network = self._find_network()
+                if network is None:
+                    try:
+                        network = self._docker().networks.create(
+                            self.network_name,
+                            driver="bridge",
+                            options={NETWORK_ICC_OPTION: "false"},
+                            labels={MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id},
+                            check_duplicate=True,
+                        )
+                    except APIError as error:  # another orchestrator process of this instance was first
+                        network = self._find_network()
+                        if network is None:
+                            raise error from None
+                network.reload()
+                if network.attrs["Options"].get(NETWORK_ICC_OPTION) != "false":
+                    raise FailedPrecondition(
+                        f"the network {self.network_name} lets workspaces reach each other ({NETWORK_ICC_OPTION} is"
+                        " not false): remove it (docker network rm) and the orchestrator recreates it"
+                    )
+                self._shut_off_host(network, "-I")
+                self._network = network
+            return self._network
+
+    def _find_network(self) -> Network | None:
+        filters = {"label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
+        # `names` matches substrings too.
+        found = self._docker().networks.list(names=[self.network_name], filters=filters)
+        return next((network for network in found if network.name == self.network_name), None)
+
+    def _shut_off_host(self, network: Network, action: str) -> None:
+        """Drops (action "-I", idempotent) or stops dropping ("-D") every connection a workspace opens to the
+        engine's host itself: its services listening on 0.0.0.0 answer on the network's gateway address, and the
+        engine has no option against that. Replies to connections from the host (published ports) still pass.
+        The rule goes in the host's INPUT chain through a one-off container on the host's network stack, from
+        the core image (which has iptables): so it lands on the engine's host whatever machine and user the
+        orchestrator runs as. Raises FailedPrecondition when the engine does not allow it."""
+        interface = network.attrs["Options"].get("com.docker.network.bridge.name") or f"br-{network.id[:12]}"
+        rule = f"INPUT -i {interface} -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP"
+        if action == "-I":
+            script = f"iptables -w -C {rule} 2>/dev/null || iptables -w -I {rule}"
+        else:
+            script = f"while iptables -w -C {rule} 2>/dev/null; do iptables -w -D {rule}; done"
+        try:
+            self._docker().containers.run(
+                self.image,
+                ["-c", script],
+                entrypoint=["/bin/sh"],
+                user="0:0",
+                network_mode="host",
+                cap_drop=["ALL"],
+                cap_add=["NET_ADMIN", "NET_RAW"],
+                security_opt=["no-new-privileges"],
+                # Not MANAGED_LABEL: it is no workspace.
+                labels={ORCHESTRATOR_LABEL: self.instance_id},
+                remove=True,
+            )
+        except ContainerError as error:
+            output = (error.stderr or b"").decode(errors="replace").strip()
+            if error.exit_status == 127:  # sh: command not found
+                raise FailedPrecondition(
+                    f"the core image {self.image} has no iptables (an older build): rebuild it with `{BUILD_COMMAND}`"
+                ) from error
+            raise FailedPrecondition(
+                f"could not shut the host off from the workspace network {self.network_name} ({output or error}):"
+                " the Docker engine must allow a container with NET_ADMIN on the host network"
+            ) from error
+
+    def _remove_network(self) -> None:
+        with self._network_lock:
+            network = self._find_network()
+            self._network = None
+            if network is not None:
+                try:
+                    self._shut_off_host(network, "-D")
+                finally:  # a rule left behind names an interface that is gone: it matches nothing
+                    with suppress(NotFound):
+                        network.remove()
 
     def _stop(self, session_id: str) -> None:
         for container in self._containers(f"{SESSION_LABEL}={session_id}"):
@@ -189,6 +315,20 @@ class DockerRuntime:
         return EngineUnavailable(
             f"cannot reach the Docker engine ({error}): start the Docker engine (dockerd) or run with --runtime local"
         )
+
+
+def deliver_token(container: Container, token: str, *, path: str = TOKEN_PATH, uid: int = WORKSPACE_UID) -> None:
+    """Writes `token` to `path` in a created, not yet started container (for its agent's `--token-file`),
+    readable by `uid` (the container's user) only."""
+    directory, name = path.rsplit("/", 1)
+    data = token.encode()
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.uid, info.gid = len(data), 0o400, uid, uid
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.addfile(info, io.BytesIO(data))
+    if not container.put_archive(directory, buffer.getvalue()):
+        raise FailedPrecondition(f"the Docker engine did not write the agent's token to {path}")
 
 
 def _exact_image(container: Container) -> str:

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 # What the image field says for a local workspace: the interpreter the agent runs on.
 LOCAL_IMAGE = f"local:{sys.executable}"
 STATE_FILE = "workspace.json"
+TOKEN_FILE = "agent-token"
 # On SIGTERM the agent kills its commands (SIGKILL 2 s after SIGTERM) and then stops its server (grace 5 s).
 STOP_GRACE_S = 10.0
 
@@ -69,16 +71,18 @@ class LocalRuntime:
             raise FailedPrecondition(f"a local workspace of session {session_id} is already running")
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         agent_port, preview_port = _free_ports(self.host_address, 2)
-        environment = {
-            **os.environ, **telemetry.workspace_agent_env(session_id), **env, "PORT": str(preview_port), TOKEN_ENV: token
-        }
+        inherited = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
+        environment = {**inherited, **telemetry.workspace_agent_env(session_id), **env, "PORT": str(preview_port)}
+        token_file = await asyncio.to_thread(_write_token, session_dir, token)
         if self.trust_bundle is not None:
             environment.update(trust_env(str(self.trust_bundle)))
         # The working directory is not the workspace root: `python -m` puts it first on sys.path, and a
         # workspace may well hold a package named `agent`.
         with open(session_dir / "agent.log", "ab") as log:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent", "--listen", f"{self.host_address}:{agent_port}", "--root", str(root),
+                # --root last: _is_agent recognises the agent by it.
+                sys.executable, "-m", "agent", "--token-file", str(token_file),
+                "--listen", f"{self.host_address}:{agent_port}", "--root", str(root),
                 cwd=session_dir, env=environment, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # its own process group, outside the orchestrator's terminal signals
             )  # fmt: skip
@@ -159,6 +163,17 @@ def _free_ports(host: str, count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _write_token(session_dir: Path, token: str) -> Path:
+    """The token in a file only our user can read, beside the workspace root; the agent removes it once read."""
+    path = session_dir / TOKEN_FILE
+    with suppress(FileNotFoundError):
+        path.unlink()  # left by an agent that never started
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token)
+    return path
 
 
 def _write_json(path: Path, data: dict) -> None:

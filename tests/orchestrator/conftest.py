@@ -105,10 +105,13 @@ async def orchestrator(orchestrator_config: OrchestratorConfig) -> AsyncIterator
 async def stop_all_workspaces(config: OrchestratorConfig) -> None:
     """Removes every workspace a test left running (agents are subprocesses that outlive the server)."""
     from orchestrator.runtime import make_runtime
+    from orchestrator.runtime.docker import DockerRuntime
 
     runtime = make_runtime(config.runtime, config)
     for workspace in await runtime.list():
         await runtime.stop(workspace.session_id)
+    if isinstance(runtime, DockerRuntime):
+        await runtime.remove_network()
     await runtime.close()
 
 

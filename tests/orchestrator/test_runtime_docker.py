@@ -28,6 +28,7 @@ async def runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
     yield runtime
     for workspace in await runtime.list():
         await runtime.stop(workspace.session_id)
+    await runtime.remove_network()
     await runtime.close()
 
 
@@ -58,6 +59,7 @@ async def test_a_workspace_container_is_labelled_locked_down_and_serves_its_agen
     assert host_config["CapDrop"] == ["ALL"]
     assert host_config["SecurityOpt"] == ["no-new-privileges"]
     assert container.attrs["Config"]["User"] == "1000:1000"
+    assert list(container.attrs["NetworkSettings"]["Networks"]) == [runtime.network_name]
 
     client = AgentClient(workspace.agent_endpoint, TOKEN)
     try:
@@ -110,6 +112,7 @@ async def test_an_extra_ca_bundle_is_trusted_by_the_workspace_tools(core_image: 
     finally:
         await client.close()
         await runtime.stop("ws-ca")
+        await runtime.remove_network()
         await runtime.close()
 
 
@@ -119,6 +122,7 @@ async def test_a_missing_image_names_the_build_command(docker_client: docker.Doc
     with pytest.raises(ImageMissing, match="python -m core_image.build"):
         await runtime.start("ws-noimage", TOKEN, resources=HINTS, env={}, labels={})
     assert await runtime.list() == []
+    assert docker_client.networks.list(names=[runtime.network_name]) == []
     await runtime.close()
 
 
@@ -140,4 +144,34 @@ async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_fro
         assert [w.image for w in await runtime.list()] == [core_image]
     finally:
         await runtime.stop("ws-pinned")
+        await runtime.remove_network()
         await runtime.close()
+
+
+# A package-free npm project with a script, and a git repository with one commit: what workspaces do.
+WORKSPACE_CHORES = """
+set -e
+cd /app && mkdir chores && cd chores
+npm init -y >/dev/null && npm pkg set scripts.hello='node -p process.version' && npm run --silent hello
+git init -q && git config user.email w@example.com && git config user.name w
+echo hi > file && git add file && git commit -qm first && git log --format=%s
+echo cached > ~/.npm-probe && cat ~/.npm-probe && echo scratch > /tmp/probe && cat /tmp/probe
+"""
+
+
+@pytest.mark.docker
+async def test_the_root_filesystem_is_read_only_but_app_home_and_tmp_are_writable(
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    workspace = await runtime.start("ws-readonly", TOKEN, resources=HINTS, env={}, labels={})
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    try:
+        await client.wait_healthy(timeout=30)
+        assert docker_client.containers.get(workspace.handle).attrs["HostConfig"]["ReadonlyRootfs"] is True
+        lines: list[str] = []
+        assert await client.run("touch /var/tmp/x /etc/x", on_line=lambda text, _: lines.append(text)) != 0
+        assert lines == ["touch: cannot touch '/etc/x': Read-only file system"]  # /var/tmp is a tmpfs
+        version, *rest = await output_of(client, WORKSPACE_CHORES)
+        assert version.startswith("v20.") and rest == ["first", "cached", "scratch"]
+    finally:
+        await client.close()
