@@ -28,7 +28,7 @@ from orchestrator.errors import (
     OrchestratorError,
     SessionNotFound,
 )
-from orchestrator.install_cache import HIT_ENV, InstallCache
+from orchestrator.install_cache import HIT_ENV, CacheKey, InstallCache
 from orchestrator.readiness import wait_until_ready
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.store import Store
@@ -89,6 +89,8 @@ class LiveSession:
         self.output: deque[pb.OutputLine] = deque(maxlen=history_lines)
         self.watchers: set[asyncio.Queue[pb.WatchSessionResponse | _Lagged]] = set()
         self.initialization: asyncio.Task[None] | None = None
+        # Keeping its node_modules in the install cache, after READY: a delete waits for it.
+        self.install_store: asyncio.Task[None] | None = None
         # Serializes save, delete and reaping of this session.
         self.lock = asyncio.Lock()
 
@@ -145,7 +147,9 @@ class SessionManager:
         self._runtime = runtime
         self._live: dict[str, LiveSession] = {}
         self._install_cache = (
-            InstallCache(config.install_cache_dir, config.max_install_cache_bytes) if config.install_cache else None
+            InstallCache(config.install_cache_dir, config.max_install_cache_bytes, config.install_cache_unlocked_max_age_s)
+            if config.install_cache
+            else None
         )
 
     # ------------------------------------------------------------------ queries
@@ -294,7 +298,7 @@ class SessionManager:
         session = live.session
         session.state = STARTING
         follow_dev: asyncio.Task[None] | None = None
-        install_key = ""
+        install_key = CacheKey("")
         try:
             async with self._phase(live, pb.PHASE_CONTAINER_STARTED) as status:
                 try:
@@ -372,16 +376,18 @@ class SessionManager:
         self._record(live, pb.WatchSessionResponse(session=session))
         if install_key:
             # After READY: keeping node_modules for later sessions must not delay this one.
-            self._install_cache.store_in_background(live.agent, install_key)
+            live.install_store = self._install_cache.store_in_background(live.agent, install_key)
 
-    async def _from_install_cache(self, live: LiveSession, template: TemplateSpec) -> tuple[str, dict[str, str], str]:
+    async def _from_install_cache(
+        self, live: LiveSession, template: TemplateSpec
+    ) -> tuple[CacheKey, dict[str, str], str]:
         """Puts the cached node_modules for the workspace's install in place, if there is one. Returns the
-        install's cache key ("" = not cacheable, or no cache), the install's environment and a note."""
+        install's cache key (empty = not cacheable, or no cache), the install's environment and a note."""
         if self._install_cache is None:
-            return "", dict(template.env), "install cache off"
-        key = await self._install_cache.key(live.agent, template.install_command)
+            return CacheKey(""), dict(template.env), "install cache off"
+        key = await self._install_cache.key(live.agent, template.install_command, live.session.image)
         if not key:
-            return "", dict(template.env), "install cache not used: no package.json and lockfile"
+            return key, dict(template.env), key.note
         injected = await self._install_cache.inject(live.agent, key)
         # The template's own settings win over the hit's defaults.
         env = {**HIT_ENV, **template.env} if injected.hit else dict(template.env)
@@ -469,6 +475,9 @@ class SessionManager:
                 await live.initialization
         session.state = STOPPING
         self._record(live, pb.WatchSessionResponse(session=session))
+        if live.install_store is not None:
+            # The entry is being written from this workspace: stopping it now would lose the entry.
+            await self._install_cache.finish(live.install_store)
         if live.agent is not None:
             await live.agent.close()
         await self._runtime.stop(session.id)
@@ -482,12 +491,19 @@ class SessionManager:
     async def reconcile(self) -> None:
         """Matches the records with what the runtime runs: READY sessions whose workspace still runs are
         adopted (after a health check), vanished ones marked STOPPED, sessions caught mid-initialization
-        marked FAILED, and workspaces nobody has a live record for are removed. Raises EngineUnavailable."""
-        running = {workspace.session_id: workspace for workspace in await self._runtime.list() if workspace.running}
+        marked FAILED. Raises EngineUnavailable.
+
+        A workspace is removed only when it is provably ours: it carries our instance id AND our store has a
+        record of its session (session ids are random, made by this store). One with our instance id and no
+        record is left alone with a warning: it may be another orchestrator's started with the same
+        --instance-id on another data directory, and removing it would destroy that one's live workspace."""
+        workspaces = {workspace.session_id: workspace for workspace in await self._runtime.list()}
         for session in self._store.sessions_in(LIVE_STATES):
-            workspace = running.pop(session.id, None)
+            workspace = workspaces.pop(session.id, None)
             live = LiveSession(session, None, self._config.output_history_lines)
-            if workspace is None:
+            if workspace is None or not workspace.running:
+                if workspace is not None:  # ours, exited while the orchestrator was away
+                    await self._runtime.stop(session.id)
                 if session.state != FAILED:
                     session.state = STOPPED
                     session.stop_reason = "vanished: its workspace was gone when the orchestrator started"
@@ -507,9 +523,17 @@ class SessionManager:
             if session.state != FAILED:
                 session.state = STOPPED
             self._store.put_session(session)
-        for orphan in running:
-            log.info("removing workspace %s: no live session record", orphan)
-            await self._runtime.stop(orphan)
+        for session_id, workspace in workspaces.items():
+            if self._store.get_session(session_id) is not None:
+                # Our record says it ended (STOPPED): its removal was cut short.
+                log.info("removing workspace %s: its session is over", session_id)
+                await self._runtime.stop(session_id)
+            else:
+                log.warning(
+                    "leaving workspace %s (%s %s) alone: it carries this orchestrator's instance id but %s has no"
+                    " record of it (another orchestrator with the same --instance-id?); remove it by hand if stray",
+                    session_id, workspace.runtime, workspace.handle[:12], self._config.data_dir,
+                )  # fmt: skip
 
     async def _adopt(self, live: LiveSession, workspace: Workspace) -> None:
         self._attach(live, workspace)
