@@ -31,6 +31,7 @@ from orchestrator.errors import (
 from orchestrator.install_cache import HIT_ENV, CacheKey, InstallCache
 from orchestrator.readiness import wait_until_ready
 from orchestrator.runtime import Runtime, Workspace
+from orchestrator.runtime.base import WorkspaceExit
 from orchestrator.store import Store
 from orchestrator.templates import TemplateCatalog, TemplateSpec
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -91,6 +92,8 @@ class LiveSession:
         self.initialization: asyncio.Task[None] | None = None
         # Keeping its node_modules in the install cache, after READY: a delete waits for it.
         self.install_store: asyncio.Task[None] | None = None
+        # Set when its workspace stopped running by itself (or was removed behind our back).
+        self.exited: WorkspaceExit | None = None
         # Serializes save, delete and reaping of this session.
         self.lock = asyncio.Lock()
 
@@ -146,6 +149,7 @@ class SessionManager:
         self._catalog = catalog
         self._runtime = runtime
         self._live: dict[str, LiveSession] = {}
+        self._following: asyncio.Task[None] | None = None
         self._install_cache = (
             InstallCache(config.install_cache_dir, config.max_install_cache_bytes, config.install_cache_unlocked_max_age_s)
             if config.install_cache
@@ -271,7 +275,9 @@ class SessionManager:
                 yield status
             except asyncio.CancelledError:
                 status.outcome = pb.PHASE_OUTCOME_FAILED
-                status.detail = "cancelled: the session was stopped or the orchestrator shut down"
+                status.detail = (
+                    live.exited.reason if live.exited else "cancelled: the session was stopped or the orchestrator shut down"
+                )
                 raise
             except Exception as error:
                 status.outcome = pb.PHASE_OUTCOME_FAILED
@@ -361,7 +367,9 @@ class SessionManager:
                     )
                 status.detail = f"{url} answered HTTP {probe.result()}"
         except asyncio.CancelledError:
-            raise
+            if live.exited is None:
+                raise
+            return  # cancelled because its workspace is gone: _workspace_exited fails the session
         except Exception as error:  # noqa: BLE001 - every failure ends the session as FAILED with its reason
             self._fail(live, error)
             return
@@ -491,12 +499,15 @@ class SessionManager:
     async def reconcile(self) -> None:
         """Matches the records with what the runtime runs: READY sessions whose workspace still runs are
         adopted (after a health check), vanished ones marked STOPPED, sessions caught mid-initialization
-        marked FAILED. Raises EngineUnavailable.
+        marked FAILED; from then on, a workspace that stops running by itself fails its session (see
+        _workspace_exited). Raises EngineUnavailable.
 
         A workspace is removed only when it is provably ours: it carries our instance id AND our store has a
         record of its session (session ids are random, made by this store). One with our instance id and no
         record is left alone with a warning: it may be another orchestrator's started with the same
         --instance-id on another data directory, and removing it would destroy that one's live workspace."""
+        # Subscribed before listing: an exit between the listing and the adoption is not missed.
+        exits = self._runtime.exits()
         workspaces = {workspace.session_id: workspace for workspace in await self._runtime.list()}
         for session in self._store.sessions_in(LIVE_STATES):
             workspace = workspaces.pop(session.id, None)
@@ -534,6 +545,45 @@ class SessionManager:
                     " record of it (another orchestrator with the same --instance-id?); remove it by hand if stray",
                     session_id, workspace.runtime, workspace.handle[:12], self._config.data_dir,
                 )  # fmt: skip
+        self._following = asyncio.create_task(self._follow_exits(exits), name="workspace exits")
+
+    async def _follow_exits(self, exits: AsyncIterator[WorkspaceExit]) -> None:
+        async for exit in exits:
+            live = self._live.get(exit.session_id)
+            if live is None or (live.workspace is not None and live.workspace.handle != exit.handle):
+                continue  # not ours, over already, or an earlier workspace of the session
+            try:
+                await self._workspace_exited(live, exit)
+            except (OrchestratorError, grpc.aio.AioRpcError) as error:
+                log.warning("session %s: cleaning up after its workspace exited: %s", exit.session_id, _reason(error))
+
+    async def _workspace_exited(self, live: LiveSession, exit: WorkspaceExit) -> None:
+        """The session's workspace stopped running without being stopped (removed behind our back, OOM-killed,
+        exited): the session is FAILED with the reason (a session FAILED already keeps its first failure),
+        watchers are told, and it no longer holds a slot or a workspace."""
+        session = live.session
+        async with live.lock:
+            if self._live.get(session.id) is not live or session.state in (STOPPING, STOPPED):
+                return  # being stopped on purpose
+            live.exited = exit
+            failed_before = session.state == FAILED
+            if live.initialization is not None and not live.initialization.done():
+                live.initialization.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await live.initialization
+            if live.install_store is not None:
+                live.install_store.cancel()  # the workspace it reads from is gone
+            self._live.pop(session.id, None)
+            try:
+                if live.agent is not None:
+                    await live.agent.close()
+                await self._runtime.stop(session.id)  # what is left of it (an exited container)
+            finally:
+                # Told last: a session seen FAILED holds nothing any more.
+                if failed_before:
+                    log.warning("session %s (FAILED before): its workspace is gone too: %s", session.id, exit.reason)
+                else:
+                    self._fail(live, WorkspaceGone(exit.reason))
 
     async def _adopt(self, live: LiveSession, workspace: Workspace) -> None:
         self._attach(live, workspace)
@@ -550,6 +600,10 @@ class SessionManager:
 
     async def close(self) -> None:
         """Lets go of the sessions without stopping them: a later orchestrator adopts them."""
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
         if self._install_cache is not None:
             await self._install_cache.close()
         tasks = [live.initialization for live in self._live.values() if live.initialization]
@@ -598,6 +652,10 @@ class SessionManager:
 
 class InitializationFailed(OrchestratorError):
     """A phase ran but did not do its job (a non-zero exit, a dev server that died)."""
+
+
+class WorkspaceGone(OrchestratorError):
+    """The session's workspace stopped running by itself or was removed behind the orchestrator's back."""
 
 
 class SessionReaper:

@@ -4,8 +4,11 @@ the Docker SDK: blocking calls run in threads, every container is labelled, SDK 
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -25,6 +28,7 @@ from orchestrator.runtime.base import (
     SESSION_LABEL,
     TOKEN_ENV,
     Workspace,
+    WorkspaceExit,
     check_session_id,
     trust_env,
     workspace_labels,
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 # Where the trust bundle (public roots + the extra CA) appears inside the container.
 CONTAINER_CA_BUNDLE = "/etc/workspace/extra-ca.pem"
 # The workspace user of the core image.
@@ -42,6 +48,14 @@ WORKSPACE_USER = "1000:1000"
 BUILD_COMMAND = "python -m core_image.build"
 # Seconds the SDK waits for one engine API call (container creation can take a few seconds on a busy host).
 API_TIMEOUT = 60
+# `docker rm -f` is a kill (a "die" event) then a removal ("destroy"): a die is reported once no destroy
+# followed within this many seconds, so a removal is told as one.
+DESTROY_GRACE_S = 1.0
+# An "oom" event this shortly before a "die" is what killed the container (one long before was a process
+# inside that the kernel killed, which the container survived).
+OOM_WINDOW_S = 10.0
+# Seconds between attempts to re-subscribe to the engine's events after losing them.
+EVENTS_RETRY_S = 2.0
 
 
 class DockerRuntime:
@@ -64,6 +78,8 @@ class DockerRuntime:
         # Connected on first use, so the orchestrator starts (and reports UNAVAILABLE per call) without an engine.
         self._client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
+        # Containers stop() (or a failed start) is removing: their die and destroy events are not exits.
+        self._removing: set[str] = set()
 
     # ------------------------------------------------------------------ Runtime
 
@@ -84,6 +100,12 @@ class DockerRuntime:
     async def list(self) -> list[Workspace]:
         """This instance's containers, running or not. Raises EngineUnavailable."""
         return await self._call("list workspace containers", self._list)
+
+    def exits(self) -> AsyncIterator[WorkspaceExit]:
+        """This instance's containers that die or are removed other than through stop(), from the engine's
+        events (replayed from the moment of this call, and from the last one seen after a lost connection),
+        with the reason: removed outside the orchestrator, OOM-killed, or exited with code N."""
+        return self._exits(time.time_ns())
 
     async def close(self) -> None:
         if self._client is not None:
@@ -126,15 +148,23 @@ class DockerRuntime:
             container.reload()
         except BaseException:
             # Never leave a created-but-dead container behind (e.g. the port could not be published).
-            with suppress(NotFound):
-                container.remove(force=True, v=True)
+            self._remove(container)
             raise
         return self._workspace(container)
 
     def _stop(self, session_id: str) -> None:
         for container in self._containers(f"{SESSION_LABEL}={session_id}"):
-            with suppress(NotFound):
-                container.remove(force=True, v=True)
+            self._remove(container)
+
+    def _remove(self, container: Container) -> None:
+        self._removing.add(container.id)
+        try:
+            container.remove(force=True, v=True)
+        except NotFound:
+            pass
+        except BaseException:
+            self._removing.discard(container.id)
+            raise
 
     def _list(self) -> list[Workspace]:
         return [self._workspace(container) for container in self._containers()]
@@ -166,6 +196,93 @@ class DockerRuntime:
                 self._client = docker.from_env(timeout=API_TIMEOUT)
             return self._client
 
+    # ------------------------------------------------------------------ engine events
+
+    async def _exits(self, since_ns: int) -> AsyncIterator[WorkspaceExit]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict] = asyncio.Queue()
+        stop = threading.Event()
+        streams: list[object] = []  # the reader's current stream, closed to end it
+        reader = threading.Thread(
+            target=self._read_events, args=(since_ns, loop, events, stop, streams), name="docker events", daemon=True
+        )
+        reader.start()
+        died: dict[str, tuple[float, dict]] = {}  # container id -> (when to report it, its die event)
+        oom_at: dict[str, float] = {}
+        try:
+            while True:
+                event = None
+                try:
+                    if died:
+                        wait = min(deadline for deadline, _ in died.values()) - loop.time()
+                        event = await asyncio.wait_for(events.get(), max(wait, 0))
+                    else:
+                        event = await events.get()
+                except TimeoutError:
+                    pass
+                now = loop.time()
+                if event is not None:
+                    container_id = event.get("Actor", {}).get("ID") or event.get("id", "")
+                    action = event.get("Action") or event.get("status", "")
+                    attributes = event.get("Actor", {}).get("Attributes", {})
+                    if container_id in self._removing:
+                        if action == "destroy":
+                            self._removing.discard(container_id)
+                    elif action == "oom":
+                        oom_at[container_id] = now
+                    elif action == "die":
+                        died[container_id] = (now + DESTROY_GRACE_S, attributes)
+                    elif action == "destroy":
+                        died.pop(container_id, None)
+                        oom_at.pop(container_id, None)
+                        yield WorkspaceExit(
+                            attributes.get(SESSION_LABEL, ""), container_id,
+                            "the container was removed outside the orchestrator",
+                        )  # fmt: skip
+                for container_id, (deadline, attributes) in list(died.items()):
+                    if deadline <= now:
+                        del died[container_id]
+                        oomed = now - oom_at.pop(container_id, -OOM_WINDOW_S * 2) < OOM_WINDOW_S + DESTROY_GRACE_S
+                        yield WorkspaceExit(
+                            attributes.get(SESSION_LABEL, ""), container_id, _die_reason(attributes, oomed)
+                        )
+        finally:
+            stop.set()
+            for stream in streams:
+                with suppress(Exception):
+                    stream.close()
+
+    def _read_events(
+        self, since_ns: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stop: threading.Event, streams: list
+    ) -> None:
+        """Runs in a thread: the engine's events for our containers into `events`, re-subscribing (from the
+        last event seen) whenever the connection is lost, until `stop` is set."""
+        filters = {"type": "container", "label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
+        while not stop.is_set():
+            client = None
+            try:
+                # A client of its own: the stream holds its connection for as long as it runs.
+                client = docker.from_env(timeout=API_TIMEOUT)
+                stream = client.api.events(
+                    decode=True, filters=filters, since=f"{since_ns // 10**9}.{since_ns % 10**9:09d}"
+                )
+                streams[:] = [stream]
+                if stop.is_set():
+                    break
+                for event in stream:
+                    since_ns = max(since_ns, int(event.get("timeNano", 0)))
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                return
+            except Exception as error:  # noqa: BLE001 - lost or refused: say so, then subscribe again
+                if not stop.is_set():
+                    log.warning("docker events: %s; subscribing again in %g s", error, EVENTS_RETRY_S)
+            finally:
+                if client is not None:
+                    with suppress(Exception):
+                        client.close()
+            stop.wait(EVENTS_RETRY_S)
+
     # ------------------------------------------------------------------ error translation
 
     async def _call(self, action: str, function: Callable[..., T], *args: object) -> T:
@@ -189,6 +306,18 @@ class DockerRuntime:
         return EngineUnavailable(
             f"cannot reach the Docker engine ({error}): start the Docker engine (dockerd) or run with --runtime local"
         )
+
+
+def _die_reason(attributes: dict[str, str], oomed: bool) -> str:
+    """Why a container died, from its die event's attributes."""
+    code = attributes.get("exitCode", "")
+    if oomed:
+        return f"the container was OOM-killed (over its memory limit; exit code {code})"
+    detail = ""
+    if code.isdigit() and 128 < int(code) < 128 + signal.NSIG:
+        with suppress(ValueError):
+            detail = f" ({signal.Signals(int(code) - 128).name})"
+    return f"the container exited with code {code}{detail}"
 
 
 def _exact_image(container: Container) -> str:
