@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +78,8 @@ class OrchestratorConfig:
     def resolved_instance_id(self) -> str:
         """`instance_id` when given, else the data directory's own id: random, made once and kept in
         `<data-dir>/instance-id`, so it is stable across restarts and differs between data directories (two
-        orchestrators on one engine never take each other's workspaces for their own). A data directory that
-        already had a state database before ids were kept keeps "default", the id its workspaces carry."""
+        orchestrators on one engine never take each other's workspaces for their own). A data directory whose
+        state database has sessions from before ids were kept keeps "default", the id its workspaces carry."""
         if self.instance_id:
             return self.instance_id
         path = self.instance_id_file
@@ -85,7 +87,7 @@ class OrchestratorConfig:
             return path.read_text().strip()
         except FileNotFoundError:
             pass
-        legacy = self.state_db.exists()
+        legacy = _has_sessions(self.state_db)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         chosen = "default" if legacy else f"orch-{secrets.token_hex(6)}"
         temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
@@ -104,3 +106,14 @@ class OrchestratorConfig:
     def workspaces_dir(self) -> Path:
         """The local runtime's per-session roots and pid files."""
         return self.data_dir / "workspaces"
+
+
+def _has_sessions(state_db: Path) -> bool:
+    """Whether the state database at `state_db` exists and holds session records."""
+    if not state_db.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)) as db:
+            return bool(db.execute("SELECT EXISTS (SELECT 1 FROM sessions)").fetchone()[0])
+    except sqlite3.Error:  # not (yet) a state database
+        return False
