@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -178,3 +179,48 @@ async def test_a_session_deleted_right_after_ready_still_fills_the_cache(
     second = await create_ready(orchestrator)
     assert install_note(second).startswith("install cache hit")
     assert runs(install_log) == ["miss", "hit"]
+
+
+NPM_TEMPLATE = "npm-unlocked"
+
+
+@pytest.fixture
+def npm_unlocked(templates: Path) -> str:
+    """A template with a real `npm install` of a local tarball dependency and no lockfile: no registry needed."""
+    derive_template(
+        templates, NPM_TEMPLATE, install_command="npm install",
+        env={"npm_config_offline": "true", "npm_config_audit": "false", "npm_config_fund": "false",
+             "npm_config_update_notifier": "false"},
+    )  # fmt: skip
+    folder = templates / NPM_TEMPLATE
+    manifest = json.loads((folder / "package.json").read_text())
+    manifest["dependencies"] = {"tiny-dep": "file:tiny-dep-1.0.0.tgz"}
+    (folder / "package.json").write_text(json.dumps(manifest))
+    with tarfile.open(folder / "tiny-dep-1.0.0.tgz", "w:gz") as archive:
+        for name, content in {
+            "package/package.json": b'{"name": "tiny-dep", "version": "1.0.0", "main": "index.js"}',
+            "package/index.js": b'module.exports = "tiny";\n',
+        }.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(content)
+            archive.addfile(member, io.BytesIO(content))
+    return NPM_TEMPLATE
+
+
+@pytest.mark.parametrize("runtime_kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_npm_without_a_lockfile_deleted_at_once_still_fills_the_cache_for_the_next_session(
+    orchestrator: OrchestratorUnderTest, npm_unlocked: str
+) -> None:
+    created = await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template=npm_unlocked))
+    first = (await watch_until_settled(orchestrator.stub, created.session.id, timeout=180))[-1].session
+    assert first.state == pb.SESSION_STATE_READY, first.failure
+    assert install_note(first).startswith("install cache miss")
+    await orchestrator.stub.DeleteSession(pb.DeleteSessionRequest(id=first.id))
+    (entry,) = orchestrator.config.install_cache_dir.glob("*.tar.gz")
+    assert members(entry)["tiny-dep/index.js"] == b'module.exports = "tiny";\n'
+
+    created = await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template=npm_unlocked))
+    second = (await watch_until_settled(orchestrator.stub, created.session.id, timeout=180))[-1].session
+    assert second.state == pb.SESSION_STATE_READY, second.failure
+    key = entry.name.removesuffix(".tar.gz")
+    assert install_note(second).startswith(f"install cache hit {key[:12]} (node_modules and package-lock.json in")
