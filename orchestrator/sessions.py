@@ -546,6 +546,7 @@ class SessionManager:
                     session_id, workspace.runtime, workspace.handle[:12], self._config.data_dir,
                 )  # fmt: skip
         self._following = asyncio.create_task(self._follow_exits(exits), name="workspace exits")
+        self._following.add_done_callback(_log_unexpected_end)
 
     async def _follow_exits(self, exits: AsyncIterator[WorkspaceExit]) -> None:
         async for exit in exits:
@@ -581,7 +582,10 @@ class SessionManager:
             finally:
                 # Told last: a session seen FAILED holds nothing any more.
                 if failed_before:
-                    log.warning("session %s (FAILED before): its workspace is gone too: %s", session.id, exit.reason)
+                    # Often the cause of that failure (an agent call cut off as the workspace died): said too.
+                    session.failure.reason += f"; then its workspace stopped: {exit.reason}"
+                    log.warning("session %s (FAILED before): its workspace stopped: %s", session.id, exit.reason)
+                    self._record(live, pb.WatchSessionResponse(session=session))
                 else:
                     self._fail(live, WorkspaceGone(exit.reason))
 
@@ -684,6 +688,11 @@ class SessionReaper:
         while True:
             await asyncio.sleep(self._interval_s)
             await self.sweep()
+
+
+def _log_unexpected_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("no longer following workspace exits: %s", _reason(task.exception()), exc_info=task.exception())
 
 
 def _copied(session: pb.Session) -> pb.Session:

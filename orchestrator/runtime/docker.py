@@ -258,6 +258,7 @@ class DockerRuntime:
         """Runs in a thread: the engine's events for our containers into `events`, re-subscribing (from the
         last event seen) whenever the connection is lost, until `stop` is set."""
         filters = {"type": "container", "label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
+        warned = False  # once per outage, not every retry
         while not stop.is_set():
             client = None
             try:
@@ -269,14 +270,18 @@ class DockerRuntime:
                 streams[:] = [stream]
                 if stop.is_set():
                     break
+                if warned:
+                    log.info("docker events: subscribed again")
+                    warned = False
                 for event in stream:
                     since_ns = max(since_ns, int(event.get("timeNano", 0)))
                     loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop is closed: nobody listens any more
                 return
             except Exception as error:  # noqa: BLE001 - lost or refused: say so, then subscribe again
-                if not stop.is_set():
-                    log.warning("docker events: %s; subscribing again in %g s", error, EVENTS_RETRY_S)
+                if not stop.is_set() and not warned:
+                    log.warning("docker events: %s; subscribing again every %g s", error, EVENTS_RETRY_S)
+                    warned = True
             finally:
                 if client is not None:
                     with suppress(Exception):

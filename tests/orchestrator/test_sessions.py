@@ -21,6 +21,7 @@ from orchestrator.config import OrchestratorConfig
 from tests.conftest import status_of
 from tests.orchestrator.conftest import (
     OrchestratorUnderTest,
+    derive_template,
     http_get,
     start_orchestrator,
     stop_all_workspaces,
@@ -296,3 +297,18 @@ async def test_a_workspace_gone_behind_the_orchestrators_back_fails_its_session_
         await o.close()
         await stop_all_workspaces(config)
 
+
+
+async def test_a_workspace_dying_during_initialization_says_so_in_the_failure(
+    orchestrator: OrchestratorUnderTest, templates
+) -> None:
+    # An install that kills the agent it runs under: the failure must tell what happened to the workspace.
+    derive_template(templates, "agent-killer", install_command="kill -9 $PPID; sleep 60")
+    created = await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template="agent-killer"))
+    session = (await watch_until_settled(orchestrator.stub, created.session.id))[-1].session
+    assert session.state == FAILED and session.failure.phase == pb.PHASE_INSTALL
+    async with asyncio.timeout(30):  # bounds a hang only
+        while "the agent process was killed by SIGKILL" not in session.failure.reason:
+            await asyncio.sleep(0.1)
+            session = (await orchestrator.stub.GetSession(pb.GetSessionRequest(id=session.id))).session
+    assert session.state == FAILED
