@@ -54,6 +54,8 @@ DESTROY_GRACE_S = 1.0
 # An "oom" event this shortly before a "die" is what killed the container (one long before was a process
 # inside that the kernel killed, which the container survived).
 OOM_WINDOW_S = 10.0
+# How long the ids of containers stop() removed are remembered, so their events are not taken for exits.
+REMOVED_MEMORY_S = 600.0
 # Seconds between attempts to re-subscribe to the engine's events after losing them.
 EVENTS_RETRY_S = 2.0
 
@@ -78,8 +80,10 @@ class DockerRuntime:
         # Connected on first use, so the orchestrator starts (and reports UNAVAILABLE per call) without an engine.
         self._client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
-        # Containers stop() (or a failed start) is removing: their die and destroy events are not exits.
-        self._removing: set[str] = set()
+        # Containers stop() (or a failed start) removed lately, and when: their die and destroy events are not
+        # exits. Kept for a while rather than until their destroy event, so every exits() iterator skips them.
+        self._removed: dict[str, float] = {}
+        self._removed_lock = threading.Lock()  # removals run in several threads at once
 
     # ------------------------------------------------------------------ Runtime
 
@@ -157,14 +161,13 @@ class DockerRuntime:
             self._remove(container)
 
     def _remove(self, container: Container) -> None:
-        self._removing.add(container.id)
-        try:
+        now = time.monotonic()
+        with self._removed_lock:
+            for old in [key for key, when in self._removed.items() if now - when > REMOVED_MEMORY_S]:
+                del self._removed[old]
+            self._removed[container.id] = now
+        with suppress(NotFound):
             container.remove(force=True, v=True)
-        except NotFound:
-            pass
-        except BaseException:
-            self._removing.discard(container.id)
-            raise
 
     def _list(self) -> list[Workspace]:
         return [self._workspace(container) for container in self._containers()]
@@ -207,8 +210,8 @@ class DockerRuntime:
             target=self._read_events, args=(since_ns, loop, events, stop, streams), name="docker events", daemon=True
         )
         reader.start()
-        died: dict[str, tuple[float, dict]] = {}  # container id -> (when to report it, its die event)
-        oom_at: dict[str, float] = {}
+        died: dict[str, tuple[float, dict]] = {}  # container id -> (when to report it, its die event's attributes)
+        oom_at: dict[str, float] = {}  # container id -> its last oom event
         try:
             while True:
                 event = None
@@ -225,10 +228,11 @@ class DockerRuntime:
                     container_id = event.get("Actor", {}).get("ID") or event.get("id", "")
                     action = event.get("Action") or event.get("status", "")
                     attributes = event.get("Actor", {}).get("Attributes", {})
-                    if container_id in self._removing:
-                        if action == "destroy":
-                            self._removing.discard(container_id)
+                    if container_id in self._removed:
+                        pass
                     elif action == "oom":
+                        for old in [key for key, when in oom_at.items() if now - when > OOM_WINDOW_S]:
+                            del oom_at[old]
                         oom_at[container_id] = now
                     elif action == "die":
                         died[container_id] = (now + DESTROY_GRACE_S, attributes)
@@ -242,7 +246,8 @@ class DockerRuntime:
                 for container_id, (deadline, attributes) in list(died.items()):
                     if deadline <= now:
                         del died[container_id]
-                        oomed = now - oom_at.pop(container_id, -OOM_WINDOW_S * 2) < OOM_WINDOW_S + DESTROY_GRACE_S
+                        oom = oom_at.pop(container_id, None)
+                        oomed = oom is not None and (deadline - DESTROY_GRACE_S) - oom < OOM_WINDOW_S
                         yield WorkspaceExit(
                             attributes.get(SESSION_LABEL, ""), container_id, _die_reason(attributes, oomed)
                         )

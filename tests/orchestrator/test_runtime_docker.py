@@ -3,6 +3,7 @@ ports, limits and hardening, its agent through AgentClient, removal, and the err
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
@@ -141,3 +142,23 @@ async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_fro
     finally:
         await runtime.stop("ws-pinned")
         await runtime.close()
+
+
+@pytest.mark.docker
+async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not_one_it_stopped(
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    exits = runtime.exits()
+    stopped = await runtime.start("ws-stopped", TOKEN, resources=HINTS, env={}, labels={})
+    removed = await runtime.start("ws-removed", TOKEN, resources=HINTS, env={}, labels={})
+    await runtime.stop("ws-stopped")
+    docker_client.containers.get(removed.handle).remove(force=True)
+    try:
+        async with asyncio.timeout(60):  # bounds a hang only
+            first = await anext(exits)
+    finally:
+        await exits.aclose()
+    # The stop's events came first: had they been taken for an exit, that would be the first one.
+    assert (first.session_id, first.handle) == ("ws-removed", removed.handle)
+    assert first.reason == "the container was removed outside the orchestrator"
+    assert stopped.handle != removed.handle
