@@ -4,6 +4,7 @@ ports, limits and hardening, its agent through AgentClient, removal, and the err
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
@@ -162,3 +163,26 @@ async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not
     assert (first.session_id, first.handle) == ("ws-removed", removed.handle)
     assert first.reason == "the container was removed outside the orchestrator"
     assert stopped.handle != removed.handle
+
+
+@pytest.mark.docker
+async def test_exits_tell_an_oom_killed_container(runtime: DockerRuntime) -> None:
+    exits = runtime.exits()
+    workspace = await runtime.start(
+        "ws-oom", TOKEN, resources=ResourceHints(memory_mb=256, cpus=0.5, pids=200), env={}, labels={}
+    )
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    try:
+        await client.wait_healthy(timeout=30)
+        # The agent offers itself to the OOM killer (raising one's own score needs no privilege), then a
+        # command runs the container out of memory: the kernel kills the agent, and the container ends.
+        hog = "echo 1000 > /proc/$PPID/oom_score_adj && node -e 'const a = []; for (;;) a.push(Buffer.alloc(1 << 20, 1))'"
+        with contextlib.suppress(Exception):
+            await client.run(hog, on_line=lambda *_: None, timeout=120)
+        async with asyncio.timeout(60):  # bounds a hang only
+            exited = await anext(exits)
+    finally:
+        await client.close()
+        await exits.aclose()
+    assert exited.session_id == "ws-oom"
+    assert exited.reason.startswith("the container was OOM-killed"), exited.reason
