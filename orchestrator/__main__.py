@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
     parser.add_argument("--host-address", default=d.host_address, help="loopback address ports are published on")
     parser.add_argument("--image", default=d.image, help="the core image (default %(default)s)")
     parser.add_argument("--extra-ca-bundle", type=Path, help="PEM file workspaces trust in addition to the public roots")
-    parser.add_argument("--instance-id", default=d.instance_id, help="label separating orchestrators on one engine")
+    parser.add_argument(
+        "--instance-id", default=d.instance_id,
+        help="label separating orchestrators on one engine (default: an id kept in the data dir, unique to it)",
+    )  # fmt: skip
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
     parser.add_argument(
         "--idle-ttl", type=float,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +31,9 @@ class OrchestratorConfig:
     # A PEM bundle mounted into workspaces so npm/pip/node trust a corporate proxy.
     extra_ca_bundle: Path | None = None
     # Labels every container with this, so two orchestrators on one engine keep apart; stable across
-    # restarts so a restarted orchestrator adopts its own containers.
-    instance_id: str = "default"
+    # restarts so a restarted orchestrator adopts its own containers. "" (the default): the data directory's
+    # own id (see resolved_instance_id).
+    instance_id: str = ""
     # Sessions: at most this many not STOPPED/FAILED at once (RESOURCE_EXHAUSTED beyond).
     max_sessions: int = 100
     agent_health_timeout_s: float = 30.0
@@ -41,9 +46,12 @@ class OrchestratorConfig:
     # Archives: uploads and saves larger than this are refused.
     max_archive_bytes: int = 2048 * MiB
     # Install cache: node_modules after an install, reused by sessions with the same package.json, lockfile
-    # and install command; at most this many bytes of entries (least recently used go first).
+    # and install command; at most this many bytes of entries (least recently used go first). A template
+    # without a lockfile is cached too, with the lockfile its first install wrote, for at most
+    # install_cache_unlocked_max_age_s (registries move on: a later install might resolve newer versions).
     install_cache: bool = True
     max_install_cache_bytes: int = 4096 * MiB
+    install_cache_unlocked_max_age_s: float = 24 * 3600.0
     # Output lines kept per session for late watchers and failure reports.
     output_history_lines: int = 200
 
@@ -64,6 +72,48 @@ class OrchestratorConfig:
         return self.data_dir / "install-cache"
 
     @property
+    def instance_id_file(self) -> Path:
+        return self.data_dir / "instance-id"
+
+    def resolved_instance_id(self) -> str:
+        """`instance_id` when given, else the data directory's own id: random, made once and kept in
+        `<data-dir>/instance-id`, so it is stable across restarts and differs between data directories (two
+        orchestrators on one engine never take each other's workspaces for their own). A data directory whose
+        state database has sessions from before ids were kept keeps "default", the id its workspaces carry."""
+        if self.instance_id:
+            return self.instance_id
+        path = self.instance_id_file
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        legacy = _has_sessions(self.state_db)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        chosen = "default" if legacy else f"orch-{secrets.token_hex(6)}"
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        temp.write_text(chosen + "\n")
+        try:
+            # A hard link publishes the whole file or fails if one exists: of two processes starting on a new
+            # data directory at once, both end up with the first one's id.
+            os.link(temp, path)
+        except FileExistsError:
+            return path.read_text().strip()
+        finally:
+            temp.unlink()
+        return chosen
+
+    @property
     def workspaces_dir(self) -> Path:
         """The local runtime's per-session roots and pid files."""
         return self.data_dir / "workspaces"
+
+
+def _has_sessions(state_db: Path) -> bool:
+    """Whether the state database at `state_db` exists and holds session records."""
+    if not state_db.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{state_db}?mode=ro", uri=True)) as db:
+            return bool(db.execute("SELECT EXISTS (SELECT 1 FROM sessions)").fetchone()[0])
+    except sqlite3.Error:  # not (yet) a state database
+        return False

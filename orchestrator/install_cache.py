@@ -1,7 +1,7 @@
 """The install cache: a workspace's node_modules after a successful install, kept as a tar.gz under
-data-dir/install-cache and keyed by what decides it (the install command, package.json and the lockfile),
-so a later session with the same key starts from it and its install only verifies. The layer cache of the
-old per-template images, for runtime injection."""
+data-dir/install-cache and keyed by what decides it (the install command, package.json and the lockfile, or
+without a lockfile the core image), so a later session with the same key starts from it and its install only
+verifies. The layer cache of the old per-template images, for runtime injection."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import io
+import json
 import os
+import tarfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,24 @@ HIT_ENV = {
 }
 
 
+# How long a delete waits for the store of its session's node_modules before giving up on the entry.
+FINISH_STORE_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What decides an install's result. `locked`: the workspace has a lockfile, which pins every version;
+    without one the entry carries the lockfile its install wrote and expires. `key` is "" when the install
+    cannot be cached, and `note` says why."""
+
+    key: str
+    locked: bool = True
+    note: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.key)
+
+
 @dataclass(frozen=True)
 class Injected:
     """What inject() did: `hit` when the cached node_modules is in the workspace, and a note saying so."""
@@ -46,83 +68,164 @@ class Injected:
 
 
 class InstallCache:
-    """Entries `<key>.tar.gz` in `directory`, at most `max_bytes` in all (least recently used go first)."""
+    """Entries `<key>.tar.gz` in `directory`, at most `max_bytes` in all (least recently used go first). An
+    entry of a workspace without a lockfile has `<key>.json` beside it: when it was made and the lockfile its
+    install wrote; it is used for at most `unlocked_max_age_s`."""
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, unlocked_max_age_s: float = 24 * 3600.0) -> None:
         self._dir = directory
         self._max_bytes = max_bytes
+        self._unlocked_max_age_s = unlocked_max_age_s
         self._writers: dict[str, asyncio.Task[None]] = {}
         directory.mkdir(parents=True, exist_ok=True)
         for leftover in directory.glob(f"{TEMP_PREFIX}*"):  # of a crash mid-write
             leftover.unlink(missing_ok=True)
+        for meta in directory.glob("*.json"):  # written before its entry, which a crash may have cut
+            if not self.path(meta.stem).exists():
+                meta.unlink(missing_ok=True)
 
     def path(self, key: str) -> Path:
         return self._dir / f"{key}.tar.gz"
 
-    async def key(self, agent: AgentClient, install_command: str) -> str:
-        """The key of the workspace's install as it is now, or "" when it cannot be cached (no
-        package.json or no lockfile)."""
-        digest = hashlib.sha256(install_command.encode() + b"\0")
-        try:
-            digest.update(await agent.read_file(MANIFEST) + b"\0")
-            for lockfile in LOCKFILES:
-                with contextlib.suppress(NotFound):
-                    digest.update(lockfile.encode() + b"\0" + await agent.read_file(lockfile))
-                    return digest.hexdigest()
-        except OrchestratorError as error:  # missing, or not a regular file: the install decides what it means
-            log.debug("install cache: no key: %s", error)
-        return ""
+    def _meta_path(self, key: str) -> Path:
+        return self._dir / f"{key}.json"
 
-    async def inject(self, agent: AgentClient, key: str) -> Injected:
-        """Merges the cached node_modules of `key` into the workspace, if there is one. An entry that cannot
-        be read or extracted is discarded: the install then runs as without a cache."""
-        path = self.path(key)
+    async def key(self, agent: AgentClient, install_command: str, image: str) -> CacheKey:
+        """The key of the workspace's install as it is now: the install command, package.json and the
+        lockfile; without a lockfile, the install command, package.json and the core image `image` (what
+        else decides the result is the registry at the time, hence the age limit)."""
+        try:
+            manifest = await agent.read_file(MANIFEST)
+        except NotFound:
+            return CacheKey("", note=f"install cache not used: no {MANIFEST}")
+        except OrchestratorError as error:  # not a regular file: the install decides what it means
+            return CacheKey("", note=f"install cache not used: {MANIFEST}: {error}")
+        digest = hashlib.sha256(install_command.encode() + b"\0" + manifest + b"\0")
+        for lockfile in LOCKFILES:
+            try:
+                content = await agent.read_file(lockfile)
+            except NotFound:
+                continue
+            except OrchestratorError as error:
+                return CacheKey("", note=f"install cache not used: {lockfile}: {error}")
+            digest.update(lockfile.encode() + b"\0" + content)
+            return CacheKey(digest.hexdigest())
+        digest.update(b"unlocked\0" + image.encode())
+        return CacheKey(digest.hexdigest(), locked=False)
+
+    async def inject(self, agent: AgentClient, key: CacheKey) -> Injected:
+        """Merges the cached node_modules of `key` into the workspace, if there is one (and for an unlocked
+        key the lockfile of its install, unless the entry is past its age). An entry that cannot be read or
+        extracted is discarded: the install then runs as without a cache."""
+        path = self.path(key.key)
+        short = key.key[:12]
         try:
             # Touched on use: eviction goes by least recent use.
             await asyncio.to_thread(os.utime, path)
         except FileNotFoundError:
-            return Injected(False, f"install cache miss {key[:12]}")
+            return Injected(False, f"install cache miss {short}")
+        lockfile: tuple[str, bytes] | None = None
+        if not key.locked:
+            try:
+                meta = json.loads(await asyncio.to_thread(self._meta_path(key.key).read_text))
+                age = time.time() - float(meta["created_at"])
+                if meta.get("lockfile"):
+                    lockfile = (str(meta["lockfile"]), str(meta["lockfile_content"]).encode())
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("install cache entry %s has no usable metadata, discarded: %s", short, error)
+                await asyncio.to_thread(self._discard, key.key)
+                return Injected(False, f"install cache entry {short} was unusable and is discarded")
+            if age > self._unlocked_max_age_s:
+                await asyncio.to_thread(self._discard, key.key)
+                return Injected(
+                    False,
+                    f"install cache entry {short} expired ({age / 3600:.1f} h old; entries without a lockfile"
+                    f" are kept {self._unlocked_max_age_s / 3600:g} h)",
+                )
         started = time.monotonic()
         try:
             # No checksum to announce: gzip's own CRC and the agent's checks catch a damaged entry.
             await agent.extract_archive(file_chunks(path), "", destination=NODE_MODULES, merge=True)
+            if lockfile is not None:
+                await agent.extract_archive(_single_file_chunks(*lockfile), "", merge=True)
         except (OSError, InvalidArgument, ChecksumMismatch) as error:
-            log.warning("install cache entry %s is unusable, discarded: %s", key[:12], error)
-            await asyncio.to_thread(path.unlink, True)
-            return Injected(False, f"install cache entry {key[:12]} was unusable and is discarded")
+            log.warning("install cache entry %s is unusable, discarded: %s", short, error)
+            await asyncio.to_thread(self._discard, key.key)
+            return Injected(False, f"install cache entry {short} was unusable and is discarded")
         except OrchestratorError as error:  # e.g. the agent refused it for its size: the install runs as usual
-            log.warning("install cache entry %s was not injected: %s", key[:12], error)
-            return Injected(False, f"install cache entry {key[:12]} not injected: {error}")
-        return Injected(True, f"install cache hit {key[:12]} (node_modules in {time.monotonic() - started:.2f} s)")
+            log.warning("install cache entry %s was not injected: %s", short, error)
+            return Injected(False, f"install cache entry {short} not injected: {error}")
+        what = f"node_modules and {lockfile[0]}" if lockfile else "node_modules"
+        return Injected(True, f"install cache hit {short} ({what} in {time.monotonic() - started:.2f} s)")
 
-    def store_in_background(self, agent: AgentClient, key: str) -> None:
-        """Archives the workspace's node_modules as the entry of `key`, unless it exists or is being written."""
-        if key in self._writers or self.path(key).exists():
+    def store_in_background(self, agent: AgentClient, key: CacheKey) -> asyncio.Task[None] | None:
+        """Archives the workspace's node_modules (and for an unlocked key the lockfile its install wrote) as
+        the entry of `key`, unless it exists or is being written. Returns the task writing it, if any: the
+        session must not be stopped before it ends (see finish)."""
+        if key.key in self._writers or self.path(key.key).exists():
+            return None
+        task = asyncio.create_task(self._store(agent, key), name=f"install cache {key.key[:12]}")
+        self._writers[key.key] = task
+        task.add_done_callback(lambda _: self._writers.pop(key.key, None))
+        return task
+
+    async def finish(self, task: asyncio.Task[None], timeout: float = FINISH_STORE_TIMEOUT_S) -> None:
+        """Waits for a store that store_in_background started, before its workspace goes away; after
+        `timeout` seconds the entry is given up (and that is logged)."""
+        if task.done():
             return
-        task = asyncio.create_task(self._store(agent, key), name=f"install cache {key[:12]}")
-        self._writers[key] = task
-        task.add_done_callback(lambda _: self._writers.pop(key, None))
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            log.warning("install cache: gave up storing %s: not written within %g s", task.get_name(), timeout)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    async def _store(self, agent: AgentClient, key: str) -> None:
-        temp = self._dir / f"{TEMP_PREFIX}{key}"
+    async def _store(self, agent: AgentClient, key: CacheKey) -> None:
+        short = key.key[:12]
+        temp = self._dir / f"{TEMP_PREFIX}{key.key}"
+        temp_meta = self._dir / f"{TEMP_PREFIX}{key.key}.json"
         size = 0
         try:
+            meta = None if key.locked else await self._installed_lockfile(agent)
             stream = await agent.create_archive(RUNTIME_CACHES, path=NODE_MODULES, no_default_excludes=True)
             with open(temp, "wb") as file:
                 async for chunk in stream:
                     size += len(chunk)
                     if size > self._max_bytes:
-                        log.info("install cache: node_modules of %s exceeds the cache size, not kept", key[:12])
+                        log.info("install cache: node_modules of %s exceeds the cache size, not kept", short)
                         return
                     await asyncio.to_thread(file.write, chunk)
                 await asyncio.to_thread(flush_to_disk, file)
-            await asyncio.to_thread(publish, temp, self.path(key))
-            await asyncio.to_thread(self._evict, keep=self.path(key))
-            log.info("install cache: stored %s (%d bytes)", key[:12], size)
-        except (OrchestratorError, OSError) as error:  # the session went away, the disk filled up: no entry
-            log.warning("install cache: could not store %s: %s", key[:12], error)
+            if meta is not None:
+                # The metadata first: an entry without it is discarded, metadata without an entry removed.
+                await asyncio.to_thread(_write_durably, temp_meta, json.dumps(meta).encode())
+                await asyncio.to_thread(publish, temp_meta, self._meta_path(key.key))
+            await asyncio.to_thread(publish, temp, self.path(key.key))
+            await asyncio.to_thread(self._evict, keep=self.path(key.key))
+            log.info("install cache: stored %s (%d bytes)", short, size)
+        except asyncio.CancelledError:
+            log.warning("install cache: could not store %s: cancelled (shut down, or given up on by a delete)", short)
+            raise
+        except Exception as error:  # noqa: BLE001 - the session went away, the disk filled up: no entry, said so
+            log.warning("install cache: could not store %s: %s", short, error)
         finally:
             temp.unlink(missing_ok=True)
+            temp_meta.unlink(missing_ok=True)
+
+    async def _installed_lockfile(self, agent: AgentClient) -> dict:
+        """The metadata of an unlocked entry: now, and the lockfile the install wrote (if it wrote one)."""
+        meta: dict = {"created_at": time.time(), "lockfile": ""}
+        for lockfile in LOCKFILES:
+            with contextlib.suppress(NotFound):
+                content = await agent.read_file(lockfile)
+                meta.update(lockfile=lockfile, lockfile_content=content.decode())
+                break
+        return meta
+
+    def _discard(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+        self._meta_path(key).unlink(missing_ok=True)
 
     def _evict(self, keep: Path) -> None:
         """Removes least recently used entries until all fit in max_bytes."""
@@ -137,7 +240,7 @@ class InstallCache:
             if total <= self._max_bytes:
                 break
             if entry != keep:
-                entry.unlink(missing_ok=True)
+                self._discard(entry.name.removesuffix(".tar.gz"))
                 total -= size
 
     async def close(self) -> None:
@@ -147,3 +250,21 @@ class InstallCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        flush_to_disk(file)
+
+
+async def _single_file_chunks(name: str, content: bytes) -> AsyncIterator[bytes]:
+    """A tar.gz holding one regular file `name` (mode 0644) with `content`."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        member = tarfile.TarInfo(name)
+        member.size = len(content)
+        member.mode = 0o644
+        member.mtime = int(time.time())
+        archive.addfile(member, io.BytesIO(content))
+    yield buffer.getvalue()

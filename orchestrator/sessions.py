@@ -28,9 +28,10 @@ from orchestrator.errors import (
     OrchestratorError,
     SessionNotFound,
 )
-from orchestrator.install_cache import HIT_ENV, InstallCache
+from orchestrator.install_cache import HIT_ENV, CacheKey, InstallCache
 from orchestrator.readiness import wait_until_ready
 from orchestrator.runtime import Runtime, Workspace
+from orchestrator.runtime.base import WorkspaceExit
 from orchestrator.store import Store
 from orchestrator.templates import TemplateCatalog, TemplateSpec
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -89,6 +90,10 @@ class LiveSession:
         self.output: deque[pb.OutputLine] = deque(maxlen=history_lines)
         self.watchers: set[asyncio.Queue[pb.WatchSessionResponse | _Lagged]] = set()
         self.initialization: asyncio.Task[None] | None = None
+        # Keeping its node_modules in the install cache, after READY: a delete waits for it.
+        self.install_store: asyncio.Task[None] | None = None
+        # Set when its workspace stopped running by itself (or was removed behind our back).
+        self.exited: WorkspaceExit | None = None
         # Serializes save, delete and reaping of this session.
         self.lock = asyncio.Lock()
 
@@ -144,8 +149,11 @@ class SessionManager:
         self._catalog = catalog
         self._runtime = runtime
         self._live: dict[str, LiveSession] = {}
+        self._following: asyncio.Task[None] | None = None
         self._install_cache = (
-            InstallCache(config.install_cache_dir, config.max_install_cache_bytes) if config.install_cache else None
+            InstallCache(config.install_cache_dir, config.max_install_cache_bytes, config.install_cache_unlocked_max_age_s)
+            if config.install_cache
+            else None
         )
 
     # ------------------------------------------------------------------ queries
@@ -267,7 +275,9 @@ class SessionManager:
                 yield status
             except asyncio.CancelledError:
                 status.outcome = pb.PHASE_OUTCOME_FAILED
-                status.detail = "cancelled: the session was stopped or the orchestrator shut down"
+                status.detail = (
+                    live.exited.reason if live.exited else "cancelled: the session was stopped or the orchestrator shut down"
+                )
                 raise
             except Exception as error:
                 status.outcome = pb.PHASE_OUTCOME_FAILED
@@ -294,7 +304,7 @@ class SessionManager:
         session = live.session
         session.state = STARTING
         follow_dev: asyncio.Task[None] | None = None
-        install_key = ""
+        install_key = CacheKey("")
         try:
             async with self._phase(live, pb.PHASE_CONTAINER_STARTED) as status:
                 try:
@@ -357,7 +367,9 @@ class SessionManager:
                     )
                 status.detail = f"{url} answered HTTP {probe.result()}"
         except asyncio.CancelledError:
-            raise
+            if live.exited is None:
+                raise
+            return  # cancelled because its workspace is gone: _workspace_exited fails the session
         except Exception as error:  # noqa: BLE001 - every failure ends the session as FAILED with its reason
             self._fail(live, error)
             return
@@ -372,16 +384,18 @@ class SessionManager:
         self._record(live, pb.WatchSessionResponse(session=session))
         if install_key:
             # After READY: keeping node_modules for later sessions must not delay this one.
-            self._install_cache.store_in_background(live.agent, install_key)
+            live.install_store = self._install_cache.store_in_background(live.agent, install_key)
 
-    async def _from_install_cache(self, live: LiveSession, template: TemplateSpec) -> tuple[str, dict[str, str], str]:
+    async def _from_install_cache(
+        self, live: LiveSession, template: TemplateSpec
+    ) -> tuple[CacheKey, dict[str, str], str]:
         """Puts the cached node_modules for the workspace's install in place, if there is one. Returns the
-        install's cache key ("" = not cacheable, or no cache), the install's environment and a note."""
+        install's cache key (empty = not cacheable, or no cache), the install's environment and a note."""
         if self._install_cache is None:
-            return "", dict(template.env), "install cache off"
-        key = await self._install_cache.key(live.agent, template.install_command)
+            return CacheKey(""), dict(template.env), "install cache off"
+        key = await self._install_cache.key(live.agent, template.install_command, live.session.image)
         if not key:
-            return "", dict(template.env), "install cache not used: no package.json and lockfile"
+            return key, dict(template.env), key.note
         injected = await self._install_cache.inject(live.agent, key)
         # The template's own settings win over the hit's defaults.
         env = {**HIT_ENV, **template.env} if injected.hit else dict(template.env)
@@ -469,6 +483,9 @@ class SessionManager:
                 await live.initialization
         session.state = STOPPING
         self._record(live, pb.WatchSessionResponse(session=session))
+        if live.install_store is not None:
+            # The entry is being written from this workspace: stopping it now would lose the entry.
+            await self._install_cache.finish(live.install_store)
         if live.agent is not None:
             await live.agent.close()
         await self._runtime.stop(session.id)
@@ -482,12 +499,22 @@ class SessionManager:
     async def reconcile(self) -> None:
         """Matches the records with what the runtime runs: READY sessions whose workspace still runs are
         adopted (after a health check), vanished ones marked STOPPED, sessions caught mid-initialization
-        marked FAILED, and workspaces nobody has a live record for are removed. Raises EngineUnavailable."""
-        running = {workspace.session_id: workspace for workspace in await self._runtime.list() if workspace.running}
+        marked FAILED; from then on, a workspace that stops running by itself fails its session (see
+        _workspace_exited). Raises EngineUnavailable.
+
+        A workspace is removed only when it is provably ours: it carries our instance id AND our store has a
+        record of its session (session ids are random, made by this store). One with our instance id and no
+        record is left alone with a warning: it may be another orchestrator's started with the same
+        --instance-id on another data directory, and removing it would destroy that one's live workspace."""
+        # Subscribed before listing: an exit between the listing and the adoption is not missed.
+        exits = self._runtime.exits()
+        workspaces = {workspace.session_id: workspace for workspace in await self._runtime.list()}
         for session in self._store.sessions_in(LIVE_STATES):
-            workspace = running.pop(session.id, None)
+            workspace = workspaces.pop(session.id, None)
             live = LiveSession(session, None, self._config.output_history_lines)
-            if workspace is None:
+            if workspace is None or not workspace.running:
+                if workspace is not None:  # ours, exited while the orchestrator was away
+                    await self._runtime.stop(session.id)
                 if session.state != FAILED:
                     session.state = STOPPED
                     session.stop_reason = "vanished: its workspace was gone when the orchestrator started"
@@ -507,9 +534,60 @@ class SessionManager:
             if session.state != FAILED:
                 session.state = STOPPED
             self._store.put_session(session)
-        for orphan in running:
-            log.info("removing workspace %s: no live session record", orphan)
-            await self._runtime.stop(orphan)
+        for session_id, workspace in workspaces.items():
+            if self._store.get_session(session_id) is not None:
+                # Our record says it ended (STOPPED): its removal was cut short.
+                log.info("removing workspace %s: its session is over", session_id)
+                await self._runtime.stop(session_id)
+            else:
+                log.warning(
+                    "leaving workspace %s (%s %s) alone: it carries this orchestrator's instance id but %s has no"
+                    " record of it (another orchestrator with the same --instance-id?); remove it by hand if stray",
+                    session_id, workspace.runtime, workspace.handle[:12], self._config.data_dir,
+                )  # fmt: skip
+        self._following = asyncio.create_task(self._follow_exits(exits), name="workspace exits")
+        self._following.add_done_callback(_log_unexpected_end)
+
+    async def _follow_exits(self, exits: AsyncIterator[WorkspaceExit]) -> None:
+        async for exit in exits:
+            live = self._live.get(exit.session_id)
+            if live is None or (live.workspace is not None and live.workspace.handle != exit.handle):
+                continue  # not ours, over already, or an earlier workspace of the session
+            try:
+                await self._workspace_exited(live, exit)
+            except (OrchestratorError, grpc.aio.AioRpcError) as error:
+                log.warning("session %s: cleaning up after its workspace exited: %s", exit.session_id, _reason(error))
+
+    async def _workspace_exited(self, live: LiveSession, exit: WorkspaceExit) -> None:
+        """The session's workspace stopped running without being stopped (removed behind our back, OOM-killed,
+        exited): the session is FAILED with the reason (a session FAILED already keeps its first failure),
+        watchers are told, and it no longer holds a slot or a workspace."""
+        session = live.session
+        async with live.lock:
+            if self._live.get(session.id) is not live or session.state in (STOPPING, STOPPED):
+                return  # being stopped on purpose
+            live.exited = exit
+            failed_before = session.state == FAILED
+            if live.initialization is not None and not live.initialization.done():
+                live.initialization.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await live.initialization
+            if live.install_store is not None:
+                live.install_store.cancel()  # the workspace it reads from is gone
+            self._live.pop(session.id, None)
+            try:
+                if live.agent is not None:
+                    await live.agent.close()
+                await self._runtime.stop(session.id)  # what is left of it (an exited container)
+            finally:
+                # Told last: a session seen FAILED holds nothing any more.
+                if failed_before:
+                    # Often the cause of that failure (an agent call cut off as the workspace died): said too.
+                    session.failure.reason += f"; then its workspace stopped: {exit.reason}"
+                    log.warning("session %s (FAILED before): its workspace stopped: %s", session.id, exit.reason)
+                    self._record(live, pb.WatchSessionResponse(session=session))
+                else:
+                    self._fail(live, WorkspaceGone(exit.reason))
 
     async def _adopt(self, live: LiveSession, workspace: Workspace) -> None:
         self._attach(live, workspace)
@@ -526,6 +604,10 @@ class SessionManager:
 
     async def close(self) -> None:
         """Lets go of the sessions without stopping them: a later orchestrator adopts them."""
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
         if self._install_cache is not None:
             await self._install_cache.close()
         tasks = [live.initialization for live in self._live.values() if live.initialization]
@@ -576,6 +658,10 @@ class InitializationFailed(OrchestratorError):
     """A phase ran but did not do its job (a non-zero exit, a dev server that died)."""
 
 
+class WorkspaceGone(OrchestratorError):
+    """The session's workspace stopped running by itself or was removed behind the orchestrator's back."""
+
+
 class SessionReaper:
     """Periodically stops sessions idle past the idle TTL or alive past the max lifetime."""
 
@@ -602,6 +688,11 @@ class SessionReaper:
         while True:
             await asyncio.sleep(self._interval_s)
             await self.sweep()
+
+
+def _log_unexpected_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("no longer following workspace exits: %s", _reason(task.exception()), exc_info=task.exception())
 
 
 def _copied(session: pb.Session) -> pb.Session:

@@ -26,7 +26,7 @@ def make_runtime(kind: str, config: OrchestratorConfig) -> Runtime:
 
         return DockerRuntime(
             image=config.image,
-            instance_id=config.instance_id,
+            instance_id=config.resolved_instance_id(),
             host_address=config.host_address,
             trust_bundle=trust_bundle,
         )
@@ -35,7 +35,7 @@ def make_runtime(kind: str, config: OrchestratorConfig) -> Runtime:
 
         return LocalRuntime(
             directory=config.workspaces_dir,
-            instance_id=config.instance_id,
+            instance_id=config.resolved_instance_id(),
             host_address=config.host_address,
             trust_bundle=trust_bundle,
         )

@@ -8,6 +8,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
 import certifi
@@ -49,6 +50,16 @@ class Workspace:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WorkspaceExit:
+    """A workspace that stopped running without being stopped through its runtime: `reason` says what
+    happened, for a person ("the container was OOM-killed ...", "... exited with code 1")."""
+
+    session_id: str
+    handle: str
+    reason: str
+
+
 class Runtime(Protocol):
     """Starts, lists and removes workspaces. Implementations: DockerRuntime, LocalRuntime."""
 
@@ -67,6 +78,12 @@ class Runtime(Protocol):
 
     async def list(self) -> list[Workspace]:
         """Every workspace of this orchestrator instance, running or not."""
+        ...
+
+    def exits(self) -> AsyncIterator[WorkspaceExit]:
+        """This instance's workspaces that stop running other than through stop() (they exit, are killed or
+        are removed behind the runtime's back), as they do, from the moment exits() is called until the
+        iterator is closed. A workspace may be reported more than once; one stopped through stop() is not."""
         ...
 
     async def close(self) -> None:

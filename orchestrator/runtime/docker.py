@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import signal
 import tarfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -28,6 +31,7 @@ from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
     Workspace,
+    WorkspaceExit,
     check_session_id,
     trust_env,
     workspace_labels,
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
     from orchestrator.templates import ResourceHints
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # Where the trust bundle (public roots + the extra CA) appears inside the container.
 CONTAINER_CA_BUNDLE = "/etc/workspace/extra-ca.pem"
@@ -61,6 +67,16 @@ TMPFS = {"/tmp": "rw,nosuid,nodev,exec,mode=1777,size=512m", "/var/tmp": "rw,nos
 NETWORK_ICC_OPTION = "com.docker.network.bridge.enable_icc"
 # Seconds the SDK waits for one engine API call (container creation can take a few seconds on a busy host).
 API_TIMEOUT = 60
+# `docker rm -f` is a kill (a "die" event) then a removal ("destroy"): a die is reported once no destroy
+# followed within this many seconds, so a removal is told as one.
+DESTROY_GRACE_S = 1.0
+# An "oom" event this shortly before a "die" is what killed the container (one long before was a process
+# inside that the kernel killed, which the container survived).
+OOM_WINDOW_S = 10.0
+# How long the ids of containers stop() removed are remembered, so their events are not taken for exits.
+REMOVED_MEMORY_S = 600.0
+# Seconds between attempts to re-subscribe to the engine's events after losing them.
+EVENTS_RETRY_S = 2.0
 
 
 class DockerRuntime:
@@ -83,6 +99,10 @@ class DockerRuntime:
         # Connected on first use, so the orchestrator starts (and reports UNAVAILABLE per call) without an engine.
         self._client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
+        # Containers stop() (or a failed start) removed lately, and when: their die and destroy events are not
+        # exits. Kept for a while rather than until their destroy event, so every exits() iterator skips them.
+        self._removed: dict[str, float] = {}
+        self._removed_lock = threading.Lock()  # removals run in several threads at once
         # The workspace network once it exists and is shut off from the host (per process: rules are re-checked).
         self._network: Network | None = None
         self._network_lock = threading.Lock()
@@ -115,6 +135,11 @@ class DockerRuntime:
         """Removes this instance's workspace network and its host firewall rule (for tests and uninstalling;
         the orchestrator itself keeps both). Raises EngineUnavailable, FailedPrecondition (containers use it)."""
         await self._call("remove the workspace network", self._remove_network)
+    def exits(self) -> AsyncIterator[WorkspaceExit]:
+        """This instance's containers that die or are removed other than through stop(), from the engine's
+        events (replayed from the moment of this call, and from the last one seen after a lost connection),
+        with the reason: removed outside the orchestrator, OOM-killed, or exited with code N."""
+        return self._exits(time.time_ns())
 
     async def close(self) -> None:
         if self._client is not None:
@@ -167,8 +192,7 @@ class DockerRuntime:
         except BaseException:
             self._network = None  # checked again next time (it may have been removed under us)
             # Never leave a created-but-dead container behind (e.g. the port could not be published).
-            with suppress(NotFound):
-                container.remove(force=True, v=True)
+            self._remove(container)
             raise
         return self._workspace(container)
 
@@ -259,8 +283,16 @@ class DockerRuntime:
 
     def _stop(self, session_id: str) -> None:
         for container in self._containers(f"{SESSION_LABEL}={session_id}"):
-            with suppress(NotFound):
-                container.remove(force=True, v=True)
+            self._remove(container)
+
+    def _remove(self, container: Container) -> None:
+        now = time.monotonic()
+        with self._removed_lock:
+            for old in [key for key, when in self._removed.items() if now - when > REMOVED_MEMORY_S]:
+                del self._removed[old]
+            self._removed[container.id] = now
+        with suppress(NotFound):
+            container.remove(force=True, v=True)
 
     def _list(self) -> list[Workspace]:
         return [self._workspace(container) for container in self._containers()]
@@ -291,6 +323,100 @@ class DockerRuntime:
                 # from_env asks the engine for its API version, so an unreachable engine fails here.
                 self._client = docker.from_env(timeout=API_TIMEOUT)
             return self._client
+
+    # ------------------------------------------------------------------ engine events
+
+    async def _exits(self, since_ns: int) -> AsyncIterator[WorkspaceExit]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict] = asyncio.Queue()
+        stop = threading.Event()
+        streams: list[object] = []  # the reader's current stream, closed to end it
+        reader = threading.Thread(
+            target=self._read_events, args=(since_ns, loop, events, stop, streams), name="docker events", daemon=True
+        )
+        reader.start()
+        died: dict[str, tuple[float, dict]] = {}  # container id -> (when to report it, its die event's attributes)
+        oom_at: dict[str, float] = {}  # container id -> its last oom event
+        try:
+            while True:
+                event = None
+                try:
+                    if died:
+                        wait = min(deadline for deadline, _ in died.values()) - loop.time()
+                        event = await asyncio.wait_for(events.get(), max(wait, 0))
+                    else:
+                        event = await events.get()
+                except TimeoutError:
+                    pass
+                now = loop.time()
+                if event is not None:
+                    container_id = event.get("Actor", {}).get("ID") or event.get("id", "")
+                    action = event.get("Action") or event.get("status", "")
+                    attributes = event.get("Actor", {}).get("Attributes", {})
+                    if container_id in self._removed:
+                        pass
+                    elif action == "oom":
+                        for old in [key for key, when in oom_at.items() if now - when > OOM_WINDOW_S]:
+                            del oom_at[old]
+                        oom_at[container_id] = now
+                    elif action == "die":
+                        died[container_id] = (now + DESTROY_GRACE_S, attributes)
+                    elif action == "destroy":
+                        died.pop(container_id, None)
+                        oom_at.pop(container_id, None)
+                        yield WorkspaceExit(
+                            attributes.get(SESSION_LABEL, ""), container_id,
+                            "the container was removed outside the orchestrator",
+                        )  # fmt: skip
+                for container_id, (deadline, attributes) in list(died.items()):
+                    if deadline <= now:
+                        del died[container_id]
+                        oom = oom_at.pop(container_id, None)
+                        oomed = oom is not None and (deadline - DESTROY_GRACE_S) - oom < OOM_WINDOW_S
+                        yield WorkspaceExit(
+                            attributes.get(SESSION_LABEL, ""), container_id, _die_reason(attributes, oomed)
+                        )
+        finally:
+            stop.set()
+            for stream in streams:
+                with suppress(Exception):
+                    stream.close()
+
+    def _read_events(
+        self, since_ns: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stop: threading.Event, streams: list
+    ) -> None:
+        """Runs in a thread: the engine's events for our containers into `events`, re-subscribing (from the
+        last event seen) whenever the connection is lost, until `stop` is set."""
+        filters = {"type": "container", "label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
+        warned = False  # once per outage, not every retry
+        while not stop.is_set():
+            client = None
+            try:
+                # A client of its own: the stream holds its connection for as long as it runs.
+                client = docker.from_env(timeout=API_TIMEOUT)
+                stream = client.api.events(
+                    decode=True, filters=filters, since=f"{since_ns // 10**9}.{since_ns % 10**9:09d}"
+                )
+                streams[:] = [stream]
+                if stop.is_set():
+                    break
+                if warned:
+                    log.info("docker events: subscribed again")
+                    warned = False
+                for event in stream:
+                    since_ns = max(since_ns, int(event.get("timeNano", 0)))
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                return
+            except Exception as error:  # noqa: BLE001 - lost or refused: say so, then subscribe again
+                if not stop.is_set() and not warned:
+                    log.warning("docker events: %s; subscribing again every %g s", error, EVENTS_RETRY_S)
+                    warned = True
+            finally:
+                if client is not None:
+                    with suppress(Exception):
+                        client.close()
+            stop.wait(EVENTS_RETRY_S)
 
     # ------------------------------------------------------------------ error translation
 
@@ -329,6 +455,16 @@ def deliver_token(container: Container, token: str, *, path: str = TOKEN_PATH, u
         tar.addfile(info, io.BytesIO(data))
     if not container.put_archive(directory, buffer.getvalue()):
         raise FailedPrecondition(f"the Docker engine did not write the agent's token to {path}")
+def _die_reason(attributes: dict[str, str], oomed: bool) -> str:
+    """Why a container died, from its die event's attributes."""
+    code = attributes.get("exitCode", "")
+    if oomed:
+        return f"the container was OOM-killed (over its memory limit; exit code {code})"
+    detail = ""
+    if code.isdigit() and 128 < int(code) < 128 + signal.NSIG:
+        with suppress(ValueError):
+            detail = f" ({signal.Signals(int(code) - 128).name})"
+    return f"the container exited with code {code}{detail}"
 
 
 def _exact_image(container: Container) -> str:

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from orchestrator.runtime.base import (
     SESSION_LABEL,
     TOKEN_ENV,
     Workspace,
+    WorkspaceExit,
     check_session_id,
     trust_env,
     workspace_labels,
@@ -37,6 +39,8 @@ STATE_FILE = "workspace.json"
 TOKEN_FILE = "agent-token"
 # On SIGTERM the agent kills its commands (SIGKILL 2 s after SIGTERM) and then stops its server (grace 5 s).
 STOP_GRACE_S = 10.0
+# exits() looks at the agents this often (an adopted agent is no child of ours: nothing to wait on but its pid).
+EXIT_POLL_S = 0.5
 
 
 class LocalRuntime:
@@ -58,6 +62,8 @@ class LocalRuntime:
         self.trust_bundle = trust_bundle
         # Agents this orchestrator started, so stop() can reap them; adopted ones are watched by pid.
         self._children: dict[str, asyncio.subprocess.Process] = {}
+        # Sessions stop() is taking down: their agents' exits are not reported.
+        self._stopping: set[str] = set()
 
     async def start(
         self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
@@ -104,22 +110,58 @@ class LocalRuntime:
         session directory."""
         check_session_id(session_id)
         session_dir = self.directory / session_id
-        state = await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
-        child = self._children.pop(session_id, None)
-        if state is not None and await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
-            pid = state["pid"]
-            groups = await asyncio.to_thread(_descendant_groups, pid)
-            _signal_group(pid, signal.SIGTERM)
-            if not await _exited(pid, child, STOP_GRACE_S):
-                _signal_group(pid, signal.SIGKILL)
-                await _exited(pid, child, STOP_GRACE_S)
-            for group in groups:
-                _signal_group(group, signal.SIGKILL)
-        await asyncio.to_thread(shutil.rmtree, session_dir, ignore_errors=True)
+        self._stopping.add(session_id)
+        try:
+            state = await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
+            child = self._children.pop(session_id, None)
+            if state is not None and await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
+                pid = state["pid"]
+                groups = await asyncio.to_thread(_descendant_groups, pid)
+                _signal_group(pid, signal.SIGTERM)
+                if not await _exited(pid, child, STOP_GRACE_S):
+                    _signal_group(pid, signal.SIGKILL)
+                    await _exited(pid, child, STOP_GRACE_S)
+                for group in groups:
+                    _signal_group(group, signal.SIGKILL)
+            await asyncio.to_thread(shutil.rmtree, session_dir, ignore_errors=True)
+        finally:
+            self._stopping.discard(session_id)
 
     async def list(self) -> list[Workspace]:
         """This instance's workspaces from their state files; `running` is whether the agent still is."""
         return await asyncio.to_thread(self._list)
+
+    async def exits(self) -> AsyncIterator[WorkspaceExit]:
+        """This instance's agents that exit other than through stop(), found by looking at their pids every
+        EXIT_POLL_S; the exit status is known for agents this runtime started (an adopted one is no child)."""
+        reported: set[tuple[str, str]] = set()
+        while True:
+            workspaces = await asyncio.to_thread(self._list)
+            present = {(workspace.session_id, workspace.handle) for workspace in workspaces}
+            reported &= present
+            for workspace in workspaces:
+                key = (workspace.session_id, workspace.handle)
+                if workspace.running or key in reported or workspace.session_id in self._stopping:
+                    continue
+                reported.add(key)
+                yield WorkspaceExit(workspace.session_id, workspace.handle, await self._exit_reason(workspace))
+            await asyncio.sleep(EXIT_POLL_S)
+
+    async def _exit_reason(self, workspace: Workspace) -> str:
+        child = self._children.get(workspace.session_id)
+        if child is None or str(child.pid) != workspace.handle:
+            return "the agent process exited"
+        try:
+            # Gone from /proc's point of view (a zombie) before asyncio has reaped it and knows its status.
+            code = await asyncio.wait_for(child.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            return "the agent process exited"
+        if code < 0:
+            try:
+                return f"the agent process was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"the agent process was killed by signal {-code}"
+        return f"the agent process exited with code {code}"
 
     async def close(self) -> None:
         """Leaves the agents running: a restarted orchestrator adopts them from their state files."""

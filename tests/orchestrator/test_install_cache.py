@@ -4,13 +4,24 @@ script that records whether node_modules was already in place, so no npm registr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import json
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.orchestrator.conftest import OrchestratorUnderTest, derive_template, watch_until_settled
+from orchestrator.config import OrchestratorConfig
+from tests.orchestrator.conftest import (
+    OrchestratorUnderTest,
+    derive_template,
+    start_orchestrator,
+    stop_all_workspaces,
+    watch_until_settled,
+)
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 TEMPLATE = "cached-install"
@@ -105,12 +116,117 @@ async def test_a_changed_lockfile_misses(
     assert len(await cache_entries(orchestrator, count=2)) == 2
 
 
-async def test_without_a_lockfile_nothing_is_cached(
+# Like `npm install` without a lockfile: writes one, and records whether it found one already in place.
+UNLOCKED_INSTALL_SCRIPT = INSTALL_SCRIPT + """\
+if [ -f package-lock.json ]; then echo locked >> "$INSTALL_LOG"; else echo '{"lockfileVersion": 3}' > package-lock.json; fi
+"""
+
+
+@pytest.fixture
+def unlocked(templates: Path, install_log: Path) -> Path:
+    """The template without a lockfile, its install writing one."""
+    (templates / TEMPLATE / "package-lock.json").unlink()
+    (templates / TEMPLATE / "install.sh").write_text(UNLOCKED_INSTALL_SCRIPT)
+    return install_log
+
+
+async def test_without_a_lockfile_the_second_session_gets_node_modules_and_the_first_ones_lockfile(
+    orchestrator: OrchestratorUnderTest, unlocked: Path
+) -> None:
+    first = await create_ready(orchestrator)
+    assert install_note(first).startswith("install cache miss")
+    (entry,) = await cache_entries(orchestrator)
+
+    second = await create_ready(orchestrator)
+    key = entry.name.removesuffix(".tar.gz")
+    assert install_note(second).startswith(f"install cache hit {key[:12]} (node_modules and package-lock.json in")
+    assert runs(unlocked) == ["miss", "hit", "locked"]
+
+
+async def test_an_entry_without_a_lockfile_expires(
+    orchestrator_config: OrchestratorConfig, unlocked: Path
+) -> None:
+    config = dataclasses.replace(orchestrator_config, install_cache_unlocked_max_age_s=0.0)
+    o = await start_orchestrator(config)
+    try:
+        await create_ready(o)
+        await cache_entries(o)
+        session = await create_ready(o)
+        assert "expired" in install_note(session) and "kept 0 h" in install_note(session)
+        assert runs(unlocked) == ["miss", "miss"]
+    finally:
+        await o.close()
+        await stop_all_workspaces(config)
+
+
+async def test_without_a_package_json_nothing_is_cached(
     orchestrator: OrchestratorUnderTest, install_log: Path, templates: Path
 ) -> None:
-    (templates / TEMPLATE / "package-lock.json").unlink()
+    (templates / TEMPLATE / "package.json").unlink()
     await create_ready(orchestrator)
     session = await create_ready(orchestrator)
-    assert install_note(session) == "install cache not used: no package.json and lockfile"
+    assert install_note(session) == "install cache not used: no package.json"
     assert runs(install_log) == ["miss", "miss"]
     assert list(orchestrator.config.install_cache_dir.glob("*")) == []
+
+
+async def test_a_session_deleted_right_after_ready_still_fills_the_cache(
+    orchestrator: OrchestratorUnderTest, install_log: Path
+) -> None:
+    first = await create_ready(orchestrator)
+    await orchestrator.stub.DeleteSession(pb.DeleteSessionRequest(id=first.id))
+    # The delete waited for the entry: it is there the moment the delete returns.
+    (entry,) = orchestrator.config.install_cache_dir.glob("*.tar.gz")
+    assert members(entry) == {"left-pad/index.js": b'module.exports = "padded";\n'}
+    second = await create_ready(orchestrator)
+    assert install_note(second).startswith("install cache hit")
+    assert runs(install_log) == ["miss", "hit"]
+
+
+NPM_TEMPLATE = "npm-unlocked"
+
+
+@pytest.fixture
+def npm_unlocked(templates: Path, runtime_kind: str) -> str:
+    """A template with a real `npm install` of a local tarball dependency and no lockfile: no registry needed."""
+    if runtime_kind == "local" and shutil.which("npm") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("npm is needed for the install cache test on the local runtime")
+        pytest.skip("npm is not installed")
+    derive_template(
+        templates, NPM_TEMPLATE, install_command="npm install",
+        env={"npm_config_offline": "true", "npm_config_audit": "false", "npm_config_fund": "false",
+             "npm_config_update_notifier": "false"},
+    )  # fmt: skip
+    folder = templates / NPM_TEMPLATE
+    manifest = json.loads((folder / "package.json").read_text())
+    manifest["dependencies"] = {"tiny-dep": "file:tiny-dep-1.0.0.tgz"}
+    (folder / "package.json").write_text(json.dumps(manifest))
+    with tarfile.open(folder / "tiny-dep-1.0.0.tgz", "w:gz") as archive:
+        for name, content in {
+            "package/package.json": b'{"name": "tiny-dep", "version": "1.0.0", "main": "index.js"}',
+            "package/index.js": b'module.exports = "tiny";\n',
+        }.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(content)
+            archive.addfile(member, io.BytesIO(content))
+    return NPM_TEMPLATE
+
+
+@pytest.mark.parametrize("runtime_kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_npm_without_a_lockfile_deleted_at_once_still_fills_the_cache_for_the_next_session(
+    orchestrator: OrchestratorUnderTest, npm_unlocked: str
+) -> None:
+    created = await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template=npm_unlocked))
+    first = (await watch_until_settled(orchestrator.stub, created.session.id, timeout=180))[-1].session
+    assert first.state == pb.SESSION_STATE_READY, first.failure
+    assert install_note(first).startswith("install cache miss")
+    await orchestrator.stub.DeleteSession(pb.DeleteSessionRequest(id=first.id))
+    (entry,) = orchestrator.config.install_cache_dir.glob("*.tar.gz")
+    assert members(entry)["tiny-dep/index.js"] == b'module.exports = "tiny";\n'
+
+    created = await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template=npm_unlocked))
+    second = (await watch_until_settled(orchestrator.stub, created.session.id, timeout=180))[-1].session
+    assert second.state == pb.SESSION_STATE_READY, second.failure
+    key = entry.name.removesuffix(".tar.gz")
+    assert install_note(second).startswith(f"install cache hit {key[:12]} (node_modules and package-lock.json in")

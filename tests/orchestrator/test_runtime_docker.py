@@ -3,6 +3,8 @@ ports, limits and hardening, its agent through AgentClient, removal, and the err
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
@@ -175,3 +177,44 @@ async def test_the_root_filesystem_is_read_only_but_app_home_and_tmp_are_writabl
         assert version.startswith("v20.") and rest == ["first", "cached", "scratch"]
     finally:
         await client.close()
+@pytest.mark.docker
+async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not_one_it_stopped(
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    exits = runtime.exits()
+    stopped = await runtime.start("ws-stopped", TOKEN, resources=HINTS, env={}, labels={})
+    removed = await runtime.start("ws-removed", TOKEN, resources=HINTS, env={}, labels={})
+    await runtime.stop("ws-stopped")
+    docker_client.containers.get(removed.handle).remove(force=True)
+    try:
+        async with asyncio.timeout(60):  # bounds a hang only
+            first = await anext(exits)
+    finally:
+        await exits.aclose()
+    # The stop's events came first: had they been taken for an exit, that would be the first one.
+    assert (first.session_id, first.handle) == ("ws-removed", removed.handle)
+    assert first.reason == "the container was removed outside the orchestrator"
+    assert stopped.handle != removed.handle
+
+
+@pytest.mark.docker
+async def test_exits_tell_an_oom_killed_container(runtime: DockerRuntime) -> None:
+    exits = runtime.exits()
+    workspace = await runtime.start(
+        "ws-oom", TOKEN, resources=ResourceHints(memory_mb=256, cpus=0.5, pids=200), env={}, labels={}
+    )
+    client = AgentClient(workspace.agent_endpoint, TOKEN)
+    try:
+        await client.wait_healthy(timeout=30)
+        # The agent offers itself to the OOM killer (raising one's own score needs no privilege), then a
+        # command runs the container out of memory: the kernel kills the agent, and the container ends.
+        hog = "echo 1000 > /proc/$PPID/oom_score_adj && node -e 'const a = []; for (;;) a.push(Buffer.alloc(1 << 20, 1))'"
+        with contextlib.suppress(Exception):
+            await client.run(hog, on_line=lambda *_: None, timeout=120)
+        async with asyncio.timeout(60):  # bounds a hang only
+            exited = await anext(exits)
+    finally:
+        await client.close()
+        await exits.aclose()
+    assert exited.session_id == "ws-oom"
+    assert exited.reason.startswith("the container was OOM-killed"), exited.reason

@@ -193,3 +193,20 @@ def test_make_runtime_refuses_what_it_cannot_use(tmp_path: Path) -> None:
         make_runtime("local", OrchestratorConfig(data_dir=tmp_path, extra_ca_bundle=not_pem))
     with pytest.raises(InvalidArgument, match="use docker or local"):
         make_runtime("podman", OrchestratorConfig(data_dir=tmp_path))
+
+
+async def test_exits_report_a_killed_agent_but_not_one_stopped(runtime: LocalRuntime) -> None:
+    exits = runtime.exits()
+    _, first_client = await start(runtime, "ws-stopped")
+    killed, second_client = await start(runtime, "ws-killed")
+    await first_client.close()
+    await second_client.close()
+    await runtime.stop("ws-stopped")
+    os.kill(int(killed.handle), 9)
+    try:
+        async with asyncio.timeout(60):  # bounds a hang only
+            first = await anext(exits)
+    finally:
+        await exits.aclose()
+    assert (first.session_id, first.handle) == ("ws-killed", killed.handle)
+    assert first.reason == "the agent process was killed by SIGKILL"

@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import os
+import signal
 import tarfile
 from collections.abc import AsyncIterator
 
@@ -19,6 +21,7 @@ from orchestrator.config import OrchestratorConfig
 from tests.conftest import status_of
 from tests.orchestrator.conftest import (
     OrchestratorUnderTest,
+    derive_template,
     http_get,
     start_orchestrator,
     stop_all_workspaces,
@@ -252,3 +255,60 @@ async def test_reaper_stops_idle_sessions_but_not_busy_ones(impatient_orchestrat
     stopped = (await orchestrator.stub.GetSession(pb.GetSessionRequest(id=idle.id))).session
     assert stopped.state == STOPPED and stopped.stop_reason.startswith("idle for")
     assert (await orchestrator.stub.GetSession(pb.GetSessionRequest(id=busy.id))).session.state == READY
+
+
+async def state_becomes(o: OrchestratorUnderTest, session_id: str, state: int, timeout: float = 60) -> pb.Session:
+    """The session once GetSession shows it in `state` (`timeout` only bounds a hang)."""
+    async with asyncio.timeout(timeout):
+        while (session := (await o.stub.GetSession(pb.GetSessionRequest(id=session_id))).session).state != state:
+            await asyncio.sleep(0.1)
+    return session
+
+
+@BOTH_RUNTIMES
+async def test_a_workspace_gone_behind_the_orchestrators_back_fails_its_session_and_frees_its_slot(
+    request: pytest.FixtureRequest, orchestrator_config: OrchestratorConfig, runtime_kind: str
+) -> None:
+    config = dataclasses.replace(orchestrator_config, max_sessions=1)
+    o = await start_orchestrator(config)
+    try:
+        if runtime_kind == "docker":
+            docker_client = request.getfixturevalue("docker_client")
+            ways = [
+                (lambda handle: docker_client.containers.get(handle).remove(force=True),
+                 "the container was removed outside the orchestrator"),
+                (lambda handle: docker_client.containers.get(handle).kill(),
+                 "the container exited with code 137 (SIGKILL)"),
+            ]  # fmt: skip
+        else:
+            ways = [(lambda handle: os.kill(int(handle), signal.SIGKILL), "the agent process was killed by SIGKILL")]
+        for end, reason in ways:
+            # With max_sessions=1 each round's create needs the slot the previous round's session held.
+            session = await create_ready(o, template="node-basic")
+            [workspace] = await o.orchestrator.runtime.list()
+            await asyncio.to_thread(end, workspace.handle)
+
+            failed = await state_becomes(o, session.id, FAILED)
+            assert failed.failure.reason == reason
+            assert failed.failure.phase == pb.PHASE_READY
+            # Nothing of it is left behind (an exited container is removed too).
+            assert [w.session_id for w in await o.orchestrator.runtime.list()] == []
+    finally:
+        await o.close()
+        await stop_all_workspaces(config)
+
+
+
+async def test_a_workspace_dying_during_initialization_says_so_in_the_failure(
+    orchestrator: OrchestratorUnderTest, templates
+) -> None:
+    # An install that kills the agent it runs under: the failure must tell what happened to the workspace.
+    derive_template(templates, "agent-killer", install_command="kill -9 $PPID; sleep 60")
+    created = await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template="agent-killer"))
+    session = (await watch_until_settled(orchestrator.stub, created.session.id))[-1].session
+    assert session.state == FAILED and session.failure.phase == pb.PHASE_INSTALL
+    async with asyncio.timeout(30):  # bounds a hang only
+        while "the agent process was killed by SIGKILL" not in session.failure.reason:
+            await asyncio.sleep(0.1)
+            session = (await orchestrator.stub.GetSession(pb.GetSessionRequest(id=session.id))).session
+    assert session.state == FAILED
