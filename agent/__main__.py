@@ -12,6 +12,7 @@ from pathlib import Path
 from agent import telemetry
 from agent.config import AgentConfig
 from agent.server import serve
+from agent.startup import EXIT_STARTUP, StartupError
 
 TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
 
@@ -35,7 +36,10 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
 
     token = os.environ.get(TOKEN_ENV) or None
     if args.token_file:
-        token = args.token_file.read_text().strip() or None
+        try:
+            token = args.token_file.read_text().strip() or None
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error(f"--token-file {args.token_file}: cannot read it ({getattr(error, 'strerror', None) or error})")
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a directory")
     return AgentConfig(
@@ -55,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.configure_from_env()
     if config.token is None:
         logging.getLogger("agent").warning("no token configured: every RPC is open to anyone who can connect")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as error:
+        print(f"agent: {error}", file=sys.stderr)
+        return EXIT_STARTUP
     return 0
 
 

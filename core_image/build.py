@@ -249,24 +249,12 @@ def _npm(progress: Callable[[str], None]) -> Path:
         with tarfile.open(Path(tmp, f"npm-{NPM_VERSION}.tgz")) as archive:
             for member in archive.getmembers():
                 member.name = member.name.removeprefix("package/")
-            _extract_data(archive, package)
+            archive.extractall(package, filter="data")
         (staging / "bin").mkdir()
         for command, script in (("npm", "npm-cli.js"), ("npx", "npx-cli.js")):
             (staging / "bin" / command).symlink_to(f"../lib/node_modules/npm/bin/{script}")
         _publish(staging, prefix)
     return prefix
-
-
-def _extract_data(archive: tarfile.TarFile, destination: Path) -> None:
-    """extractall with the "data" filter; Pythons before 3.11.4 (Debian's 3.11.2) have no filters, so there
-    the archive must hold only plain files and directories below `destination`."""
-    if hasattr(tarfile, "data_filter"):
-        archive.extractall(destination, filter="data")
-        return
-    for member in archive.getmembers():
-        if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in Path(member.name).parts:
-            raise ImageBuildError(f"{archive.name}: unexpected member {member.name!r}")
-    archive.extractall(destination)
 
 
 def _publish(staging: Path, cached: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from agent import telemetry
+from agent.startup import EXIT_STARTUP, StartupError
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.server import serve
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.configure_from_env()
     try:
         asyncio.run(serve(config, demo_template=demo_template))
+    except StartupError as error:
+        print(f"orchestrator: {error}", file=sys.stderr)
+        return EXIT_STARTUP
     except OrchestratorError as error:
         # E.g. the engine is unreachable at start-up: the message says what to do.
         print(f"orchestrator: {error}", file=sys.stderr)

@@ -307,8 +307,7 @@ def http_get(url: str, timeout_s: float) -> str:
 async def extracted(catalog: TemplateCatalog, name: str, destination: Path) -> Path:
     archive = await catalog.archive(name)
     with tarfile.open(archive.path) as tar:
-        # Extraction filters arrived in Python 3.11.4; Debian's 3.11.2 has none (and needs none for our archives).
-        tar.extractall(destination, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        tar.extractall(destination, filter="data")
     return destination
 
 
