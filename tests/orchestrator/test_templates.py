@@ -11,12 +11,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+if sys.version_info >= (3, 11, 4):
+    import tarfile
+else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): the backport has them
+    from backports import tarfile
 
 import pytest
 from grpc import StatusCode, aio
