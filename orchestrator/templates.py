@@ -60,6 +60,8 @@ class TemplateSpec:
     env: dict[str, str] = field(default_factory=dict)
     # gitignore-style; SaveSession leaves these out in addition to node_modules.
     archive_excludes: tuple[str, ...] = ()
+    # template.json is the orchestrator's metadata, left out of the archive (and /app) unless the author opts in.
+    archive_template_json: bool = False
     resources: ResourceHints = ResourceHints()
 
 
@@ -144,7 +146,8 @@ class TemplateCatalog:
             return cached
 
     def _members(self, name: str) -> list[_Member]:
-        return _read_members(self._folder(name), self.get(name).archive_excludes)
+        spec = self.get(name)
+        return _read_members(self._folder(name), spec.archive_excludes, with_metadata=spec.archive_template_json)
 
     def _folder(self, name: str) -> Path:
         if not _NAME.match(name):
@@ -186,6 +189,7 @@ class TemplateCatalog:
             readiness_timeout_s=float(readiness.get("timeout_seconds", 120)),
             env=dict(document.get("env", {})),
             archive_excludes=tuple(document.get("archive_excludes", ())),
+            archive_template_json=document.get("archive_template_json", False),
             resources=ResourceHints(
                 memory_mb=resources.get("memory_mb", 1024),
                 cpus=float(resources.get("cpus", 1.0)),
@@ -219,8 +223,9 @@ def schema_errors(validator: Draft202012Validator, document: object) -> list[str
     return [f"{error.json_path}: {error.message}" for error in errors]
 
 
-def _read_members(folder: Path, excludes: tuple[str, ...]) -> list[_Member]:
-    """The folder's directories and files, sorted, without node_modules and the template's exclusions."""
+def _read_members(folder: Path, excludes: tuple[str, ...], *, with_metadata: bool = False) -> list[_Member]:
+    """The folder's directories and files, sorted, without node_modules, the template's exclusions, and
+    template.json unless `with_metadata` (then it is kept whatever the exclusions say)."""
     ignored = GitIgnoreSpec.from_lines([*ALWAYS_EXCLUDED, *excludes])
     members: list[_Member] = []
     for directory, subdirectories, filenames in os.walk(folder):
@@ -237,7 +242,10 @@ def _read_members(folder: Path, excludes: tuple[str, ...]) -> list[_Member]:
         subdirectories[:] = kept
         for filename in filenames:
             relative = (base / filename).as_posix()
-            if relative != METADATA_FILE and ignored.match_file(relative):
+            if relative == METADATA_FILE:
+                if not with_metadata:
+                    continue
+            elif ignored.match_file(relative):
                 continue
             info = os.lstat(Path(directory) / filename)
             if not stat.S_ISREG(info.st_mode):
