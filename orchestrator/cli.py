@@ -190,9 +190,9 @@ def templates_list(ctx: typer.Context) -> None:
 # ---------------------------------------------------------------- sessions
 
 
-def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Session) -> None:
-    """Shows a session's progress until it settles: the preview URL on stdout when READY, the failure
-    (phase, reason, last output) on stderr and exit status 1 otherwise."""
+def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Session, print_id: bool = False) -> None:
+    """Shows a session's progress until it settles: the preview URL (or with `print_id` the session id) on
+    stdout when READY, the failure (phase, reason, last output) on stderr and exit status 1 otherwise."""
     console = _err()
     console.print(f"session [bold]{session.id}[/bold] ({session.template})")
     try:
@@ -212,7 +212,7 @@ def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Ses
         _fail(f"stopped watching; session {session.id} goes on (`wsctl delete {session.id}` stops it)", 130)
     if session.state == pb.SESSION_STATE_READY:
         console.print(f"[green]ready[/green]  agent {session.agent_endpoint}")
-        _out().print(session.preview_url, soft_wrap=True)
+        _out().print(session.id if print_id else session.preview_url, soft_wrap=True)
         return
     if session.state == pb.SESSION_STATE_FAILED:
         for line in session.failure.last_output:
@@ -241,6 +241,7 @@ def create(
     ctx: typer.Context,
     template: Annotated[str, typer.Argument(help="A template name (see `wsctl templates list`).")],
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
+    print_id: Annotated[bool, typer.Option("--id", help="Print the session id instead of the preview URL.")] = False,
 ) -> None:
     """Creates a session from a template, shows its progress and prints the preview URL when it is ready."""
     _, stub = _orchestrator(ctx)
@@ -251,7 +252,7 @@ def create(
         if error.code() == grpc.StatusCode.NOT_FOUND:
             _fail(f"NOT_FOUND: {error.details()}; {_templates_hint(stub, template)}")
         raise
-    _follow(stub, session)
+    _follow(stub, session, print_id)
 
 
 def _templates_hint(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, mistyped: str) -> str:
@@ -270,11 +271,12 @@ def restore(
     ctx: typer.Context,
     archive_id: Annotated[str, typer.Argument(help="A saved or uploaded archive id (see `wsctl archives list`).")],
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
+    print_id: Annotated[bool, typer.Option("--id", help="Print the session id instead of the preview URL.")] = False,
 ) -> None:
     """Creates a session from a saved archive, shows its progress and prints the preview URL."""
     _, stub = _orchestrator(ctx)
     request = pb.CreateSessionRequest(archive_id=archive_id, labels=_labels(label or []))
-    _follow(stub, stub.CreateSession(request).session)
+    _follow(stub, stub.CreateSession(request).session, print_id)
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
+from agent.tools import ENV_BIN
 from orchestrator.cli import app
 from tests.conftest import REPO
 from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, watch_until_settled
@@ -220,3 +221,25 @@ async def test_an_unreachable_agent_is_reported_with_its_endpoint(orchestrator: 
     assert "UNAVAILABLE" in result.stderr
     assert f"the session's agent at {session.agent_endpoint} did not answer" in result.stderr
     assert "orchestrator running" not in result.stderr
+
+
+async def test_the_readme_wsctl_lines_work_as_written(orchestrator: OrchestratorUnderTest) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Templates and `wsctl`") :]
+    (block,) = re.findall(r"```sh\n(.*?)```", section[: section.index("\n## ", 1)], re.S)
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert lines[0] == ". .venv/bin/activate"
+    # The environment running the tests, wherever it is; the README's server is the default one, ours is not.
+    script = ["set -euo pipefail", f". {ENV_BIN}/activate", *lines[1:]]
+    env = {**os.environ, **ENV, "WSCTL_SERVER": f"127.0.0.1:{orchestrator.orchestrator.port}"}
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", "\n".join(script), cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(120):
+        stdout, stderr = await shell.communicate()
+
+    assert shell.returncode == 0, stdout.decode() + stderr.decode()
+    assert re.search(r"^\+\s*<h1>Hi from node-basic</h1>$", stdout.decode(), re.M), "edit prints its diff"
+    assert re.search(r"^src/index\.html:\d+:\s*<h1>Hi from node-basic</h1>$", stdout.decode(), re.M), stdout.decode()
+    assert "node-basic listening on" in stdout.decode()
+    assert "deleted ws-" in stderr.decode()
