@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
         args.idle_ttl = 0.0 if args.demo else d.idle_ttl_s
     config = OrchestratorConfig(
         listen=args.listen,
-        data_dir=args.data_dir,
+        # Absolute: paths below it are handed to Docker as bind mounts (the trust bundle), which must be.
+        data_dir=args.data_dir.absolute(),
         templates_dir=args.templates_dir,
         runtime=args.runtime,
         host_address=args.host_address,

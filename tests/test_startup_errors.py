@@ -92,3 +92,11 @@ def test_agent_with_an_unreadable_token_file(tmp_path: Path) -> None:
 
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"--token-file {tmp_path / 'none'}: cannot read it (No such file or directory)" in result.stderr
+
+
+def test_a_relative_data_directory_is_made_absolute() -> None:
+    from orchestrator.__main__ import parse_args
+
+    config, _ = parse_args(["--data-dir", ".data", "--extra-ca-bundle", "ca.pem"])
+
+    assert config.data_dir.is_absolute() and config.data_dir == Path.cwd() / ".data"
