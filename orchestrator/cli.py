@@ -205,9 +205,9 @@ def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Ses
                     style = "red" if event.output.stderr else "dim"
                     console.print(f"  [{style}]{escape(event.output.text)}[/{style}]", soft_wrap=True)
                 elif kind == "session":
+                    # The stream ends once the session settles; the first event is only the snapshot, which
+                    # a settled session's phases and output still follow.
                     session = event.session
-                    if session.state in (pb.SESSION_STATE_READY, pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPED):
-                        break
     except KeyboardInterrupt:
         _fail(f"stopped watching; session {session.id} goes on (`wsctl delete {session.id}` stops it)", 130)
     if session.state == pb.SESSION_STATE_READY:

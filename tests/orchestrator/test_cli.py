@@ -206,6 +206,9 @@ async def test_watch_shows_a_sessions_progress_until_it_settles(orchestrator: Or
     assert watched.exit_code == 0, watched.output
     assert watched.stdout.strip() == (await orchestrator.stub.GetSession(pb.GetSessionRequest(id=session.id))).session.preview_url
     assert "✓ agent healthy" in watched.stderr
+    again = await wsctl(orchestrator, "watch", session.id)  # settled: its history, then the URL
+    assert (again.exit_code, again.stdout) == (0, watched.stdout), again.output
+    assert "✓ agent healthy" in again.stderr and "✓ ready" in again.stderr
     failing = (await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template="failing-install"))).session
     watched = await wsctl(orchestrator, "watch", failing.id)
     assert watched.exit_code == 1 and "failed in install" in watched.stderr
