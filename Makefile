@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: test demo stubs lint image engine tools
 
-# A PEM file of CA certificates the core image should trust besides Debian's (a TLS-intercepting proxy).
+# A PEM file of CA certificates workspaces should trust besides Debian's (a TLS-intercepting proxy): `make image`
+# and `make test` build it into the image; `make demo` gives it to the orchestrator, which mounts it into each
+# workspace at run time, so the shared image is neither rebuilt nor retagged.
 EXTRA_CA_BUNDLE ?=
+IMAGE_CA_BUNDLE = $(EXTRA_CA_BUNDLE)
 # The template of `make demo`'s session.
 DEMO_TEMPLATE ?= node-basic
 
@@ -22,7 +25,9 @@ test: $(VENV)/.installed tools engine image
 	$(PY) -m pytest
 
 ## An orchestrator on 127.0.0.1:50051 with the built-in templates and a demo session to open in a browser
-## (its URL is printed); Ctrl-C stops both. DEMO_TEMPLATE=vite-react picks another template.
+## (its URL is printed); Ctrl-C stops it and deletes every session created meanwhile. DEMO_TEMPLATE=vite-react
+## picks another template.
+demo: IMAGE_CA_BUNDLE =
 demo: $(VENV)/.installed engine image
 	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
 
@@ -36,11 +41,11 @@ engine:
 
 ## Build the core image workspace-core (cached: nothing to do when nothing changed); prints its pinned tag.
 image: $(VENV)/.installed engine
-	$(PY) -m core_image.build $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
+	$(PY) -m core_image.build $(if $(IMAGE_CA_BUNDLE),--extra-ca-bundle $(IMAGE_CA_BUNDLE))
 
 ## Regenerate the Python stubs from protos/ (the generated code is committed).
 stubs: $(VENV)/.installed
-	$(PY) protos/generate.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) protos/generate.py  # protoc finds its plugins on PATH
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/buf lint

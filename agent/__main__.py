@@ -13,6 +13,7 @@ from pathlib import Path
 from agent import telemetry
 from agent.config import TOKEN_ENV, AgentConfig
 from agent.server import serve
+from agent.startup import EXIT_STARTUP, StartupError
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
@@ -61,8 +62,9 @@ def take_token(parser: argparse.ArgumentParser, token_file: Path | None) -> str 
         try:
             token = token_file.read_text().strip() or None
             token_file.unlink()
-        except OSError as error:
-            parser.error(f"--token-file {token_file}: {error.strerror} (the agent reads and removes it)")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            parser.error(f"--token-file {token_file}: cannot read it ({reason}); the agent reads and removes it")
     return token
 
 
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.configure_from_env()
     if config.token is None:
         logging.getLogger("agent").warning("no token configured: every RPC is open to anyone who can connect")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StartupError as error:
+        print(f"agent: {error}", file=sys.stderr)
+        return EXIT_STARTUP
     return 0
 
 

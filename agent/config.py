@@ -32,5 +32,5 @@ class AgentConfig:
     # Search: the default and the largest result cap.
     default_max_results: int = 1000
     max_results_limit: int = 100_000
-    # Search engine: "ripgrep" or "python"; None picks ripgrep when `rg` is on PATH.
+    # Search engine: "ripgrep" or "python"; None picks ripgrep when `rg` is found (agent/tools.py).
     search_engine: str | None = None

@@ -14,6 +14,7 @@ from agent.config import AgentConfig
 from agent.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor
 from agent.service import AgentServicer
 from agent.serving import add_health_and_reflection, bind, new_server
+from agent.startup import check_bindable, unbindable
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServicer]:
     """A started-ready (not yet started) server bound to `config.listen`, the bound port (0 for unix
-    sockets) and its servicer. Raises RuntimeError when the address cannot be bound."""
+    sockets) and its servicer. Raises StartupError when the address cannot be bound."""
     activity = ActivityTracker()
     # Tracing first (empty while off): its span then covers auth refusals and mapped errors too.
     interceptors: list[aio.ServerInterceptor] = telemetry.server_interceptors()
@@ -35,7 +36,12 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
 
     await add_health_and_reflection(server, SERVICE_NAME)
-    return server, bind(server, config.listen), servicer
+    check_bindable(config.listen)
+    try:
+        port = bind(server, config.listen)
+    except RuntimeError as error:
+        raise unbindable(config.listen) from error
+    return server, port, servicer
 
 
 async def serve(config: AgentConfig, grace: float = 5.0) -> None:

@@ -11,11 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+
+if sys.version_info >= (3, 11, 4):
+    import tarfile
+else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): the backport has them
+    from backports import tarfile
 
 import docker
 import docker.errors

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from agent import telemetry
+from agent.startup import EXIT_STARTUP, StartupError
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.server import serve
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
         args.idle_ttl = 0.0 if args.demo else d.idle_ttl_s
     config = OrchestratorConfig(
         listen=args.listen,
-        data_dir=args.data_dir,
+        # Absolute: paths below it are handed to Docker as bind mounts (the trust bundle), which must be.
+        data_dir=args.data_dir.absolute(),
         templates_dir=args.templates_dir,
         runtime=args.runtime,
         host_address=args.host_address,
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.configure_from_env()
     try:
         asyncio.run(serve(config, demo_template=demo_template))
+    except StartupError as error:
+        print(f"orchestrator: {error}", file=sys.stderr)
+        return EXIT_STARTUP
     except OrchestratorError as error:
         # E.g. the engine is unreachable at start-up: the message says what to do.
         print(f"orchestrator: {error}", file=sys.stderr)

@@ -9,11 +9,16 @@ import asyncio
 import hashlib
 import os
 import secrets
-import tarfile
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+
+if sys.version_info >= (3, 11, 4):
+    import tarfile
+else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): the backport has them
+    from backports import tarfile
 
 from google.protobuf.timestamp_pb2 import Timestamp
 

@@ -1,12 +1,16 @@
 """wsctl: the orchestrator from a terminal - templates, sessions with live progress, archives, and the
-session's agent (exec, read, search) called directly with the session's endpoint and token."""
+session's agent (exec, read, write, edit, search, the dev server's logs) called directly with the session's
+endpoint and token."""
 
 from __future__ import annotations
 
+import difflib
 import functools
+import re
 import sys
 from collections.abc import Callable, Iterator
 from datetime import timezone
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import grpc
@@ -74,18 +78,34 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+# The orchestrator's messages point API callers at RPCs; a person at the terminal gets the command instead.
+_RPC_HINTS = {
+    "ListSessions": "`wsctl sessions list`",
+    "ListArchives": "`wsctl archives list`",
+    "ListTemplates": "`wsctl templates list`",
+}
+_RPC_HINT = re.compile(r"\b(" + "|".join(_RPC_HINTS) + r")\b")
+# Where ctx.meta keeps the endpoint of the session's agent once a command talks to it (see _agent).
+_AGENT_ENDPOINT = "wsctl.agent_endpoint"
+
+
 def reports_rpc_errors(command: F) -> F:
-    """Turns a failed call into its status and message on stderr and exit status 1, instead of a traceback.
-    The command takes the typer context as `ctx`."""
+    """Turns a failed call into its status and message on stderr and exit status 1, instead of a traceback;
+    an unreachable server is named (the orchestrator, or the session's agent). The command takes the typer
+    context as `ctx`."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx: typer.Context = kwargs["ctx"]
         try:
             return command(*args, **kwargs)
         except grpc.RpcError as error:
-            code, details = error.code(), error.details()
+            code, details = error.code(), _RPC_HINT.sub(lambda m: _RPC_HINTS[m.group(1)], error.details() or "")
             if code == grpc.StatusCode.UNAVAILABLE:
-                details += f" (is the orchestrator running at {kwargs['ctx'].find_root().obj}?)"
+                if (endpoint := ctx.meta.get(_AGENT_ENDPOINT)) is not None:
+                    details += f" (the session's agent at {endpoint} did not answer: is the session still running?)"
+                else:
+                    details += f" (is the orchestrator running at {ctx.find_root().obj}?)"
             _fail(f"{code.name}: {details}")
 
     return wrapper  # type: ignore[return-value]
@@ -105,6 +125,8 @@ def _agent(ctx: typer.Context, session_id: str) -> tuple[agent_pb2_grpc.AgentSer
         _fail(f"session {session_id} has no agent yet (it is {_state(session.state)})")
     channel = grpc.insecure_channel(session.agent_endpoint)
     ctx.call_on_close(channel.close)
+    # From here on the calls go to the agent: an UNAVAILABLE is about it, not the orchestrator.
+    ctx.meta[_AGENT_ENDPOINT] = session.agent_endpoint
     return agent_pb2_grpc.AgentServiceStub(channel), (("authorization", f"Bearer {session.agent_token}"),)
 
 
@@ -168,9 +190,9 @@ def templates_list(ctx: typer.Context) -> None:
 # ---------------------------------------------------------------- sessions
 
 
-def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Session) -> None:
-    """Shows a session's progress until it settles: the preview URL on stdout when READY, the failure
-    (phase, reason, last output) on stderr and exit status 1 otherwise."""
+def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Session, print_id: bool = False) -> None:
+    """Shows a session's progress until it settles: the preview URL (or with `print_id` the session id) on
+    stdout when READY, the failure (phase, reason, last output) on stderr and exit status 1 otherwise."""
     console = _err()
     console.print(f"session [bold]{session.id}[/bold] ({session.template})")
     try:
@@ -183,14 +205,14 @@ def _follow(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session: pb.Ses
                     style = "red" if event.output.stderr else "dim"
                     console.print(f"  [{style}]{escape(event.output.text)}[/{style}]", soft_wrap=True)
                 elif kind == "session":
+                    # The stream ends once the session settles; the first event is only the snapshot, which
+                    # a settled session's phases and output still follow.
                     session = event.session
-                    if session.state in (pb.SESSION_STATE_READY, pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPED):
-                        break
     except KeyboardInterrupt:
         _fail(f"stopped watching; session {session.id} goes on (`wsctl delete {session.id}` stops it)", 130)
     if session.state == pb.SESSION_STATE_READY:
         console.print(f"[green]ready[/green]  agent {session.agent_endpoint}")
-        _out().print(session.preview_url, soft_wrap=True)
+        _out().print(session.id if print_id else session.preview_url, soft_wrap=True)
         return
     if session.state == pb.SESSION_STATE_FAILED:
         for line in session.failure.last_output:
@@ -219,11 +241,28 @@ def create(
     ctx: typer.Context,
     template: Annotated[str, typer.Argument(help="A template name (see `wsctl templates list`).")],
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
+    print_id: Annotated[bool, typer.Option("--id", help="Print the session id instead of the preview URL.")] = False,
 ) -> None:
     """Creates a session from a template, shows its progress and prints the preview URL when it is ready."""
     _, stub = _orchestrator(ctx)
     request = pb.CreateSessionRequest(template=template, labels=_labels(label or []))
-    _follow(stub, stub.CreateSession(request).session)
+    try:
+        session = stub.CreateSession(request).session
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            _fail(f"NOT_FOUND: {error.details()}; {_templates_hint(stub, template)}")
+        raise
+    _follow(stub, session, print_id)
+
+
+def _templates_hint(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, mistyped: str) -> str:
+    """The valid templates nearest to `mistyped`, or all of them."""
+    names = [t.name for t in stub.ListTemplates(pb.ListTemplatesRequest()).templates if t.valid]
+    if not names:
+        return "the orchestrator has no templates"
+    if close := difflib.get_close_matches(mistyped, names, n=3, cutoff=0.6):
+        return "did you mean " + " or ".join(repr(name) for name in close) + "?"
+    return "the templates are " + ", ".join(names)
 
 
 @app.command()
@@ -232,11 +271,12 @@ def restore(
     ctx: typer.Context,
     archive_id: Annotated[str, typer.Argument(help="A saved or uploaded archive id (see `wsctl archives list`).")],
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
+    print_id: Annotated[bool, typer.Option("--id", help="Print the session id instead of the preview URL.")] = False,
 ) -> None:
     """Creates a session from a saved archive, shows its progress and prints the preview URL."""
     _, stub = _orchestrator(ctx)
     request = pb.CreateSessionRequest(archive_id=archive_id, labels=_labels(label or []))
-    _follow(stub, stub.CreateSession(request).session)
+    _follow(stub, stub.CreateSession(request).session, print_id)
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -355,13 +395,10 @@ def exec_command(
     start = agent_pb2.ExecStart(argv=command, cwd=cwd)
     if timeout:
         start.timeout.FromNanoseconds(int(timeout * 1e9))
-    stdout, stderr = sys.stdout.buffer, sys.stderr.buffer
     for event in agent.Exec(iter([agent_pb2.ExecRequest(start=start)]), metadata=metadata):
         kind = event.WhichOneof("event")
         if kind == "output":
-            stream = stderr if event.output.stream == agent_pb2.OUTPUT_STREAM_STDERR else stdout
-            stream.write(event.output.data)
-            stream.flush()
+            _write_output(event.output)
         elif kind == "exited":
             exited = event.exited
             if exited.timed_out:
@@ -384,6 +421,109 @@ def read(
         if event.WhichOneof("event") == "chunk":
             stdout.write(event.chunk.data)
     stdout.flush()
+
+
+@app.command()
+@reports_rpc_errors
+def write(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    path: Annotated[str, typer.Argument(help="A path relative to the workspace root; missing directories are made.")],
+    source: Annotated[
+        Path | None, typer.Option("--from", help="Take the content from this local file instead of stdin.")
+    ] = None,
+    create_only: Annotated[bool, typer.Option("--create-only", help="Fail if the file exists.")] = False,
+) -> None:
+    """Writes stdin (or --from FILE) to a workspace file, atomically, creating or replacing it."""
+    content = source.read_bytes() if source is not None else sys.stdin.buffer.read()
+    operation = agent_pb2.EditOperation(write=agent_pb2.WriteFile(path=path, content=content, create_only=create_only))
+    _edit(ctx, session_id, operation, show_diff=False)
+    _err().print(f"wrote {escape(path)} ({_size(len(content))})")
+
+
+@app.command()
+@reports_rpc_errors
+def edit(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    path: Annotated[str, typer.Argument(help="A text file, relative to the workspace root.")],
+    old: Annotated[str, typer.Argument(help="The exact text to replace.")],
+    new: Annotated[str, typer.Argument(help="What replaces it.")],
+    count: Annotated[int, typer.Option(help="How many occurrences there must be (all are replaced).")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the diff, change nothing.")] = False,
+) -> None:
+    """Replaces OLD with NEW in a workspace file and prints the diff; fails, changing nothing, unless OLD occurs
+    exactly --count times."""
+    replace = agent_pb2.ReplaceText(path=path, old_text=old, new_text=new, expected_occurrences=count)
+    _edit(ctx, session_id, agent_pb2.EditOperation(replace=replace), dry_run=dry_run)
+
+
+def _edit(
+    ctx: typer.Context, session_id: str, operation: agent_pb2.EditOperation, *, dry_run: bool = False, show_diff: bool = True
+) -> None:
+    agent, metadata = _agent(ctx, session_id)
+    response = agent.Edit(agent_pb2.EditRequest(operations=[operation], dry_run=dry_run), metadata=metadata)
+    if show_diff:
+        sys.stdout.write(response.diff)
+        sys.stdout.flush()
+
+
+@app.command()
+@reports_rpc_errors
+def logs(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output until the process exits.")] = False,
+    name: Annotated[str, typer.Option(help="The named process: the dev server is `dev`.")] = "dev",
+) -> None:
+    """Prints the dev server's output (stdout and stderr as they were written) held by the agent; with -f,
+    follows it. Ctrl-C stops following, not the server."""
+    agent, metadata = _agent(ctx, session_id)
+    call = agent.AttachProcess(agent_pb2.AttachProcessRequest(name=name), metadata=metadata)
+    process = agent_pb2.ProcessInfo()
+    try:
+        for event in call:
+            kind = event.WhichOneof("event")
+            if kind == "attached":
+                process = event.attached.process
+                if event.attached.missed_chunks:
+                    _err().print(f"[dim]({event.attached.missed_chunks} earlier chunks are no longer buffered)[/dim]")
+                if not follow and process.next_sequence <= process.first_buffered_sequence:
+                    break  # nothing buffered
+            elif kind == "output":
+                _write_output(event.output)
+                if not follow and event.output.sequence + 1 >= process.next_sequence:
+                    break  # caught up with what there was when we attached
+            elif kind == "exited":
+                process.exited.CopyFrom(event.exited)
+                process.running = False
+                break
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_SIGNALLED_BASE + 2) from None
+    finally:
+        call.cancel()
+    if not process.running and process.HasField("exited"):
+        exited = process.exited
+        how = f"signal {exited.signal}" if exited.signal else f"status {exited.exit_code}"
+        _err().print(f"[dim]{escape(name)} has exited ({how})[/dim]")
+
+
+def _write_output(output: agent_pb2.ProcessOutput) -> None:
+    stream = sys.stderr.buffer if output.stream == agent_pb2.OUTPUT_STREAM_STDERR else sys.stdout.buffer
+    stream.write(output.data)
+    stream.flush()
+
+
+@app.command()
+@reports_rpc_errors
+def watch(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+) -> None:
+    """Shows a session's progress (its history first) until it settles: the preview URL on stdout when it is
+    READY, the failure and exit status 1 otherwise."""
+    _, stub = _orchestrator(ctx)
+    _follow(stub, stub.GetSession(pb.GetSessionRequest(id=session_id)).session)
 
 
 @app.command()

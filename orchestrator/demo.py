@@ -1,11 +1,15 @@
 """`python -m orchestrator --demo TEMPLATE`: a session created as the server starts, its progress and preview URL
-printed for a person, and the session deleted when the server stops."""
+printed for a person, and every session created while the demo ran deleted when the server stops."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sys
+from pathlib import Path
 
+from agent.tools import ENV_BIN
 from orchestrator.errors import OrchestratorError
 from orchestrator.sessions import READY, SessionManager
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -17,25 +21,43 @@ class DemoFailed(OrchestratorError):
 
 async def run(sessions: SessionManager, template: str, address: str, stopping: asyncio.Event) -> None:
     """Creates a session from `template`, prints each phase as it ends and then where to open it, waits for
-    `stopping`, and deletes the session. Raises what SessionManager.create raises, and DemoFailed."""
+    `stopping`, and deletes it and every other session created meanwhile (`wsctl create`, `wsctl restore`:
+    the demo turns reaping off, so nothing else would). Sessions that ran before the demo are left alone.
+    Raises what SessionManager.create raises, and DemoFailed."""
+    earlier = _unstopped(sessions)
+    try:
+        await _demo(sessions, template, address, stopping)
+    finally:
+        for session_id in sorted(_unstopped(sessions) - earlier):
+            await sessions.delete(session_id, reason="the demo ended")
+            _say(f"demo: session {session_id} deleted")
+
+
+def _unstopped(sessions: SessionManager) -> set[str]:
+    """The ids of every session not STOPPED."""
+    ids, token = set(), ""
+    while True:
+        page, token = sessions.list(page_size=500, page_token=token)
+        ids.update(session.id for session in page if session.state != pb.SESSION_STATE_STOPPED)
+        if not token:
+            return ids
+
+
+async def _demo(sessions: SessionManager, template: str, address: str, stopping: asyncio.Event) -> None:
     session = await sessions.create(template=template, labels={"demo": template})
     _say(f"demo: session {session.id} from template {template!r}, image {session.image or '-'}")
-    try:
-        settled = await _unless_stopped(_follow(sessions, session.id), stopping)
-        if settled is None:  # stopped before it was ready
-            return
-        if settled.state != READY:
-            raise DemoFailed(_failure(settled))
-        ready_s = (settled.ready_at.ToNanoseconds() - settled.created_at.ToNanoseconds()) / 1e9
-        _say(
-            f"\ndemo: READY in {ready_s:.1f} s. Open {settled.preview_url} in a browser.\n"
-            f"      Orchestrator on {address}, e.g. `wsctl --server {address} exec {settled.id} -- node --version`.\n"
-            "      Ctrl-C stops the orchestrator and deletes this session.\n"
-        )
-        await stopping.wait()
-    finally:
-        await sessions.delete(session.id, reason="the demo ended")
-        _say(f"demo: session {session.id} deleted")
+    settled = await _unless_stopped(_follow(sessions, session.id), stopping)
+    if settled is None:  # stopped before it was ready
+        return
+    if settled.state != READY:
+        raise DemoFailed(_failure(settled))
+    ready_s = (settled.ready_at.ToNanoseconds() - settled.created_at.ToNanoseconds()) / 1e9
+    _say(
+        f"\ndemo: READY in {ready_s:.1f} s. Open {settled.preview_url} in a browser.\n"
+        f"      Orchestrator on {address}, e.g. `{_wsctl()} --server {address} exec {settled.id} -- node --version`.\n"
+        "      Ctrl-C stops the orchestrator and deletes every session created since it started.\n"
+    )
+    await stopping.wait()
 
 
 async def _follow(sessions: SessionManager, session_id: str) -> pb.Session:
@@ -74,6 +96,15 @@ def _failure(session: pb.Session) -> str:
     failure = session.failure
     output = "".join(f"\n  | {line}" for line in failure.last_output[-10:])
     return f"the demo session failed in {pb.Phase.Name(failure.phase)}: {failure.reason}{output}"
+
+
+def _wsctl() -> str:
+    """How to call wsctl from here: by name when PATH finds this environment's copy, else by its path
+    (`make demo` does not activate the virtual environment)."""
+    installed = ENV_BIN / "wsctl"
+    if not installed.exists() or shutil.which("wsctl") == str(installed):
+        return "wsctl"
+    return os.path.relpath(installed) if installed.is_relative_to(Path.cwd()) else str(installed)
 
 
 def _say(text: str) -> None:

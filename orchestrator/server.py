@@ -13,6 +13,7 @@ from grpc import aio
 from agent import telemetry
 from agent.interceptors import ErrorMappingInterceptor
 from agent.serving import add_health_and_reflection, bind, new_server
+from agent.startup import StartupError, check_bindable, unbindable, writable_directory
 from orchestrator import demo
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
@@ -61,9 +62,12 @@ class Orchestrator:
 
 
 async def create_server(config: OrchestratorConfig) -> Orchestrator:
-    """The orchestrator bound to `config.listen`, not yet started. Raises RuntimeError when the address
-    cannot be bound, InvalidArgument for an unknown runtime or unreadable CA bundle."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    """The orchestrator bound to `config.listen`, not yet started. Raises StartupError when the address
+    cannot be bound, the data directory is not writable or the templates folder is missing, InvalidArgument
+    for an unknown runtime or unreadable CA bundle."""
+    writable_directory(config.data_dir, "the data directory", "--data-dir")
+    if not config.templates_dir.is_dir():
+        raise StartupError(f"the templates folder {config.templates_dir} is not a directory: pick one with --templates-dir")
     store = Store(config.state_db)
     archives = ArchiveStore(config.archives_dir, store, config.max_archive_bytes)
     catalog = TemplateCatalog(config.templates_dir, config.template_cache_dir)
@@ -76,7 +80,11 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
         OrchestratorServicer(sessions, archives, catalog), server
     )
     await add_health_and_reflection(server, SERVICE_NAME)
-    port = bind(server, config.listen)
+    check_bindable(config.listen)
+    try:
+        port = bind(server, config.listen)
+    except RuntimeError as error:
+        raise unbindable(config.listen) from error
     reaper = SessionReaper(sessions, config.reap_interval_s)
     return Orchestrator(server, port, sessions, reaper, runtime, store)
 

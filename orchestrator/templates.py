@@ -60,6 +60,8 @@ class TemplateSpec:
     env: dict[str, str] = field(default_factory=dict)
     # gitignore-style; SaveSession leaves these out in addition to node_modules.
     archive_excludes: tuple[str, ...] = ()
+    # template.json is the orchestrator's metadata, left out of the archive (and /app) unless the author opts in.
+    archive_template_json: bool = False
     resources: ResourceHints = ResourceHints()
 
 
@@ -146,7 +148,7 @@ class TemplateCatalog:
     def _members(self, name: str) -> list[_Member]:
         spec = self.get(name)
         try:
-            return _read_members(self._folder(name), spec.archive_excludes)
+            return _read_members(self._folder(name), spec.archive_excludes, with_metadata=spec.archive_template_json)
         except InvalidTemplate as error:  # changed since get() judged it
             raise InvalidTemplate(f"template {name!r} is invalid: {error}") from error
 
@@ -202,6 +204,7 @@ class TemplateCatalog:
             readiness_timeout_s=float(readiness.get("timeout_seconds", 120)),
             env=dict(document.get("env", {})),
             archive_excludes=tuple(document.get("archive_excludes", ())),
+            archive_template_json=document.get("archive_template_json", False),
             resources=ResourceHints(
                 memory_mb=resources.get("memory_mb", 1024),
                 cpus=float(resources.get("cpus", 1.0)),
@@ -235,11 +238,12 @@ def schema_errors(validator: Draft202012Validator, document: object) -> list[str
     return [f"{error.json_path}: {error.message}" for error in errors]
 
 
-def _read_members(folder: Path, excludes: tuple[str, ...]) -> list[_Member]:
-    """The folder's directories and files with their content, sorted, without node_modules and the template's
-    exclusions. Raises InvalidTemplate as _walk()."""
+def _read_members(folder: Path, excludes: tuple[str, ...], *, with_metadata: bool = False) -> list[_Member]:
+    """The folder's directories and files with their content, sorted, without node_modules, the template's
+    exclusions, and template.json unless `with_metadata` (then it is kept whatever the exclusions say).
+    Raises InvalidTemplate as _walk()."""
     members = []
-    for relative, path, info in _walk(folder, excludes):
+    for relative, path, info in _walk(folder, excludes, with_metadata=with_metadata):
         if stat.S_ISDIR(info.st_mode):
             members.append(_Member(relative, True, 0o755, b""))
         else:
@@ -250,7 +254,9 @@ def _read_members(folder: Path, excludes: tuple[str, ...]) -> list[_Member]:
     return members
 
 
-def _walk(folder: Path, excludes: tuple[str, ...]) -> list[tuple[str, Path, os.stat_result]]:
+def _walk(
+    folder: Path, excludes: tuple[str, ...], *, with_metadata: bool = False
+) -> list[tuple[str, Path, os.stat_result]]:
     """Every directory and file a template's archive would hold (relative path, path, lstat), without
     node_modules and the template's exclusions. Raises InvalidTemplate naming the first member that is not a
     plain directory or regular file (a symlink, FIFO, socket or device)."""
@@ -271,7 +277,10 @@ def _walk(folder: Path, excludes: tuple[str, ...]) -> list[tuple[str, Path, os.s
         subdirectories[:] = kept
         for filename in filenames:
             relative = (base / filename).as_posix()
-            if relative != METADATA_FILE and ignored.match_file(relative):
+            if relative == METADATA_FILE:
+                if not with_metadata:
+                    continue
+            elif ignored.match_file(relative):
                 continue
             path = Path(directory) / filename
             info = os.lstat(path)

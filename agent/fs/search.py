@@ -1,5 +1,5 @@
-"""Searching the workspace: file contents (literal or regex) or file names, with ripgrep when it is on
-PATH and a pure-Python engine otherwise that walks, filters and matches exactly as ripgrep does."""
+"""Searching the workspace: file contents (literal or regex) or file names, with ripgrep when it is
+installed (beside the interpreter or on PATH) and a pure-Python engine otherwise that walks, filters and matches exactly as ripgrep does."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathspec.patterns.gitwildmatch import GitWildMatchPatternError
 
 from agent.errors import InvalidArgument, NotFound
 from agent.fs.paths import WorkspaceRoot
+from agent.tools import ENV_BIN, find_tool
 
 MAX_CONTEXT_LINES = 20
 # Matching and context lines are cut to this many bytes (SearchMatch.line_truncated).
@@ -102,7 +102,7 @@ _RawLine = tuple[int, bytes, list[tuple[int, int]] | None]
 class Searcher:
     """Searches below a workspace root with the engine chosen at construction.
 
-    `engine=None` picks ripgrep when `rg` is on PATH, else the Python engine; both give the same
+    `engine=None` picks ripgrep when `rg` is found (beside the interpreter or on PATH), else the Python engine; both give the same
     results in the same order (files depth-first, each directory's entries sorted by name bytes).
     """
 
@@ -114,9 +114,9 @@ class Searcher:
         self.max_results_limit = max_results_limit
         if engine not in (None, "ripgrep", "python"):
             raise ValueError(f"unknown search engine {engine!r}; use 'ripgrep' or 'python'")
-        self.rg = shutil.which("rg") if engine in (None, "ripgrep") else None
+        self.rg = find_tool("rg") if engine in (None, "ripgrep") else None
         if engine == "ripgrep" and self.rg is None:
-            raise RuntimeError("the ripgrep engine was asked for, but rg is not on PATH")
+            raise RuntimeError(f"the ripgrep engine was asked for, but rg is neither in {ENV_BIN} nor on PATH")
         self.engine: Engine = "ripgrep" if self.rg else "python"
 
     async def search(self, query: SearchQuery) -> AsyncIterator[SearchEvent]:

@@ -112,6 +112,8 @@ def test_app_belongs_to_the_workspace_user(container: Container, workspace: Path
         (["git", "--version"], "git version "),
         (["rg", "--version"], "ripgrep "),
         (["python3", "--version"], "Python 3."),
+        # No "new version of npm available" notice in every install's output.
+        (["npm", "config", "get", "update-notifier"], "false"),
     ],
 )
 def test_workspace_tools_work(container: Container, command: list[str], expected: str) -> None:

@@ -11,12 +11,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+if sys.version_info >= (3, 11, 4):
+    import tarfile
+else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): the backport has them
+    from backports import tarfile
 
 import pytest
 from grpc import StatusCode, aio
@@ -180,12 +185,12 @@ async def test_archive_members_are_sorted_and_headers_normalized(catalog: Templa
 
     listed = members(archive.path)
     assert [m.name for m in listed] == [
-        "a", "a/b", "a/b/c.txt", "a/z.txt", "a-b.txt", "b.txt", "run.sh", "template.json",
+        "a", "a/b", "a/b/c.txt", "a/z.txt", "a-b.txt", "b.txt", "run.sh",
     ]  # fmt: skip
     modes = {m.name: m.mode for m in listed}
     assert modes == {
         "a": 0o755, "a/b": 0o755, "a/b/c.txt": 0o644, "a/z.txt": 0o644,
-        "a-b.txt": 0o644, "b.txt": 0o644, "run.sh": 0o755, "template.json": 0o644,
+        "a-b.txt": 0o644, "b.txt": 0o644, "run.sh": 0o755,
     }  # fmt: skip
     for member in listed:
         assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "", "")
@@ -196,7 +201,7 @@ async def test_archive_members_are_sorted_and_headers_normalized(catalog: Templa
     assert raw[4:8] == b"\0\0\0\0", "gzip header carries a timestamp"
     assert archive.size == len(raw)
     assert archive.sha256 == hashlib.sha256(raw).hexdigest()
-    assert archive.files == 6
+    assert archive.files == 5
 
 
 async def test_archives_are_reproducible_across_copies_mtimes_and_permissions(tmp_path: Path) -> None:
@@ -269,7 +274,20 @@ async def test_node_modules_and_exclusions_stay_out(catalog: TemplateCatalog, ca
 
     archive = await catalog.archive("app")
 
-    assert [m.name for m in members(archive.path)] == ["src", "src/app.js", "template.json"]
+    assert [m.name for m in members(archive.path)] == ["src", "src/app.js"]
+
+
+async def test_template_json_goes_into_the_archive_only_when_its_author_asks(
+    catalog: TemplateCatalog, catalog_dir: Path
+) -> None:
+    write_template(catalog_dir / "plain", metadata("plain"), {"index.js": "x"})
+    # Opting in keeps it even when an exclusion pattern would match it.
+    write_template(catalog_dir / "kept", metadata("kept", archive_template_json=True, archive_excludes=["*.json"]), {"index.js": "x"})
+
+    assert [m.name for m in members((await catalog.archive("plain")).path)] == ["index.js"]
+    kept = await catalog.archive("kept")
+    assert [m.name for m in members(kept.path)] == ["index.js", "template.json"]
+    assert json.loads(tarfile.open(kept.path).extractfile("template.json").read())["name"] == "kept"
 
 
 async def test_symlinks_in_a_template_are_refused(catalog: TemplateCatalog, catalog_dir: Path) -> None:
