@@ -198,7 +198,7 @@ async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not
 
 
 @pytest.mark.docker
-async def test_exits_tell_an_oom_killed_container(runtime: DockerRuntime) -> None:
+async def test_exits_tell_an_oom_killed_container(runtime: DockerRuntime, docker_client: docker.DockerClient) -> None:
     exits = runtime.exits()
     workspace = await runtime.start(
         "ws-oom", TOKEN, resources=ResourceHints(memory_mb=256, cpus=0.5, pids=200), env={}, labels={}
@@ -206,11 +206,23 @@ async def test_exits_tell_an_oom_killed_container(runtime: DockerRuntime) -> Non
     client = AgentClient(workspace.agent_endpoint, TOKEN)
     try:
         await client.wait_healthy(timeout=30)
-        # The agent offers itself to the OOM killer (raising one's own score needs no privilege), then a
-        # command runs the container out of memory: the kernel kills the agent, and the container ends.
-        hog = "echo 1000 > /proc/$PPID/oom_score_adj && node -e 'const a = []; for (;;) a.push(Buffer.alloc(1 << 20, 1))'"
+        # A command grows slowly towards the memory limit; once it runs, the agent (tini's child) is offered to
+        # the OOM killer, so the kernel kills the agent and the container ends. Raising a score needs no
+        # capability, but the agent is non-dumpable, so its /proc files belong to root: the container's root
+        # user raises it. (Raised before the command started, the command would inherit the score.)
+        allocating = asyncio.Event()
+        hog = "node -e 'console.log(\"allocating\"); const a = []; setInterval(() => a.push(Buffer.alloc(1 << 20, 1)), 20)'"
+        command = asyncio.create_task(
+            client.run(hog, on_line=lambda text, _: text == "allocating" and allocating.set(), timeout=120)
+        )
+        async with asyncio.timeout(60):  # bounds a hang only
+            await allocating.wait()
+        offer = "echo 1000 > /proc/$(cut -d' ' -f1 /proc/1/task/1/children)/oom_score_adj"
+        container = docker_client.containers.get(workspace.handle)
+        result = await asyncio.to_thread(container.exec_run, ["sh", "-c", offer], user="0")
+        assert result.exit_code == 0, result.output
         with contextlib.suppress(Exception):
-            await client.run(hog, on_line=lambda *_: None, timeout=120)
+            await command
         async with asyncio.timeout(60):  # bounds a hang only
             exited = await anext(exits)
     finally:
