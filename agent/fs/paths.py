@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from pathlib import Path, PurePosixPath
 
 from agent.errors import (
@@ -84,6 +85,27 @@ def os_error(error: OSError, path: str) -> AgentError:
     if code == errno.EINVAL:
         return InvalidArgument(f"{shown}: {reason}")
     return FilesystemFailure(f"{shown}: {reason}")
+
+
+class WorkingDirectory(os.PathLike):
+    """An open directory as a path for a child process's cwd: chdir(2) through /proc/self/fd/N enters
+    exactly the directory opened, whatever its path has become since (no symlink swapped in can
+    redirect it). The fd is closed with `close`, or when the object is dropped after the spawn."""
+
+    def __init__(self, fd: int, relative: str) -> None:
+        self.fd = fd
+        self.relative = relative  # for display: the root-relative path it had when opened
+
+    def __fspath__(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class WorkspaceRoot:
@@ -207,10 +229,15 @@ class WorkspaceRoot:
             if current != self._fd:
                 os.close(current)
 
-    def directory_path(self, fd: int) -> str:
-        """A path naming an open directory fd itself, for a child process's cwd: chdir(2) through
-        /proc/self/fd/N enters exactly that directory, whatever its path has become meanwhile."""
-        return f"/proc/self/fd/{fd}"
+    def working_directory(self, relative: str) -> WorkingDirectory:
+        """The directory a command runs in, opened beneath the root; raises as `open` does, and
+        InvalidArgument if it is not a directory."""
+        fd = self.open(relative, os.O_PATH)
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidArgument(f"cwd {relative!r} is not a directory")
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        return WorkingDirectory(fd, self.relative(real) if self.contains(real) else relative or ".")
 
     # ------------------------------------------------------------ paths
 
