@@ -253,21 +253,27 @@ class Swap:
         self._undo.clear()
 
     def _merge(self, source: Path, destination: Path) -> None:
-        # Whole subtrees the destination lacks move in with one rename; only shared directories recurse.
-        with os.scandir(source) as entries:
-            staged = sorted(entries, key=lambda e: e.name)
-        for entry in staged:
-            target = destination / entry.name
-            try:
-                existing = os.lstat(target)
-            except FileNotFoundError:
-                self._place(Path(entry.path), target)
-                continue
-            if stat.S_ISDIR(existing.st_mode) and entry.is_dir(follow_symlinks=False):
-                self._merge(Path(entry.path), target)
-            else:
-                self._move_aside(target)
-                self._place(Path(entry.path), target)
+        # Whole subtrees the destination lacks move in with one rename; only shared directories are
+        # descended into, iteratively (a tree deeper than Python's recursion limit merges too).
+        pending = [(source, destination)]
+        while pending:
+            source, destination = pending.pop()
+            with os.scandir(source) as entries:
+                staged = sorted(entries, key=lambda e: e.name)
+            shared = []
+            for entry in staged:
+                target = destination / entry.name
+                try:
+                    existing = os.lstat(target)
+                except FileNotFoundError:
+                    self._place(Path(entry.path), target)
+                    continue
+                if stat.S_ISDIR(existing.st_mode) and entry.is_dir(follow_symlinks=False):
+                    shared.append((Path(entry.path), target))
+                else:
+                    self._move_aside(target)
+                    self._place(Path(entry.path), target)
+            pending += reversed(shared)
 
     def _move_aside(self, path: Path) -> None:
         backup = self._displaced / str(len(self._undo))
