@@ -167,8 +167,8 @@ class _View:
         except OSError as error:
             if error.errno != errno.ELOOP:
                 raise os_error(error, str(path)) from None
-            if base == ROOT:  # a link swapped in since the key was resolved: never followed
-                raise PreconditionFailed(f"{path}: a directory on the way became a symbolic link; try again") from None
+            if base == ROOT:  # a symlink loop, or a link swapped in since the key was resolved: never followed
+                raise PreconditionFailed(f"{path}: goes through a symbolic link that loops or was swapped in meanwhile") from None
             # Keys are resolved against the disk as it was; inside a directory moved by an earlier
             # operation a symlink would be followed from its new place, so it is refused instead.
             raise InvalidArgument(f"{relative}: goes through a symbolic link inside a directory moved by this edit") from None
@@ -368,16 +368,27 @@ class _Journal:
         self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
 
     def _make_directories(self, key: PurePosixPath) -> None:
+        # One fd at a time (a path may be thousands of directories deep); undone by root-relative path.
         current = self.root.os_open(ROOT, os.O_PATH | os.O_DIRECTORY, follow=False)
-        self._fds.append(current)
-        for part in key.parts:
-            try:
-                os.mkdir(part, dir_fd=current)
-                self.undo.append(lambda part=part, parent=current: os.rmdir(part, dir_fd=parent))
-            except FileExistsError:
-                pass
-            current = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
-            self._fds.append(current)
+        try:
+            for depth, part in enumerate(key.parts, 1):
+                try:
+                    os.mkdir(part, dir_fd=current)
+                    self.undo.append(lambda made=PurePosixPath(*key.parts[:depth]): self._remove_directory(made))
+                except FileExistsError:
+                    pass
+                following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+                os.close(current)
+                current = following
+        finally:
+            os.close(current)
+
+    def _remove_directory(self, key: PurePosixPath) -> None:
+        parent, name = self.root.os_open_parent(key, follow=False)
+        try:
+            os.rmdir(name, dir_fd=parent)
+        finally:
+            os.close(parent)
 
 
 def _lstat(parent: int, name: str) -> os.stat_result | None:

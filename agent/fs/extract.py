@@ -292,7 +292,12 @@ def _open_parent_making_directories(root: WorkspaceRoot, relative: PurePosixPath
                 made.append(PurePosixPath(*relative.parts[:depth]))
             except FileExistsError:
                 pass
-            following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+            try:
+                following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.stat(part, dir_fd=current, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None  # a link there is never followed
+                raise
             os.close(current)
             current = following
     except BaseException:

@@ -87,6 +87,17 @@ def os_error(error: OSError, path: str) -> AgentError:
     return FilesystemFailure(f"{shown}: {reason}")
 
 
+def _realpath(path: Path, shown: str) -> Path:
+    # os.path.realpath lstat()s then readlink()s each link: a link swapped for a directory in between
+    # makes readlink fail (EINVAL). Resolving again sees the new state; a path that keeps changing is refused.
+    for _ in range(8):
+        try:
+            return Path(os.path.realpath(path))
+        except OSError:
+            continue
+    raise PreconditionFailed(f"{shown or '.'}: kept changing while being resolved; try again")
+
+
 class WorkingDirectory(os.PathLike):
     """An open directory as a path for a child process's cwd: chdir(2) through /proc/self/fd/N enters
     exactly the directory opened, whatever its path has become since (no symlink swapped in can
@@ -121,7 +132,7 @@ class WorkspaceRoot:
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.path = Path(os.path.realpath(root))
+        self.path = Path(os.path.realpath(root))  # once, at start: nothing races it
         self._fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def __repr__(self) -> str:
@@ -180,7 +191,7 @@ class WorkspaceRoot:
                 if error.errno not in (errno.EXDEV, errno.ENOSYS):
                     raise
                 # An absolute symlink, or one that leaves: allowed only if it lands back inside.
-        real = Path(os.path.realpath(self.path / name))
+        real = _realpath(self.path / name, shown)
         if not self.contains(real):
             raise PathEscapesRoot(f"path {shown!r} leads outside the workspace root through a symlink")
         # Reopened with no symlink allowed: a link swapped in since realpath makes it fail, never escape.
@@ -251,9 +262,9 @@ class WorkspaceRoot:
         pure = self.check(relative)
         joined = self.path.joinpath(*pure.parts) if pure.parts else self.path
         if follow_symlinks or joined == self.path:
-            real = Path(os.path.realpath(joined))
+            real = _realpath(joined, relative)
         else:
-            real = Path(os.path.realpath(joined.parent)) / joined.name
+            real = _realpath(joined.parent, relative) / joined.name
         if not self.contains(real):
             raise PathEscapesRoot(f"path {relative!r} leads outside the workspace root through a symlink")
         if len(os.fsencode(str(real))) >= PATH_MAX:

@@ -477,36 +477,52 @@ class _PythonEngine:
         yield from self._walk_directory(directory if parts else "", chain)
 
     def _walk_directory(self, prefix: str, chain: list) -> Iterator[tuple[str, int]]:
+        # Depth-first with an explicit stack (a tree may be deeper than Python's recursion limit).
+        stack = [self._listing(prefix, chain)]
+        while stack:
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+            elif isinstance(item, tuple):
+                yield item
+            else:
+                stack.append(self._listing(*item))
+
+    def _listing(self, prefix: str, chain: list) -> Iterator[tuple[str, int] | tuple[str, list]]:
+        """A directory's files as (path, size), and its subdirectories to descend into as [path, chain]."""
         chain = [*chain, self._ignore_files(prefix)]
         try:
-            # Each directory by an fd opened beneath the root with no link followed, kept open for
-            # the stats of its entries.
+            # Opened beneath the root with no link followed; closed before descending (one fd at a time).
             fd = self.root.os_open(PurePosixPath(prefix), os.O_RDONLY | os.O_DIRECTORY, follow=False)
         except OSError:
             return  # unreadable (or vanished) directory: skipped, as rg --no-messages does
         try:
-            try:
-                with os.scandir(fd) as scan:
-                    entries = sorted(scan, key=lambda e: os.fsencode(e.name))
-            except OSError:
-                return
-            for entry in entries:
-                path = f"{prefix}/{entry.name}" if prefix else entry.name
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if not is_dir and not entry.is_file(follow_symlinks=False):
-                    continue  # symlinks, FIFOs, sockets
-                if self._skipped(path, entry.name, is_dir, chain):
-                    continue
-                if is_dir:
-                    yield from self._walk_directory(path, chain)
-                else:
+            with os.scandir(fd) as scan:
+                listed = [
+                    (entry.name, entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False), entry)
+                    for entry in sorted(scan, key=lambda e: os.fsencode(e.name))
+                ]
+                entries = []
+                for name, is_dir, is_file, entry in listed:
                     try:
-                        size = entry.stat(follow_symlinks=False).st_size
+                        size = entry.stat(follow_symlinks=False).st_size if is_file else 0
                     except OSError:
                         continue  # deleted since listed
-                    yield path, size
+                    entries.append((name, is_dir, is_file, size))
+        except OSError:
+            return
         finally:
             os.close(fd)
+        for name, is_dir, is_file, size in entries:
+            path = f"{prefix}/{name}" if prefix else name
+            if not is_dir and not is_file:
+                continue  # symlinks, FIFOs, sockets
+            if self._skipped(path, name, is_dir, chain):
+                continue
+            if is_dir:
+                yield [path, chain]
+            else:
+                yield path, size
 
     def _ignore_files(self, prefix: str) -> tuple[str, list[_Globs | None]]:
         specs: list[_Globs | None] = []

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from agent.fs.staging import remove_tree
 from tests.agent.helpers import snapshot, status_of_stream
 from tests.conftest import AgentTarget, start_container_agent, start_inprocess_agent
 from tests.docker_support import WORKSPACE_UID, hand_over_to_workspace_user
@@ -647,14 +648,17 @@ async def test_what_a_killed_agent_left_is_removed_when_the_agent_starts(tmp_pat
     root = tmp_path / "app"
     root.mkdir()
     _leave_crash_remains(root)
-    server, target = await start_inprocess_agent(root)
     try:
-        assert os.listdir(root) == ["kept.txt"]
-        data, summary, _ = await create(target, "")
-        assert member_names(data) == ["kept.txt"]
+        server, target = await start_inprocess_agent(root)
+        try:
+            assert os.listdir(root) == ["kept.txt"]
+            data, summary, _ = await create(target, "")
+            assert member_names(data) == ["kept.txt"]
+        finally:
+            await target.channel.close()
+            await server.stop(None)
     finally:
-        await target.channel.close()
-        await server.stop(None)
+        remove_tree(root / ".workspace-agent")  # if left: too deep for pytest's own (recursive) cleanup
 
 
 @pytest.mark.docker
@@ -664,9 +668,12 @@ async def test_what_a_killed_agent_left_is_removed_when_the_agent_starts_in_a_co
     root = tmp_path / "app"
     root.mkdir()
     _leave_crash_remains(root)
-    container, target = await start_container_agent(docker_client, core_image, root)
     try:
-        assert os.listdir(root) == ["kept.txt"]
+        container, target = await start_container_agent(docker_client, core_image, root)
+        try:
+            assert os.listdir(root) == ["kept.txt"]
+        finally:
+            await target.channel.close()
+            container.remove(force=True)
     finally:
-        await target.channel.close()
-        container.remove(force=True)
+        remove_tree(root / ".workspace-agent")  # if left: too deep for pytest's own (recursive) cleanup
