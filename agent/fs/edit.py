@@ -270,8 +270,8 @@ class _Journal:
         elif isinstance(step, _Delete):
             parent, name = self._parent(step.key)
             existing = _lstat(parent, name)
-            if existing is not None and stat.S_ISREG(existing.st_mode) and _can_own(existing):
-                backup = self._copy(parent, name, existing)
+            backup = self._copy_if_room(parent, name, existing)
+            if backup is not None:
                 os.unlink(name, dir_fd=parent)
                 self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
             else:
@@ -281,9 +281,9 @@ class _Journal:
             self._make_directories(step.target.parent)
             target, target_name = self._parent(step.target)
             existing = _lstat(target, target_name)
-            if existing is not None and stat.S_ISREG(existing.st_mode) and _can_own(existing):
+            backup = self._copy_if_room(target, target_name, existing)
+            if backup is not None:
                 # As `mv -f` does: one rename over the file it replaces.
-                backup = self._copy(target, target_name, existing)
                 self.undo.append(lambda: os.rename(backup, target_name, src_dir_fd=self._work_fd(), dst_dir_fd=target))
             elif existing is not None:
                 self._set_aside(target, target_name)
@@ -361,6 +361,19 @@ class _Journal:
         finally:
             os.close(source)
         return backup
+
+    def _copy_if_room(self, parent: int, name: str, status: os.stat_result | None) -> str | None:
+        """A backup copy of a regular file about to be deleted or replaced by a move, or None when a
+        copy cannot be made faithfully (another owner) or there is no room for one (a full disk,
+        which deleting is often meant to relieve): the file is then moved aside instead."""
+        if status is None or not stat.S_ISREG(status.st_mode) or not _can_own(status):
+            return None
+        try:
+            return self._copy(parent, name, status)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return None  # the partial copy goes with the working directory
 
     def _set_aside(self, parent: int, name: str) -> None:
         backup = self._new_name()

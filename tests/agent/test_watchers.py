@@ -3,15 +3,19 @@ exactly the events of the ordinary save, delete or move an editor or shell would
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from grpc import aio
 from inotify_simple import INotify, flags
 
 from tests.agent.test_edit import delete, edit, insert, move, replace, write
 from tests.conftest import AgentTarget
+from tests.docker_support import hand_over_to_workspace_user
+from workspace.agent.v1 import agent_pb2_grpc
 
 # What watchers subscribe to (libuv's fs.watch mask, plus close-after-write): reads are not events to them.
 WATCHED = (
@@ -67,6 +71,9 @@ async def _compare(
                 (directory / name).unlink()
         for name, content in existing.items():
             (directory / name).write_bytes(content)
+        if action is None:
+            # Before the watch starts: the container target's hand-over chowns what the test wrote.
+            hand_over_to_workspace_user(agent.root)
         watch = Watch(directory, names)
         if action is None:
             await by_agent()
@@ -79,8 +86,20 @@ async def _compare(
     assert not os.listdir(agent.root / ".workspace-agent") if (agent.root / ".workspace-agent").exists() else True
 
 
+@pytest.fixture
+async def plain(agent: AgentTarget) -> AsyncIterator[AgentTarget]:
+    """The agent reached without the container target's hand-over interceptor, whose chown before
+    each call would be an attribute event of the test's own."""
+    channel = aio.insecure_channel(agent.address)
+    try:
+        yield dataclasses.replace(agent, channel=channel, stub=agent_pb2_grpc.AgentServiceStub(channel))
+    finally:
+        await channel.close()
+
+
 @pytest.mark.parametrize("round_", range(EDITS_PER_KIND))
-async def test_edits_look_like_ordinary_saves_to_a_file_watcher(agent: AgentTarget, tmp_path: Path, round_: int) -> None:
+async def test_edits_look_like_ordinary_saves_to_a_file_watcher(plain: AgentTarget, tmp_path: Path, round_: int) -> None:
+    agent = plain
     text = f"export const value = {round_};\n".encode()
     changed = text.replace(b"value", b"answer")
 
