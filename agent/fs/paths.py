@@ -138,6 +138,11 @@ class WorkspaceRoot:
     def __repr__(self) -> str:
         return f"WorkspaceRoot({str(self.path)!r})"
 
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            os.close(fd)
+
     @staticmethod
     def check(relative: str) -> PurePosixPath:
         """Validates a caller's path without touching the disk; raises InvalidPath."""

@@ -601,10 +601,12 @@ async def test_archives_taken_while_edits_run_never_hold_the_agents_working_file
 
 async def test_a_very_deep_member_path_is_extracted_or_refused_and_leaves_no_staging(agent: AgentTarget) -> None:
     # Up to 6,000 bytes of path in 600 components (a test's own os.walk stays within the recursion limit).
+    extracted = 0
     for depth in (100, 390, 400, 600):
         name = "component/" * depth + "leaf.txt"
         try:
             await extract(agent, targz(member(name, b"deep")), destination="deep", mode=MERGE)
+            extracted += 1
         except aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
             assert "longer than the filesystem allows" in error.details()
@@ -612,14 +614,14 @@ async def test_a_very_deep_member_path_is_extracted_or_refused_and_leaves_no_sta
         assert not (agent.root / ".workspace-agent").exists()
     # What was extracted is archived and deleted like any tree, however deep.
     data, summary, _ = await create(agent, "deep")
-    assert summary.files == 2
+    assert 1 <= extracted < 4 and summary.files == extracted  # 600 components never fit; how many fit depends on the root's own path
     await agent.stub.Edit(
         pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path="deep", recursive=True))]), metadata=agent.metadata
     )
     assert os.listdir(agent.root) == []
 
 
-def _leave_crash_remains(root: Path) -> None:
+def _leave_crash_remains(root: Path, depth: int = 1500) -> None:
     """What a kill -9 mid-edit and mid-extraction leaves: journals and staging trees, one very deep."""
     deep = root / ".workspace-agent" / "extract-dead" / "tree"
     deep.mkdir(parents=True)
@@ -630,7 +632,7 @@ def _leave_crash_remains(root: Path) -> None:
     owner = (WORKSPACE_UID, WORKSPACE_UID) if os.geteuid() == 0 else None
     fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for _ in range(1500):  # deeper than Python's recursion limit, longer than PATH_MAX
+        for _ in range(depth):  # by default deeper than Python's recursion limit, longer than PATH_MAX
             os.mkdir("d", dir_fd=fd)
             if owner:
                 os.chown("d", *owner, dir_fd=fd)
@@ -667,7 +669,8 @@ async def test_what_a_killed_agent_left_is_removed_when_the_agent_starts_in_a_co
 ) -> None:
     root = tmp_path / "app"
     root.mkdir()
-    _leave_crash_remains(root)
+    # Within the recursion limit here: starting the container hands the tree over with os.walk, which recurses.
+    _leave_crash_remains(root, depth=900)
     try:
         container, target = await start_container_agent(docker_client, core_image, root)
         try:
