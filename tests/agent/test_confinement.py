@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from agent.fs import paths
 from tests.agent.test_edit import replace, write
 from tests.conftest import AgentTarget
 from tests.docker_support import hand_over_to_workspace_user
@@ -104,7 +105,16 @@ def plain_stub(agent: AgentTarget) -> tuple[aio.Channel, agent_pb2_grpc.AgentSer
 
 
 async def test_reads_and_edits_never_escape_through_a_swapped_directory(race) -> None:
-    agent, outside, host_outside = race
+    await _reads_and_edits_in_a_race(*race)
+
+
+@pytest.mark.inprocess_only("switches the agent in this process to its fallback for kernels without openat2")
+async def test_without_openat2_the_component_walk_never_escapes_either(race, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paths, "openat2_available", False)
+    await _reads_and_edits_in_a_race(*race)
+
+
+async def _reads_and_edits_in_a_race(agent: AgentTarget, outside: str, host_outside: Path | None) -> None:
     channel, stub = plain_stub(agent)
     reads = writes = 0
     try:
