@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -22,6 +23,7 @@ from tests.agent.helpers import snapshot, status_of_stream
 from tests.conftest import AgentTarget, start_container_agent, start_inprocess_agent
 from tests.docker_support import WORKSPACE_UID, hand_over_to_workspace_user
 from workspace.agent.v1 import agent_pb2 as pb
+from workspace.agent.v1 import agent_pb2_grpc
 
 STAGING = ".workspace-agent"
 UPLOAD_CHUNK = 64 * 1024
@@ -577,6 +579,11 @@ async def test_archives_taken_while_edits_run_never_hold_the_agents_working_file
     (agent.root / "src").mkdir()
     for i in range(5):
         (agent.root / "src" / f"f{i}.txt").write_text("v0\n")
+    # Handed over once, then a plain channel: the container target's hand-over walks the tree before
+    # each call, racing the edits' own working files.
+    hand_over_to_workspace_user(agent.root)
+    channel = aio.insecure_channel(agent.address)
+    agent = dataclasses.replace(agent, channel=channel, stub=agent_pb2_grpc.AgentServiceStub(channel))
 
     async def edits() -> None:
         for round_ in range(40):
@@ -597,6 +604,7 @@ async def test_archives_taken_while_edits_run_never_hold_the_agents_working_file
         assert summary.files == 5
         archives += 1
     await editing
+    await channel.close()
 
 
 async def test_a_very_deep_member_path_is_extracted_or_refused_and_leaves_no_staging(agent: AgentTarget) -> None:
