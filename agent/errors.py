@@ -45,6 +45,10 @@ class Cancelled(AgentError):
     """The caller went away before the operation finished."""
 
 
+class FilesystemFailure(AgentError):
+    """An operating-system error with no more precise class, reported in workspace terms (no host paths)."""
+
+
 # The one table from domain errors to status codes. Lookup walks the exception's MRO,
 # so the most specific class listed wins.
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
@@ -56,6 +60,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     Cancelled: grpc.StatusCode.CANCELLED,
+    FilesystemFailure: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -17,6 +17,7 @@ from agent.fs.edit import Editor
 from agent.fs.archive import ArchiveStream
 from agent.fs.extract import ExtractMode, extract_archive
 from agent.fs.paths import WorkspaceRoot
+from agent.fs.staging import remove_leftovers
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
 from agent.fs.search import Context, Hit, Match, Searcher, SearchQuery, Summary
 from agent.process import messages
@@ -91,6 +92,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, config: AgentConfig, activity: ActivityTracker) -> None:
         self.config = config
         self.root = WorkspaceRoot(config.root)
+        remove_leftovers(self.root)  # what a killed agent left in .workspace-agent/, before any call
         self.activity = activity
         self.processes = ProcessManager(self.root, config)
         self.editor = Editor(self.root, on_write=activity.touch)

@@ -13,15 +13,15 @@ import stat
 import tarfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pathspec
 
 from agent.config import AgentConfig
-from agent.errors import InvalidArgument, LimitExceeded, PreconditionFailed
+from agent.errors import InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
 from agent.fs.channel import ByteChannel, run_in_own_thread
 from agent.fs.paths import WorkspaceRoot
-from agent.fs.staging import STAGING_DIR_NAME, is_staging_path
+from agent.fs.staging import STAGING_DIR_NAME
 
 DEFAULT_EXCLUDES = ("node_modules",)
 # Chunks queued between the producing thread and the stream; the producer waits past this.
@@ -72,16 +72,26 @@ class ArchiveStream:
         self.summary: ArchiveSummary | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        directory = self._root.resolve(self._path, must_exist=True)
-        if not directory.is_dir():
-            raise InvalidArgument(f"{self._path or '.'} is not a directory")
-        if is_staging_path(self._root, directory):
+        # Opened beneath the root in one step; everything below is opened from it with no link
+        # followed, so a directory swapped for a symlink cannot pull outside files into the archive.
+        fd = self._root.open(self._path, os.O_PATH)
+        try:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise InvalidArgument(f"{self._path or '.'} is not a directory")
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        finally:
+            os.close(fd)
+        if not self._root.contains(real):
+            raise NotFound(f"{self._path}: no such directory")  # moved out meanwhile
+        directory = PurePosixPath(self._root.relative(real))
+        if self._root.is_agent_path(directory):
             raise InvalidArgument(f"{self._path!r} is the agent's staging area, which is never archived")
-        plan = _ArchivePlan(self._patterns, skip_staging=directory == self._root.path)
+        plan = _ArchivePlan(self._root, self._patterns, skip_staging=directory == PurePosixPath("."))
         chunk_size = self._config.max_chunk_size
         channel = ByteChannel(QUEUED_CHUNKS * chunk_size)
         producer = run_in_own_thread(
             lambda: _write_archive(
+                self._root,
                 directory,
                 plan,
                 self._config.max_archive_files,
@@ -105,46 +115,54 @@ class ArchiveStream:
 class _ArchivePlan:
     """Which entries of a directory go into its archive."""
 
-    def __init__(self, patterns: list[str], *, skip_staging: bool) -> None:
+    def __init__(self, root: WorkspaceRoot, patterns: list[str], *, skip_staging: bool) -> None:
         """Raises InvalidArgument for a pattern gitignore would not accept."""
         try:
             self._excluded = pathspec.GitIgnoreSpec.from_lines(patterns)
         except ValueError as error:
             raise InvalidArgument(f"bad exclude pattern: {error}") from None
         self._skip_staging = skip_staging
+        self._root = root
 
-    def entries(self, directory: Path, limit: int) -> list[_Entry]:
+    def entries(self, directory: PurePosixPath, limit: int) -> list[_Entry]:
         """Every entry to archive, depth-first in name order; raises LimitExceeded past `limit`.
 
         Collected before the first byte is written, so a tree over the limit is refused before any
         chunk is sent, while memory stays bounded by the limit.
         """
         entries: list[_Entry] = []
-        pending = self._children(str(directory), "")
+        pending = self._children(directory, "")
         while pending:
-            entry, name = pending.pop()
-            is_directory = entry.is_dir(follow_symlinks=False)
+            name, status = pending.pop()
+            is_directory = stat.S_ISDIR(status.st_mode)
             if self._excluded.match_file(name + "/" if is_directory else name):
                 continue
-            status = entry.stat(follow_symlinks=False)
-            if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode) or stat.S_ISLNK(status.st_mode)):
+            if not (stat.S_ISREG(status.st_mode) or is_directory or stat.S_ISLNK(status.st_mode)):
                 continue  # sockets, FIFOs and devices have no place in a workspace archive
-            entries.append(_Entry(name, entry.path, status))
+            path = directory / name
+            entries.append(_Entry(name, str(path), status))
             if len(entries) > limit:
                 raise LimitExceeded(f"more than {limit} entries to archive (the file count limit); exclude some")
             if is_directory:
-                pending += self._children(entry.path, name + "/")
+                pending += self._children(path, name + "/")
         return entries
 
-    def _children(self, path: str, prefix: str) -> list[tuple[os.DirEntry[str], str]]:
-        with os.scandir(path) as scan:
-            children = [
-                (entry, prefix + entry.name)
-                for entry in scan
-                if not (self._skip_staging and not prefix and entry.name == STAGING_DIR_NAME)
-            ]
+    def _children(self, path: PurePosixPath, prefix: str) -> list[tuple[str, os.stat_result]]:
+        try:
+            fd = self._root.os_open(path, os.O_RDONLY | os.O_DIRECTORY, follow=False)
+        except OSError as error:
+            raise PreconditionFailed(f"{prefix or '.'} changed or became unreadable while being archived ({_reason(error)}); try again") from None
+        try:
+            with os.scandir(fd) as scan:
+                children = [
+                    (prefix + entry.name, entry.stat(follow_symlinks=False))
+                    for entry in scan
+                    if not (self._skip_staging and not prefix and entry.name == STAGING_DIR_NAME)
+                ]
+        finally:
+            os.close(fd)
         # Reversed, so that popping from the end visits them in name order.
-        children.sort(key=lambda child: child[1], reverse=True)
+        children.sort(key=lambda child: child[0], reverse=True)
         return children
 
 
@@ -176,12 +194,12 @@ class _ChunkSink:
         self._channel.put_blocking(chunk)
 
 
-def _open_no_follow(path: str, flags: int) -> int:
-    # A file swapped for a link since the walk must not pull in what the link points to.
-    return os.open(path, flags | os.O_NOFOLLOW)
+def _reason(error: OSError) -> str:
+    # strerror only: the error's file name would be a path of the agent's own.
+    return os.strerror(error.errno) if error.errno else "the file changed size"
 
 
-def _write_archive(directory: Path, plan: _ArchivePlan, limit: int, sink: _ChunkSink) -> ArchiveSummary:
+def _write_archive(root: WorkspaceRoot, directory: PurePosixPath, plan: _ArchivePlan, limit: int, sink: _ChunkSink) -> ArchiveSummary:
     entries = plan.entries(directory, limit)
     counts = {tarfile.REGTYPE: 0, tarfile.DIRTYPE: 0, tarfile.SYMTYPE: 0}
     with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=COMPRESS_LEVEL, mtime=0) as compressed:  # type: ignore[arg-type]
@@ -197,15 +215,21 @@ def _write_archive(directory: Path, plan: _ArchivePlan, limit: int, sink: _Chunk
                         tar.addfile(info)
                     elif stat.S_ISLNK(entry.status.st_mode):
                         info.type = tarfile.SYMTYPE
-                        info.linkname = os.readlink(entry.path)  # stored as a link, never followed
+                        parent, name = root.os_open_parent(PurePosixPath(entry.path), follow=False)
+                        try:
+                            info.linkname = os.readlink(name, dir_fd=parent)  # stored as a link, never followed
+                        finally:
+                            os.close(parent)
                         tar.addfile(info)
                     else:
                         info.size = entry.status.st_size
-                        with open(entry.path, "rb", opener=_open_no_follow) as content:
+                        # A file swapped for a link since the walk must not pull in what the link points to.
+                        fd = root.os_open(PurePosixPath(entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
+                        with os.fdopen(fd, "rb") as content:
                             tar.addfile(info, content)
                 except OSError as error:
                     raise PreconditionFailed(
-                        f"{entry.name} changed or became unreadable while being archived ({error}); try again"
+                        f"{entry.name} changed or became unreadable while being archived ({_reason(error)}); try again"
                     ) from None
                 counts[info.type] += 1
     sink.finish()

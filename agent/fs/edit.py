@@ -7,16 +7,17 @@ import asyncio
 import difflib
 import hashlib
 import logging
+import errno
 import os
-import secrets
-import shutil
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import PurePosixPath
 
-from agent.errors import AgentError, AlreadyExists, InvalidArgument, NotFound, PreconditionFailed
-from agent.fs.paths import WorkspaceRoot
+from agent.errors import AgentError, AlreadyExists, InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
+from agent.fs.paths import AGENT_DIR_NAME, WorkspaceRoot, os_error
+from agent.fs.staging import make_private_directory, remove_private_directory
+from agent.serving import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ DEFAULT_FILE_MODE = 0o644
 # Files larger than this are reported as differing rather than diffed line by line (difflib is quadratic).
 DIFF_LIMIT = 1024 * 1024
 ROOT = PurePosixPath(".")
+# What an EditResponse may take of the message limit, leaving room for framing; and the bytes each
+# EditedFile costs beyond its path and sha256 (tags, lengths, the deleted flag).
+RESPONSE_BUDGET = MAX_MESSAGE_BYTES - 64 * 1024
+PER_FILE_OVERHEAD = 16
 
 
 # ------------------------------------------------------------------ operations
@@ -96,27 +101,32 @@ class EditResult:
 
 @dataclass
 class _File:
-    source: Path | None  # where the unchanged content is on disk; None once replaced
+    source: PurePosixPath | None  # the real root-relative path of the unchanged content; None once replaced
     mode: int
     loaded: bytes | None = None
+    root: WorkspaceRoot | None = None
+    owner: tuple[int, int] | None = None  # uid, gid of the file on disk (kept by a rewrite); None for new files
 
     def content(self) -> bytes:
         if self.loaded is None:
-            assert self.source is not None
-            self.loaded = self.source.read_bytes()
+            assert self.source is not None and self.root is not None
+            # Reopened beneath the root with no symlink allowed: the key is already the real path.
+            fd = self.root.open(self.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
+            with os.fdopen(fd, "rb") as file:
+                self.loaded = file.read()
         return self.loaded
 
 
 @dataclass
 class _Dir:
-    origin: Path | None  # the real directory whose entries it holds; None for a new, empty one
+    origin: PurePosixPath | None  # the real directory whose entries it holds; None for a new, empty one
 
 
 @dataclass
 class _Other:
     """A symlink, FIFO or other non-regular file: moved or deleted as it is, never read or written."""
 
-    source: Path
+    source: PurePosixPath
 
 
 _Node = _File | _Dir | _Other
@@ -132,7 +142,10 @@ class _View:
         self.changes: dict[PurePosixPath, _Node | None] = {}
 
     def key(self, path: str, *, follow_symlinks: bool = True) -> PurePosixPath:
-        return PurePosixPath(self.root.relative(self.root.resolve(path, follow_symlinks=follow_symlinks)))
+        key = PurePosixPath(self.root.relative(self.root.resolve(path, follow_symlinks=follow_symlinks)))
+        if self.root.is_agent_path(key):
+            raise InvalidArgument(f"{key}: is inside {AGENT_DIR_NAME}/, the agent's own working directory")
+        return key
 
     def get(self, key: PurePosixPath) -> _Node | None:
         for ancestor in (key, *key.parents):
@@ -143,20 +156,30 @@ class _View:
                 if isinstance(node, _Dir) and node.origin is not None:
                     return self._on_disk(node.origin, key.relative_to(ancestor))
                 return None
-        return self._on_disk(self.root.path, key)
+        return self._on_disk(ROOT, key)
 
-    def _on_disk(self, base: Path, relative: PurePosixPath) -> _Node | None:
-        path = base.joinpath(*relative.parts)
-        # Keys are resolved against the disk as it was; inside a directory moved by an earlier
-        # operation a symlink would be followed from its new place, so it is refused instead.
-        if base != self.root.path and len(relative.parts) > 1 and Path(os.path.realpath(path.parent)) != path.parent:
-            raise InvalidArgument(f"{relative}: goes through a symbolic link inside a directory moved by this edit")
+    def _on_disk(self, base: PurePosixPath, relative: PurePosixPath) -> _Node | None:
+        path = base / relative
         try:
-            st = os.lstat(path)
+            parent, name = self.root.os_open_parent(path, follow=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise os_error(error, str(path)) from None
+            if base == ROOT:  # a symlink loop, or a link swapped in since the key was resolved: never followed
+                raise PreconditionFailed(f"{path}: goes through a symbolic link that loops or was swapped in meanwhile") from None
+            # Keys are resolved against the disk as it was; inside a directory moved by an earlier
+            # operation a symlink would be followed from its new place, so it is refused instead.
+            raise InvalidArgument(f"{relative}: goes through a symbolic link inside a directory moved by this edit") from None
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        finally:
+            os.close(parent)
         if stat.S_ISREG(st.st_mode):
-            return _File(path, stat.S_IMODE(st.st_mode))
+            return _File(path, stat.S_IMODE(st.st_mode), root=self.root, owner=(st.st_uid, st.st_gid))
         if stat.S_ISDIR(st.st_mode):
             return _Dir(path)
         return _Other(path)
@@ -190,6 +213,7 @@ class _Write:
     key: PurePosixPath
     content: bytes
     mode: int
+    owner: tuple[int, int] | None  # kept from the file it replaces
 
 
 @dataclass(frozen=True)
@@ -211,50 +235,65 @@ class _MakeDirectory:
 _Step = _Write | _Delete | _Move | _MakeDirectory
 
 
-@dataclass
 class _Journal:
-    """Applies steps, remembering how to undo each; replaced and deleted paths are kept as
-    hidden backups beside them (same directory, so same filesystem) until the edit commits."""
+    """Applies steps, remembering how to undo each.
 
-    root: Path
-    token: str = field(default_factory=lambda: secrets.token_hex(4))
-    undo: list[Callable[[], None]] = field(default_factory=list)
-    backups: list[Path] = field(default_factory=list)
+    To a file watcher every step looks like an ordinary save: new content is written to a temp file
+    in the agent's own directory (`.workspace-agent/edit-*`, same filesystem) and renamed over the
+    target in one rename; a replaced or deleted file is kept for undo as a *copy* there, made by
+    reading it, so its inode is never linked, renamed or touched before the one rename or unlink a
+    plain save or `rm` would do. (Hard-link backups changed the link count: an attribute event that
+    watchers such as Vite's throttle together with the real change, missing it.) Directories and
+    files the agent could not recreate with their owner are moved aside there instead. Every path is
+    opened beneath the root with no symlink followed, so nothing swapped in mid-edit leads outside.
+    """
+
+    def __init__(self, root: WorkspaceRoot) -> None:
+        self.root = root
+        self.undo: list[Callable[[], None]] = []
+        self._fds: list[int] = []
+        self._work: tuple[int, PurePosixPath] | None = None
+        self._names = 0
 
     def apply(self, step: _Step) -> None:
         if isinstance(step, _Write):
-            path = self.root / step.key
-            self._make_directories(path.parent)
-            if os.path.lexists(path):
-                backup = self._backup_name(path)
-                os.link(path, backup)
-                self.backups.append(backup)
-                _write_atomically(path, step.content, step.mode)
-                self.undo.append(lambda: os.replace(backup, path))
+            self._make_directories(step.key.parent)
+            parent, name = self._parent(step.key)
+            temp = self._write_temp(step.content, step.mode, step.owner)
+            existing = _lstat(parent, name)
+            backup = self._copy(parent, name, existing) if existing is not None else None
+            os.rename(temp, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent)
+            if backup is not None:
+                self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
             else:
-                _write_atomically(path, step.content, step.mode)
-                self.undo.append(lambda: os.unlink(path))
+                self.undo.append(lambda: os.unlink(name, dir_fd=parent))
         elif isinstance(step, _Delete):
-            self._set_aside(self.root / step.key)
+            parent, name = self._parent(step.key)
+            existing = _lstat(parent, name)
+            backup = self._copy_if_room(parent, name, existing)
+            if backup is not None:
+                os.unlink(name, dir_fd=parent)
+                self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
+            else:
+                self._set_aside(parent, name)
         elif isinstance(step, _Move):
-            source, target = self.root / step.source, self.root / step.target
-            self._make_directories(target.parent)
-            if os.path.lexists(target):
-                self._set_aside(target)
-            os.rename(source, target)
-            self.undo.append(lambda: os.rename(target, source))
+            source, source_name = self._parent(step.source)
+            self._make_directories(step.target.parent)
+            target, target_name = self._parent(step.target)
+            existing = _lstat(target, target_name)
+            backup = self._copy_if_room(target, target_name, existing)
+            if backup is not None:
+                # As `mv -f` does: one rename over the file it replaces.
+                self.undo.append(lambda: os.rename(backup, target_name, src_dir_fd=self._work_fd(), dst_dir_fd=target))
+            elif existing is not None:
+                self._set_aside(target, target_name)
+            os.rename(source_name, target_name, src_dir_fd=source, dst_dir_fd=target)
+            self.undo.append(lambda: os.rename(target_name, source_name, src_dir_fd=target, dst_dir_fd=source))
         else:
-            self._make_directories(self.root / step.key)
+            self._make_directories(step.key)
 
     def commit(self) -> None:
-        for backup in self.backups:
-            try:
-                if backup.is_dir() and not backup.is_symlink():
-                    shutil.rmtree(backup)
-                else:
-                    backup.unlink()
-            except OSError:
-                log.warning("edit applied, but its backup could not be removed", extra={"backup": str(backup)})
+        self._finish()
 
     def roll_back(self) -> None:
         for undo in reversed(self.undo):
@@ -262,40 +301,148 @@ class _Journal:
                 undo()
             except OSError:
                 log.exception("rolling back an edit step failed")
+        self._finish()
 
-    def _backup_name(self, path: Path) -> Path:
-        return path.with_name(f".agent-edit-{self.token}-{len(self.backups)}")
+    def _finish(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        if self._work is not None:
+            os.close(self._work[0])
+            try:
+                remove_private_directory(self.root, self._work[1])
+            except OSError:
+                log.warning("edit done, but its working files could not be removed", extra={"directory": str(self._work[1])})
+            self._work = None
 
-    def _set_aside(self, path: Path) -> None:
-        backup = self._backup_name(path)
-        os.rename(path, backup)
-        self.backups.append(backup)
-        self.undo.append(lambda: os.rename(backup, path))
+    def _work_fd(self) -> int:
+        if self._work is None:
+            self._work = make_private_directory(self.root, "edit-")
+        return self._work[0]
 
-    def _make_directories(self, directory: Path) -> None:
-        missing = []
-        while not os.path.lexists(directory):
-            missing.append(directory)
-            directory = directory.parent
-        for created in reversed(missing):
-            os.mkdir(created)
-            self.undo.append(lambda created=created: os.rmdir(created))
+    def _new_name(self) -> str:
+        self._names += 1
+        return str(self._names)
 
+    def _parent(self, key: PurePosixPath) -> tuple[int, str]:
+        parent, name = self.root.os_open_parent(key, follow=False)
+        self._fds.append(parent)
+        return parent, name
 
-def _write_atomically(path: Path, content: bytes, mode: int) -> None:
-    """Writes a temp file in the same directory, fsyncs it and renames it over `path`."""
-    temp = path.with_name(f".agent-edit-{secrets.token_hex(8)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    def _write_temp(self, content: bytes, mode: int, owner: tuple[int, int] | None) -> str:
+        """A new file in the working directory with `content`, `mode` and `owner`, flushed to disk."""
+        name = self._new_name()
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._work_fd())
         with os.fdopen(fd, "wb") as file:
             file.write(content)
             file.flush()
-            os.fchmod(file.fileno(), mode)  # exact bits, whatever the umask
+            _set_owner(file.fileno(), owner)
+            os.fchmod(file.fileno(), mode)  # exact bits, whatever the umask (after fchown, which may clear setgid)
             os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+        return name
+
+    def _copy(self, parent: int, name: str, status: os.stat_result) -> str:
+        """A copy of a regular file or symlink in the working directory, owner, mode and mtime kept;
+        the original is only read."""
+        backup = self._new_name()
+        if stat.S_ISLNK(status.st_mode):
+            os.symlink(os.readlink(name, dir_fd=parent), backup, dir_fd=self._work_fd())
+            return backup
+        source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+        try:
+            target = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._work_fd())
+            try:
+                _copy_content(source, target, status.st_size)
+                _set_owner(target, (status.st_uid, status.st_gid))
+                os.fchmod(target, stat.S_IMODE(status.st_mode))
+                os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
+        return backup
+
+    def _copy_if_room(self, parent: int, name: str, status: os.stat_result | None) -> str | None:
+        """A backup copy of a regular file about to be deleted or replaced by a move, or None when a
+        copy cannot be made faithfully (another owner) or there is no room for one (a full disk,
+        which deleting is often meant to relieve): the file is then moved aside instead."""
+        if status is None or not stat.S_ISREG(status.st_mode) or not _can_own(status):
+            return None
+        try:
+            return self._copy(parent, name, status)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return None  # the partial copy goes with the working directory
+
+    def _set_aside(self, parent: int, name: str) -> None:
+        backup = self._new_name()
+        os.rename(name, backup, src_dir_fd=parent, dst_dir_fd=self._work_fd())
+        self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
+
+    def _make_directories(self, key: PurePosixPath) -> None:
+        # One fd at a time (a path may be thousands of directories deep); undone by root-relative path.
+        current = self.root.os_open(ROOT, os.O_PATH | os.O_DIRECTORY, follow=False)
+        try:
+            for depth, part in enumerate(key.parts, 1):
+                try:
+                    os.mkdir(part, dir_fd=current)
+                    self.undo.append(lambda made=PurePosixPath(*key.parts[:depth]): self._remove_directory(made))
+                except FileExistsError:
+                    pass
+                following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+                os.close(current)
+                current = following
+        finally:
+            os.close(current)
+
+    def _remove_directory(self, key: PurePosixPath) -> None:
+        parent, name = self.root.os_open_parent(key, follow=False)
+        try:
+            os.rmdir(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+
+
+def _lstat(parent: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _can_own(status: os.stat_result) -> bool:
+    """True if the agent can give a file it writes the owner and group of `status`."""
+    if os.geteuid() == 0:
+        return True
+    return status.st_uid == os.geteuid() and (status.st_gid == os.getegid() or status.st_gid in os.getgroups())
+
+
+def _set_owner(fd: int, owner: tuple[int, int] | None) -> None:
+    if owner is None:
+        return
+    current = os.fstat(fd)
+    if (current.st_uid, current.st_gid) != owner:
+        os.fchown(fd, *owner)
+
+
+def _copy_content(source: int, target: int, size: int) -> None:
+    try:
+        copied = 0
+        while True:  # in the kernel, without passing the bytes through the agent (a reflink where supported)
+            step = os.copy_file_range(source, target, max(size - copied, 1 << 20))
+            if step == 0:
+                return
+            copied += step
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(source, 0, os.SEEK_SET)
+    os.lseek(target, 0, os.SEEK_SET)
+    os.ftruncate(target, 0)
+    while block := os.read(source, 1 << 20):
+        while block:
+            block = block[os.write(target, block) :]
 
 
 # ------------------------------------------------------------------ planning
@@ -316,21 +463,29 @@ class EditPlan:
                 self._plan(operation)
             except AgentError as error:
                 raise type(error)(f"operation {number} ({_describe(operation)}): {error}") from None
-            except PermissionError as error:
-                raise PreconditionFailed(
-                    f"operation {number} ({_describe(operation)}): the agent's user may not read {error.filename}"
-                ) from None
-        self.result = EditResult(self._edited_paths(), self._diff())
+            except OSError as error:
+                translated = os_error(error, _describe(operation).partition(" ")[2])
+                raise type(translated)(f"operation {number} ({_describe(operation)}): {translated}") from None
+        # Bounded before anything changes: a change that happened is never reported as failed
+        # because its description did not fit in the response.
+        self.result = _bounded(self._edited_paths(), self._diff())
 
     def apply(self) -> None:
-        """Applies the steps in order; if one fails, undoes those done and raises PreconditionFailed."""
-        journal = _Journal(self._root.path)
+        """Applies the steps in order; if one fails, undoes those done and raises the error of `os_error`
+        for what failed (PreconditionFailed, LimitExceeded for a full disk, ...)."""
+        journal = _Journal(self._root)
+        step: _Step | None = None
         try:
             for step in self._steps:
                 journal.apply(step)
-        except OSError as error:
+        except (OSError, AgentError) as error:
             journal.roll_back()
-            raise PreconditionFailed(f"the edit could not be applied ({error}); every change was rolled back") from error
+            where = str(step.source if isinstance(step, _Move) else step.key) if step is not None else "."
+            translated = os_error(error, where) if isinstance(error, OSError) else error
+            raise type(translated)(f"the edit could not be applied ({translated}); every change was rolled back") from None
+        except BaseException:
+            journal.roll_back()
+            raise
         journal.commit()
 
     # Each operation: check it against the view, update the view, and record the step.
@@ -348,8 +503,9 @@ class EditPlan:
             if op.expected_sha256:
                 self._check_sha256(key, node, op.expected_sha256)
             mode = node.mode if node is not None else (op.mode or DEFAULT_FILE_MODE)
+            owner = _kept_owner(key, node)
             self._view.make_parents(key)
-            self._change(key, _File(None, mode, op.content), _Write(key, op.content, mode))
+            self._change(key, _File(None, mode, op.content, owner=owner), _Write(key, op.content, mode, owner))
         elif isinstance(op, ReplaceText):
             key = self._file_key(op.path)
             node = self._existing_file(key, op.expected_sha256)
@@ -363,14 +519,16 @@ class EditPlan:
             if found != expected:
                 raise PreconditionFailed(f"{key}: old_text occurs {found} times, expected {expected}; file unchanged")
             new = content.replace(old, op.new_text.encode())
-            self._change(key, _File(None, node.mode, new), _Write(key, new, node.mode))
+            owner = _kept_owner(key, node)
+            self._change(key, _File(None, node.mode, new, owner=owner), _Write(key, new, node.mode, owner))
         elif isinstance(op, InsertText):
             key = self._file_key(op.path)
             node = self._existing_file(key, op.expected_sha256)
             content = node.content()
             at = _line_offset(key, content, op.line)
             new = content[:at] + op.text.encode() + content[at:]
-            self._change(key, _File(None, node.mode, new), _Write(key, new, node.mode))
+            owner = _kept_owner(key, node)
+            self._change(key, _File(None, node.mode, new, owner=owner), _Write(key, new, node.mode, owner))
         elif isinstance(op, DeletePath):
             key = self._movable_key(op.path)
             node = self._view.get(key)
@@ -505,6 +663,39 @@ class Editor:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _kept_owner(key: PurePosixPath, node: _Node | None) -> tuple[int, int] | None:
+    """The owner a rewritten file keeps; refuses (before anything changes) one the agent cannot give it."""
+    if not isinstance(node, _File) or node.owner is None:
+        return None
+    uid, gid = node.owner
+    if os.geteuid() != 0 and (uid != os.geteuid() or (gid != os.getegid() and gid not in os.getgroups())):
+        raise PreconditionFailed(
+            f"{key}: is owned by uid {uid} gid {gid}, which the agent (uid {os.geteuid()}) cannot keep when "
+            "rewriting it; file unchanged"
+        )
+    return node.owner
+
+
+def _bounded(files: list[EditedPath], diff: str) -> EditResult:
+    """The result, cut to fit one response message: the diff is truncated with a marker; a list of
+    changed paths too long for any response refuses the edit (LimitExceeded) before it is applied."""
+    listed = sum(len(f.path.encode()) + len(f.sha256) + PER_FILE_OVERHEAD for f in files)
+    if listed > RESPONSE_BUDGET // 2:
+        raise LimitExceeded(
+            f"this edit changes {len(files)} paths, too many to report in one response; split it into smaller edits"
+        )
+    room = RESPONSE_BUDGET - listed
+    encoded = diff.encode()
+    if len(encoded) <= room:
+        return EditResult(files, diff)
+    cut = encoded[: room - 200]
+    cut = cut[: cut.rfind(b"\n") + 1]  # whole lines
+    shown = cut.decode(errors="ignore")
+    marker = f"... diff truncated: {len(encoded) - len(cut)} more bytes not shown (the response size limit)\n"
+    return EditResult(files, shown + marker)
+
 
 
 def _describe(op: Operation) -> str:

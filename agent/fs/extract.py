@@ -14,15 +14,16 @@ import os
 import posixpath
 import re
 import stat
+import logging
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from agent.config import AgentConfig
-from agent.errors import ChecksumMismatch, InvalidArgument, LimitExceeded, PreconditionFailed
+from agent.errors import ChecksumMismatch, InvalidArgument, InvalidPath, LimitExceeded
 from agent.fs.channel import ByteChannel, run_in_own_thread
-from agent.fs.paths import WorkspaceRoot
+from agent.fs.paths import NAME_MAX, PATH_MAX, WorkspaceRoot, os_error
 from agent.fs.staging import STAGING_DIR_NAME, StagingArea, Swap, is_staging_path
 from agent.fs.tarstream import REGULAR_TYPES, TarMember, TarReader
 
@@ -34,6 +35,7 @@ INFLATE_STEP = 256 * 1024
 # "bomb" of metadata (a huge pax header) is stopped like one of content.
 METADATA_ALLOWANCE_PER_MEMBER = 4096
 SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+log = logging.getLogger(__name__)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -77,6 +79,8 @@ async def extract_archive(
         raise InvalidArgument(f"destination {destination!r} is inside the agent's staging area {STAGING_DIR_NAME}/")
     if os.path.lexists(target) and not os.path.isdir(target):
         raise InvalidArgument(f"destination {destination!r} exists and is not a directory")
+    if len(os.fsencode(root.relative(target))) >= PATH_MAX - NAME_MAX:
+        raise InvalidPath(f"destination {destination!r} is too long to hold any member (the filesystem's {PATH_MAX}-byte path limit)")
 
     channel = ByteChannel(UPLOAD_BUFFER_BYTES)
     extraction = _Extraction(root, target, mode, expected, config, channel)
@@ -128,14 +132,19 @@ class _Extraction:
                 max_inflated=self._config.max_archive_bytes
                 + self._config.max_archive_files * METADATA_ALLOWANCE_PER_MEMBER,
             )
-            writer = _MemberWriter(staging.tree, self._config, reserve_staging_name=self._is_root)
+            writer = _MemberWriter(
+                staging.tree, self._config, reserve_staging_name=self._is_root,
+                room=PATH_MAX - 1 - len(os.fsencode(self._root.relative(self._destination))),
+            )  # fmt: skip
             try:
                 writer.write_all(TarReader(upload))
+                writer.finish()
             except OSError as error:
                 if error.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise LimitExceeded("the workspace's disk is full; nothing was changed") from None
-                raise
-            writer.finish()
+                # In workspace terms: the member, never the staging directory's host path.
+                translated = os_error(error, f"member {writer.current!r}")
+                raise type(translated)(f"{translated}; nothing was changed") from None
             sha256 = upload.sha256
             if self._expected and sha256 != self._expected:
                 raise ChecksumMismatch(
@@ -143,19 +152,35 @@ class _Extraction:
                     "the upload is corrupt or incomplete; nothing was changed"
                 )
             swap = Swap(staging)
+            # The destination by its parent's fd, opened beneath the root with no link followed: a
+            # directory on the way swapped for a symlink cannot send the files outside.
+            relative = PurePosixPath(self._root.relative(self._destination))
+            shown = str(relative)
+            made: list[PurePosixPath] = []
+            parent = -1
             try:
-                if self._mode is ExtractMode.REPLACE:
-                    swap.replace(self._destination, is_root=self._is_root)
+                if self._is_root:
+                    parent = self._root.os_open(ROOT, os.O_PATH | os.O_DIRECTORY, follow=False)
+                    destination = Path(f"/proc/self/fd/{parent}")
                 else:
-                    swap.merge(self._destination)
+                    parent, name = _open_parent_making_directories(self._root, relative, made)
+                    destination = Path(f"/proc/self/fd/{parent}") / name
+                if self._mode is ExtractMode.REPLACE:
+                    swap.replace(destination, is_root=self._is_root)
+                else:
+                    swap.merge(destination)
             except BaseException as error:
-                swap.roll_back()
+                swap.roll_back()  # by the same /proc/self/fd paths: the fd stays open until it is done
+                _remove_directories(self._root, made)
                 if isinstance(error, OSError):
-                    raise PreconditionFailed(
-                        f"cannot move the extracted files into place ({error.strerror}: {error.filename}); "
-                        "the destination was restored"
+                    translated = os_error(error, shown)
+                    raise type(translated)(
+                        f"cannot move the extracted files into place ({translated}); the destination was restored"
                     ) from None
                 raise
+            finally:
+                if parent >= 0:
+                    os.close(parent)
             return writer.report(sha256)
         finally:
             staging.remove()
@@ -253,6 +278,46 @@ class _GzipUpload:
                 return True
 
 
+ROOT = PurePosixPath(".")
+
+
+def _open_parent_making_directories(root: WorkspaceRoot, relative: PurePosixPath, made: list[PurePosixPath]) -> tuple[int, str]:
+    """An O_PATH fd of the destination's parent (created where missing, each directory added to
+    `made` for a roll back), walked from the root's fd with no link followed; and the last name."""
+    current = root.os_open(ROOT, os.O_PATH | os.O_DIRECTORY, follow=False)
+    try:
+        for depth, part in enumerate(relative.parts[:-1], 1):
+            try:
+                os.mkdir(part, dir_fd=current)
+                made.append(PurePosixPath(*relative.parts[:depth]))
+            except FileExistsError:
+                pass
+            try:
+                following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.stat(part, dir_fd=current, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None  # a link there is never followed
+                raise
+            os.close(current)
+            current = following
+    except BaseException:
+        os.close(current)
+        raise
+    return current, relative.name
+
+
+def _remove_directories(root: WorkspaceRoot, made: list[PurePosixPath]) -> None:
+    for directory in reversed(made):
+        try:
+            parent, name = root.os_open_parent(directory, follow=False)
+            try:
+                os.rmdir(name, dir_fd=parent)
+            finally:
+                os.close(parent)
+        except OSError:
+            log.exception("could not remove a directory an aborted extraction made", extra={"path": str(directory)})
+
+
 class _Kind(enum.Enum):
     DIRECTORY = "directory"
     FILE = "file"
@@ -282,8 +347,10 @@ class _MemberWriter:
     setuid, setgid and sticky bits are stripped and counted. Ownership is not restored.
     """
 
-    def __init__(self, tree: Path, config: AgentConfig, *, reserve_staging_name: bool) -> None:
+    def __init__(self, tree: Path, config: AgentConfig, *, reserve_staging_name: bool, room: int = PATH_MAX - 1) -> None:
         self._tree = str(tree)
+        self._room = room  # bytes a member path may have, the destination's own path taken off
+        self.current = ""  # the member being written, for error messages
         self._prefix = self._tree + os.sep
         self._max_files = config.max_archive_files
         self._max_bytes = config.max_archive_bytes
@@ -332,6 +399,7 @@ class _MemberWriter:
         self._members += 1
         if self._members > self._max_files:
             raise LimitExceeded(f"archive has more than {self._max_files} members (the file count limit)")
+        self.current = member.name
         name = self._member_path(member.name, member.name)
         if member.mode & SPECIAL_BITS:
             self._stripped += 1
@@ -396,6 +464,12 @@ class _MemberWriter:
         parts = [part for part in raw.split("/") if part not in ("", ".")]
         if ".." in parts:
             raise InvalidArgument(f"{what} contains '..', which could lead out of the destination")
+        if any(len(os.fsencode(part)) > NAME_MAX for part in parts) or len(os.fsencode("/".join(parts))) > self._room:
+            shown = raw if len(raw) <= 80 else raw[:60] + "..."
+            raise InvalidPath(
+                f"{'hardlink target' if link else 'member'} {shown!r} is longer than the filesystem allows in this destination "
+                f"({NAME_MAX} bytes a name, {PATH_MAX} a path)"
+            )
         if self._reserve_staging_name and parts and parts[0] == STAGING_DIR_NAME:
             raise InvalidArgument(f"{what} is inside {STAGING_DIR_NAME}/, the agent's reserved staging directory")
         return "/".join(parts)

@@ -9,7 +9,7 @@ import stat
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
-from agent.errors import InvalidArgument, NotFound, PreconditionFailed
+from agent.errors import InvalidArgument
 from agent.fs.paths import WorkspaceRoot
 
 # Files up to this size are read, hashed and sent straight from the event loop: one read(2)
@@ -68,14 +68,9 @@ class FileReader:
         chunk_size = min(chunk_size or self.max_chunk_size, self.max_chunk_size)
         if isinstance(range_, LineRange):
             _check_lines(range_)
-        real = self.root.resolve(path, must_exist=True)
-        try:
-            # O_NONBLOCK so that a FIFO is refused below instead of hanging the open.
-            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"{path}: no such file") from None
-        except PermissionError:
-            raise PreconditionFailed(f"{path}: permission denied; the agent's user cannot read it") from None
+        # O_NONBLOCK so that a FIFO is refused below instead of hanging the open; opened beneath the
+        # root in one step, so no symlink swapped in meanwhile can lead the read outside.
+        fd = self.root.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):

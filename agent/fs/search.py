@@ -9,17 +9,18 @@ import contextlib
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
 import pathspec
 from pathspec.patterns.gitwildmatch import GitWildMatchPatternError
 
 from agent.errors import InvalidArgument, NotFound
-from agent.fs.paths import WorkspaceRoot
+from agent.fs.paths import AGENT_DIR_NAME, WorkspaceRoot
 from agent.tools import ENV_BIN, find_tool
 
 MAX_CONTEXT_LINES = 20
@@ -188,12 +189,21 @@ class Searcher:
         return query.max_results or self.default_max_results
 
     def _directory(self, path: str) -> str:
-        real = self.root.resolve(path)
-        if not real.is_dir():
-            if not real.exists():
-                raise NotFound(f"{path}: no such directory")
-            raise InvalidArgument(f"{path}: is not a directory; Search takes a directory")
-        return self.root.relative(real)
+        # Opened beneath the root in one step; the engines then open everything below it without
+        # following any symlink, so a directory swapped for a link cannot lead the search outside.
+        fd = self.root.open(path, os.O_PATH)
+        try:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise InvalidArgument(f"{path}: is not a directory; Search takes a directory")
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        finally:
+            os.close(fd)
+        if not self.root.contains(real):
+            raise NotFound(f"{path}: no such directory")  # moved out meanwhile
+        relative = self.root.relative(real)
+        if self.root.is_agent_path(relative):
+            raise InvalidArgument(f"{path}: is the agent's own working directory, which is never searched")
+        return relative
 
 
 class _Batch:
@@ -249,7 +259,8 @@ def _override_globs(query: SearchQuery) -> list[str]:
     globs = [*query.include_globs, *(f"!{g}" for g in query.exclude_globs)]
     if not query.include_default_excludes:
         globs += [f"!{name}" for name in DEFAULT_EXCLUDES]
-    return globs
+    # Last, so that no include glob brings the agent's own working files into a search.
+    return [*globs, f"!/{AGENT_DIR_NAME}"]
 
 
 # ------------------------------------------------------------------ ripgrep
@@ -295,10 +306,26 @@ class _Ripgrep:
                 continue
             path = _strip_dot(os.fsdecode(name))
             try:
-                found.append((path, os.lstat(self.root.path / path).st_size))
-            except FileNotFoundError:
-                continue  # deleted since rg listed it
+                parent, base = self.root.os_open_parent(PurePosixPath(path), follow=False)
+                try:
+                    found.append((path, os.stat(base, dir_fd=parent, follow_symlinks=False).st_size))
+                finally:
+                    os.close(parent)
+            except OSError:
+                continue  # deleted since rg listed it, or listed through a link swapped in meanwhile
         return found
+
+    def _confirmed(self, path: str, lines: list[_RawLine]) -> bool:
+        """True if the file at `path`, opened beneath the root without following any link, holds the
+        lines rg reported: rg opens the search directory by its path, so one swapped for a link to the
+        outside during the search could feed it outside content, which is then dropped here."""
+        try:
+            fd = self.root.os_open(PurePosixPath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
+        except OSError:
+            return False
+        with os.fdopen(fd, "rb") as file:
+            content = file.read().split(b"\n")
+        return all(number <= len(content) and content[number - 1] == raw for number, raw, _ in lines)
 
     async def matches(self, directory: str, limit: int) -> AsyncIterator[list[tuple[str, list[_RawLine]]]]:
         """Each file's lines up to its `limit`-th match, once rg has finished the file (so that a file
@@ -326,16 +353,17 @@ class _Ripgrep:
                         raw = _json_bytes(data["lines"])
                         lines.append((data["line_number"], raw[:-1] if raw.endswith(b"\n") else raw, spans))
                         path = _strip_dot(os.fsdecode(_json_bytes(data["path"])))
-                        if found == limit and not await asyncio.to_thread(_has_nul, self.root.path / path):
+                        if found == limit and not await asyncio.to_thread(_has_nul, self.root, path):
                             # Nothing past this match is ever sent: no need to wait for rg to finish the file.
-                            yield [*finished, (path, lines)]
+                            finished.append((path, lines))
+                            yield [f for f in finished if await asyncio.to_thread(self._confirmed, *f)]
                             return
                     elif kind == b"end\",":
                         # A NUL byte found after some matches: rg stops, and the file counts as binary.
                         if lines and found < limit and b'"binary_offset":null' in message:
                             finished.append((path, lines))
                         lines, found = [], 0
-                yield finished
+                yield [f for f in finished if await asyncio.to_thread(self._confirmed, *f)]
 
     async def _run(self, args: list[str], separator: bytes) -> AsyncIterator[bytes]:
         """rg's stdout in pieces of whole records (the last separator of each piece left out), and an
@@ -386,15 +414,23 @@ def _json_bytes(field: dict[str, str]) -> bytes:
     return field["text"].encode() if "text" in field else base64.b64decode(field["bytes"])
 
 
-def _has_nul(path: Path) -> bool:
+def _has_nul(root: WorkspaceRoot, path: str) -> bool:
     try:
-        with open(path, "rb") as file:
+        fd = root.os_open(PurePosixPath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
+        with os.fdopen(fd, "rb") as file:
             return any(b"\0" in block for block in iter(lambda: file.read(1 << 20), b""))
     except OSError:
         return True  # gone or unreadable: rg's verdict at the end of the file decides
 
 
 # ------------------------------------------------------------------ Python
+
+
+def _read_beneath(root: WorkspaceRoot, path: str) -> bytes:
+    """A file's bytes, opened beneath the root without following any link (OSError otherwise)."""
+    fd = root.os_open(PurePosixPath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
 
 
 class _PythonEngine:
@@ -441,22 +477,52 @@ class _PythonEngine:
         yield from self._walk_directory(directory if parts else "", chain)
 
     def _walk_directory(self, prefix: str, chain: list) -> Iterator[tuple[str, int]]:
+        # Depth-first with an explicit stack (a tree may be deeper than Python's recursion limit).
+        stack = [self._listing(prefix, chain)]
+        while stack:
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+            elif isinstance(item, tuple):
+                yield item
+            else:
+                stack.append(self._listing(*item))
+
+    def _listing(self, prefix: str, chain: list) -> Iterator[tuple[str, int] | tuple[str, list]]:
+        """A directory's files as (path, size), and its subdirectories to descend into as [path, chain]."""
         chain = [*chain, self._ignore_files(prefix)]
         try:
-            entries = sorted(os.scandir(self.root.path / prefix), key=lambda e: os.fsencode(e.name))
+            # Opened beneath the root with no link followed; closed before descending (one fd at a time).
+            fd = self.root.os_open(PurePosixPath(prefix), os.O_RDONLY | os.O_DIRECTORY, follow=False)
         except OSError:
             return  # unreadable (or vanished) directory: skipped, as rg --no-messages does
-        for entry in entries:
-            path = f"{prefix}/{entry.name}" if prefix else entry.name
-            is_dir = entry.is_dir(follow_symlinks=False)
-            if not is_dir and not entry.is_file(follow_symlinks=False):
+        try:
+            with os.scandir(fd) as scan:
+                listed = [
+                    (entry.name, entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False), entry)
+                    for entry in sorted(scan, key=lambda e: os.fsencode(e.name))
+                ]
+                entries = []
+                for name, is_dir, is_file, entry in listed:
+                    try:
+                        size = entry.stat(follow_symlinks=False).st_size if is_file else 0
+                    except OSError:
+                        continue  # deleted since listed
+                    entries.append((name, is_dir, is_file, size))
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        for name, is_dir, is_file, size in entries:
+            path = f"{prefix}/{name}" if prefix else name
+            if not is_dir and not is_file:
                 continue  # symlinks, FIFOs, sockets
-            if self._skipped(path, entry.name, is_dir, chain):
+            if self._skipped(path, name, is_dir, chain):
                 continue
             if is_dir:
-                yield from self._walk_directory(path, chain)
+                yield [path, chain]
             else:
-                yield path, entry.stat(follow_symlinks=False).st_size
+                yield path, size
 
     def _ignore_files(self, prefix: str) -> tuple[str, list[_Globs | None]]:
         specs: list[_Globs | None] = []
@@ -464,9 +530,9 @@ class _PythonEngine:
             spec = None
             if not self.query.no_ignore:
                 try:
-                    text = (self.root.path / prefix / name).read_text(errors="replace")
+                    text = _read_beneath(self.root, f"{prefix}/{name}" if prefix else name).decode(errors="replace")
                     spec = _Globs(text.splitlines())
-                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                except OSError:
                     pass
                 except GitWildMatchPatternError:
                     pass  # rg skips a pattern it cannot parse; an unparsable file is dropped whole here
@@ -494,7 +560,7 @@ class _PythonEngine:
     def _match_file(self, path: str, limit: int) -> list[_RawLine]:
         assert self.regex is not None
         try:
-            data = (self.root.path / path).read_bytes()
+            data = _read_beneath(self.root, path)
         except OSError:
             return []
         if b"\0" in data:

@@ -8,19 +8,20 @@ That directory is the agent's own: REPLACE never moves it away and CreateArchive
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import shutil
+import secrets
 import stat
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from agent.errors import PreconditionFailed
-from agent.fs.paths import WorkspaceRoot
+from agent.fs.paths import AGENT_DIR_NAME, WorkspaceRoot
 
 log = logging.getLogger(__name__)
 
-STAGING_DIR_NAME = ".workspace-agent"
+STAGING_DIR_NAME = AGENT_DIR_NAME
 
 
 def is_staging_path(root: WorkspaceRoot, real: Path) -> bool:
@@ -66,22 +67,144 @@ class StagingArea:
 
 
 def remove_tree(path: Path) -> None:
-    """Deletes a directory tree, including directories an archive made read-only."""
+    """Deletes a directory tree (or a single entry), including directories an archive made read-only."""
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_tree_at(parent, path.name)
+    finally:
+        os.close(parent)
 
-    def make_writable_and_retry(function, failed_path, _exc_info) -> None:  # noqa: ANN001 - rmtree's hook
-        if not os.path.lexists(failed_path):
-            return  # removed by an earlier retry
-        for path in (os.path.dirname(failed_path), failed_path):
-            mode = os.lstat(path).st_mode
-            if stat.S_ISDIR(mode):
-                os.chmod(path, mode | stat.S_IRWXU)
-        if function is os.rmdir or function is os.unlink:
-            function(failed_path)
-        else:
-            shutil.rmtree(failed_path, onerror=make_writable_and_retry)
 
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=make_writable_and_retry)
+def remove_tree_at(dir_fd: int, name: str) -> None:
+    """Deletes `name` in the directory `dir_fd` and, if it is a directory, everything below it.
+
+    Iterative and by file descriptors, so neither the depth (no recursion limit) nor the length of
+    the paths inside (no PATH_MAX) can stop it; never follows a link; lends owner permissions to
+    directories an archive made read-only.
+    """
+    try:
+        status = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(status.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    current = _open_for_removal(dir_fd, name)
+    below: list[str] = []  # names from `name` down to the directory `current` is
+    try:
+        while True:
+            child = None
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = entry.name
+                        break
+                    _retry_writable(current, lambda entry=entry: os.unlink(entry.name, dir_fd=current))
+            if child is not None:
+                opened = _open_for_removal(current, child)
+                os.close(current)
+                current = opened
+                below.append(child)
+                continue
+            if not below:
+                break
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=current)
+            os.close(current)
+            current = parent
+            emptied = below.pop()
+            _retry_writable(current, lambda: os.rmdir(emptied, dir_fd=current))
+    finally:
+        os.close(current)
+    os.rmdir(name, dir_fd=dir_fd)  # the parent is not ours to lend permissions of
+
+
+def _open_for_removal(dir_fd: int, name: str) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        os.chmod(name, stat.S_IRWXU, dir_fd=dir_fd)
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _retry_writable(dir_fd: int, remove) -> None:  # noqa: ANN001 - a no-argument callable
+    try:
+        remove()
+    except PermissionError:
+        # A read-only directory stops removing its entries: lend it owner permissions (it goes too).
+        try:
+            os.fchmod(dir_fd, stat.S_IRWXU)
+        except OSError:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES)) from None
+        remove()
+
+
+def make_private_directory(root: WorkspaceRoot, prefix: str) -> tuple[int, PurePosixPath]:
+    """Creates a fresh directory `.workspace-agent/<prefix><random>` for one operation's working files;
+    returns an O_PATH fd of it and its root-relative path. Raises PreconditionFailed if the name
+    `.workspace-agent` is taken by something other than a directory (a link there would lead outside)."""
+    while True:
+        root_fd = root.os_open(".", os.O_PATH | os.O_DIRECTORY, follow=False)
+        try:
+            try:
+                os.mkdir(STAGING_DIR_NAME, 0o700, dir_fd=root_fd)
+            except FileExistsError:
+                pass  # another operation's, or a leftover: each uses its own subdirectory
+            try:
+                parent = os.open(STAGING_DIR_NAME, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+            except FileNotFoundError:
+                continue  # removed by the last user between the two calls
+            except OSError:
+                raise PreconditionFailed(f"{STAGING_DIR_NAME} in the workspace root is not a directory; remove it") from None
+        finally:
+            os.close(root_fd)
+        try:
+            name = prefix + secrets.token_hex(6)
+            os.mkdir(name, 0o700, dir_fd=parent)
+            return (
+                os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent),
+                PurePosixPath(STAGING_DIR_NAME, name),
+            )
+        except FileNotFoundError:
+            continue
+        finally:
+            os.close(parent)
+
+
+def remove_private_directory(root: WorkspaceRoot, relative: PurePosixPath) -> None:
+    """Removes a directory of `make_private_directory`, and `.workspace-agent` too once it is empty."""
+    parent = root.os_open(relative.parent, os.O_RDONLY | os.O_DIRECTORY, follow=False)
+    try:
+        remove_tree_at(parent, relative.name)
+    finally:
+        os.close(parent)
+    _remove_agent_directory_if_empty(root)
+
+
+def _remove_agent_directory_if_empty(root: WorkspaceRoot) -> None:
+    root_fd = root.os_open(".", os.O_PATH | os.O_DIRECTORY, follow=False)
+    try:
+        os.rmdir(STAGING_DIR_NAME, dir_fd=root_fd)
+    except OSError:
+        pass  # another operation is using it, or someone else did already
+    finally:
+        os.close(root_fd)
+
+
+def remove_leftovers(root: WorkspaceRoot) -> None:
+    """Removes whatever a crashed or killed agent left in `.workspace-agent/` (edit journals, extraction
+    staging); called when the agent starts, before it serves any call."""
+    root_fd = root.os_open(".", os.O_PATH | os.O_DIRECTORY, follow=False)
+    try:
+        if stat.S_ISDIR(os.stat(STAGING_DIR_NAME, dir_fd=root_fd, follow_symlinks=False).st_mode):
+            remove_tree_at(root_fd, STAGING_DIR_NAME)
+            log.info("removed the working files an earlier agent left behind", extra={"directory": STAGING_DIR_NAME})
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.exception("could not remove the working files an earlier agent left behind")
+    finally:
+        os.close(root_fd)
 
 
 class Swap:
@@ -130,21 +253,27 @@ class Swap:
         self._undo.clear()
 
     def _merge(self, source: Path, destination: Path) -> None:
-        # Whole subtrees the destination lacks move in with one rename; only shared directories recurse.
-        with os.scandir(source) as entries:
-            staged = sorted(entries, key=lambda e: e.name)
-        for entry in staged:
-            target = destination / entry.name
-            try:
-                existing = os.lstat(target)
-            except FileNotFoundError:
-                self._place(Path(entry.path), target)
-                continue
-            if stat.S_ISDIR(existing.st_mode) and entry.is_dir(follow_symlinks=False):
-                self._merge(Path(entry.path), target)
-            else:
-                self._move_aside(target)
-                self._place(Path(entry.path), target)
+        # Whole subtrees the destination lacks move in with one rename; only shared directories are
+        # descended into, iteratively (a tree deeper than Python's recursion limit merges too).
+        pending = [(source, destination)]
+        while pending:
+            source, destination = pending.pop()
+            with os.scandir(source) as entries:
+                staged = sorted(entries, key=lambda e: e.name)
+            shared = []
+            for entry in staged:
+                target = destination / entry.name
+                try:
+                    existing = os.lstat(target)
+                except FileNotFoundError:
+                    self._place(Path(entry.path), target)
+                    continue
+                if stat.S_ISDIR(existing.st_mode) and entry.is_dir(follow_symlinks=False):
+                    shared.append((Path(entry.path), target))
+                else:
+                    self._move_aside(target)
+                    self._place(Path(entry.path), target)
+            pending += reversed(shared)
 
     def _move_aside(self, path: Path) -> None:
         backup = self._displaced / str(len(self._undo))

@@ -20,6 +20,9 @@ BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 # Largest pax or GNU long-name header accepted; real ones are a few hundred bytes.
 MAX_EXTENDED_HEADER = 1024 * 1024
+# Modification times beyond this (about year 33,000) are refused: no filesystem stores them, and the
+# system calls that set them overflow (a base-256 field or a pax record can hold any number).
+MAX_MTIME = 1 << 40
 # Typeflags whose header is followed by `size` bytes of content (regular, old regular, contiguous).
 REGULAR_TYPES = (b"0", b"\0", b"7")
 _POSIX_MAGIC = b"ustar\x0000"
@@ -117,6 +120,8 @@ class TarReader:
                     raise ValueError
             except ValueError:
                 raise InvalidArgument(f"archive is corrupt: bad size or mtime in the pax header of {name!r}") from None
+        if not -MAX_MTIME <= mtime <= MAX_MTIME:
+            raise InvalidArgument(f"archive member {name!r} has a modification time out of range ({mtime:.0f} seconds)")
         if typeflag == b"\0" and name.endswith("/"):
             typeflag = b"5"  # a pre-POSIX directory
         sparse = typeflag == b"S" or any(key.startswith("GNU.sparse.") for key in pax)

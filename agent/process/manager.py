@@ -101,9 +101,7 @@ class ProcessManager:
         argv = _argv(spec)
         if spec.name and not PROCESS_NAME.fullmatch(spec.name):
             raise InvalidArgument(f"process name {spec.name!r}: use 1 to 64 letters, digits, '-', '_' or '.'")
-        cwd = self._root.resolve(spec.cwd, must_exist=True)
-        if not cwd.is_dir():
-            raise InvalidArgument(f"cwd {spec.cwd!r} is not a directory")
+        cwd = self._root.working_directory(spec.cwd)  # opened beneath the root, so no swapped-in link leads out
         if spec.timeout is not None and spec.timeout < 0:
             raise InvalidArgument("timeout must not be negative")
         env = _environment(spec.env)
@@ -122,7 +120,7 @@ class ProcessManager:
             command = await Command.spawn(
                 argv,
                 cwd=cwd,
-                display_cwd=self._root.relative(cwd),
+                display_cwd=cwd.relative,
                 env=env,
                 pty=pty,
                 open_stdin=spec.open_stdin,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -17,9 +18,12 @@ import grpc
 import pytest
 from grpc import aio
 
+from agent.fs.staging import remove_tree
 from tests.agent.helpers import snapshot, status_of_stream
-from tests.conftest import AgentTarget, start_inprocess_agent
+from tests.conftest import AgentTarget, start_container_agent, start_inprocess_agent
+from tests.docker_support import WORKSPACE_UID, hand_over_to_workspace_user
 from workspace.agent.v1 import agent_pb2 as pb
+from workspace.agent.v1 import agent_pb2_grpc
 
 STAGING = ".workspace-agent"
 UPLOAD_CHUNK = 64 * 1024
@@ -569,3 +573,118 @@ async def test_create_of_a_bad_path_or_pattern(agent: AgentTarget, request_: pb.
     (agent.root / STAGING).mkdir()
     got, details = await status_of_stream(agent.stub.CreateArchive(request_, metadata=agent.metadata))
     assert got == code and fragment in details
+
+
+async def test_archives_taken_while_edits_run_never_hold_the_agents_working_files(agent: AgentTarget) -> None:
+    (agent.root / "src").mkdir()
+    for i in range(5):
+        (agent.root / "src" / f"f{i}.txt").write_text("v0\n")
+    # Handed over once, then a plain channel: the container target's hand-over walks the tree before
+    # each call, racing the edits' own working files.
+    hand_over_to_workspace_user(agent.root)
+    channel = aio.insecure_channel(agent.address)
+    agent = dataclasses.replace(agent, channel=channel, stub=agent_pb2_grpc.AgentServiceStub(channel))
+
+    async def edits() -> None:
+        for round_ in range(40):
+            await agent.stub.Edit(
+                pb.EditRequest(operations=[
+                    pb.EditOperation(write=pb.WriteFile(path=f"src/f{i}.txt", content=f"v{round_}\n".encode()))
+                    for i in range(5)
+                ]),
+                metadata=agent.metadata,
+            )  # fmt: skip
+
+    editing = asyncio.ensure_future(edits())
+    archives = 0
+    while not editing.done() or archives < 3:
+        data, summary, _ = await create(agent, "")
+        names = member_names(data)
+        assert not [n for n in names if ".agent-edit" in n or ".workspace-agent" in n]
+        assert summary.files == 5
+        archives += 1
+    await editing
+    await channel.close()
+
+
+async def test_a_very_deep_member_path_is_extracted_or_refused_and_leaves_no_staging(agent: AgentTarget) -> None:
+    # Up to 6,000 bytes of path in 600 components (a test's own os.walk stays within the recursion limit).
+    extracted = 0
+    for depth in (100, 390, 400, 600):
+        name = "component/" * depth + "leaf.txt"
+        try:
+            await extract(agent, targz(member(name, b"deep")), destination="deep", mode=MERGE)
+            extracted += 1
+        except aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            assert "longer than the filesystem allows" in error.details()
+            assert str(agent.root) not in error.details() and "/app" not in error.details()
+        assert not (agent.root / ".workspace-agent").exists()
+    # What was extracted is archived and deleted like any tree, however deep.
+    data, summary, _ = await create(agent, "deep")
+    assert 1 <= extracted < 4 and summary.files == extracted  # 600 components never fit; how many fit depends on the root's own path
+    await agent.stub.Edit(
+        pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path="deep", recursive=True))]), metadata=agent.metadata
+    )
+    assert os.listdir(agent.root) == []
+
+
+def _leave_crash_remains(root: Path, depth: int = 1500) -> None:
+    """What a kill -9 mid-edit and mid-extraction leaves: journals and staging trees, one very deep."""
+    deep = root / ".workspace-agent" / "extract-dead" / "tree"
+    deep.mkdir(parents=True)
+    (root / ".workspace-agent" / "edit-dead").mkdir()
+    (root / ".workspace-agent" / "edit-dead" / "1").write_text("backup")
+    (root / "kept.txt").write_text("kept\n")
+    hand_over_to_workspace_user(root)  # as the agent's user made them
+    owner = (WORKSPACE_UID, WORKSPACE_UID) if os.geteuid() == 0 else None
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):  # by default deeper than Python's recursion limit, longer than PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            if owner:
+                os.chown("d", *owner, dir_fd=fd)
+            following = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = following
+        with open(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "w") as file:
+            file.write("x")
+        os.fchmod(fd, 0o500)  # as an archive can leave a directory
+    finally:
+        os.close(fd)
+
+
+async def test_what_a_killed_agent_left_is_removed_when_the_agent_starts(tmp_path: Path) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    _leave_crash_remains(root)
+    try:
+        server, target = await start_inprocess_agent(root)
+        try:
+            assert os.listdir(root) == ["kept.txt"]
+            data, summary, _ = await create(target, "")
+            assert member_names(data) == ["kept.txt"]
+        finally:
+            await target.channel.close()
+            await server.stop(None)
+    finally:
+        remove_tree(root / ".workspace-agent")  # if left: too deep for pytest's own (recursive) cleanup
+
+
+@pytest.mark.docker
+async def test_what_a_killed_agent_left_is_removed_when_the_agent_starts_in_a_container(
+    tmp_path: Path, docker_client, core_image
+) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    # Within the recursion limit here: starting the container hands the tree over with os.walk, which recurses.
+    _leave_crash_remains(root, depth=900)
+    try:
+        container, target = await start_container_agent(docker_client, core_image, root)
+        try:
+            assert os.listdir(root) == ["kept.txt"]
+        finally:
+            await target.channel.close()
+            container.remove(force=True)
+    finally:
+        remove_tree(root / ".workspace-agent")  # if left: too deep for pytest's own (recursive) cleanup

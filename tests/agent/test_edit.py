@@ -4,6 +4,9 @@ every refusal leaving the workspace byte-for-byte as it was."""
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -11,7 +14,7 @@ import pytest
 from grpc import aio
 
 from agent.errors import PreconditionFailed
-from agent.fs.edit import EditPlan, WriteFile
+from agent.fs.edit import EditPlan, ReplaceText, WriteFile
 from agent.fs.paths import WorkspaceRoot
 from tests.agent.helpers import snapshot
 from tests.conftest import AgentTarget
@@ -287,3 +290,78 @@ async def test_a_failure_while_applying_rolls_back_every_step(agent: AgentTarget
     with pytest.raises(PreconditionFailed, match="rolled back"):
         plan.apply()
     assert snapshot(agent.root) == before  # restored, and no temp file or backup left behind
+
+
+async def test_an_edit_whose_diff_exceeds_the_message_limit_is_applied_and_reported_with_a_cut_diff(agent: AgentTarget) -> None:
+    # Three files of 900 KB whose every line changes: a diff of about 5.4 MB, past the 4 MiB message limit.
+    line = "const a = 1; // " + "x" * 40 + "\n"
+    lines = 900_000 // len(line)
+    for name in ("one.js", "two.js", "three.js"):
+        (agent.root / name).write_text(line * lines)
+    reply = await edit(
+        agent,
+        *(replace(name, "const a", "const b", expected_occurrences=lines) for name in ("one.js", "two.js", "three.js")),
+    )
+    changed = (line.replace("const a", "const b") * lines).encode()
+    assert [(f.path, f.sha256) for f in reply.files] == [(n, sha(changed)) for n in ("one.js", "two.js", "three.js")]
+    for name in ("one.js", "two.js", "three.js"):
+        assert (agent.root / name).read_bytes() == changed
+    assert reply.diff.startswith("--- a/one.js\n+++ b/one.js\n")
+    assert reply.diff.endswith("(the response size limit)\n") and "diff truncated" in reply.diff
+    assert reply.ByteSize() < 4 * 1024 * 1024
+
+
+@pytest.mark.inprocess_only("needs root in the test to give a file another owner; the container's hand-over resets owners")
+async def test_edit_keeps_the_owner_and_mode_of_a_file_owned_by_another_user(agent: AgentTarget) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file another owner needs root")
+    path = agent.root / "owned.txt"
+    path.write_text("one\n")
+    os.chown(path, 12345, 23456)
+    path.chmod(0o640)
+    await edit(agent, replace("owned.txt", "one", "two"))
+    await edit(agent, write("owned.txt", b"three\n"))
+    await edit(agent, insert("owned.txt", 1, "zero\n"))
+    status = path.stat()
+    assert path.read_text() == "zero\nthree\n"
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (12345, 23456, 0o640)
+
+
+def test_an_edit_the_agent_cannot_write_back_with_its_owner_is_refused_before_any_change() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file another owner, and acting as another user, needs root")
+    root = Path(tempfile.mkdtemp(prefix="agentfs-owner-"))
+    try:
+        (root / "mine.txt").write_text("mine\n")
+        (root / "theirs.txt").write_text("theirs\n")
+        for path in (root, root / "mine.txt"):
+            os.chown(path, 1000, 1000)
+        os.chown(root / "theirs.txt", 12345, 12345)
+        (root / "theirs.txt").chmod(0o666)  # writable by anyone: only the owner is in question
+        before = snapshot(root)
+        plan = None
+        os.setegid(1000)
+        os.seteuid(1000)  # the agent's user in the core image
+        try:
+            with pytest.raises(PreconditionFailed) as refusal:
+                plan = EditPlan(WorkspaceRoot(root), [ReplaceText("mine.txt", "mine", "MINE"), ReplaceText("theirs.txt", "theirs", "x")])
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert plan is None
+        assert str(refusal.value).startswith("operation 2 (ReplaceText theirs.txt): theirs.txt: is owned by uid 12345")
+        assert snapshot(root) == before
+        assert (root / "theirs.txt").stat().st_uid == 12345
+    finally:
+        shutil.rmtree(root)
+
+
+async def test_edits_never_leave_working_files_and_cannot_touch_the_agents_directory(agent: AgentTarget) -> None:
+    (agent.root / "src").mkdir()
+    (agent.root / "src" / "a.txt").write_text("a\n")
+    await edit(agent, write("src/a.txt", b"b\n"), write("src/b.txt", b"new\n"), move("src/b.txt", "src/c.txt"), delete("src/a.txt"))
+    code, _ = await refused(agent, write("src/c.txt", b"x"), replace("src/c.txt", "missing", "y"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert sorted(p.relative_to(agent.root).as_posix() for p in agent.root.rglob("*")) == ["src", "src/c.txt"]
+    code, message = await refused(agent, write(".workspace-agent/planted", b"x"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "agent's own working directory" in message
