@@ -130,7 +130,9 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if isinstance(error, self._domain):
             await context.abort(status_code_for(error, self._table), str(error))
         log.exception("unexpected error in RPC", exc_info=error)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        # An OSError's text names the files involved by the server's own absolute paths: only its reason goes out.
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {reason}")
 
     async def intercept_service(
         self,

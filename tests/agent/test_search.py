@@ -4,6 +4,7 @@ same files, lines, submatch offsets and order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -315,6 +316,25 @@ async def test_no_pattern_stalls_the_agent(engine: str, tmp_path: Path) -> None:
     finally:
         await agent.channel.close()
         await server.stop(None)
+
+
+async def test_searches_and_reads_cut_short_by_any_deadline_leave_no_open_stream(agent: AgentTarget) -> None:
+    # Deadlines of 1 to 5 ms end streams before, between and after their messages: every one of them must
+    # stop counting as open (the idle reaper would take the workspace for busy forever).
+    (agent.root / "many.txt").write_bytes(b"needle\n" * 50_000)
+    for attempt in range(40):
+        timeout = 0.001 * (1 + attempt % 5)
+        search = agent.stub.Search(pb.SearchRequest(pattern="needle"), metadata=agent.metadata, timeout=timeout)
+        read = agent.stub.Read(pb.ReadRequest(path="many.txt", chunk_size=1024), metadata=agent.metadata, timeout=timeout)
+        for call in (search, read):
+            with contextlib.suppress(aio.AioRpcError):
+                await collect(call)
+    for _ in range(100):
+        activity = await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)
+        if activity.open_streams == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert activity.open_streams == 0
 
 
 def rg_children() -> list[int]:
