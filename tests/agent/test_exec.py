@@ -372,13 +372,20 @@ async def test_concurrent_commands_are_capped(tmp_path: Path) -> None:
         await server.stop(None)
 
 
-async def marked_processes(agent: AgentTarget, marker: str) -> list[int]:
-    """Pids (zombies aside) whose command line holds `marker`, a unique `sleep` duration `<digits>.<digits>`;
-    the grep itself is left out by writing the dot as `[.]`."""
+async def marked_processes(agent: AgentTarget, marker: str) -> dict[int, int]:
+    """The process group of each process (zombies aside) whose command line holds `marker`, a unique `sleep`
+    duration `<digits>.<digits>`, by pid; the grep itself is left out by writing the dot as `[.]`."""
     pattern = marker.replace(".", "[.]")
-    script = f"for f in $(grep -ls {pattern} /proc/[0-9]*/cmdline); do d=${{f%/cmdline}}; echo ${{d#/proc/}}; done"
-    pids = [int(line) for line in (await run(agent, shell=script)).stdout.split()]
-    return [pid for pid in pids if await alive(agent, pid)]
+    script = (
+        f"for f in $(grep -ls {pattern} /proc/[0-9]*/cmdline); do d=${{f%/cmdline}};"
+        " echo ${d#/proc/} $(cut -d')' -f2 $d/stat 2>/dev/null | cut -d' ' -f5); done"
+    )
+    groups = {}
+    for line in (await run(agent, shell=script)).stdout.decode().splitlines():
+        pid, *group = line.split()
+        if group and await alive(agent, int(pid)):
+            groups[int(pid)] = int(group[0])
+    return groups
 
 
 async def test_exec_calls_cancelled_at_any_point_leave_no_process_and_no_open_stream(agent: AgentTarget) -> None:
@@ -389,15 +396,38 @@ async def test_exec_calls_cancelled_at_any_point_leave_no_process_and_no_open_st
         deadline = 0.001 * (1 + attempt % 5)
         with contextlib.suppress(aio.AioRpcError):
             await run_with_timeout(agent, deadline, shell=f"sleep {marker} & sleep {marker}; wait")
-    survivors: list[int] = []
+    survivors: dict[int, int] = {}
     for _ in range(150):  # the agent kills with SIGTERM, then SIGKILL after KILL_GRACE
         survivors = await marked_processes(agent, marker)
         activity = await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)
         if not survivors and activity.open_streams == 0 and activity.running_commands == 0:
             break
         await asyncio.sleep(0.05)
-    assert survivors == []
+    assert survivors == {}
     assert (activity.open_streams, activity.running_commands) == (0, 0)
+
+
+async def test_named_processes_cancelled_while_spawned_are_listed_or_gone(agent: AgentTarget) -> None:
+    # A named process outlives its call once started; one whose call ended while it was being spawned
+    # must not run on unlisted, where nobody could stop it.
+    marker = f"1000.{secrets.randbelow(10**9):09d}"
+    for attempt in range(30):
+        with contextlib.suppress(aio.AioRpcError):
+            shell = f"sleep {marker} & sleep {marker}; wait"
+            await run_with_timeout(agent, 0.001 * (1 + attempt % 5), shell=shell, name=f"n{attempt}")
+    listed: set[int] = set()
+    survivors: dict[int, int] = {}
+    for _ in range(150):  # by process group: a listed process's children are its
+        processes = (await agent.stub.ListProcesses(pb.ListProcessesRequest(), metadata=agent.metadata)).processes
+        listed = {p.pid for p in processes if p.running}
+        survivors = await marked_processes(agent, marker)
+        if set(survivors.values()) <= listed:
+            break
+        await asyncio.sleep(0.05)
+    assert set(survivors.values()) <= listed
+    for process in processes:
+        request = pb.StopProcessRequest(name=process.name, signal=signal.SIGKILL, remove=True)
+        await agent.stub.StopProcess(request, metadata=agent.metadata)
 
 
 async def run_with_timeout(agent: AgentTarget, timeout: float, **start: object) -> None:
