@@ -187,7 +187,8 @@ def invalid_utf8_cases() -> list[tuple[str, MethodDescriptor, str, bytes]]:
             with_placeholder(message, path)
             data = message.SerializeToString()
             assert data.count(PLACEHOLDER.encode()) == 1, (method.full_name, path)
-            cases.append((name, method, ".".join(f.name for f in path), data.replace(PLACEHOLDER.encode(), INVALID_UTF8)))
+            corrupted = data.replace(PLACEHOLDER.encode(), INVALID_UTF8)
+            cases.append((name, method, ".".join(f.name for f in path), corrupted))
     return cases
 
 
@@ -225,7 +226,8 @@ def field_values(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
             return st.dictionaries(keys, field_values(entry.fields_by_name["value"], depth + 1), max_size=3)
         values = messages(entry, depth + 1)
     elif kind == FieldDescriptor.TYPE_STRING:
-        values = st.sampled_from(["", ".", "..", "/", "file.txt", "missing", "a/../..", "\x00", "*"]) | st.text(max_size=30)
+        samples = ["", ".", "..", "/", "file.txt", "missing", "a/../..", "\x00", "*"]
+        values = st.sampled_from(samples) | st.text(max_size=30)
     elif kind == FieldDescriptor.TYPE_BYTES:
         values = st.binary(max_size=64)
     elif kind == FieldDescriptor.TYPE_BOOL:
@@ -279,8 +281,12 @@ def method_and_requests(draw: st.DrawFn, service: str) -> tuple[MethodDescriptor
 
 
 @pytest.mark.parametrize("service", list(SERVICES))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
-def test_random_requests_never_get_unknown_or_internal(served: dict[str, Served], service: str, data: st.DataObject) -> None:
+def test_random_requests_never_get_unknown_or_internal(
+    served: dict[str, Served], service: str, data: st.DataObject
+) -> None:
     method, payloads = data.draw(method_and_requests(service))
     assert call(served[service], method, payloads) not in UNEXPLAINED, (method.full_name, payloads)

@@ -262,9 +262,12 @@ def _require_executable(program: str, cwd: os.PathLike[str], env: dict[str, str]
 
 
 def _require_path_fits(program: str, path: str) -> None:
+    """Raises InvalidArgument for a program path longer than any path can be (ENAMETOOLONG at exec)."""
     name_max = os.pathconf("/", "PC_NAME_MAX")
     if any(len(os.fsencode(part)) > name_max for part in program.split("/")):
-        raise InvalidArgument(f"program path {_shorten(program)}: a path component is longer than {name_max} bytes (NAME_MAX)")
+        raise InvalidArgument(
+            f"program path {_shorten(program)}: a path component is longer than {name_max} bytes (NAME_MAX)"
+        )
     path_max = os.pathconf("/", "PC_PATH_MAX")
     if len(os.fsencode(path)) >= path_max:
         raise InvalidArgument(
@@ -295,7 +298,10 @@ def _spawn_error(error: OSError, argv: list[str], env: dict[str, str] | None) ->
 def _too_long(argv: list[str], env: dict[str, str] | None) -> str:
     """Which limit a command line over the kernel's (E2BIG) broke, and how far."""
     environment = os.environ if env is None else env
-    strings = [*(("argument", str(i), a) for i, a in enumerate(argv)), *(("environment variable", k, f"{k}={v}") for k, v in environment.items())]
+    strings = [
+        *(("argument", str(index), arg) for index, arg in enumerate(argv)),
+        *(("environment variable", key, f"{key}={value}") for key, value in environment.items()),
+    ]
     for kind, which, text in strings:
         size = len(os.fsencode(text)) + 1
         if size > MAX_ARG_STRLEN:
@@ -303,7 +309,7 @@ def _too_long(argv: list[str], env: dict[str, str] | None) -> str:
                 f"{kind} {which} is {size} bytes; Linux allows at most {MAX_ARG_STRLEN} bytes (MAX_ARG_STRLEN) in one"
                 " argument or environment string: pass large data on stdin or in a file"
             )
-    total = sum(len(os.fsencode(text)) + 1 + 8 for _, _, text in strings)
+    total = sum(len(os.fsencode(text)) + 1 + 8 for _, _, text in strings)  # and a pointer to each
     return (
         f"the command line and environment take {total} bytes; Linux allows at most {os.sysconf('SC_ARG_MAX')}"
         " bytes (ARG_MAX) together: pass large data on stdin or in a file"

@@ -325,7 +325,8 @@ async def test_searches_and_reads_cut_short_by_any_deadline_leave_no_open_stream
     for attempt in range(40):
         timeout = 0.001 * (1 + attempt % 5)
         search = agent.stub.Search(pb.SearchRequest(pattern="needle"), metadata=agent.metadata, timeout=timeout)
-        read = agent.stub.Read(pb.ReadRequest(path="many.txt", chunk_size=1024), metadata=agent.metadata, timeout=timeout)
+        read_request = pb.ReadRequest(path="many.txt", chunk_size=1024)
+        read = agent.stub.Read(read_request, metadata=agent.metadata, timeout=timeout)
         for call in (search, read):
             with contextlib.suppress(aio.AioRpcError):
                 await collect(call)
