@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -31,6 +32,28 @@ class ActivityTracker:
     def touch(self) -> None:
         self.last_activity = time.time()
 
+    @contextlib.contextmanager
+    def call(self, context: aio.ServicerContext) -> Iterator[None]:
+        """Counts a call as open from here until it ends, whichever comes first: its handler finishing,
+        or gRPC finishing the call (a stream cancelled between two messages leaves the handler's
+        generator suspended, to be closed whenever it is collected). Counted down exactly once."""
+        self.touch()
+        self.open_streams += 1
+        ended = False
+
+        def end(_: object = None) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.open_streams -= 1
+                self.touch()
+
+        context.add_done_callback(end)
+        try:
+            yield
+        finally:
+            end()
+
 
 class ActivityInterceptor(aio.ServerInterceptor):
     """Records every non-passive call's start and end, and keeps count of open streams."""
@@ -50,26 +73,17 @@ class ActivityInterceptor(aio.ServerInterceptor):
 
         def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
-                tracker.touch()
-                tracker.open_streams += 1
-                try:
+                with tracker.call(context):
                     return await behavior(request, context)
-                finally:
-                    tracker.open_streams -= 1
-                    tracker.touch()
 
             return call
 
         def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
             async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                tracker.touch()
-                tracker.open_streams += 1
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    tracker.open_streams -= 1
-                    tracker.touch()
+                with tracker.call(context):
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            yield response
 
             return call
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from google.protobuf.duration_pb2 import Duration
@@ -180,8 +181,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ExecResponse]:
-        async for event in self.processes.exec(messages.exec_requests(request_iterator)):
-            yield messages.exec_response(event)
+        # Closed with this generator (at the call's end), so the command is killed then, not when collected.
+        async with contextlib.aclosing(self.processes.exec(messages.exec_requests(request_iterator))) as events:
+            async for event in events:
+                yield messages.exec_response(event)
 
     async def ListProcesses(self, request: pb.ListProcessesRequest, context: aio.ServicerContext) -> pb.ListProcessesResponse:
         return pb.ListProcessesResponse(processes=[messages.process_info(c) for c in self.processes.list()])

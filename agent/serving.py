@@ -9,6 +9,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from agent.interceptors import RequestDecodingInterceptor
+
 # Large enough for one 1 MiB chunk plus framing, in both directions.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 CHANNEL_OPTIONS = (
@@ -19,8 +21,12 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def new_server(interceptors: Sequence[aio.ServerInterceptor]) -> aio.Server:
-    """A grpc.aio server with our message limits; no port reuse, so a taken port fails to bind."""
-    return aio.server(interceptors=list(interceptors), options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+    """A grpc.aio server with our message limits and `interceptors`, then (innermost, so after auth) the one
+    that answers INVALID_ARGUMENT for a request that does not decode; no port reuse, so a taken port fails to bind."""
+    return aio.server(
+        interceptors=[*interceptors, RequestDecodingInterceptor()],
+        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+    )
 
 
 async def add_health_and_reflection(server: aio.Server, service_name: str) -> health_aio.HealthServicer:

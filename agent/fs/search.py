@@ -1,5 +1,6 @@
-"""Searching the workspace: file contents (literal or regex) or file names, with ripgrep when it is
-installed (beside the interpreter or on PATH) and a pure-Python engine otherwise that walks, filters and matches exactly as ripgrep does."""
+"""Searching the workspace: file contents (literal or regex) or file names, with ripgrep when it is installed
+(beside the interpreter or on PATH) and a Python engine otherwise that walks, filters and matches as ripgrep
+does (with RE2, which like ripgrep's regex runs in linear time)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import base64
 import contextlib
 import json
 import os
-import re
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
 import pathspec
+import re2
 from pathspec.patterns.gitwildmatch import GitWildMatchPatternError
 
 from agent.errors import InvalidArgument, NotFound
@@ -447,24 +449,38 @@ class _PythonEngine:
         except GitWildMatchPatternError as error:
             raise InvalidArgument(f"bad glob: {error}") from None
         self.has_includes = bool(query.include_globs)
-        self.regex: re.Pattern[str] | None = None
+        self.regex: re2._Regexp | None = None  # matches one line (bytes)
+        self.anywhere: re2._Regexp | None = None  # false when no line of a file (bytes) can match
         if query.pattern:
-            flags = re.MULTILINE | (re.IGNORECASE if query.ignore_case else 0)
+            options = re2.Options()
+            options.case_sensitive = not query.ignore_case
+            options.log_errors = False
+            pattern = _unicode_classes(query.pattern) if query.regex else re2.escape(query.pattern)
             try:
-                self.regex = re.compile(query.pattern if query.regex else re.escape(query.pattern), flags)
-            except re.error as error:
-                raise InvalidArgument(f"bad regex: {error}") from None
+                self.regex = re2.compile(pattern, options)
+                # \A and \z anchor at a line's ends for rg, at the file's for a whole-file search: no shortcut then.
+                whole_file = "" if query.regex and ("\\A" in pattern or "\\z" in pattern) else pattern
+                self.anywhere = re2.compile(f"(?m:{whole_file})", options)
+            except re2.error as error:
+                message = error.args[0].decode(errors="replace") if error.args else str(error)
+                raise InvalidArgument(
+                    f"bad regex (ripgrep's syntax, without look-around or backreferences): {message}"
+                ) from None
+        # Set when the search ends: the worker thread stops at the next file.
+        self.stopped = threading.Event()
 
     def files(self, directory: str) -> AsyncIterator[list[tuple[str, int]]]:
         """(path, size) of the files to search, in ripgrep's order, in chunks."""
-        return _in_thread(self._walk(directory))
+        return _in_thread(self._walk(directory), self.stopped)
 
     def matches(self, directory: str, limit: int) -> AsyncIterator[list[tuple[str, list[_RawLine]]]]:
         """Each file's lines up to its `limit`-th match, in ripgrep's order, in chunks of files."""
-        return _in_thread(self._match_files(directory, limit))
+        return _in_thread(self._match_files(directory, limit), self.stopped)
 
     def _match_files(self, directory: str, limit: int) -> Iterator[tuple[str, list[_RawLine]] | None]:
         for path, _ in self._walk(directory):
+            if self.stopped.is_set():
+                return
             lines = self._match_file(path, limit)
             yield (path, lines) if lines else None  # None still lets _in_thread read the clock
 
@@ -558,18 +574,16 @@ class _PythonEngine:
         return name.startswith(".") and not self.query.hidden
 
     def _match_file(self, path: str, limit: int) -> list[_RawLine]:
-        assert self.regex is not None
+        assert self.regex is not None and self.anywhere is not None
         try:
             data = _read_beneath(self.root, path)
         except OSError:
             return []
-        if b"\0" in data:
+        if b"\0" in data or not self.anywhere.search(data):
             return []
-        text = data.decode(errors="surrogateescape")  # invalid bytes survive the round trip
-        if not self.regex.search(text):
-            return []
-        lines = text.split("\n")
-        if lines[-1] == "":
+        # Bytes throughout, as rg: spans are byte offsets, and invalid UTF-8 matches no character.
+        lines = data.split(b"\n")
+        if lines[-1] == b"":
             lines.pop()
         before, after = self.query.context_before, self.query.context_after
         found: list[_RawLine] = []
@@ -578,20 +592,17 @@ class _PythonEngine:
         pending_after = 0
         for index, line in enumerate(lines):
             number = index + 1
-            spans = [(m.start(), m.end()) for m in self.regex.finditer(line)]
+            spans = _spans(self.regex, line)
             if spans:
                 for context in range(max(last_sent + 1, number - before), number):
-                    found.append((context, _encode(lines[context - 1]), None))
-                encoded = _encode(line)
-                if not line.isascii():
-                    spans = [(len(_encode(line[:s])), len(_encode(line[:e]))) for s, e in spans]
-                found.append((number, encoded, spans))
+                    found.append((context, lines[context - 1], None))
+                found.append((number, line, spans))
                 matched += 1
                 if matched == limit:
                     break
                 last_sent, pending_after = number, after
             elif pending_after:
-                found.append((number, _encode(line), None))
+                found.append((number, line, None))
                 last_sent, pending_after = number, pending_after - 1
         return found
 
@@ -616,13 +627,64 @@ class _Globs:
         return None
 
 
-def _encode(text: str) -> bytes:
-    return text.encode(errors="surrogateescape")
+def _spans(regex: re2._Regexp, line: bytes) -> list[tuple[int, int]]:
+    """The matches in `line`, as Rust's regex iterates them: an empty match right where the previous match
+    ended is not one."""
+    spans: list[tuple[int, int]] = []
+    for match in regex.finditer(line):
+        start, end = match.span()
+        if start == end and spans and spans[-1][1] == start:
+            continue
+        spans.append((start, end))
+    return spans
 
 
-async def _in_thread(items: Iterator[_Item | None]) -> AsyncIterator[list[_Item]]:
+# Rust's regex (so rg's) gives \d, \s and \w their Unicode meaning, RE2 its ASCII one: the Unicode
+# classes, spelled for RE2 (White_Space; Alphabetic, marks, digits, connectors and joiners).
+_UNICODE_CLASSES = {"d": r"\p{Nd}", "s": r"\t-\r\x{85}\p{Z}", "w": r"\p{L}\p{Nl}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}"}
+
+
+def _unicode_classes(pattern: str) -> str:
+    """`pattern` with \\d, \\s, \\w (and, outside brackets, \\D, \\S, \\W) written as Unicode classes for RE2."""
+    out: list[str] = []
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            escaped = pattern[i + 1]
+            spelled = _UNICODE_CLASSES.get(escaped.lower())
+            if spelled and in_class and escaped.islower():
+                out.append(spelled)
+            elif spelled and not in_class:
+                out.append(f"[{'^' if escaped.isupper() else ''}{spelled}]")
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+            out.append(char)
+            # A `]` (after an optional `^`) right after the opening bracket is a literal.
+            i += 1
+            if pattern.startswith("^", i):
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):
+                out.append("]")
+                i += 1
+            continue
+        if char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+async def _in_thread(items: Iterator[_Item | None], stopped: threading.Event) -> AsyncIterator[list[_Item]]:
     """Runs a blocking iterator in a worker thread, handing over up to PYTHON_BATCH_FILES items per hop, and
-    what it has (maybe nothing) after BATCH_WAIT. None items are skipped; they only let the clock be read."""
+    what it has (maybe nothing) after BATCH_WAIT. None items are skipped; they only let the clock be read.
+    When the consumer leaves (the search ended or was cancelled), `stopped` is set, for the worker to stop."""
 
     def take() -> tuple[list[_Item], bool]:
         chunk: list[_Item] = []
@@ -630,11 +692,14 @@ async def _in_thread(items: Iterator[_Item | None]) -> AsyncIterator[list[_Item]
         for item in items:
             if item is not None:
                 chunk.append(item)
-            if len(chunk) == PYTHON_BATCH_FILES or time.monotonic() >= deadline:
-                return chunk, False
+            if len(chunk) == PYTHON_BATCH_FILES or time.monotonic() >= deadline or stopped.is_set():
+                return chunk, stopped.is_set()
         return chunk, True
 
     done = False
-    while not done:
-        chunk, done = await asyncio.to_thread(take)
-        yield chunk
+    try:
+        while not done:
+            chunk, done = await asyncio.to_thread(take)
+            yield chunk
+    finally:
+        stopped.set()

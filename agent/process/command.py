@@ -128,6 +128,7 @@ class Command:
         self._process = process
         self._terminal = terminal  # the PTY master, None for pipes
         self._open_stdin = open_stdin
+        self._stdin_closed = False  # by the caller (CloseStdin); the command closing its end is no error
         self._exited = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._killer: asyncio.Task[CommandExit] | None = None
@@ -205,6 +206,7 @@ class Command:
                 await self._write_stdin(data)
             case CloseStdin():
                 self._require_stdin()
+                self._stdin_closed = True
                 if self._terminal is None:
                     self.release_stdin()
                 else:
@@ -255,7 +257,10 @@ class Command:
             raise InvalidArgument("stdin is /dev/null: start the command with ExecStart.open_stdin to send input")
 
     async def _write_stdin(self, data: bytes) -> None:
-        # Input for a command that already exited (or closed its stdin) is dropped, as a pipe would.
+        if self._stdin_closed and self._terminal is None:
+            raise InvalidArgument("stdin was already closed by close_stdin; no input may follow it")
+        # Input for a command that exited, or closed its stdin, is dropped, as a pipe would (and so not
+        # an error that would end the call before the command's exit is reported).
         if not self.running:
             return
         if self._terminal is not None:
@@ -264,7 +269,7 @@ class Command:
         stdin = self._process.stdin
         assert stdin is not None
         if stdin.is_closing():
-            raise InvalidArgument("stdin was already closed")
+            return
         try:
             stdin.write(data)
             await stdin.drain()

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import shutil
 import signal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent import telemetry
 from agent.config import AgentConfig
-from agent.errors import AlreadyExists, InvalidArgument, LimitExceeded, NotFound
+from agent.errors import AgentError, AlreadyExists, InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
 from agent.fs.paths import WorkspaceRoot
-from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, caller_signal
+from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, PtySize, caller_signal
 from agent.process.output import OutputBuffer, OutputChunk
 
 # Output a one-shot command may have read ahead of its caller before the command is made to wait.
@@ -22,6 +24,9 @@ EXEC_BUFFER_BYTES = 256 * 1024
 # StopProcess waits this long between its signal and SIGKILL unless told otherwise.
 STOP_GRACE = 5.0
 PROCESS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Linux's limit on one argument or environment string, its terminating NUL included (MAX_ARG_STRLEN,
+# 32 pages); the whole command line and environment together are bounded by ARG_MAX.
+MAX_ARG_STRLEN = 32 * 4096
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class ProcessManager:
         if not isinstance(spec, CommandSpec):
             raise InvalidArgument("the first Exec message must be `start`")
         command = await self.start(spec)
+        # Nothing is awaited from here to the `try`: whatever ends the call after the spawn reaches the `finally`.
         follower = command.output.follow(0)
 
         async def apply_controls() -> None:
@@ -113,6 +119,19 @@ class ProcessManager:
         if len(self._running) + self._starting >= limit:
             raise LimitExceeded(f"{limit} commands are running, the most allowed; wait for one to finish")
 
+        spawning = asyncio.ensure_future(self._spawn(spec, argv, cwd, env, pty))
+        try:
+            # Shielded: a call cancelled while the process is being spawned must not leave it running
+            # unregistered (the exec may already have happened); once spawned, it is taken down.
+            return await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            spawning.add_done_callback(self._discard_spawned)
+            raise
+
+    async def _spawn(
+        self, spec: CommandSpec, argv: list[str], cwd: Path, env: dict[str, str] | None, pty: PtySize | None
+    ) -> Command:
+        """Spawns and registers a command, holding its slot (and name) meanwhile."""
         self._starting += 1
         if spec.name:
             self._names_starting.add(spec.name)
@@ -129,8 +148,8 @@ class ProcessManager:
                 timeout=None if spec.name else spec.timeout,
                 on_exit=self._running.discard,
             )
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as error:
-            raise NotFound(f"cannot run {argv[0]!r}: {error.strerror}") from error
+        except OSError as error:
+            raise _spawn_error(error, argv, env) from error
         finally:
             self._starting -= 1
             self._names_starting.discard(spec.name)
@@ -139,6 +158,17 @@ class ProcessManager:
             self._named.pop(spec.name, None)  # an exited process of that name is replaced
             self._named[spec.name] = command
         return command
+
+    def _discard_spawned(self, spawning: asyncio.Future[Command]) -> None:
+        """Kills (with its group) a command whose call was cancelled while it was spawned: the caller never
+        learned it started, so nobody could stop it."""
+        if spawning.cancelled() or spawning.exception() is not None:
+            return
+        command = spawning.result()
+        if command.name and self._named.get(command.name) is command:
+            del self._named[command.name]
+        command.output.abandon()
+        command.kill()
 
     def list(self) -> list[Command]:
         """The named processes, oldest first."""
@@ -217,15 +247,75 @@ def _environment(extra: Mapping[str, str] | None) -> dict[str, str] | None:
 
 def _require_executable(program: str, cwd: os.PathLike[str], env: dict[str, str] | None) -> None:
     """Raises NotFound unless `program` is an executable file: a path (relative to the command's cwd)
-    or a name on the command's PATH."""
+    or a name on the command's PATH; InvalidArgument for a path no file can have."""
     if "/" in program:
         path = os.path.join(cwd, program)
+        _require_path_fits(program, path)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise NotFound(f"{program!r}: no such executable file")
         return
     search_path = (env if env is not None else os.environ).get("PATH", os.defpath)
     if shutil.which(program, path=search_path) is None:
         raise NotFound(f"{program!r}: command not found on PATH ({search_path})")
+
+
+def _require_path_fits(program: str, path: str) -> None:
+    """Raises InvalidArgument for a program path longer than any path can be (ENAMETOOLONG at exec)."""
+    name_max = os.pathconf("/", "PC_NAME_MAX")
+    if any(len(os.fsencode(part)) > name_max for part in program.split("/")):
+        raise InvalidArgument(
+            f"program path {_shorten(program)}: a path component is longer than {name_max} bytes (NAME_MAX)"
+        )
+    path_max = os.pathconf("/", "PC_PATH_MAX")
+    if len(os.fsencode(path)) >= path_max:
+        raise InvalidArgument(
+            f"program path {_shorten(program)}: longer than the {path_max} bytes a path may have (PATH_MAX),"
+            " counted from the filesystem root"
+        )
+
+
+def _spawn_error(error: OSError, argv: list[str], env: dict[str, str] | None) -> AgentError:
+    """The domain error for an OSError from spawning `argv`, in the caller's terms (no agent paths)."""
+    program = _shorten(argv[0])
+    match error.errno:
+        case errno.E2BIG:
+            return InvalidArgument(_too_long(argv, env))
+        case errno.ENOENT | errno.EACCES | errno.ENOTDIR | errno.EPERM:
+            return NotFound(f"cannot run {program}: {error.strerror}")
+        case errno.ENAMETOOLONG | errno.ELOOP:
+            return InvalidArgument(f"cannot run {program}: {error.strerror}")
+        case errno.ENOEXEC:
+            return PreconditionFailed(f"cannot run {program}: not an executable format (a script needs a #! line)")
+        case errno.ETXTBSY:
+            return PreconditionFailed(f"cannot run {program}: the file is open for writing")
+        case errno.EMFILE | errno.ENFILE | errno.EAGAIN | errno.ENOMEM | errno.ENOSPC:
+            return LimitExceeded(f"cannot start {program}: {error.strerror}; try again when fewer commands run")
+    return PreconditionFailed(f"cannot run {program}: {error.strerror or error}")
+
+
+def _too_long(argv: list[str], env: dict[str, str] | None) -> str:
+    """Which limit a command line over the kernel's (E2BIG) broke, and how far."""
+    environment = os.environ if env is None else env
+    strings = [
+        *(("argument", str(index), arg) for index, arg in enumerate(argv)),
+        *(("environment variable", key, f"{key}={value}") for key, value in environment.items()),
+    ]
+    for kind, which, text in strings:
+        size = len(os.fsencode(text)) + 1
+        if size > MAX_ARG_STRLEN:
+            return (
+                f"{kind} {which} is {size} bytes; Linux allows at most {MAX_ARG_STRLEN} bytes (MAX_ARG_STRLEN) in one"
+                " argument or environment string: pass large data on stdin or in a file"
+            )
+    total = sum(len(os.fsencode(text)) + 1 + 8 for _, _, text in strings)  # and a pointer to each
+    return (
+        f"the command line and environment take {total} bytes; Linux allows at most {os.sysconf('SC_ARG_MAX')}"
+        " bytes (ARG_MAX) together: pass large data on stdin or in a file"
+    )
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else f"{text[:limit]}...")
 
 
 def _output_buffer(name: str, config: AgentConfig) -> OutputBuffer:

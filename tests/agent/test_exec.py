@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -368,3 +370,142 @@ async def test_concurrent_commands_are_capped(tmp_path: Path) -> None:
     finally:
         await agent.channel.close()
         await server.stop(None)
+
+
+async def marked_processes(agent: AgentTarget, marker: str) -> dict[int, int]:
+    """The process group of each process (zombies aside) whose command line holds `marker`, a unique `sleep`
+    duration `<digits>.<digits>`, by pid; the grep itself is left out by writing the dot as `[.]`."""
+    pattern = marker.replace(".", "[.]")
+    script = (
+        f"for f in $(grep -ls {pattern} /proc/[0-9]*/cmdline); do d=${{f%/cmdline}};"
+        " echo ${d#/proc/} $(cut -d')' -f2 $d/stat 2>/dev/null | cut -d' ' -f5); done"
+    )
+    groups = {}
+    for line in (await run(agent, shell=script)).stdout.decode().splitlines():
+        pid, *group = line.split()
+        if group and await alive(agent, int(pid)):
+            groups[int(pid)] = int(group[0])
+    return groups
+
+
+async def test_exec_calls_cancelled_at_any_point_leave_no_process_and_no_open_stream(agent: AgentTarget) -> None:
+    # Deadlines of 1 to 5 ms end calls at every point from before the spawn to the stream's end: no process
+    # of any of them (the shell or its children) may survive, and none may still count as an open stream.
+    marker = f"1000.{secrets.randbelow(10**9):09d}"
+    for attempt in range(60):
+        deadline = 0.001 * (1 + attempt % 5)
+        with contextlib.suppress(aio.AioRpcError):
+            await run_with_timeout(agent, deadline, shell=f"sleep {marker} & sleep {marker}; wait")
+    survivors: dict[int, int] = {}
+    for _ in range(150):  # the agent kills with SIGTERM, then SIGKILL after KILL_GRACE
+        survivors = await marked_processes(agent, marker)
+        activity = await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)
+        if not survivors and activity.open_streams == 0 and activity.running_commands == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert survivors == {}
+    assert (activity.open_streams, activity.running_commands) == (0, 0)
+
+
+async def test_named_processes_cancelled_while_spawned_are_listed_or_gone(agent: AgentTarget) -> None:
+    # A named process outlives its call once started; one whose call ended while it was being spawned
+    # must not run on unlisted, where nobody could stop it.
+    marker = f"1000.{secrets.randbelow(10**9):09d}"
+    for attempt in range(30):
+        with contextlib.suppress(aio.AioRpcError):
+            shell = f"sleep {marker} & sleep {marker}; wait"
+            await run_with_timeout(agent, 0.001 * (1 + attempt % 5), shell=shell, name=f"n{attempt}")
+    listed: set[int] = set()
+    survivors: dict[int, int] = {}
+    for _ in range(150):  # by process group: a listed process's children are its
+        processes = (await agent.stub.ListProcesses(pb.ListProcessesRequest(), metadata=agent.metadata)).processes
+        listed = {p.pid for p in processes if p.running}
+        survivors = await marked_processes(agent, marker)
+        if set(survivors.values()) <= listed:
+            break
+        await asyncio.sleep(0.05)
+    assert set(survivors.values()) <= listed
+    for process in processes:
+        request = pb.StopProcessRequest(name=process.name, signal=signal.SIGKILL, remove=True)
+        await agent.stub.StopProcess(request, metadata=agent.metadata)
+
+
+async def run_with_timeout(agent: AgentTarget, timeout: float, **start: object) -> None:
+    async def stream():
+        yield pb.ExecRequest(start=pb.ExecStart(**start))
+        await asyncio.sleep(30)
+
+    async for _ in agent.stub.Exec(stream(), metadata=agent.metadata, timeout=timeout):
+        pass
+
+
+async def test_stdin_to_a_command_that_closed_its_stdin_is_dropped_and_the_exit_arrives(agent: AgentTarget) -> None:
+    call = agent.stub.Exec(metadata=agent.metadata)
+    script = "exec 0<&-; echo closed; read -r line < /dev/null; sleep 0.3; echo done"
+    await call.write(pb.ExecRequest(start=pb.ExecStart(shell=script, open_stdin=True)))
+    result = Result()
+    while b"closed" not in result.stdout:
+        add_event(result, await call.read())
+    for _ in range(5):
+        await call.write(pb.ExecRequest(stdin=b"nobody reads this\n"))
+    await read_to_end(call, result)
+    assert result.stdout == b"closed\ndone\n"
+    assert result.exited is not None and result.exited.exit_code == 0
+
+
+async def test_stdin_to_a_command_that_exited_is_dropped_and_the_exit_arrives(agent: AgentTarget) -> None:
+    # The shell exits once a process has left its group (told through a FIFO), which holds the output open
+    # for a while (without stdin), so the call is still open when the input comes.
+    call = agent.stub.Exec(metadata=agent.metadata)
+    script = (
+        'f=$(mktemp -u); mkfifo "$f"; setsid sh -c "echo > $f; exec sleep 0.8" </dev/null &'
+        ' read -r _ < "$f"; rm "$f"; echo exiting'
+    )
+    await call.write(pb.ExecRequest(start=pb.ExecStart(shell=script, open_stdin=True)))
+    result = Result()
+    while b"exiting" not in result.stdout:
+        add_event(result, await call.read())
+    assert await gone_within(agent, [result.pid], 0.5)
+    for _ in range(5):
+        await call.write(pb.ExecRequest(stdin=b"too late\n"))
+    await read_to_end(call, result)
+    assert result.exited is not None and result.exited.exit_code == 0
+
+
+@pytest.mark.inprocess_only("request validation, the same code wherever the agent runs")
+async def test_stdin_after_close_stdin_is_refused(agent: AgentTarget) -> None:
+    with pytest.raises(aio.AioRpcError) as error:
+        await run(
+            agent,
+            pb.ExecRequest(close_stdin=pb.CloseStdin()),
+            pb.ExecRequest(stdin=b"late"),
+            argv=["sleep", "5"],
+            open_stdin=True,
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "close_stdin" in error.value.details()
+
+
+@pytest.mark.parametrize(
+    ("start", "detail"),
+    [
+        ({"argv": ["echo", "x" * 200 * 1024]}, "MAX_ARG_STRLEN"),  # one argument over 128 KiB
+        ({"shell": "true " + "x" * 200 * 1024}, "MAX_ARG_STRLEN"),
+        ({"argv": ["true", *["x" * 100_000] * 30]}, "ARG_MAX"),  # each small enough, 3 MB together
+        ({"argv": ["true"], "env": {"BIG": "x" * 200 * 1024}}, "MAX_ARG_STRLEN"),
+        ({"argv": ["true"], "pty": pb.PtySize(rows=24, cols=80), "env": {"BIG": "x" * 200 * 1024}}, "MAX_ARG_STRLEN"),
+    ],
+)
+async def test_a_command_line_over_the_kernels_limits_is_invalid_argument_naming_the_limit(
+    agent: AgentTarget, start: dict, detail: str
+) -> None:
+    details = await expect_error(agent, grpc.StatusCode.INVALID_ARGUMENT, **start)
+    assert detail in details and "bytes" in details
+    assert agent.root_in_agent not in details and str(agent.root) not in details
+
+
+async def test_a_program_path_longer_than_a_path_may_be_is_invalid_argument(agent: AgentTarget) -> None:
+    for program in ["./" + "d" * 300, "./" + "/".join(["d" * 200] * 30)]:
+        details = await expect_error(agent, grpc.StatusCode.INVALID_ARGUMENT, argv=[program])
+        assert "NAME_MAX" in details or "PATH_MAX" in details
+        assert agent.root_in_agent not in details

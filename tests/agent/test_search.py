@@ -4,6 +4,7 @@ same files, lines, submatch offsets and order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -198,6 +199,9 @@ async def test_bad_requests(searching_agent: AgentTarget) -> None:
         (pb.SearchRequest(pattern="x", path="src\x00"), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern="x", path="link_out"), grpc.StatusCode.PERMISSION_DENIED),
         (pb.SearchRequest(pattern="(unclosed", regex=True), grpc.StatusCode.INVALID_ARGUMENT),
+        # Neither engine backtracks, so neither has backreferences or look-around.
+        (pb.SearchRequest(pattern=r"(a)\1", regex=True), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern=r"a(?=b)", regex=True), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern="two\nlines"), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern="x", context_before=21), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern="x", max_results=100_001), grpc.StatusCode.INVALID_ARGUMENT),
@@ -271,11 +275,11 @@ async def test_a_slow_search_streams_what_it_has_found(tmp_path: Path) -> None:
     root = tmp_path / "app"
     root.mkdir()
     (root / "a.txt").write_bytes(b"needle\n")
-    for i in range(40):  # each costs Python's backtracking regex engine 10 to 20 ms
-        (root / f"slow{i:02}.txt").write_bytes(b"x" * 18 + b"\n")
+    for i in range(20):  # a match across lines makes the engine try each line of them, finding none
+        (root / f"slow{i:02}.txt").write_bytes(b"x\ny\n" * 10_000)
     server, agent = await start_inprocess_agent(root, search_engine="python")
     try:
-        call = agent.stub.Search(pb.SearchRequest(pattern=r"needle|(x+x+)+y", regex=True), metadata=agent.metadata)
+        call = agent.stub.Search(pb.SearchRequest(pattern=r"needle|x\sy", regex=True), metadata=agent.metadata)
         started = time.monotonic()
         first = await call.read()
         waited = time.monotonic() - started
@@ -286,6 +290,52 @@ async def test_a_slow_search_streams_what_it_has_found(tmp_path: Path) -> None:
     finally:
         await agent.channel.close()
         await server.stop(None)
+
+
+CATASTROPHIC = [r"(a+)+$", r"(a|a)*$", r"(a|aa)+$", r"(.*a){20}$", r"^(\w+\s?)*$"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_no_pattern_stalls_the_agent(engine: str, tmp_path: Path) -> None:
+    # Patterns that take a backtracking engine exponential time on these lines: the search ends, and a
+    # Read sent while it runs is answered (the event loop stays free whatever the matcher does).
+    root = tmp_path / "app"
+    root.mkdir()
+    for i in range(20):
+        (root / f"a{i:02}.txt").write_bytes(b"a" * 5000 + b"b\n" + (b"word " * 2000).strip() + b"!\n")
+    (root / "small.txt").write_bytes(b"hello\n")
+    server, agent = await start_inprocess_agent(root, search_engine=engine)
+    try:
+        for pattern in CATASTROPHIC:
+            request = pb.SearchRequest(pattern=pattern, regex=True)
+            search = asyncio.ensure_future(collect(agent.stub.Search(request, metadata=agent.metadata, timeout=60)))
+            read = await collect(agent.stub.Read(pb.ReadRequest(path="small.txt"), metadata=agent.metadata))
+            assert b"".join(r.chunk.data for r in read if r.HasField("chunk")) == b"hello\n"
+            responses = await search
+            assert responses[-1].HasField("summary"), pattern
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
+
+
+async def test_searches_and_reads_cut_short_by_any_deadline_leave_no_open_stream(agent: AgentTarget) -> None:
+    # Deadlines of 1 to 5 ms end streams before, between and after their messages: every one of them must
+    # stop counting as open (the idle reaper would take the workspace for busy forever).
+    (agent.root / "many.txt").write_bytes(b"needle\n" * 50_000)
+    for attempt in range(40):
+        timeout = 0.001 * (1 + attempt % 5)
+        search = agent.stub.Search(pb.SearchRequest(pattern="needle"), metadata=agent.metadata, timeout=timeout)
+        read_request = pb.ReadRequest(path="many.txt", chunk_size=1024)
+        read = agent.stub.Read(read_request, metadata=agent.metadata, timeout=timeout)
+        for call in (search, read):
+            with contextlib.suppress(aio.AioRpcError):
+                await collect(call)
+    for _ in range(100):
+        activity = await agent.stub.GetActivity(pb.GetActivityRequest(), metadata=agent.metadata)
+        if activity.open_streams == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert activity.open_streams == 0
 
 
 def rg_children() -> list[int]:
