@@ -137,6 +137,7 @@ class OldWay:
         extra_ca_bundle: Path | None,
     ) -> None:  # fmt: skip
         self.spec = spec
+        self.base = base
         self.run_label = run_label
         self.context = scratch / f"context-{spec.name}"
         shutil.copytree(source, self.context, ignore=shutil.ignore_patterns("template.json", "node_modules", "dist"))

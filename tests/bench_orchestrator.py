@@ -339,7 +339,11 @@ def old_way(olds: dict[str, OldWay], runs: int, samples: Samples) -> None:
             started = time.perf_counter()
             pulled, present = old.pull()
             samples.add(("old", name, "a"), time.perf_counter() - started + old.run_probe()[0])
-        note(f"old (a) {name}: each pull downloaded {pulled} layers ({present} already present: the core image's)")
+        base_layers = len(json.loads(docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", old.base)))
+        note(
+            f"old (a) {name}: each pull downloaded {pulled} layers; {present} were present ({base_layers} of them the "
+            "core image's, any other shared with another template's image, as on a host running other templates)"
+        )
         old.build()  # the build cache of situation (b): what the last build before the edit left; not timed
         for _ in range(runs):
             started = time.perf_counter()
@@ -481,7 +485,8 @@ def concurrent(orchestrator: Orchestrator, templates: list[str], count: int, sam
     kept until the last is READY, then deleted."""
     print(f"  {count} concurrent creates", file=sys.stderr, flush=True)
     names = [templates[i % len(templates)] for i in range(count)]
-    with ThreadPoolExecutor(count) as executor:
+    executor = ThreadPoolExecutor(count)
+    try:
         futures = [executor.submit(orchestrator.create, name) for name in names]
         outcomes = []
         for future in futures:
@@ -489,6 +494,9 @@ def concurrent(orchestrator: Orchestrator, templates: list[str], count: int, sam
                 outcomes.append(future.result())
             except Exception as error:  # a failed create is a figure of this row, not the end of the run
                 samples.failures[("concurrent", mode)].append(str(error)[:300])
+    finally:
+        # Not waiting: on Ctrl-C the cleanup stops the orchestrator, which ends the creates still waiting.
+        executor.shutdown(wait=False, cancel_futures=True)
     for created in outcomes:
         samples.values[("concurrent", mode)].append(created.seconds)
         orchestrator.delete(created.session.id)
@@ -651,9 +659,8 @@ def main() -> int:
     print(f"medians (p95) of {args.runs} runs; ratio = old median / new median; pools: {'warm ' + str(args.warm_pool) + ', hot 1 per template' if pools else 'not in this build'}\n")
     print(render(table(samples, bench, pools, concurrent_templates, args.concurrent)))
     if pools:
-        for key, hits in samples.pool_hits.items():
-            if key[-1] != NO_POOL:
-                note(f"{' '.join(key[1:])}: {sum(hits)}/{len(hits)} creates said the container came from the pool")
+        hits = [f"{' '.join(key[1:])} {sum(h)}/{len(h)}" for key, h in samples.pool_hits.items() if key[-1] != NO_POOL]
+        note("creates whose container_started phase said the container came from the pool: " + ", ".join(hits))
     print("\nphases of the new way (medians, s):")
     for key, phases in samples.phases.items():
         print(f"  {' '.join(key[1:]):<30} " + "  ".join(f"{p} {statistics.median(phases[p]):.2f}" for p in PHASES if p in phases))
@@ -665,4 +672,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted (everything the run started is removed)", file=sys.stderr)
+        sys.exit(130)
