@@ -179,28 +179,42 @@ class OldWay:
         self.build(tag)
         return tag
 
-    def run_probe(self, tag: str | None = None, *, idle_s: float = 0.0) -> tuple[float, str]:
-        """Seconds for `docker run` (the template's limits, the workspace's hardening, its port published on
-        127.0.0.1) and the readiness probe answering; with `idle_s`, also the container's memory after that
-        long idle (docker stats). The container is removed afterwards."""
+    def run(self, tag: str | None = None) -> str:
+        """`docker run` of the image as the docker runtime runs a workspace: the template's limits, uid 1000,
+        every capability dropped, no-new-privileges, the dev port published on 127.0.0.1. Returns its id."""
         spec = self.spec
-        started = time.perf_counter()
         memory = f"{spec.resources.memory_mb}m"
-        container = docker(
+        return docker(
             "run", "--detach", "--label", f"{BENCH_LABEL}={self.run_label}", "--publish", f"127.0.0.1::{spec.dev_port}",
             "--memory", memory, "--memory-swap", memory, "--cpus", str(spec.resources.cpus),
             "--pids-limit", str(spec.resources.pids), "--user", "1000:1000", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges", tag or self.image,
         )  # fmt: skip
+
+    def run_probe(self, tag: str | None = None, *, idle_s: float = 0.0) -> tuple[float, float]:
+        """Seconds for `docker run` and the readiness probe answering; with `idle_s`, also the container's MiB
+        after that long idle (else 0). The container is removed afterwards."""
+        spec = self.spec
+        started = time.perf_counter()
+        container = self.run(tag)
         try:
             port = docker("port", container, f"{spec.dev_port}/tcp").splitlines()[0].rpartition(":")[2]
             asyncio.run(wait_until_ready(f"http://127.0.0.1:{port}{spec.readiness_path}", spec.readiness_timeout_s))
             elapsed = time.perf_counter() - started
-            usage = ""
             if idle_s:
                 time.sleep(idle_s)
-                usage = container_memory(container)
-            return elapsed, usage
+            return elapsed, container_memory(container) if idle_s else 0.0
+        finally:
+            docker("rm", "--force", "--volumes", container)
+
+    def first_exec(self) -> float:
+        """Seconds from `docker run` to a first command answered in the container (`docker exec true`): the old
+        way's counterpart of create -> first agent Exec."""
+        started = time.perf_counter()
+        container = self.run()
+        try:
+            docker("exec", container, "true")
+            return time.perf_counter() - started
         finally:
             docker("rm", "--force", "--volumes", container)
 
@@ -230,9 +244,18 @@ def dockerfile(base: str, spec: TemplateSpec, run_label: str, manifests: list[st
     return "\n".join(lines) + "\n"
 
 
-def container_memory(container: str) -> str:
-    """The container's memory use as `docker stats` reports it (cgroup usage less the page cache), e.g. 41.2MiB."""
-    return docker("stats", "--no-stream", "--format", "{{.MemUsage}}", container).partition(" / ")[0]
+def container_memory(container: str) -> float:
+    """The container's memory use in MiB as `docker stats` reports it (the cgroup's usage less the page cache)."""
+    return mib(docker("stats", "--no-stream", "--format", "{{.MemUsage}}", container).partition(" / ")[0])
+
+
+def mib(usage: str) -> float:
+    """MiB in a figure like docker's `41.2MiB` or `1.1GiB`."""
+    units = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1e3 / 2**20, "MB": 1e6 / 2**20, "GB": 1e9 / 2**20, "B": 1 / 2**20}
+    for unit, factor in units.items():
+        if usage.endswith(unit):
+            return float(usage.removesuffix(unit)) * factor
+    raise ValueError(f"not a memory figure: {usage!r}")
 
 
 def cleanup_old_way(run_label: str) -> None:

@@ -118,7 +118,6 @@ class Orchestrator:
         self.install_cache = data_dir / "install-cache"
         self.address = f"127.0.0.1:{free_port()}"
         self.log = data_dir / "orchestrator.log"
-        self.pool_args = pool_args
         data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -210,6 +209,8 @@ class Orchestrator:
             self.delete(session.id)
 
     def pooled(self) -> list[str]:
+        """Its running containers labelled as pooled. A label cannot change once a container exists, so one a
+        session took may still carry it: this is asked only while no session of the run is live."""
         return docker(
             "ps", "--quiet", "--filter", f"label={POOL_LABEL}", "--filter", f"label={ORCHESTRATOR_LABEL}={self.instance_id}"
         ).split()
@@ -273,7 +274,7 @@ class Pool:
         if self.kind == HOT:
             try:
                 return 200 <= asyncio.run(http_status(f"http://127.0.0.1:{host_port}/", 1.0)) < 400
-            except Exception:
+            except (OSError, TimeoutError):
                 return False
         with grpc.insecure_channel(f"127.0.0.1:{host_port}") as channel:
             try:
@@ -283,8 +284,9 @@ class Pool:
                 return False
 
 
-def agent_rss(container: str) -> str:
-    """The agent process's VmRSS inside the container (from /proc, by its command line `python -m agent`)."""
+def agent_rss(container: str) -> float | None:
+    """The agent process's VmRSS in MiB inside the container (from /proc, by its command line `python -m agent`),
+    or None when no such process is found."""
     script = (
         "import pathlib\n"
         "for d in pathlib.Path('/proc').glob('[0-9]*'):\n"
@@ -294,7 +296,7 @@ def agent_rss(container: str) -> str:
         "        print(next(l.split()[1] for l in (d / 'status').read_text().splitlines() if l.startswith('VmRSS')))\n"
     )
     kib = docker("exec", container, "/tools/venv/bin/python", "-c", script).split()
-    return f"{int(kib[0]) / 1024:.1f}MiB" if kib else ""
+    return int(kib[0]) / 1024 if kib else None
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -331,9 +333,9 @@ def old_way(olds: dict[str, OldWay], runs: int, samples: Samples) -> None:
         old.publish()
         for _ in range(runs):
             samples.add(("old", name, "c"), old.run_probe()[0])
-        samples.add(("old-idle-mib", name), _mib(old.run_probe(idle_s=IDLE_S)[1]))
+        samples.add(("old-idle-mib", name), old.run_probe(idle_s=IDLE_S)[1])
         for _ in range(runs):
-            samples.add(("old-exec", name), old_first_exec(old))
+            samples.add(("old-exec", name), old.first_exec())
         for _ in range(runs):
             old.remove_image()
             started = time.perf_counter()
@@ -349,29 +351,6 @@ def old_way(olds: dict[str, OldWay], runs: int, samples: Samples) -> None:
             started = time.perf_counter()
             tag = old.edit_and_build()
             samples.add(("old", name, "b"), time.perf_counter() - started + old.run_probe(tag)[0])
-
-
-def old_first_exec(old: OldWay) -> float:
-    """The old way's create -> first command answered: `docker run`, then `docker exec true` until it answers."""
-    spec = old.spec
-    started = time.perf_counter()
-    container = docker(
-        "run", "--detach", "--label", f"workspace-core.bench={old.run_label}", "--user", "1000:1000",
-        "--memory", f"{spec.resources.memory_mb}m", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", old.image,
-    )  # fmt: skip
-    try:
-        docker("exec", container, "true")
-        return time.perf_counter() - started
-    finally:
-        docker("rm", "--force", "--volumes", container)
-
-
-def _mib(usage: str) -> float:
-    units = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1000 / 1024**2, "MB": 1e6 / 1024**2, "GB": 1e9 / 1024**2, "B": 1 / 1024**2}
-    for unit, factor in units.items():
-        if usage.endswith(unit):
-            return float(usage.removesuffix(unit)) * factor
-    raise ValueError(f"not a memory figure: {usage!r}")
 
 
 class NewWay:
@@ -508,10 +487,10 @@ def idle(orchestrator: Orchestrator, samples: Samples, template: str) -> None:
     try:
         time.sleep(IDLE_S)
         container = docker("ps", "--quiet", "--filter", f"label={SESSION_LABEL}={created.session.id}")
-        samples.add(("idle-mib", template), _mib(container_memory(container)))
+        samples.add(("idle-mib", template), container_memory(container))
         rss = agent_rss(container)
-        if rss:
-            samples.add(("agent-rss-mib",), _mib(rss))
+        if rss is not None:
+            samples.add(("agent-rss-mib",), rss)
         else:
             note("no `python -m agent` process found in the session's container: no agent RSS")
     finally:
