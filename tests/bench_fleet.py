@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -106,23 +106,23 @@ class Registry:
 
 def ensure_registry_installed() -> None:
     """Installs Debian's docker-registry when its binary is missing, as core_image/ensure_docker.sh installs
-    docker.io, without letting the package start its own system-wide registry on :5000."""
+    docker.io. The package also enables and starts a system-wide registry on :5000, which this benchmark does
+    not use: that service is stopped and disabled again."""
     if shutil.which("docker-registry"):
         return
     if os.geteuid() != 0:
         raise RuntimeError("docker-registry is missing, and installing it needs root (sudo apt-get install docker-registry)")
-    print("bench: installing docker-registry", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-policy-rc-") as scratch:
-        # invoke-rc.d asks $POLICYRCD whether to start the service: 101 says no.
-        policy = Path(scratch) / "policy-rc.d"
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "POLICYRCD": str(policy)}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-registry"],
-            env=env, check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+    print("bench: installing docker-registry (apt-get)", file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-registry"],
+        env=env, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    if Path("/run/systemd/system").is_dir():
+        subprocess.run(["systemctl", "disable", "--now", "docker-registry"], capture_output=True)
+    else:
+        subprocess.run(["invoke-rc.d", "docker-registry", "stop"], capture_output=True)
 
 
 # ---------------------------------------------------------------------------------------------- the old way
