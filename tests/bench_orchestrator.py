@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "protos")]
 
+from core_image.build import ensure_image  # noqa: E402
 from orchestrator.agent_client import CHANNEL_OPTIONS  # noqa: E402
 from orchestrator.readiness import http_status  # noqa: E402
 from orchestrator.runtime.base import ORCHESTRATOR_LABEL, SESSION_LABEL  # noqa: E402
@@ -53,7 +54,6 @@ from workspace.agent.v1 import agent_pb2, agent_pb2_grpc  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
 
-CORE_IMAGE = "workspace-core:latest"
 PHASES = [pb.Phase.Name(p).removeprefix("PHASE_").lower() for p in pb.Phase.values() if p]
 READY_TIMEOUT_S = 300.0
 # Containers a pool keeps ready carry this label (and the orchestrator's).
@@ -598,9 +598,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     pools = pools_in_build()
     run_label = secrets.token_hex(4)
-    # Both ways use this exact image, even if someone rebuilds workspace-core:latest meanwhile.
+    # The engine, and the core image of this checkout's sources (workspace-core:latest may be another's),
+    # tagged for the run so that it stays while the run uses it on both ways.
+    subprocess.run(["bash", str(REPO / "core_image" / "ensure_docker.sh")], check=True)
+    core_image = ensure_image(progress=lambda line: print(f"core image: {line}", file=sys.stderr, flush=True))
     base_tag = f"workspace-core-bench-base:{run_label}"
-    docker("tag", CORE_IMAGE, base_tag)
+    docker("tag", core_image, base_tag)
     image_id = docker("image", "inspect", "--format", "{{.Id}}", base_tag).removeprefix("sha256:")[:12]
     header = machine()
     samples = Samples()
@@ -632,7 +635,7 @@ def main() -> int:
 
     print(header)
     print(
-        f"core image {CORE_IMAGE} ({image_id}) on both ways, also as the old way's base (same Node, same npm); the "
+        f"core image {core_image} ({image_id}) on both ways, also as the old way's base (same Node, same npm); the "
         f"template's limits and the workspace hardening on both; old-way images in docker-registry on loopback"
     )
     print(f"medians (p95) of {args.runs} runs; ratio = old median / new median; pools: {'warm ' + str(args.warm_pool) + ', hot 1 per template' if pools else 'not in this build'}\n")
