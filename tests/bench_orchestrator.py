@@ -1,7 +1,7 @@
 """Fleet benchmark: the new way (CreateSession through the real gRPC API on Docker, with and without pools) beside
 the old way it replaces (a Dockerfile per template, images in a registry), on one machine in one run.
 
-Run: python tests/bench_orchestrator.py [--runs N] [--npm] [--extra-ca-bundle PEM] [--warm-pool N]
+Run: python tests/bench_orchestrator.py [--runs N] [--npm] [--extra-ca-bundle PEM] [--warm-pool N] [--concurrent N]
 Three situations a fleet host meets a template in: (a) it has never seen it (old: pull + run + probe; new: the
 core image but an empty data dir), (b) it was just edited, one source file (old: rebuild with a warm build cache
 + run + probe; new: its archive rebuilt, its install cache still hits), (c) steady state (old: image present, run
@@ -638,7 +638,16 @@ def main() -> int:
         f"core image {core_image} ({image_id}) on both ways, also as the old way's base (same Node, same npm); the "
         f"template's limits and the workspace hardening on both; old-way images in docker-registry on loopback"
     )
-    print(f"medians (p95) of {args.runs} runs; ratio = old median / new median; pools: {'warm ' + str(args.warm_pool) + ', hot 1 per template' if pools else 'not in this build'}\n")
+    pool_sizes = f"warm {args.warm_pool}, hot 1 per template" if pools else "not in this build"
+    print(f"medians (p95) of {args.runs} runs; ratio = old median / new median; pools: {pool_sizes}")
+    print(
+        "(a) never seen: old pulls its image from the registry (its own layers removed first) + run + probe; new "
+        "starts on an empty data dir (a hot pool is filled there before each timed create)\n"
+        "(b) just edited: one source file changed; old rebuilds with the build cache (install layer hit) + run + "
+        "probe; new rebuilds the archive, its install cache hits\n"
+        "(c) steady: old has the image, run + probe; new has warm caches. Old's first command: docker run + "
+        "docker exec true\n"
+    )
     print(render(table(samples, bench, pools, concurrent_templates, args.concurrent)))
     if pools:
         hits = [f"{' '.join(key[1:])} {sum(h)}/{len(h)}" for key, h in samples.pool_hits.items() if key[-1] != NO_POOL]
