@@ -1,9 +1,12 @@
-"""Orchestrator benchmark: CreateSession to READY through the real gRPC API on Docker, beside the old way this
-architecture replaces (a Dockerfile per template: docker build, docker run, the same readiness probe).
+"""Fleet benchmark: the new way (CreateSession through the real gRPC API on Docker, with and without pools) beside
+the old way it replaces (a Dockerfile per template, images in a registry), on one machine in one run.
 
-Run: python tests/bench_orchestrator.py [--runs N] [--npm] [--extra-ca-bundle PEM]
-The orchestrator runs as a subprocess with the docker runtime; the old way runs the docker CLI. Both use the
-same core image (it is the Node base of the old way's Dockerfile) and the template's resource limits.
+Run: python tests/bench_orchestrator.py [--runs N] [--npm] [--extra-ca-bundle PEM] [--warm-pool N] [--concurrent N]
+Three situations a fleet host meets a template in: (a) it has never seen it (old: pull + run + probe; new: the
+core image but an empty data dir), (b) it was just edited, one source file (old: rebuild with a warm build cache
++ run + probe; new: its archive rebuilt, its install cache still hits), (c) steady state (old: image present, run
++ probe; new: warm caches). Also create -> first Exec answered, concurrent creates, and idle memory. One table:
+medians and p95 over --runs, the ratio old / new, the goal and whether this run met it.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,33 +36,40 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "protos")]
 
-from orchestrator.readiness import wait_until_ready  # noqa: E402
-from orchestrator.runtime.base import trust_env  # noqa: E402
+from core_image.build import ensure_image  # noqa: E402
+from orchestrator.agent_client import CHANNEL_OPTIONS  # noqa: E402
+from orchestrator.readiness import http_status  # noqa: E402
+from orchestrator.runtime.base import ORCHESTRATOR_LABEL, SESSION_LABEL  # noqa: E402
 from orchestrator.templates import TemplateCatalog, TemplateSpec  # noqa: E402
+from tests.bench_fleet import (  # noqa: E402
+    OldWay,
+    Registry,
+    cleanup_old_way,
+    container_memory,
+    docker,
+    edit_source,
+    free_port,
+)
+from workspace.agent.v1 import agent_pb2, agent_pb2_grpc  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
 
-CORE_IMAGE = "workspace-core:latest"
-# Only the phases this benchmark reports, in order (the proto's PHASE_* without the prefix).
 PHASES = [pb.Phase.Name(p).removeprefix("PHASE_").lower() for p in pb.Phase.values() if p]
 READY_TIMEOUT_S = 300.0
-BENCH_LABEL = "workspace-core.bench"
-# Where the old way's image keeps the extra CA bundle, as the docker runtime mounts it.
-IMAGE_CA_BUNDLE = "/etc/workspace/extra-ca.pem"
+# Containers a pool keeps ready carry this label (and the orchestrator's).
+POOL_LABEL = "workspace-core.pool"
+SITUATIONS = {"a": "never seen", "b": "just edited", "c": "steady"}
+NO_POOL, WARM, HOT = "no pool", "warm pool", "hot pool"
+NA_POOLS = "n/a (pools not in this build)"
+IDLE_S = 5.0
+# Notes printed under the table: what a figure means beyond its row.
+NOTES: list[str] = []
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def docker(*args: str, capture: bool = True) -> str:
-    """Runs the docker CLI; returns its stdout. Raises RuntimeError with its stderr when it fails."""
-    result = subprocess.run(["docker", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"docker {' '.join(args[:2])} failed: {result.stderr.strip()[-2000:]}")
-    return result.stdout.strip() if capture else ""
+def note(text: str) -> None:
+    if text not in NOTES:
+        NOTES.append(text)
+    print(f"  note: {text}", file=sys.stderr, flush=True)
 
 
 def machine() -> str:
@@ -67,34 +79,58 @@ def machine() -> str:
     )
     mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    engine = docker("version", "--format", "{{.Server.Version}}")
     return (
         f"machine: {cpu}, {os.cpu_count()} cores, {mem_kib / 1024**2:.1f} GiB, load average {load} at start; "
-        f"Docker {engine} (storage {docker('info', '--format', '{{.Driver}}')}); Python {platform.python_version()}"
+        f"Docker {docker('version', '--format', '{{.Server.Version}}')} (storage {docker('info', '--format', '{{.Driver}}')}); "
+        f"Python {platform.python_version()}"
     )
+
+
+def pools_in_build() -> bool:
+    """Whether this build's orchestrator offers --warm-pool and --hot-pool (until it does, those rows say n/a)."""
+    usage = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    return "--warm-pool" in usage and "--hot-pool" in usage
 
 
 # ---------------------------------------------------------------------------------------------- the new way
 
 
+@dataclass
+class Created:
+    seconds: float
+    phases: dict[str, float]
+    session: pb.Session
+
+    @property
+    def from_pool(self) -> bool:
+        started = [p for p in self.session.phases if p.phase == pb.PHASE_CONTAINER_STARTED]
+        return bool(started) and "pool" in started[0].detail
+
+
 class Orchestrator:
     """`python -m orchestrator --runtime docker` as a subprocess with its own data dir and instance id."""
 
-    def __init__(self, data_dir: Path, image: str, instance_id: str, extra_ca_bundle: Path | None) -> None:
+    def __init__(
+        self, data_dir: Path, image: str, instance_id: str, templates_dir: Path, extra_ca_bundle: Path | None,
+        pool_args: list[str],
+    ) -> None:  # fmt: skip
+        self.instance_id = instance_id
         self.install_cache = data_dir / "install-cache"
         self.address = f"127.0.0.1:{free_port()}"
         self.log = data_dir / "orchestrator.log"
         data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [
                     sys.executable, "-m", "orchestrator", "--runtime", "docker", "--listen", self.address,
-                    "--data-dir", str(data_dir), "--image", image, "--instance-id", instance_id, "--log-level", "WARNING",
-                    *(["--extra-ca-bundle", str(extra_ca_bundle)] if extra_ca_bundle else []),
+                    "--data-dir", str(data_dir), "--templates-dir", str(templates_dir), "--image", image,
+                    "--instance-id", instance_id, "--log-level", "WARNING", "--idle-ttl", "0",
+                    *(["--extra-ca-bundle", str(extra_ca_bundle)] if extra_ca_bundle else []), *pool_args,
                 ],  # fmt: skip
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C reaches the benchmark, whose cleanup stops it
             )
         self.channel = grpc.insecure_channel(self.address)
         self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel)
@@ -105,271 +141,530 @@ class Orchestrator:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the orchestrator exited:\n{self.log.read_text()}")
+                raise RuntimeError(f"the orchestrator exited:\n{self.log.read_text()[-3000:]}")
             try:
                 health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 return
             except grpc.RpcError:
                 time.sleep(0.1)
-        raise RuntimeError(f"the orchestrator did not answer within {timeout:g} s:\n{self.log.read_text()}")
+        raise RuntimeError(f"the orchestrator did not answer within {timeout:g} s:\n{self.log.read_text()[-3000:]}")
 
-    def create_until_ready(
-        self, template: str, *, keep_until: Callable[[], None] = lambda: None
-    ) -> tuple[float, dict[str, float]]:
-        """Seconds from CreateSession to the READY event, and each phase's seconds (Session.phases).
-        The session is deleted afterwards, once `keep_until` returns."""
+    def create(self, template: str) -> Created:
+        """CreateSession, then WatchSession until READY: the seconds between, and each phase's seconds. The
+        session is left running (see delete); one that fails is deleted and raises RuntimeError."""
+        started = time.perf_counter()
+        session = self.stub.CreateSession(pb.CreateSessionRequest(template=template)).session
+        session = self._until_settled(session)
+        elapsed = time.perf_counter() - started
+        if session.state != pb.SESSION_STATE_READY:
+            self.delete(session.id)
+            raise RuntimeError(f"session {session.id} of {template} did not become READY: {session.failure}")
+        phases = {pb.Phase.Name(p.phase).removeprefix("PHASE_").lower(): p.duration.ToNanoseconds() / 1e9 for p in session.phases}
+        return Created(elapsed, phases, session)
+
+    def _until_settled(self, session: pb.Session) -> pb.Session:
+        for event in self.stub.WatchSession(pb.WatchSessionRequest(id=session.id), timeout=READY_TIMEOUT_S):
+            if event.WhichOneof("event") == "session" and event.session.state in (
+                pb.SESSION_STATE_READY, pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPED,
+            ):  # fmt: skip
+                return event.session
+        return self.stub.GetSession(pb.GetSessionRequest(id=session.id)).session
+
+    def delete(self, session_id: str) -> None:
+        self.stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
+
+    def create_and_delete(self, template: str, keep_until: Callable[[], None] = lambda: None) -> Created:
+        created = self.create(template)
+        try:
+            keep_until()
+            return created
+        finally:
+            self.delete(created.session.id)
+
+    def first_exec(self, template: str) -> float:
+        """Seconds from CreateSession to the first agent Exec (`true`) answered, as a backend sees it: it asks for
+        the session until it has an agent endpoint, then calls Exec (waiting for the agent to listen)."""
         started = time.perf_counter()
         session = self.stub.CreateSession(pb.CreateSessionRequest(template=template)).session
         try:
-            for event in self.stub.WatchSession(pb.WatchSessionRequest(id=session.id), timeout=READY_TIMEOUT_S):
-                if event.WhichOneof("event") == "session" and event.session.state in (
-                    pb.SESSION_STATE_READY, pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPED,
-                ):  # fmt: skip
-                    session = event.session
-                    break
+            while not session.agent_endpoint:
+                if session.state in (pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPED):
+                    raise RuntimeError(f"session {session.id} of {template} failed: {session.failure}")
+                time.sleep(0.005)
+                session = self.stub.GetSession(pb.GetSessionRequest(id=session.id)).session
+            with grpc.insecure_channel(session.agent_endpoint, options=CHANNEL_OPTIONS) as channel:
+                start = agent_pb2.ExecRequest(start=agent_pb2.ExecStart(argv=["true"]))
+                responses = agent_pb2_grpc.AgentServiceStub(channel).Exec(
+                    iter([start]), metadata=(("authorization", f"Bearer {session.agent_token}"),),
+                    wait_for_ready=True, timeout=READY_TIMEOUT_S,
+                )  # fmt: skip
+                exit_code = next(r.exited.exit_code for r in responses if r.WhichOneof("event") == "exited")
             elapsed = time.perf_counter() - started
-            if session.state != pb.SESSION_STATE_READY:
-                raise RuntimeError(f"session {session.id} of {template} did not become READY: {session.failure}")
-            phases = {
-                pb.Phase.Name(p.phase).removeprefix("PHASE_").lower(): p.duration.ToNanoseconds() / 1e9 for p in session.phases
-            }
-            keep_until()
-            return elapsed, phases
+            if exit_code != 0:
+                raise RuntimeError(f"`true` exited {exit_code} in session {session.id}")
+            # Settled before it goes, so the next run does not share the CPU with this one's initialization.
+            self._until_settled(session)
+            return elapsed
         finally:
-            self.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id))
+            self.delete(session.id)
 
-    def wait_for_install_cache(self, timeout: float = 120.0) -> None:
-        """Returns once an install cache entry exists (it is written in the background after READY)."""
-        deadline = time.monotonic() + timeout
-        while not any(self.install_cache.glob("*.tar.gz")):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no install cache entry within {timeout:g} s:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.1)
+    def pooled(self) -> list[str]:
+        """Its running containers labelled as pooled. A label cannot change once a container exists, so one a
+        session took may still carry it: this is asked only while no session of the run is live."""
+        return docker(
+            "ps", "--quiet", "--filter", f"label={POOL_LABEL}", "--filter", f"label={ORCHESTRATOR_LABEL}={self.instance_id}"
+        ).split()
 
     def stop(self) -> None:
         self.channel.close()
-        self.process.send_signal(signal.SIGTERM)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Pool:
+    """How to ask an orchestrator for a pool, and how to tell it is full before a timed create: as many
+    containers labelled workspace-core.pool as asked for, each answering (warm: the agent's health service;
+    hot: the dev server). Without such labels, a fixed settle wait (noted under the table)."""
+
+    SETTLE_S = {WARM: 10.0, HOT: 90.0}
+    labels_missing = False
+
+    def __init__(self, kind: str, warm_size: int, templates: list[str]) -> None:
+        self.kind = kind
+        if kind == WARM:
+            self.args, self.size = ["--warm-pool", str(warm_size)], warm_size
+        elif kind == HOT:
+            self.args, self.size = [a for t in templates for a in ("--hot-pool", f"{t}=1")], len(templates)
+        else:
+            self.args, self.size = [], 0
+
+    def wait_full(self, orchestrator: Orchestrator, timeout: float = 300.0) -> None:
+        if not self.size:
+            return
+        if Pool.labels_missing:
+            time.sleep(self.SETTLE_S[self.kind])
+            return
+        started = time.monotonic()
+        seen = False
+        while time.monotonic() - started < timeout:
+            pooled = orchestrator.pooled()
+            seen = seen or bool(pooled)
+            if len(pooled) >= self.size and all(self._answers(c) for c in pooled):
+                return
+            if not seen and time.monotonic() - started > 20:
+                Pool.labels_missing = True
+                note(f"no container labelled {POOL_LABEL} appeared: before each pooled create a fixed wait "
+                     f"({', '.join(f'{k} {v:g} s' for k, v in self.SETTLE_S.items())}) instead of a check")  # fmt: skip
+                time.sleep(self.SETTLE_S[self.kind])
+                return
+            time.sleep(0.25)
+        note(f"a {self.kind} was not full within {timeout:g} s before a create; it was timed anyway")
+
+    def _answers(self, container: str) -> bool:
+        port = 4321 if self.kind == HOT else 3001
         try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            host_port = docker("port", container, f"{port}/tcp").splitlines()[0].rpartition(":")[2]
+        except (RuntimeError, IndexError):
+            return False
+        if self.kind == HOT:
+            try:
+                return 200 <= asyncio.run(http_status(f"http://127.0.0.1:{host_port}/", 1.0)) < 400
+            except (OSError, TimeoutError):
+                return False
+        with grpc.insecure_channel(f"127.0.0.1:{host_port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
 
 
-# ---------------------------------------------------------------------------------------------- the old way
-
-
-def dockerfile(base: str, spec: TemplateSpec, trusted_ca: bool) -> str:
-    """What a template would be without runtime injection: its own image, built from a Node base (trusting a
-    TLS-intercepting proxy's CA the way the docker runtime makes workspaces trust it)."""
-    trust = [f"COPY extra-ca.pem {IMAGE_CA_BUNDLE}", *(f"ENV {k}={v}" for k, v in trust_env(IMAGE_CA_BUNDLE).items())]
-    lines = [
-        f"FROM {base}",
-        *(trust if trusted_ca else []),
-        "WORKDIR /app",
-        "COPY --chown=1000:1000 . /app",
-        *(f"ENV {key}={json.dumps(value)}" for key, value in sorted(spec.env.items())),
-        f"ENV PORT={spec.dev_port}",
-        *([f"RUN {spec.install_command}"] if spec.install_command else []),
-        f"EXPOSE {spec.dev_port}",
-        # The base's entrypoint is the agent and its health check asks for it: neither belongs here.
-        "HEALTHCHECK NONE",
-        "ENTRYPOINT []",
-        f'CMD ["/bin/sh", "-c", "exec {spec.dev_command}"]',
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def build_context(directory: Path, base: str, spec: TemplateSpec, extra_ca_bundle: Path | None) -> Path:
-    shutil.copytree(
-        spec_path(spec), directory, ignore=shutil.ignore_patterns("template.json", "node_modules", "dist")
+def agent_rss(container: str) -> float | None:
+    """The agent process's VmRSS in MiB inside the container (from /proc, by its command line `python -m agent`),
+    or None when no such process is found."""
+    script = (
+        "import pathlib\n"
+        "for d in pathlib.Path('/proc').glob('[0-9]*'):\n"
+        "    try: argv = (d / 'cmdline').read_bytes().split(b'\\0')\n"
+        "    except OSError: continue\n"
+        "    if argv[1:3] == [b'-m', b'agent'] and b'tini' not in argv[0]:\n"
+        "        print(next(l.split()[1] for l in (d / 'status').read_text().splitlines() if l.startswith('VmRSS')))\n"
     )
-    (directory / "Dockerfile").write_text(dockerfile(base, spec, extra_ca_bundle is not None))
-    (directory / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
-    if extra_ca_bundle is not None:
-        shutil.copyfile(extra_ca_bundle, directory / "extra-ca.pem")
-    return directory
+    kib = docker("exec", container, "/tools/venv/bin/python", "-c", script).split()
+    return int(kib[0]) / 1024 if kib else None
 
 
-def spec_path(spec: TemplateSpec) -> Path:
-    return REPO / "templates" / spec.name
+# ---------------------------------------------------------------------------------------------- measuring
 
 
-def build_run_probe(context: Path, tag: str, spec: TemplateSpec, run_label: str, *, no_cache: bool) -> float:
-    """Seconds for `docker build`, `docker run` (the template's limits, the workspace's hardening, its port
-    published on 127.0.0.1) and the readiness probe answering. The container is removed afterwards."""
-    started = time.perf_counter()
-    docker("build", "--quiet", *(["--no-cache"] if no_cache else []), "--tag", tag, str(context))
-    memory = f"{spec.resources.memory_mb}m"
-    container = docker(
-        "run", "--detach", "--label", f"{BENCH_LABEL}={run_label}", "--publish", f"127.0.0.1::{spec.dev_port}",
-        "--memory", memory, "--memory-swap", memory, "--cpus", str(spec.resources.cpus),
-        "--pids-limit", str(spec.resources.pids), "--user", "1000:1000", "--cap-drop", "ALL",
-        "--security-opt", "no-new-privileges", tag,
-    )  # fmt: skip
+class Samples:
+    """Seconds (or MiB) per figure, keyed by tuples such as ("ready", template, situation, pool)."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, ...], list[float]] = defaultdict(list)
+        self.phases: dict[tuple[str, ...], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.pool_hits: dict[tuple[str, ...], list[bool]] = defaultdict(list)
+        self.failures: dict[tuple[str, ...], list[str]] = defaultdict(list)
+
+    def add(self, key: tuple[str, ...], seconds: float) -> float:
+        self.values[key].append(seconds)
+        print(f"  {' '.join(key)}: {seconds:.3f}", file=sys.stderr, flush=True)
+        return seconds
+
+    def add_created(self, key: tuple[str, ...], created: Created) -> None:
+        self.add(key, created.seconds)
+        for phase, seconds in created.phases.items():
+            self.phases[key][phase].append(seconds)
+        self.pool_hits[key].append(created.from_pool)
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[18] if len(values) > 1 else values[0]
+
+
+def old_way(olds: dict[str, OldWay], runs: int, samples: Samples) -> None:
+    for name, old in olds.items():
+        print(f"{name}: old way (build and push untimed)", file=sys.stderr, flush=True)
+        old.publish()
+        for _ in range(runs):
+            samples.add(("old", name, "c"), old.run_probe()[0])
+        samples.add(("old-idle-mib", name), old.run_probe(idle_s=IDLE_S)[1])
+        for _ in range(runs):
+            samples.add(("old-exec", name), old.first_exec())
+        for _ in range(runs):
+            old.remove_image()
+            started = time.perf_counter()
+            pulled, present = old.pull()
+            samples.add(("old", name, "a"), time.perf_counter() - started + old.run_probe()[0])
+        base_layers = len(json.loads(docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", old.base)))
+        note(
+            f"old (a) {name}: each pull downloaded {pulled} layers; {present} were present ({base_layers} of them the "
+            "core image's, any other shared with another template's image, as on a host running other templates)"
+        )
+        old.build()  # the build cache of situation (b): what the last build before the edit left; not timed
+        for _ in range(runs):
+            started = time.perf_counter()
+            tag = old.edit_and_build()
+            samples.add(("old", name, "b"), time.perf_counter() - started + old.run_probe(tag)[0])
+
+
+class NewWay:
+    """Starts and stops the orchestrators of the run (one at a time, each with its own instance id) and keeps
+    track of the install caches each data dir already holds."""
+
+    def __init__(
+        self, scratch: Path, image: str, templates_dir: Path, run_label: str, extra_ca_bundle: Path | None
+    ) -> None:
+        self.scratch, self.image, self.templates_dir = scratch, image, templates_dir
+        self.run_label, self.extra_ca_bundle = run_label, extra_ca_bundle
+        self.instance_ids: list[str] = []
+        self.running: list[Orchestrator] = []
+        self.warmed: set[tuple[Path, str]] = set()
+
+    def start(self, pool: Pool, data_dir: Path | None = None) -> Orchestrator:
+        """An orchestrator on `data_dir`, or on a fresh one: a host that has the core image and nothing else."""
+        instance_id = f"bench-{self.run_label}-{len(self.instance_ids)}"
+        self.instance_ids.append(instance_id)
+        data_dir = data_dir or self.scratch / f"fresh-{len(self.instance_ids)}"
+        orchestrator = Orchestrator(data_dir, self.image, instance_id, self.templates_dir, self.extra_ca_bundle, pool.args)
+        self.running.append(orchestrator)
+        return orchestrator
+
+    def stop(self, orchestrator: Orchestrator) -> None:
+        self.running.remove(orchestrator)
+        orchestrator.stop()
+
+    def warm_up(self, orchestrator: Orchestrator, spec: TemplateSpec) -> None:
+        """One untimed session, kept until its install cache entry is written (the first time in a data dir)."""
+        key = (orchestrator.install_cache, spec.name)
+        before = len(list(orchestrator.install_cache.glob("*.tar.gz")))
+
+        def cached() -> None:
+            deadline = time.monotonic() + 120
+            while len(list(orchestrator.install_cache.glob("*.tar.gz"))) <= before:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no install cache entry for {spec.name} within 120 s:\n{orchestrator.log.read_text()[-2000:]}")
+                time.sleep(0.2)
+
+        wait = spec.install_command and key not in self.warmed
+        print(f"  warming up {spec.name}", file=sys.stderr, flush=True)
+        orchestrator.create_and_delete(spec.name, cached if wait else lambda: None)
+        self.warmed.add(key)
+
+    def cleanup(self) -> None:
+        for orchestrator in list(self.running):
+            self.stop(orchestrator)
+        for instance_id in self.instance_ids:
+            ids = docker("ps", "--all", "--quiet", "--filter", f"label={ORCHESTRATOR_LABEL}={instance_id}").split()
+            if ids:
+                subprocess.run(["docker", "rm", "--force", "--volumes", *ids], capture_output=True)
+
+
+def new_way(
+    new: NewWay, catalog: TemplateCatalog, bench: list[str], concurrent_templates: list[str], args: argparse.Namespace,
+    pools: bool, samples: Samples,
+) -> None:  # fmt: skip
+    runs = args.runs
+    steady = new.scratch / "steady"
+    for mode in [NO_POOL, WARM, HOT] if pools else [NO_POOL]:
+        pool = Pool(mode, args.warm_pool, bench)
+        print(f"new way, {mode}", file=sys.stderr, flush=True)
+        # (a): a fresh data dir per create; a hot pool is filled once on it and refilled between creates.
+        for name in bench:
+            if mode == HOT:
+                hot = Pool(HOT, args.warm_pool, [name])
+                orchestrator = new.start(hot)
+                try:
+                    for _ in range(runs):
+                        hot.wait_full(orchestrator)
+                        samples.add_created(("ready", name, "a", mode), orchestrator.create_and_delete(name))
+                finally:
+                    new.stop(orchestrator)
+                continue
+            for _ in range(runs):
+                orchestrator = new.start(pool)
+                try:
+                    pool.wait_full(orchestrator)
+                    samples.add_created(("ready", name, "a", mode), orchestrator.create_and_delete(name))
+                finally:
+                    new.stop(orchestrator)
+        # (c) and (b), then the rest, on one data dir whose caches every mode shares.
+        orchestrator = new.start(pool, steady)
+        try:
+            for name in bench:
+                new.warm_up(orchestrator, catalog.get(name))
+                for _ in range(runs):
+                    pool.wait_full(orchestrator)
+                    samples.add_created(("ready", name, "c", mode), orchestrator.create_and_delete(name))
+                for run in range(runs):
+                    pool.wait_full(orchestrator)
+                    edit_source(new.templates_dir / name, f"bench edit {new.run_label} {mode} {run}")
+                    samples.add_created(("ready", name, "b", mode), orchestrator.create_and_delete(name))
+            for _ in range(runs):
+                pool.wait_full(orchestrator)
+                samples.add(("exec", mode), orchestrator.first_exec("node-basic"))
+            if mode != HOT:
+                for name in concurrent_templates:
+                    new.warm_up(orchestrator, catalog.get(name))
+                pool.wait_full(orchestrator)
+                concurrent(orchestrator, concurrent_templates, args.concurrent, samples, mode)
+            if mode == NO_POOL:
+                idle(orchestrator, samples, "node-basic")
+        finally:
+            new.stop(orchestrator)
+
+
+def concurrent(orchestrator: Orchestrator, templates: list[str], count: int, samples: Samples, mode: str) -> None:
+    """`count` CreateSessions at once across `templates`; each one's seconds to READY, or why it failed. All are
+    kept until the last is READY, then deleted."""
+    print(f"  {count} concurrent creates", file=sys.stderr, flush=True)
+    names = [templates[i % len(templates)] for i in range(count)]
+    executor = ThreadPoolExecutor(count)
     try:
-        port = docker("port", container, f"{spec.dev_port}/tcp").splitlines()[0].rpartition(":")[2]
-        asyncio.run(wait_until_ready(f"http://127.0.0.1:{port}{spec.readiness_path}", spec.readiness_timeout_s))
-        return time.perf_counter() - started
+        futures = [executor.submit(orchestrator.create, name) for name in names]
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result())
+            except Exception as error:  # a failed create is a figure of this row, not the end of the run
+                samples.failures[("concurrent", mode)].append(str(error)[:300])
     finally:
-        docker("rm", "--force", "--volumes", container)
+        # Not waiting: on Ctrl-C the cleanup stops the orchestrator, which ends the creates still waiting.
+        executor.shutdown(wait=False, cancel_futures=True)
+    for created in outcomes:
+        samples.values[("concurrent", mode)].append(created.seconds)
+        orchestrator.delete(created.session.id)
+
+
+def idle(orchestrator: Orchestrator, samples: Samples, template: str) -> None:
+    """Memory of an idle READY session: its container's (docker stats) and the agent process's VmRSS."""
+    created = orchestrator.create(template)
+    try:
+        time.sleep(IDLE_S)
+        container = docker("ps", "--quiet", "--filter", f"label={SESSION_LABEL}={created.session.id}")
+        samples.add(("idle-mib", template), container_memory(container))
+        rss = agent_rss(container)
+        if rss is not None:
+            samples.add(("agent-rss-mib",), rss)
+        else:
+            note("no `python -m agent` process found in the session's container: no agent RSS")
+    finally:
+        orchestrator.delete(created.session.id)
 
 
 # ---------------------------------------------------------------------------------------------- the table
 
 
-def median(samples: list[float]) -> float:
-    return statistics.median(samples)
+def seconds(values: list[float]) -> str:
+    def fmt(x: float) -> str:
+        return f"{x:.3f}" if x < 1 else f"{x:.2f}"
+
+    return f"{fmt(statistics.median(values))} s (p95 {fmt(p95(values))})" if values else "—"
 
 
-def measure(runs: int, label: str, once: Callable[[], float]) -> list[float]:
-    samples = []
-    for run in range(runs):
-        samples.append(once())
-        print(f"  {label} run {run + 1}/{runs}: {samples[-1]:.2f} s", file=sys.stderr, flush=True)
-    return samples
+def table(samples: Samples, bench: list[str], pools: bool, concurrent_templates: list[str], count: int) -> list[list[str]]:
+    v = samples.values
+    rows = [["figure", "new way", "old way", "ratio", "goal", "met?"]]
+
+    def add(figure: str, new: list[float], old: list[float], goal: str = "", check=None, na: bool = False) -> None:
+        if na:
+            rows.append([figure, NA_POOLS, seconds(old), "", goal, ""])
+            return
+        ratio = statistics.median(old) / statistics.median(new) if new and old else None
+        met = "" if check is None or not new else ("yes" if check(statistics.median(new), ratio) else "NO")
+        rows.append([figure, seconds(new), seconds(old), f"{ratio:.1f}x" if ratio else "", goal, met])
+
+    for name in bench:
+        for situation, what in SITUATIONS.items():
+            for mode in (NO_POOL, WARM, HOT):
+                goal, check = "", None
+                if situation in "ab":
+                    goal, check = "≥ 5x faster than old", lambda m, r: r is not None and r >= 5
+                elif mode == HOT:
+                    goal, check = "≤ 0.1 s, ≥ 10x faster than old (c)", lambda m, r: m <= 0.1 and r is not None and r >= 10
+                elif mode == WARM and name == "node-basic":
+                    goal, check = "≥ 2x faster than old (c)", lambda m, r: r is not None and r >= 2
+                elif mode == WARM and name == "vite-react":
+                    goal, check = "at least as fast as old (c)", lambda m, r: r is not None and r >= 1
+                add(f"{name} create → READY ({situation}) {what}, {mode}", v[("ready", name, situation, mode)],
+                    v[("old", name, situation)], goal, check, na=mode != NO_POOL and not pools)  # fmt: skip
+    for mode in (NO_POOL, WARM, HOT):
+        goal, check = ("≤ 0.1 s", lambda m, r: m <= 0.1) if mode == WARM else ("", None)
+        add(f"create → first Exec answered, {mode}", v[("exec", mode)], v[("old-exec", "node-basic")], goal, check,
+            na=mode != NO_POOL and not pools)  # fmt: skip
+    for mode in (NO_POOL, WARM):
+        figure = f"{count} concurrent creates → READY ({', '.join(concurrent_templates)}), {mode}"
+        if mode != NO_POOL and not pools:
+            rows.append([figure, NA_POOLS, "", "", "none fails; p95 in the table", ""])
+            continue
+        new, failures = v[("concurrent", mode)], samples.failures[("concurrent", mode)]
+        cell = f"{seconds(new)}, {len(failures)}/{count} failed"
+        rows.append([figure, cell, "", "", "none fails; p95 in the table", "NO" if failures or not new else "yes"])
+    memory, old_memory = v[("idle-mib", "node-basic")], v[("old-idle-mib", "node-basic")]
+    rows.append([
+        "node-basic idle session memory (docker stats)", f"{memory[0]:.1f} MiB" if memory else "—",
+        f"{old_memory[0]:.1f} MiB" if old_memory else "—",
+        f"{old_memory[0] / memory[0]:.1f}x" if memory and old_memory else "", "", "",
+    ])  # fmt: skip
+    rss = v[("agent-rss-mib",)]
+    rows.append(["idle agent RSS (VmRSS)", f"{rss[0]:.1f} MiB" if rss else "—", "", "", "≤ 32 MiB",
+                 ("yes" if rss[0] <= 32 else "NO") if rss else ""])  # fmt: skip
+    return rows
 
 
-def bench_template(
-    orchestrator: Orchestrator,
-    fresh_orchestrator: Callable[[], Orchestrator],
-    spec: TemplateSpec,
-    base: str,
-    runs: int,
-    run_label: str,
-    extra_ca_bundle: Path | None,
-) -> list[str]:
-    """Rows of the table for one template: the new way (cold and warm install cache when it has an install
-    step), its phases, and the old way without and with docker's build cache."""
-    name = spec.name
-    new_ways: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
-
-    def new_once(kind: str, way: Orchestrator) -> float:
-        totals, phase_samples = new_ways.setdefault(kind, ([], {}))
-        elapsed, phases = way.create_until_ready(name)
-        totals.append(elapsed)
-        for phase, seconds in phases.items():
-            phase_samples.setdefault(phase, []).append(seconds)
-        return elapsed
-
-    def cold_once() -> float:
-        # A fresh data dir: an empty install cache, as for the first session of a lockfile.
-        way = fresh_orchestrator()
-        try:
-            return new_once("cold install cache", way)
-        finally:
-            way.stop()
-
-    if spec.install_command:
-        measure(runs, f"{name} new way, cold install cache", cold_once)
-        # Fills the install cache; not timed.
-        orchestrator.create_until_ready(name, keep_until=orchestrator.wait_for_install_cache)
-        measure(runs, f"{name} new way, warm install cache", lambda: new_once("warm install cache", orchestrator))
-    else:
-        measure(runs, f"{name} new way", lambda: new_once("nothing to install", orchestrator))
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch:
-        context = build_context(Path(scratch) / "context", base, spec, extra_ca_bundle)
-        cold_tag = f"workspace-core-bench-old:{name}-{run_label}"
-        cold = measure(
-            runs,
-            f"{name} old way, no cache",
-            lambda: _then_remove(cold_tag, build_run_probe(context, cold_tag, spec, run_label, no_cache=True)),
-        )
-        warm_tag = f"workspace-core-bench-old:{name}-{run_label}-warm"
-        try:
-            docker("build", "--quiet", "--tag", warm_tag, str(context))  # fills the cache; not timed
-            warm = measure(
-                runs,
-                f"{name} old way, warm cache",
-                lambda: build_run_probe(context, warm_tag, spec, run_label, no_cache=False),
-            )
-        finally:
-            subprocess.run(["docker", "rmi", "--force", warm_tag], capture_output=True)
-
-    news = {kind: median(totals) for kind, (totals, _) in new_ways.items()}
-    rows = []
-    for kind, (_, phase_samples) in new_ways.items():
-        ratios = "".join(f" {news[kind] / new:5.1f}x" for new in news.values())
-        rows.append(f"{name:<11} {'new (' + kind + ')':<42} {news[kind]:8.2f} s {ratios}")
-        for phase in PHASES:
-            if phase in phase_samples:
-                rows.append(f"{'':<11}   {phase:<40} {median(phase_samples[phase]):8.2f} s")
-    olds = {"old: build --no-cache + run + probe": cold, "old: build (warm cache) + run + probe": warm}
-    for what, samples in olds.items():
-        ratios = "".join(f" {median(samples) / new:5.1f}x" for new in news.values())
-        rows.append(f"{'':<11} {what:<42} {median(samples):8.2f} s {ratios}")
-    columns = " / ".join(f"new ({kind})" for kind in news)
-    return [f"{name}: ratios are each row's median / {columns}", *rows, ""]
+def render(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
 
 
-def _then_remove(tag: str, seconds: float) -> float:
-    """Removes the image a cold build made (and its layers), so the next cold build starts from the base."""
-    docker("rmi", "--force", tag)
-    return seconds
+def prepare_templates(scratch: Path, npm: bool) -> Path:
+    """A copy of the built-in templates the run may edit; without --npm two renamed copies of node-basic stand in
+    for the templates whose install needs the npm registry."""
+    directory = scratch / "templates"
+    shutil.copytree(REPO / "templates", directory, ignore=shutil.ignore_patterns("node_modules", "dist", ".astro"))
+    if not npm:
+        for suffix in ("b", "c"):
+            variant = directory / f"node-basic-{suffix}"
+            shutil.copytree(directory / "node-basic", variant)
+            manifest = json.loads((variant / "template.json").read_text())
+            manifest["name"] = variant.name
+            (variant / "template.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return directory
 
 
-def cleanup(instance_id: str, run_label: str, base_tag: str) -> None:
-    """Removes whatever this run left: workspace containers of its orchestrator, old-way containers, tags."""
-    for label in (f"workspace-core.orchestrator={instance_id}", f"{BENCH_LABEL}={run_label}"):
-        ids = subprocess.run(
-            ["docker", "ps", "--all", "--quiet", "--filter", f"label={label}"], capture_output=True, text=True
-        ).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "--force", "--volumes", *ids], capture_output=True)
-    subprocess.run(["docker", "rmi", base_tag], capture_output=True)
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="runs per way and template (medians are reported)")
-    parser.add_argument("--npm", action="store_true", help="also vite-react, whose install needs the npm registry")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (medians and p95 are reported)")
+    parser.add_argument("--npm", action="store_true", help="also vite-react and astro-basic, whose install needs the npm registry")
     parser.add_argument(
         "--extra-ca-bundle", type=Path, default=os.environ.get("WORKSPACE_EXTRA_CA_BUNDLE") or None,
         help="a PEM bundle (public roots + a TLS-intercepting proxy's CA) both ways trust for npm",
     )  # fmt: skip
+    parser.add_argument("--warm-pool", type=int, default=2, help="size of the warm pool, when this build has one")
+    parser.add_argument("--concurrent", type=int, default=20, help="CreateSessions at once")
     args = parser.parse_args()
 
+    signal.signal(signal.SIGTERM, _interrupt)
+    pools = pools_in_build()
     run_label = secrets.token_hex(4)
-    instance_id = f"bench-{run_label}"
-    # Both ways use this exact image, even if someone rebuilds workspace-core:latest meanwhile.
+    # The engine, and the core image of this checkout's sources (workspace-core:latest may be another's),
+    # tagged for the run so that it stays while the run uses it on both ways.
+    subprocess.run(["bash", str(REPO / "core_image" / "ensure_docker.sh")], check=True)
+    core_image = ensure_image(progress=lambda line: print(f"core image: {line}", file=sys.stderr, flush=True))
     base_tag = f"workspace-core-bench-base:{run_label}"
-    docker("tag", CORE_IMAGE, base_tag)
+    docker("tag", core_image, base_tag)
     image_id = docker("image", "inspect", "--format", "{{.Id}}", base_tag).removeprefix("sha256:")[:12]
     header = machine()
-    rows: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="bench-orchestrator-") as data_dir:
-        catalog = TemplateCatalog(REPO / "templates", Path(data_dir) / "catalog")
-        specs = [catalog.get("node-basic"), *([catalog.get("vite-react")] if args.npm else [])]
-        orchestrator = Orchestrator(Path(data_dir) / "orchestrator", base_tag, instance_id, args.extra_ca_bundle)
-
-        def fresh_orchestrator() -> Orchestrator:
-            # The same instance id: cleanup finds its containers too. Its start-up removes none of the first
-            # orchestrator's, as that one deletes each session before the next is created.
-            fresh_dir = Path(tempfile.mkdtemp(prefix="orchestrator-", dir=data_dir))
-            return Orchestrator(fresh_dir, base_tag, instance_id, args.extra_ca_bundle)
-
-        try:
-            for spec in specs:
-                rows += bench_template(
-                    orchestrator, fresh_orchestrator, spec, base_tag, args.runs, run_label, args.extra_ca_bundle
-                )
-        finally:
-            orchestrator.stop()
-            cleanup(instance_id, run_label, base_tag)
+    samples = Samples()
+    bench = ["node-basic", *(["vite-react"] if args.npm else [])]
+    concurrent_templates = ["node-basic", "vite-react", "astro-basic"] if args.npm else ["node-basic", "node-basic-b", "node-basic-c"]
+    scratch = Path(tempfile.mkdtemp(prefix="bench-orchestrator-"))
+    registry: Registry | None = None
+    new: NewWay | None = None
+    try:
+        templates_dir = prepare_templates(scratch, args.npm)
+        catalog = TemplateCatalog(templates_dir, scratch / "catalog")
+        registry = Registry(scratch / "registry")
+        olds = {
+            name: OldWay(catalog.get(name), templates_dir / name, scratch, base_tag, registry, run_label, args.extra_ca_bundle)
+            for name in bench
+        }
+        old_way(olds, args.runs, samples)
+        new = NewWay(scratch / "new", base_tag, templates_dir, run_label, args.extra_ca_bundle)
+        new_way(new, catalog, bench, concurrent_templates, args, pools, samples)
+    finally:
+        print("cleaning up", file=sys.stderr, flush=True)
+        if new is not None:
+            new.cleanup()
+        if registry is not None:
+            registry.stop()
+        cleanup_old_way(run_label)
+        subprocess.run(["docker", "rmi", base_tag], capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     print(header)
     print(
-        f"core image {CORE_IMAGE} ({image_id}) on both ways: the old way's Node base too (no node: image is "
-        "available offline); the template's limits and the workspace hardening on both ways"
+        f"core image {core_image} ({image_id}) on both ways, also as the old way's base (same Node, same npm); the "
+        f"template's limits and the workspace hardening on both; old-way images in docker-registry on loopback"
     )
+    pool_sizes = f"warm {args.warm_pool}, hot 1 per template" if pools else "not in this build"
+    print(f"medians (p95) of {args.runs} runs; ratio = old median / new median; pools: {pool_sizes}")
     print(
-        f"medians of {args.runs} runs; the new way cold has an empty install cache (a fresh data dir per run), "
-        "warm has node_modules of an earlier session with the same lockfile in it\n"
+        "(a) never seen: old pulls its image from the registry (its own layers removed first) + run + probe; new "
+        "starts on an empty data dir (a hot pool is filled there before each timed create)\n"
+        "(b) just edited: one source file changed; old rebuilds with the build cache (install layer hit) + run + "
+        "probe; new rebuilds the archive, its install cache hits\n"
+        "(c) steady: old has the image, run + probe; new has warm caches. Old's first command: docker run + "
+        "docker exec true\n"
     )
-    print(f"{'template':<11} {'what':<42} {'median':>10}  ratios")
-    print("\n".join(rows))
+    print(render(table(samples, bench, pools, concurrent_templates, args.concurrent)))
+    if pools:
+        hits = [f"{' '.join(key[1:])} {sum(h)}/{len(h)}" for key, h in samples.pool_hits.items() if key[-1] != NO_POOL]
+        note("creates whose container_started phase said the container came from the pool: " + ", ".join(hits))
+    print("\nphases of the new way (medians, s):")
+    for key, phases in samples.phases.items():
+        print(f"  {' '.join(key[1:]):<30} " + "  ".join(f"{p} {statistics.median(phases[p]):.2f}" for p in PHASES if p in phases))
+    for failure in [f for fs in samples.failures.values() for f in fs]:
+        note(f"failed: {failure}")
+    if NOTES:
+        print("\nnotes:\n" + "\n".join(f"- {text}" for text in NOTES))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted (everything the run started is removed)", file=sys.stderr)
+        sys.exit(130)
