@@ -28,11 +28,12 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
     activity = ActivityTracker()
     # Tracing first (empty while off): its span then covers auth refusals and mapped errors too.
     interceptors: list[aio.ServerInterceptor] = telemetry.server_interceptors()
-    if config.token:
-        interceptors.append(BearerTokenInterceptor(config.token))
+    auth = BearerTokenInterceptor(config.token) if config.token else None
+    if auth is not None:
+        interceptors.append(auth)
     interceptors += [ActivityInterceptor(activity), ErrorMappingInterceptor()]
     server = new_server(interceptors)
-    servicer = AgentServicer(config, activity)
+    servicer = AgentServicer(config, activity, auth)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
 
     await add_health_and_reflection(server, SERVICE_NAME)

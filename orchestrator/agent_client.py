@@ -225,6 +225,16 @@ class AgentClient:
         with _translated("GetActivity", self.endpoint):
             return await self._stub.GetActivity(pb.GetActivityRequest(), metadata=self._metadata)
 
+    async def claim(self, token: str, env: dict[str, str], session_id: str, *, timeout: float = 10.0) -> None:
+        """Hands this pooled workspace to `session_id` (the client must hold the pool credential): the agent
+        expects `token` from now on, and so does this client. Raises FailedPrecondition (claimed already, the
+        credential refused, the agent unreachable), InvalidArgument."""
+        with _translated("Claim", self.endpoint):
+            await self._stub.Claim(
+                pb.ClaimRequest(token=token, env=env, session_id=session_id), metadata=self._metadata, timeout=timeout
+            )
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
 
 class ArchiveStream:
     """The bytes of an archive as the agent streams them. Once iterated to the end, `summary` holds the
