@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent import telemetry
 from agent.startup import EXIT_STARTUP, StartupError
-from orchestrator.config import OrchestratorConfig
+from orchestrator.config import WARM_POOL_DEFAULT, OrchestratorConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.server import serve
 
@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
         help="label separating orchestrators on one engine (default: an id kept in the data dir, unique to it)",
     )  # fmt: skip
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions)
+    parser.add_argument(
+        "--warm-pool", type=int, default=WARM_POOL_DEFAULT, metavar="N",
+        help="started workspaces kept ready for new sessions, within --max-sessions (0: off; default %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--idle-ttl", type=float,
         help=f"seconds idle before a session is stopped (0: never; default {d.idle_ttl_s:g}, with --demo 0)",
@@ -70,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
         extra_ca_bundle=args.extra_ca_bundle,
         instance_id=args.instance_id,
         max_sessions=args.max_sessions,
+        warm_pool=args.warm_pool,
         idle_ttl_s=args.idle_ttl,
         max_lifetime_s=args.max_lifetime,
         reap_interval_s=args.reap_interval,

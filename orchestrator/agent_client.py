@@ -97,6 +97,15 @@ class AgentClient:
             await asyncio.sleep(0.05)
         raise FailedPrecondition(f"the workspace agent at {self.endpoint} was not healthy within {timeout:g} s ({last})")
 
+    async def healthy(self, timeout: float) -> bool:
+        """Whether the agent answers one health check SERVING within `timeout` seconds (no waiting for a
+        connection: an agent that is gone is told at once)."""
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=AGENT_SERVICE), timeout=timeout)
+        except aio.AioRpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
     async def run(
         self,
         shell: str,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 MiB = 1024 * 1024
 
+# The warm pool `python -m orchestrator` keeps unless told otherwise (--warm-pool).
+WARM_POOL_DEFAULT = 2
 # templates/ at the top of the repository: where template folders live unless told otherwise.
 REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
@@ -36,6 +38,10 @@ class OrchestratorConfig:
     instance_id: str = ""
     # Sessions: at most this many not STOPPED/FAILED at once (RESOURCE_EXHAUSTED beyond).
     max_sessions: int = 100
+    # Warm pool: started workspaces with healthy agents and no session, claimed by CreateSession (a cold start
+    # when it is empty) and refilled in the background; its members count against max_sessions. 0 turns it
+    # off (the default here, for embedders and tests); `python -m orchestrator` asks for WARM_POOL_DEFAULT.
+    warm_pool: int = 0
     agent_health_timeout_s: float = 30.0
     install_timeout_s: float = 600.0
     # Reaper: stop sessions idle this long or alive this long (0 disables either); check every interval.
