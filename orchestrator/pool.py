@@ -20,6 +20,8 @@ from orchestrator.templates import ResourceHints
 log = logging.getLogger(__name__)
 
 POOL_KIND = "warm"
+# Ends the container phase's detail of a session that claimed a member.
+FROM_POOL = "(from the warm pool)"
 # Members started at once: one container start keeps a core busy (2-core hosts).
 FILL_AT_ONCE = 2
 # A member's agent must answer a health check this fast to be handed out.
