@@ -288,7 +288,7 @@ class SessionManager:
 
     async def stop_live(self, live: LiveSession, reason: str) -> None:
         """Stops the session's initialization and workspace and records it STOPPED with `reason`, the caller
-        holding its lock. Raises EngineUnavailable, and what closing the agent client raises."""
+        holding its lock. Raises EngineUnavailable."""
         session = live.session
         if live.initialization is not None and not live.initialization.done():
             live.initialization.cancel()
