@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from agent.tools import ENV_BIN
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import DemoFailed
 from orchestrator.pool import FROM_POOL
 from orchestrator.sessions import READY, SessionManager
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -19,10 +19,6 @@ from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 # How long the demo waits for the warm pool to fill before its session starts cold instead.
 POOL_FILL_TIMEOUT_S = 60.0
-
-
-class DemoFailed(OrchestratorError):
-    """The demo session did not become READY; the message says in which phase and why."""
 
 
 async def run(sessions: SessionManager, template: str, address: str, stopping: asyncio.Event) -> None:
