@@ -4,11 +4,17 @@ environment is added to every command started afterwards."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from grpc import aio
+from opentelemetry import trace
 
 from agent.errors import InvalidArgument, PreconditionFailed
-from agent.interceptors import BearerTokenInterceptor
+from agent.interceptors import BearerTokenInterceptor, wrap_handler
 from agent.process.manager import ProcessManager
+from agent.telemetry import SESSION_ATTRIBUTE
 
 log = logging.getLogger(__name__)
 
@@ -17,12 +23,11 @@ class PoolClaim:
     """The one claim a pooled agent accepts. `auth` is the agent's token check (None: it runs without a
     token, so there is no credential to hand over and nothing to claim)."""
 
-    def __init__(self, auth: BearerTokenInterceptor | None, processes: ProcessManager) -> None:
+    def __init__(self, auth: BearerTokenInterceptor | None) -> None:
         self._auth = auth
-        self._processes = processes
         self.session_id = ""
 
-    def claim(self, token: str, env: Mapping[str, str], session_id: str) -> str:
+    def claim(self, token: str, env: Mapping[str, str], session_id: str, processes: ProcessManager) -> str:
         """Binds the workspace to `session_id`; returns it. Raises PreconditionFailed (claimed already, or no
         token configured), InvalidArgument (no token, a bad variable name)."""
         if self.session_id:
@@ -36,7 +41,42 @@ class PoolClaim:
                 raise InvalidArgument(f"environment variable {key!r}: names must be non-empty without '=', and no NUL bytes")
         self.session_id = session_id or "(unnamed)"
         # No await in between: the environment is in place for the first call the new token makes.
-        self._processes.environment = dict(env)
+        processes.environment = dict(env)
         self._auth.replace(token)
         log.info("claimed by session %s", self.session_id, extra={"session_id": self.session_id})
         return session_id
+
+
+class SessionSpanInterceptor(aio.ServerInterceptor):
+    """Names the claiming session (SESSION_ATTRIBUTE) on the span of every call after the claim: a pooled
+    agent's trace resource was made before any session existed. Goes after the tracing interceptor."""
+
+    def __init__(self, claim: PoolClaim) -> None:
+        self._claim = claim
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        session_id = self._claim.session_id
+        if handler is None or not session_id:
+            return handler
+
+        def unary(behavior):
+            async def call(request: Any, context: aio.ServicerContext) -> Any:
+                trace.get_current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
+                return await behavior(request, context)
+
+            return call
+
+        def streaming(behavior):
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                trace.get_current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
+                async for response in behavior(request, context):
+                    yield response
+
+            return call
+
+        return wrap_handler(handler, unary, streaming)

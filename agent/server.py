@@ -10,6 +10,7 @@ from grpc import aio
 
 from agent import telemetry
 from agent.activity import ActivityInterceptor, ActivityTracker
+from agent.claim import PoolClaim, SessionSpanInterceptor
 from agent.config import AgentConfig
 from agent.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor
 from agent.service import AgentServicer
@@ -29,11 +30,14 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
     # Tracing first (empty while off): its span then covers auth refusals and mapped errors too.
     interceptors: list[aio.ServerInterceptor] = telemetry.server_interceptors()
     auth = BearerTokenInterceptor(config.token) if config.token else None
+    claim = PoolClaim(auth)
+    if interceptors:  # tracing is on
+        interceptors.append(SessionSpanInterceptor(claim))
     if auth is not None:
         interceptors.append(auth)
     interceptors += [ActivityInterceptor(activity), ErrorMappingInterceptor()]
     server = new_server(interceptors)
-    servicer = AgentServicer(config, activity, auth)
+    servicer = AgentServicer(config, activity, claim)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
 
     await add_health_and_reflection(server, SERVICE_NAME)

@@ -20,7 +20,6 @@ from agent.fs.archive import ArchiveStream
 from agent.fs.extract import ExtractMode, extract_archive
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.staging import remove_leftovers
-from agent.interceptors import BearerTokenInterceptor
 from agent.fs.read import ByteRange, Chunk, FileReader, LineRange
 from agent.fs.search import Context, Hit, Match, Searcher, SearchQuery, Summary
 from agent.process import messages
@@ -92,9 +91,7 @@ async def _archive_chunks(requests: AsyncIterator[pb.ExtractArchiveRequest]) -> 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """One per server; holds the workspace root and the domain services."""
 
-    def __init__(
-        self, config: AgentConfig, activity: ActivityTracker, auth: BearerTokenInterceptor | None = None
-    ) -> None:
+    def __init__(self, config: AgentConfig, activity: ActivityTracker, claim: PoolClaim | None = None) -> None:
         self.config = config
         self.root = WorkspaceRoot(config.root)
         remove_leftovers(self.root)  # what a killed agent left in .workspace-agent/, before any call
@@ -108,7 +105,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             engine=config.search_engine,
         )
         self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
-        self.pool_claim = PoolClaim(auth, self.processes)
+        # Without auth (no token) there is nothing to claim.
+        self.pool_claim = claim or PoolClaim(None)
 
     async def close(self) -> None:
         """Stops what the servicer started (named processes) on shutdown."""
@@ -274,5 +272,5 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     # ------------------------------------------------------------ Claim
     async def Claim(self, request: pb.ClaimRequest, context: aio.ServicerContext) -> pb.ClaimResponse:
-        session_id = self.pool_claim.claim(request.token, dict(request.env), request.session_id)
+        session_id = self.pool_claim.claim(request.token, dict(request.env), request.session_id, self.processes)
         return pb.ClaimResponse(session_id=session_id)
