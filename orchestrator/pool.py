@@ -26,6 +26,10 @@ FROM_POOL = "(from the warm pool)"
 FILL_AT_ONCE = 2
 # A member's agent must answer a health check this fast to be handed out.
 TAKE_HEALTH_TIMEOUT_S = 0.5
+# A refill waits for the session that took a member to settle (Initialization calls refill()), or this long at
+# most: a container start beside the session's dev server start slows that down (2 cores), yet a long install
+# must not leave the pool empty for its whole duration.
+REFILL_DELAY_S = 3.0
 # After a failed start (no engine, no image) the pool tries again this much later, not in a tight loop.
 RETRY_AFTER_S = 5.0
 
@@ -95,17 +99,16 @@ class WarmPool:
 
     async def take(self) -> Member | None:
         """A member whose agent answers now, or None at once when there is none (the caller starts cold).
-        A member that does not answer is removed, never handed out."""
-        try:
-            while self._ready:
-                member = self._ready.pop(0)
-                if await member.agent.healthy(TAKE_HEALTH_TIMEOUT_S):
-                    return member
-                log.warning("warm pool: member %s did not answer; removed", member.workspace.pool_id)
-                self._spawn(self._discard(member))
-            return None
-        finally:
-            self.refill()
+        A member that does not answer is removed, never handed out. The pool refills once the caller calls
+        refill() (its session settled) or REFILL_DELAY_S later."""
+        asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
+        while self._ready:
+            member = self._ready.pop(0)
+            if await member.agent.healthy(TAKE_HEALTH_TIMEOUT_S):
+                return member
+            log.warning("warm pool: member %s did not answer; removed", member.workspace.pool_id)
+            self._spawn(self._discard(member))
+        return None
 
     async def claim(
         self, member: Member, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str]

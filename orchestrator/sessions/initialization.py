@@ -94,6 +94,8 @@ class Initialization:
             self._recorder.fail(live, error)
             return
         finally:
+            if self._pool is not None:
+                self._pool.refill()  # settled: a member started now no longer competes with this session
             # Following after READY would hold a stream open on the agent: the reaper would see it as busy.
             if self._follow_dev is not None:
                 self._follow_dev.cancel()
