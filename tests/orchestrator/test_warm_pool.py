@@ -254,3 +254,21 @@ def test_a_pool_larger_than_max_sessions_is_refused_at_start(tmp_path: Path) -> 
     )  # fmt: skip
     assert result.returncode == 2, result
     assert result.stderr.count("\n") == 1 and "--warm-pool 3" in result.stderr and "--max-sessions 2" in result.stderr
+
+
+async def test_the_demo_waits_for_the_pool_and_says_its_session_came_from_it(
+    pooled: OrchestratorUnderTest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator import demo
+
+    stopping = asyncio.Event()
+    running = asyncio.create_task(demo.run(pooled.orchestrator.sessions, "node-basic", "127.0.0.1:0", stopping))
+    printed = ""
+    async with asyncio.timeout(60):
+        while "READY in" not in printed:
+            await asyncio.sleep(0.1)
+            printed += capsys.readouterr().out
+    stopping.set()
+    await running
+    assert "demo: warm pool of 2 ready" in printed
+    assert f"s {FROM_POOL}. Open http://" in printed
