@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from agent import telemetry
-from agent.startup import EXIT_STARTUP, StartupError
+from common import telemetry
+from common.startup import EXIT_STARTUP, StartupError
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.server import serve

@@ -13,7 +13,8 @@ from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent import serving, telemetry
+from common import serving, telemetry
+from common.constants import MiB
 from orchestrator.errors import (
     ChecksumMismatch,
     FailedPrecondition,
@@ -27,7 +28,7 @@ from workspace.agent.v1 import agent_pb2_grpc
 
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
 # Chunks sent to ExtractArchive are cut to this size, whatever the source yields.
-UPLOAD_CHUNK_BYTES = 1024 * 1024
+UPLOAD_CHUNK_BYTES = MiB
 # Output lines longer than this (in bytes) are cut, and the rest of the line dropped.
 MAX_LINE_BYTES = 4096
 # A freshly started container refuses connections for a moment: retry connecting every 100 ms to 1 s,

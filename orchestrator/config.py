@@ -9,7 +9,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-MiB = 1024 * 1024
+from common.constants import MiB
 
 # templates/ at the top of the repository: where template folders live unless told otherwise.
 REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"

@@ -17,16 +17,16 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import telemetry
+from common.constants import TOKEN_ENV
 from orchestrator.errors import FailedPrecondition
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
-    TOKEN_ENV,
     Workspace,
     WorkspaceExit,
     check_session_id,
     trust_env,
+    workspace_agent_env,
     workspace_labels,
 )
 
@@ -78,7 +78,7 @@ class LocalRuntime:
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         agent_port, preview_port = _free_ports(self.host_address, 2)
         inherited = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
-        environment = {**inherited, **telemetry.workspace_agent_env(session_id), **env, "PORT": str(preview_port)}
+        environment = {**inherited, **workspace_agent_env(session_id), **env, "PORT": str(preview_port)}
         token_file = await asyncio.to_thread(_write_token, session_dir, token)
         if self.trust_bundle is not None:
             environment.update(trust_env(str(self.trust_bundle)))
