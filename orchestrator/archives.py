@@ -22,11 +22,12 @@ else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): t
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from common.constants import MiB
 from orchestrator.errors import ArchiveNotFound, ChecksumMismatch, InvalidArgument, LimitExceeded
 from orchestrator.store import Store
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = MiB
 TEMP_PREFIX = ".incoming-"
 
 

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from agent.tools import ENV_BIN
+from common.tools import ENV_BIN
 from orchestrator.errors import DemoFailed
 from orchestrator.sessions import READY, SessionManager
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb

@@ -20,14 +20,14 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 from pathspec import GitIgnoreSpec
 
+from common.constants import DEFAULT_EXCLUDES, DEV_PORT
 from orchestrator.errors import InvalidArgument, InvalidTemplate, TemplateNotFound
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "templates" / "template.schema.json"
 METADATA_FILE = "template.json"
-# Never part of a template archive or a saved workspace: the install step recreates it.
-ALWAYS_EXCLUDED = ("node_modules/",)
+# Never part of a template archive or a saved workspace (as directories): the install step recreates them.
+ALWAYS_EXCLUDED = tuple(f"{name}/" for name in DEFAULT_EXCLUDES)
 DEFAULT_INSTALL_COMMAND = "npm install"
-DEFAULT_DEV_PORT = 4321
 # Every member gets this mtime (2000-01-01T00:00:00Z) so an archive depends on content only; a fixed date
 # rather than 0 because some tools treat the epoch as "unset".
 ARCHIVE_MTIME = 946_684_800
@@ -54,7 +54,7 @@ class TemplateSpec:
     description: str = ""
     install_command: str = ""  # "" = no install step
     dev_command: str = ""
-    dev_port: int = DEFAULT_DEV_PORT
+    dev_port: int = DEV_PORT
     readiness_path: str = "/"
     readiness_timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
@@ -199,7 +199,7 @@ class TemplateCatalog:
             description=document.get("description", ""),
             install_command=document.get("install_command", DEFAULT_INSTALL_COMMAND),
             dev_command=document["dev_command"],
-            dev_port=document.get("dev_port", DEFAULT_DEV_PORT),
+            dev_port=document.get("dev_port", DEV_PORT),
             readiness_path=readiness.get("path", "/"),
             readiness_timeout_s=float(readiness.get("timeout_seconds", 120)),
             env=dict(document.get("env", {})),

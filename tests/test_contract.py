@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.tools import find_tool, path_with_tools
+from common.tools import find_tool, path_with_tools
 from tests.conftest import REPO
 
 

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from agent.tools import ENV_BIN
+from common.tools import ENV_BIN
 from tests.conftest import REPO
 from tests.live_orchestrator import running_orchestrator
 

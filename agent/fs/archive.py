@@ -22,8 +22,8 @@ from agent.errors import InvalidArgument, LimitExceeded, NotFound, PreconditionF
 from agent.fs.channel import ByteChannel, run_in_own_thread
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.staging import STAGING_DIR_NAME
+from common.constants import DEFAULT_EXCLUDES
 
-DEFAULT_EXCLUDES = ("node_modules",)
 # Chunks queued between the producing thread and the stream; the producer waits past this.
 QUEUED_CHUNKS = 4
 # zlib's default level: close to level 9's size at several times its speed.

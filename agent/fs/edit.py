@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 from agent.errors import AgentError, AlreadyExists, InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
 from agent.fs.paths import AGENT_DIR_NAME, WorkspaceRoot, os_error
 from agent.fs.staging import make_private_directory, remove_private_directory
-from agent.serving import MAX_MESSAGE_BYTES
+from common.serving import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,14 @@ from pathspec.patterns.gitwildmatch import GitWildMatchPatternError
 
 from agent.errors import InvalidArgument, NotFound
 from agent.fs.paths import AGENT_DIR_NAME, WorkspaceRoot
-from agent.tools import ENV_BIN, find_tool
+from common import constants
+from common.tools import ENV_BIN, find_tool
 
 MAX_CONTEXT_LINES = 20
 # Matching and context lines are cut to this many bytes (SearchMatch.line_truncated).
 MAX_LINE_BYTES = 4096
-# Skipped unless include_default_excludes: dependency trees and git's own data.
-DEFAULT_EXCLUDES = ("node_modules", ".git")
+# Skipped unless include_default_excludes: what an archive leaves out (dependency trees), and git's own data.
+DEFAULT_EXCLUDES = (*constants.DEFAULT_EXCLUDES, ".git")
 # Ignore files by precedence, highest first, as ripgrep reads them.
 IGNORE_FILES = (".rgignore", ".ignore", ".gitignore")
 # A batch of hits (one response) is sent once it holds this many hits or about this many bytes of text...

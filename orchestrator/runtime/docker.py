@@ -22,11 +22,9 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 from docker.types import Mount
 
-from agent import telemetry
+from common.constants import AGENT_PORT, DEV_PORT
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
 from orchestrator.runtime.base import (
-    AGENT_PORT,
-    DEV_PORT,
     MANAGED_LABEL,
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
@@ -34,6 +32,7 @@ from orchestrator.runtime.base import (
     WorkspaceExit,
     check_session_id,
     trust_env,
+    workspace_agent_env,
     workspace_labels,
 )
 
@@ -153,7 +152,7 @@ class DockerRuntime:
     ) -> Workspace:
         # The agent traces like the orchestrator (OTEL_* passed on); the OTLP endpoint must be reachable from
         # the container: 127.0.0.1 is the container itself.
-        environment = {**telemetry.workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT)}
+        environment = {**workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT)}
         volumes = {}
         if self.trust_bundle is not None:
             volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}

@@ -17,16 +17,18 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import telemetry
+import psutil
+
+from common.constants import TOKEN_ENV
 from orchestrator.errors import FailedPrecondition
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
-    TOKEN_ENV,
     Workspace,
     WorkspaceExit,
     check_session_id,
     trust_env,
+    workspace_agent_env,
     workspace_labels,
 )
 
@@ -78,7 +80,7 @@ class LocalRuntime:
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         agent_port, preview_port = _free_ports(self.host_address, 2)
         inherited = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
-        environment = {**inherited, **telemetry.workspace_agent_env(session_id), **env, "PORT": str(preview_port)}
+        environment = {**inherited, **workspace_agent_env(session_id), **env, "PORT": str(preview_port)}
         token_file = await asyncio.to_thread(_write_token, session_dir, token)
         if self.trust_bundle is not None:
             environment.update(trust_env(str(self.trust_bundle)))
@@ -232,9 +234,10 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _cmdline(pid: int) -> list[str]:
+    """The command line of `pid`; [] when it is gone, a zombie, or not ours to see."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
 
 
@@ -247,25 +250,15 @@ def _is_agent(pid: int, root: Path) -> bool:
 
 def _descendant_groups(pid: int) -> set[int]:
     """Process groups of everything below `pid` (the agent's commands each run in a group of their own)."""
-    children: dict[int, list[int]] = {}
-    groups: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # The fields after the command name (which may hold spaces and parentheses): state, ppid, pgrp.
-            _, ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        children.setdefault(int(ppid), []).append(int(entry.name))
-        groups[int(entry.name)] = int(pgrp)
-    found: set[int] = set()
-    frontier = [pid]
-    while frontier:
-        below = children.get(frontier.pop(), [])
-        found.update(below)
-        frontier.extend(below)
-    return {groups[process] for process in found} - {pid}
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return set()
+    groups = set()
+    for process in below:
+        with suppress(ProcessLookupError):  # exited since
+            groups.add(os.getpgid(process.pid))
+    return groups - {pid}
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:

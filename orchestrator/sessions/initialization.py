@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
-from agent import telemetry
+from common import telemetry
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import InitializationFailed
