@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import secrets
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 if sys.version_info >= (3, 11, 4):
     import tarfile
@@ -22,11 +20,12 @@ else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): t
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from common.durable import file_chunks, flush_to_disk, publish
+
 from orchestrator.errors import ArchiveNotFound, ChecksumMismatch, InvalidArgument, LimitExceeded
 from orchestrator.store import Store
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
-CHUNK_SIZE = 1024 * 1024
 TEMP_PREFIX = ".incoming-"
 
 
@@ -174,25 +173,3 @@ def count_safe_members(path: Path) -> int:
     except (tarfile.TarError, EOFError, OSError) as error:
         raise InvalidArgument(f"not a readable tar.gz: {error}") from None
     return files
-
-
-async def file_chunks(path: Path) -> AsyncIterator[bytes]:
-    """The bytes of the file at `path` in chunks, read off the event loop."""
-    with open(path, "rb") as file:
-        while chunk := await asyncio.to_thread(file.read, CHUNK_SIZE):
-            yield chunk
-
-
-def flush_to_disk(file: BinaryIO) -> None:
-    file.flush()
-    os.fsync(file.fileno())
-
-
-def publish(temp: Path, final: Path) -> None:
-    """Renames the complete file into place and makes the rename itself durable."""
-    os.rename(temp, final)
-    directory = os.open(final.parent, os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

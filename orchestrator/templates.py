@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import tarfile
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 from pathspec import GitIgnoreSpec
 
+from common.durable import write_atomically
 from orchestrator.errors import InvalidArgument, InvalidTemplate, TemplateNotFound
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "templates" / "template.schema.json"
@@ -221,14 +221,7 @@ class TemplateCatalog:
             data = _tar_gz(members)
             self._cache_dir.mkdir(parents=True, exist_ok=True)
             # Written aside and renamed, so a reader never sees a partial archive.
-            fd, temporary = tempfile.mkstemp(dir=self._cache_dir, prefix=f".{name}-", suffix=".partial")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(temporary, path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
+            write_atomically(path, data)
         return TemplateArchive(name, hashlib.sha256(data).hexdigest(), len(data), files, path)
 
 
