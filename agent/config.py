@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.tarball import MAX_CONTENT_BYTES, MAX_MEMBERS
+
 MiB = 1024 * 1024
 # The bearer token's environment variable (compatibility: the orchestrator hands it over in a file, which
 # `python -m agent --token-file` removes once read; an init process would keep a readable copy of a variable).
@@ -20,8 +22,8 @@ class AgentConfig:
     # Bearer token every RPC but health and reflection must carry; None disables auth.
     token: str | None = None
     # Archives: refused past these (RESOURCE_EXHAUSTED), the workspace left unchanged.
-    max_archive_bytes: int = 2048 * MiB  # uncompressed size of the members
-    max_archive_files: int = 200_000
+    max_archive_bytes: int = MAX_CONTENT_BYTES  # uncompressed size of the members
+    max_archive_files: int = MAX_MEMBERS
     # Largest chunk Read and CreateArchive send (and Read accepts as chunk_size).
     max_chunk_size: int = 1 * MiB
     # Read computes a file's sha256 up to this size.
