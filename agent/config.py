@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.constants import AGENT_PORT, MiB
+from common.tarball import MAX_CONTENT_BYTES, MAX_MEMBERS
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,8 @@ class AgentConfig:
     # Bearer token every RPC but health and reflection must carry; None disables auth.
     token: str | None = None
     # Archives: refused past these (RESOURCE_EXHAUSTED), the workspace left unchanged.
-    max_archive_bytes: int = 2048 * MiB  # uncompressed size of the members
-    max_archive_files: int = 200_000
+    max_archive_bytes: int = MAX_CONTENT_BYTES  # uncompressed size of the members
+    max_archive_files: int = MAX_MEMBERS
     # Largest chunk Read and CreateArchive send (and Read accepts as chunk_size).
     max_chunk_size: int = 1 * MiB
     # Read computes a file's sha256 up to this size.

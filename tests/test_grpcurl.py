@@ -4,7 +4,6 @@ runtime), so the section "Debugging with grpcurl" cannot drift from what the ser
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import AsyncIterator, Mapping
@@ -16,6 +15,8 @@ import certifi
 from opentelemetry.sdk.environment_variables import OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME
 
 from common.telemetry import SESSION_ATTRIBUTE, tracing_requested
+from common.durable import write_atomically
+
 from orchestrator.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -143,11 +144,6 @@ def write_trust_bundle(extra_ca: Path, directory: Path) -> Path:
         raise InvalidArgument(f"extra CA bundle {extra_ca}: no PEM certificate in it")
     directory.mkdir(parents=True, exist_ok=True)
     bundle = directory / "ca-bundle.pem"
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".ca-bundle.")
-    with os.fdopen(fd, "w") as out:
-        out.write(Path(certifi.where()).read_text())
-        out.write(f"\n# Extra CA bundle from {extra_ca}\n{extra}")
     # Readable by the workspace user (uid 1000 in the container), which does not own the file.
-    os.chmod(temp, 0o644)
-    os.replace(temp, bundle)
+    write_atomically(bundle, Path(certifi.where()).read_text() + f"\n# Extra CA bundle from {extra_ca}\n{extra}", mode=0o644)
     return bundle

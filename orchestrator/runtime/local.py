@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from common.constants import TOKEN_ENV
+from common.durable import write_atomically
 from orchestrator.errors import FailedPrecondition
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
@@ -221,9 +222,7 @@ def _write_token(session_dir: Path, token: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(data, indent=2))
-    os.replace(temp, path)
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def _read_json(path: Path) -> dict | None:
