@@ -76,7 +76,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lang", action="append", choices=["python", "typescript"], help="default: both")
     parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="where the Python goes (default: protos/)")
-    parser.add_argument("--ts-out", type=Path, default=REPO, help="the base of buf.gen.yaml's outputs (default: the repository)")
+    parser.add_argument("--ts-out", type=Path, default=REPO, help="base of buf.gen.yaml's outputs (default: the repo)")
     args = parser.parse_args()
     langs = args.lang or ["python", "typescript"]
     if "python" in langs:

@@ -3,6 +3,7 @@ and its own tests (node --test) and the example pass against a real orchestrator
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.conftest import REPO
 from tests.live_orchestrator import running_orchestrator
-from tests.node_support import node_client, tsc
+from tests.node_support import CLIENT, node_client, tsc
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc
 
@@ -39,6 +41,29 @@ def test_the_client_its_tests_and_examples_compile_strict(built: Path) -> None:
     assert (built / "dist" / "src" / "index.js").is_file()
     assert (built / "dist" / "src" / "index.d.ts").is_file()
     assert (built / "dist" / "examples" / "nestjs" / "workspaces.service.js").is_file()
+
+
+def test_the_readme_s_typescript_compiles(built: Path, tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## From a Node.js backend") :]
+    snippet = re.search(r"```ts\n(.*?)```", section, re.DOTALL)
+    assert snippet, "the README's Node.js section has no TypeScript example"
+    (tmp_path / "readme.ts").write_text(snippet.group(1) + "export {};\n")
+    (tmp_path / "package.json").write_text('{"type": "module"}')  # top-level await: an ES module
+    config = {
+        "extends": str(CLIENT / "tsconfig.json"),
+        "compilerOptions": {
+            "noEmit": True,
+            "rootDir": "/",
+            "paths": {"workspace-core-node-client": [str(CLIENT / "src" / "index.ts")]},
+            "typeRoots": [str(CLIENT / "node_modules" / "@types")],
+        },
+        "include": ["readme.ts"],
+        "exclude": [],
+    }
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    result = tsc("-p", str(tmp_path / "tsconfig.json"), "--strict")
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _marked_errors(source: str) -> dict[int, tuple[str, str]]:
@@ -94,7 +119,8 @@ def test_the_client_s_tests_pass_against_a_real_orchestrator(built: Path, orches
     counts = dict(re.findall(r"^# (pass|fail|cancelled|skipped) (\d+)$", result.stdout, re.MULTILINE))
     assert counts.get("fail") == "0" and counts.get("cancelled") == "0" and counts.get("skipped") == "0", report
     assert int(counts["pass"]) >= 15, report
-    assert re.search(r"^\s*ok \d+ - a named process is followed through a dropped connection", result.stdout, re.MULTILINE)
+    reconnect = r"^\s*ok \d+ - a named process is followed through a dropped connection"
+    assert re.search(reconnect, result.stdout, re.MULTILINE), report
 
 
 def test_the_example_runs_a_whole_session(built: Path, orchestrator: str) -> None:
