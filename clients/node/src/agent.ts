@@ -68,7 +68,9 @@ export interface FileContent {
 }
 
 export interface ReadOptions extends CallOptions {
-  range?: { bytes: { offset?: bigint; length?: bigint } } | { lines: { start?: bigint; end?: bigint } };
+  /** Bytes from `offset` (`length` 0: to the end), or lines `start` to `end` (1-based, inclusive; `end` 0: to
+   * the end). Unset: the whole file. */
+  range?: OneOf<{ bytes: { offset?: bigint; length?: bigint }; lines: { start?: bigint; end?: bigint } }>;
 }
 
 /** One search: `pattern` set searches contents, empty lists files (`includeGlobs`, ...). */
@@ -82,14 +84,18 @@ export interface SearchResult {
 /** The fields of a message, all optional (the init shape of its plain object). */
 type Fields<T> = Partial<Omit<T, '$typeName' | '$unknown'>>;
 
+/** Exactly one of T's keys: an object naming two is refused by the compiler, not half ignored. */
+type OneOf<T> = { [K in keyof T]: Pick<T, K> & { [Other in Exclude<keyof T, K>]?: never } }[keyof T];
+
 /** One edit operation: exactly one of these keys, with the fields each needs. */
-export type Edit =
-  | { write: Fields<Omit<WriteFile, 'content'>> & { path: string; content: string | Uint8Array } }
-  | { replace: Fields<ReplaceText> & { path: string; oldText: string; newText: string } }
-  | { insert: Fields<InsertText> & { path: string; text: string } }
-  | { delete: Fields<DeletePath> & { path: string } }
-  | { move: Fields<MovePath> & { fromPath: string; toPath: string } }
-  | { makeDirectory: Fields<MakeDirectory> & { path: string } };
+export type Edit = OneOf<{
+  write: Fields<Omit<WriteFile, 'content'>> & { path: string; content: string | Uint8Array };
+  replace: Fields<ReplaceText> & { path: string; oldText: string; newText: string };
+  insert: Fields<InsertText> & { path: string; text: string };
+  delete: Fields<DeletePath> & { path: string };
+  move: Fields<MovePath> & { fromPath: string; toPath: string };
+  makeDirectory: Fields<MakeDirectory> & { path: string };
+}>;
 
 export interface FollowOptions extends CallOptions {
   /** Resume from this sequence number (the last one seen plus one); 0 replays the whole buffer. */
@@ -165,7 +171,7 @@ export class Agent {
     const request = {
       path,
       range: range === undefined ? undefined
-        : 'bytes' in range ? { case: 'bytes' as const, value: range.bytes }
+        : range.bytes !== undefined ? { case: 'bytes' as const, value: range.bytes }
         : { case: 'lines' as const, value: range.lines },
     };
     let info: FileInfo | undefined;
@@ -358,14 +364,14 @@ export class Agent {
 }
 
 function editOperation(edit: Edit): Init<typeof EditOperationSchema> {
-  if ('write' in edit) {
+  if (edit.write !== undefined) {
     const { content, ...write } = edit.write;
     return { operation: { case: 'write', value: { ...write, content: typeof content === 'string' ? Buffer.from(content) : content } } };
   }
-  if ('replace' in edit) return { operation: { case: 'replace', value: edit.replace } };
-  if ('insert' in edit) return { operation: { case: 'insert', value: edit.insert } };
-  if ('delete' in edit) return { operation: { case: 'delete', value: edit.delete } };
-  if ('move' in edit) return { operation: { case: 'move', value: edit.move } };
+  if (edit.replace !== undefined) return { operation: { case: 'replace', value: edit.replace } };
+  if (edit.insert !== undefined) return { operation: { case: 'insert', value: edit.insert } };
+  if (edit.delete !== undefined) return { operation: { case: 'delete', value: edit.delete } };
+  if (edit.move !== undefined) return { operation: { case: 'move', value: edit.move } };
   return { operation: { case: 'makeDirectory', value: edit.makeDirectory } };
 }
 

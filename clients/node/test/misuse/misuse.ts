@@ -19,6 +19,8 @@ export async function misuse(workspaces: Workspaces, agent: Agent): Promise<void
   await agent.follow('dev', { fromSequence: 3 }); // error TS2322
   await agent.edit([{ replace: { path: 'a.txt', oldText: 'x' } }]); // error TS2322: Property 'newText' is missing
   await agent.stopProcess('dev', { stopSignal: 'SIGTERM' }); // error TS2322
+  await agent.edit([{ delete: { path: 'a' }, move: { fromPath: 'a', toPath: 'b' } }]); // error TS2322
+  await agent.read('a.txt', { range: { lines: { start: 1n } } });
   agent.start({ shell: 'cat' }).kill(Signal.SIGTERM);
 
   const missingId: orchestratorv1.GetSessionRequest = { $typeName: 'workspace.orchestrator.v1.GetSessionRequest' }; // error TS2322: Property 'id' is missing
