@@ -121,9 +121,16 @@ export class RunningCommand {
   readonly started: Promise<ProcessStarted>;
   readonly exited: Promise<ProcessExited>;
   private readonly requests: RequestQueue<Init<typeof ExecRequestSchema>>;
+  private readonly call: AbortController;
 
-  constructor(requests: RequestQueue<Init<typeof ExecRequestSchema>>, started: Promise<ProcessStarted>, exited: Promise<ProcessExited>) {
+  constructor(
+    requests: RequestQueue<Init<typeof ExecRequestSchema>>,
+    call: AbortController,
+    started: Promise<ProcessStarted>,
+    exited: Promise<ProcessExited>,
+  ) {
     this.requests = requests;
+    this.call = call;
     this.started = started;
     this.exited = exited;
     // Either may be the only one a caller awaits: the other's rejection is not an unhandled one.
@@ -147,6 +154,11 @@ export class RunningCommand {
 
   resize(rows: number, cols: number): void {
     this.send({ case: 'resize', value: { rows, cols } });
+  }
+
+  /** Ends the call: the agent kills the command's process group (a named process keeps running). */
+  cancel(): void {
+    this.call.abort();
   }
 
   private send(request: Init<typeof ExecRequestSchema>['request']): void {
@@ -223,7 +235,12 @@ export class Agent {
     if (stdin !== undefined) {
       const source = typeof stdin === 'string' || stdin instanceof Uint8Array ? [stdin] : stdin;
       await running.started;
-      for await (const chunk of chunks(source)) running.write(chunk);
+      try {
+        for await (const chunk of chunks(source)) running.write(chunk);
+      } catch (error) {
+        running.cancel(); // the input failed: the command must not wait for the rest of it
+        throw error;
+      }
       running.closeStdin();
     }
     return running.exited;
@@ -231,13 +248,11 @@ export class Agent {
 
   /** Starts a named process (a dev server): it outlives this call and can be followed, listed and stopped. */
   async startProcess(name: string, command: Command, options: Omit<StartOptions, 'onOutput' | 'openStdin' | 'killAfterMs'> = {}): Promise<ProcessStarted> {
-    const controller = new AbortController();
-    const signal = options.signal === undefined ? controller.signal : AbortSignal.any([options.signal, controller.signal]);
-    const running = this.run(command, name, { ...options, signal });
+    const running = this.run(command, name, options);
     try {
       return await running.started;
     } finally {
-      controller.abort(); // leaving the Exec call leaves a named process running
+      running.cancel(); // leaving the Exec call leaves a named process running
     }
   }
 
@@ -253,17 +268,21 @@ export class Agent {
   /**
    * Follows a named process to its exit, each output chunk handed to `onOutput` exactly once and in order.
    * When the connection drops (the call fails as a reset or closed connection does, see CONNECTION_LOSS, or
-   * the stream ends before the exit) it attaches again from the sequence after the last
-   * chunk delivered, so nothing is lost or repeated. Attaching is read-only, so trying again is safe.
+   * the stream ends before the exit) it attaches again from the sequence after the last chunk delivered, so
+   * nothing is lost or repeated. Attaching is read-only, so trying again is safe. `timeoutMs` bounds the whole
+   * follow, reconnections included.
    */
   async follow(name: string, options: FollowOptions = {}): Promise<FollowResult> {
-    const { fromSequence = 0n, onOutput, maxReconnects = 5, ...call } = options;
+    const { fromSequence = 0n, onOutput, maxReconnects = 5, signal, timeoutMs } = options;
+    // One deadline for the whole follow, however many times it attaches.
+    const deadline = timeoutMs === undefined ? undefined : Date.now() + timeoutMs;
     let next = fromSequence;
     let missedChunks = 0n;
     let reconnects = 0;
     for (;;) {
       try {
-        for await (const event of this.attach(name, { ...call, fromSequence: next })) {
+        const remainingMs = deadline === undefined ? undefined : Math.max(1, deadline - Date.now());
+        for await (const event of this.attach(name, { signal, timeoutMs: remainingMs, fromSequence: next })) {
           if (event.case === 'attached') missedChunks += event.value.missedChunks;
           else if (event.case === 'output') {
             if (event.value.sequence < next) continue; // already delivered before the drop
@@ -272,11 +291,11 @@ export class Agent {
           } else if (event.case === 'exited') return { exited: event.value, nextSequence: next, missedChunks, reconnects };
         }
       } catch (error) {
-        if (call.signal?.aborted || !isConnectionLoss(error) || reconnects >= maxReconnects) throw error;
+        if (signal?.aborted || !isConnectionLoss(error) || reconnects >= maxReconnects) throw error;
       }
       if (reconnects >= maxReconnects) throw new Error(`the attachment to ${name} kept ending before the process exited`);
       reconnects += 1;
-      await pause(100 * reconnects, call.signal);
+      await pause(100 * reconnects, signal);
     }
   }
 
@@ -329,7 +348,9 @@ export class Agent {
   }
 
   private run(command: Command, name: string, options: StartOptions): RunningCommand {
-    const { cwd = '', env = {}, killAfterMs, pty, openStdin = false, onOutput, ...call } = options;
+    const { cwd = '', env = {}, killAfterMs, pty, openStdin = false, onOutput, signal, timeoutMs } = options;
+    const cancel = new AbortController();
+    const call = { signal: signal === undefined ? cancel.signal : AbortSignal.any([signal, cancel.signal]), timeoutMs };
     const start: Init<typeof ExecStartSchema> = {
       ...('argv' in command && command.argv !== undefined ? { argv: command.argv } : { shell: command.shell }),
       cwd,
@@ -359,7 +380,7 @@ export class Agent {
         started.reject(new Error('the command ended before it started')); // no-op once it started
       }
     })();
-    return new RunningCommand(requests, startedPromise, exited);
+    return new RunningCommand(requests, cancel, startedPromise, exited);
   }
 }
 

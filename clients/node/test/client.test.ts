@@ -160,6 +160,12 @@ describe('a session of node-basic', () => {
     assert.equal(exited.exitCode, 0);
     assert.equal(text(echoed).trim(), '8');
 
+    async function* brokenInput() {
+      yield 'partial';
+      throw new Error('the input broke');
+    }
+    await assert.rejects(agent.exec({ argv: ['cat'] }, { stdin: brokenInput() }), /the input broke/);
+
     const lines: ProcessOutput[] = [];
     let answered!: () => void;
     const firstLine = new Promise<void>((resolve) => (answered = resolve));
