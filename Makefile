@@ -45,9 +45,13 @@ engine:
 image: $(VENV)/.installed engine
 	$(PY) -m core_image.build $(if $(IMAGE_CA_BUNDLE),--extra-ca-bundle $(IMAGE_CA_BUNDLE))
 
-## Regenerate the Python stubs from protos/ (the generated code is committed).
-stubs: $(VENV)/.installed
+## Regenerate the code of the contract from protos/ (committed): the Python stubs, and the TypeScript of
+## clients/node (buf generate with its local protoc-gen-es, installed by `npm ci` from package-lock.json).
+stubs: $(VENV)/.installed clients/node/node_modules/.package-lock.json
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) protos/generate.py  # protoc finds its plugins on PATH
+
+clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/buf lint

@@ -10,10 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-from agent import telemetry
-from agent.config import TOKEN_ENV, AgentConfig
+from agent.config import AgentConfig
 from agent.server import serve
-from agent.startup import EXIT_STARTUP, StartupError
+from common import telemetry
+from common.constants import TOKEN_ENV
+from common.startup import EXIT_STARTUP, StartupError
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from agent.interceptors import wrap_handler
+from common.interceptors import wrap_handler
 
 # Calls that do not count as activity: probes, schema look-ups (grpcurl's reflection stream), and the
 # activity query itself.

@@ -12,9 +12,10 @@ from grpc import aio
 from opentelemetry import trace
 
 from agent.errors import InvalidArgument, PreconditionFailed
-from agent.interceptors import BearerTokenInterceptor, wrap_handler
+from agent.auth import BearerTokenInterceptor
+from common.interceptors import wrap_handler
 from agent.process.manager import ProcessManager
-from agent.telemetry import SESSION_ATTRIBUTE
+from common.telemetry import SESSION_ATTRIBUTE
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MiB = 1024 * 1024
-# The bearer token's environment variable (compatibility: the orchestrator hands it over in a file, which
-# `python -m agent --token-file` removes once read; an init process would keep a readable copy of a variable).
-TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
+from common.constants import AGENT_PORT, MiB
+from common.tarball import MAX_CONTENT_BYTES, MAX_MEMBERS
 
 
 @dataclass(frozen=True)
@@ -16,12 +14,12 @@ class AgentConfig:
     """Everything `python -m agent` can be told; the defaults are the architecture's."""
 
     root: Path = Path("/app")
-    listen: str = "0.0.0.0:3001"
+    listen: str = f"0.0.0.0:{AGENT_PORT}"
     # Bearer token every RPC but health and reflection must carry; None disables auth.
     token: str | None = None
     # Archives: refused past these (RESOURCE_EXHAUSTED), the workspace left unchanged.
-    max_archive_bytes: int = 2048 * MiB  # uncompressed size of the members
-    max_archive_files: int = 200_000
+    max_archive_bytes: int = MAX_CONTENT_BYTES  # uncompressed size of the members
+    max_archive_files: int = MAX_MEMBERS
     # Largest chunk Read and CreateArchive send (and Read accepts as chunk_size).
     max_chunk_size: int = 1 * MiB
     # Read computes a file's sha256 up to this size.
@@ -32,5 +30,5 @@ class AgentConfig:
     # Search: the default and the largest result cap.
     default_max_results: int = 1000
     max_results_limit: int = 100_000
-    # Search engine: "ripgrep" or "python"; None picks ripgrep when `rg` is found (agent/tools.py).
+    # Search engine: "ripgrep" or "python"; None picks ripgrep when `rg` is found (common/tools.py).
     search_engine: str | None = None

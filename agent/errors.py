@@ -63,10 +63,3 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     FilesystemFailure: grpc.StatusCode.INTERNAL,
 }
 
-
-def status_code_for(error: BaseException, table: dict[type[Exception], grpc.StatusCode] = STATUS_CODES) -> grpc.StatusCode:
-    """The status code for a domain error (INTERNAL when the table has no entry)."""
-    for cls in type(error).__mro__:
-        if cls in table:
-            return table[cls]
-    return grpc.StatusCode.INTERNAL

@@ -8,14 +8,16 @@ import signal
 
 from grpc import aio
 
-from agent import telemetry
 from agent.activity import ActivityInterceptor, ActivityTracker
+from agent.auth import BearerTokenInterceptor
 from agent.claim import PoolClaim, SessionSpanInterceptor
 from agent.config import AgentConfig
-from agent.interceptors import BearerTokenInterceptor, ErrorMappingInterceptor
+from agent.errors import STATUS_CODES
 from agent.service import AgentServicer
-from agent.serving import add_health_and_reflection, bind, new_server
-from agent.startup import check_bindable, unbindable
+from common import telemetry
+from common.interceptors import ErrorMappingInterceptor
+from common.serving import add_health_and_reflection, bind, new_server
+from common.startup import check_bindable, unbindable
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
         interceptors.append(SessionSpanInterceptor(claim))
     if auth is not None:
         interceptors.append(auth)
-    interceptors += [ActivityInterceptor(activity), ErrorMappingInterceptor()]
+    interceptors += [ActivityInterceptor(activity), ErrorMappingInterceptor(STATUS_CODES)]
     server = new_server(interceptors)
     servicer = AgentServicer(config, activity, claim)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)

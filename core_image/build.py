@@ -63,7 +63,7 @@ SLIM_REMOVED = (
 EXTRA_CA_ENV = "WORKSPACE_EXTRA_CA_BUNDLE"
 # The project's sources that go into the agent's wheel.
 SETUPTOOLS_MAJOR = 69  # pyproject.toml's [build-system] requires setuptools>=69
-PROJECT_SOURCES = ("pyproject.toml", "README.md", "agent", "orchestrator", "protos")
+PROJECT_SOURCES = ("pyproject.toml", "README.md", "agent", "common", "orchestrator", "protos")
 
 
 class ImageBuildError(RuntimeError):

@@ -13,7 +13,8 @@ from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent import serving, telemetry
+from common import serving, telemetry
+from common.constants import MiB
 from orchestrator.errors import (
     ChecksumMismatch,
     FailedPrecondition,
@@ -27,7 +28,7 @@ from workspace.agent.v1 import agent_pb2_grpc
 
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"].full_name
 # Chunks sent to ExtractArchive are cut to this size, whatever the source yields.
-UPLOAD_CHUNK_BYTES = 1024 * 1024
+UPLOAD_CHUNK_BYTES = MiB
 # Output lines longer than this (in bytes) are cut, and the rest of the line dropped.
 MAX_LINE_BYTES = 4096
 # A freshly started container refuses connections for a moment: retry connecting every 100 ms to 1 s,
@@ -139,6 +140,23 @@ class AgentClient:
                     return response.exited.exit_code
         raise FailedPrecondition(f"the workspace agent at {self.endpoint} ended `{shell}` without an exit status")
 
+    async def exec_events(
+        self, argv: list[str], *, cwd: str = "", timeout: float | None = None
+    ) -> AsyncIterator[pb.ExecResponse]:
+        """Runs `argv` (no shell) in the workspace and yields the agent's events as they come: `started`, the
+        output chunks as written, and `exited` (the agent kills it past `timeout` seconds). Raises NotFound /
+        InvalidArgument for a bad command or cwd."""
+        start = pb.ExecStart(argv=argv, cwd=cwd)
+        if timeout:
+            start.timeout.CopyFrom(_duration(timeout))
+        call = self._stub.Exec(iter([pb.ExecRequest(start=start)]), metadata=self._metadata)
+        try:
+            with _translated("Exec", self.endpoint):
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
+
     async def start_process(self, name: str, shell: str, *, env: dict[str, str] | None = None, cwd: str = "") -> int:
         """Starts `shell` as the named long-running process `name` (e.g. the dev server) and returns its pid
         once it runs; follow its output with process_lines(). Raises FailedPrecondition when a process of that
@@ -154,6 +172,20 @@ class AgentClient:
             # A named process outlives its Exec call; leaving the call does not stop it.
             call.cancel()
         raise FailedPrecondition(f"the workspace agent at {self.endpoint} did not start process {name!r}")
+
+    async def attach(self, name: str, *, from_sequence: int = 0) -> AsyncIterator[pb.AttachProcessResponse]:
+        """Attaches to the named process and yields the agent's events: `attached` (what is buffered), its
+        output from `from_sequence` on, and `exited`; following stops (the process keeps running) when the
+        caller stops iterating and closes the iterator. Raises NotFound for an unknown name."""
+        call = self._stub.AttachProcess(
+            pb.AttachProcessRequest(name=name, from_sequence=from_sequence), metadata=self._metadata
+        )
+        try:
+            with _translated("AttachProcess", self.endpoint):
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
 
     async def process_lines(self, name: str, on_line: OnLine, *, from_sequence: int = 0) -> int:
         """Attaches to the named process: calls `on_line(text, is_stderr)` for its output from `from_sequence`
@@ -223,11 +255,40 @@ class AgentClient:
         """The whole content of the workspace file at `path` (root-relative). Raises NotFound, InvalidArgument
         (not a regular file, or outside the root)."""
         content = bytearray()
-        with _translated("Read", self.endpoint):
-            async for response in self._stub.Read(pb.ReadRequest(path=path), metadata=self._metadata):
-                if response.HasField("chunk"):
-                    content += response.chunk.data
+        async for chunk in self.read(path):
+            content += chunk
         return bytes(content)
+
+    async def read(self, path: str) -> AsyncIterator[bytes]:
+        """The content of the workspace file at `path` (root-relative), chunk by chunk as it arrives; raises
+        as read_file."""
+        call = self._stub.Read(pb.ReadRequest(path=path), metadata=self._metadata)
+        try:
+            with _translated("Read", self.endpoint):
+                async for response in call:
+                    if response.HasField("chunk"):
+                        yield response.chunk.data
+        finally:
+            call.cancel()
+
+    async def edit(self, operations: list[pb.EditOperation], *, dry_run: bool = False) -> pb.EditResponse:
+        """Applies `operations` to the workspace's files all or none (nothing when `dry_run`); the response
+        has the diff. Raises NotFound, InvalidArgument, FailedPrecondition (e.g. the text to replace is not
+        there as often as expected)."""
+        with _translated("Edit", self.endpoint):
+            return await self._stub.Edit(
+                pb.EditRequest(operations=operations, dry_run=dry_run), metadata=self._metadata
+            )
+
+    async def search(self, request: pb.SearchRequest) -> AsyncIterator[pb.SearchResponse]:
+        """The agent's answers to `request` as they come: batches of hits, the summary last."""
+        call = self._stub.Search(request, metadata=self._metadata)
+        try:
+            with _translated("Search", self.endpoint):
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
 
     async def activity(self) -> pb.GetActivityResponse:
         """What the workspace has been doing (for idle detection); asking does not count as activity."""

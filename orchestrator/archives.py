@@ -7,26 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import secrets
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import BinaryIO
-
-if sys.version_info >= (3, 11, 4):
-    import tarfile
-else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): the backport has them
-    from backports import tarfile
+from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from common.durable import file_chunks, flush_to_disk, publish
+from common.errors import ArchiveRefused, ArchiveTooLarge
+from common.tarball import check_tar_gz
 from orchestrator.errors import ArchiveNotFound, ChecksumMismatch, InvalidArgument, LimitExceeded
 from orchestrator.store import Store
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
-CHUNK_SIZE = 1024 * 1024
 TEMP_PREFIX = ".incoming-"
 
 
@@ -154,45 +148,14 @@ class ArchiveStore:
 
 
 def count_safe_members(path: Path) -> int:
-    """The number of regular files in the tar.gz at `path`. Raises InvalidArgument when it is not
-    a readable tar.gz, or a member would land outside the extraction root, is a device or FIFO, a
-    link leading out, or carries setuid/setgid bits."""
-    files = 0
-    root = "/workspace-root"  # data_filter judges paths against a destination; any absolute one does
+    """The number of regular files in the tar.gz at `path`. Raises InvalidArgument when it is not a
+    readable tar.gz or a member is refused by the tar policy the agent extracts with (common.tarball),
+    LimitExceeded past the default extraction limits."""
     try:
-        with tarfile.open(path, "r:gz") as archive:
-            for member in archive:
-                # data_filter would quietly strip a leading "/" and allow inner "..": refuse both outright.
-                if member.name.startswith("/") or ".." in PurePosixPath(member.name).parts:
-                    raise InvalidArgument(f"archive member {member.name!r} is absolute or has '..'")
-                if member.mode & 0o6000:
-                    raise InvalidArgument(f"archive member {member.name!r} has setuid/setgid bits")
-                tarfile.data_filter(member, root)
-                files += member.isfile()
-    except tarfile.FilterError as error:
-        raise InvalidArgument(f"archive member refused: {error}") from None
-    except (tarfile.TarError, EOFError, OSError) as error:
+        return check_tar_gz(path).regular_files
+    except ArchiveTooLarge as error:
+        raise LimitExceeded(str(error)) from None
+    except ArchiveRefused as error:
+        raise InvalidArgument(str(error)) from None
+    except OSError as error:
         raise InvalidArgument(f"not a readable tar.gz: {error}") from None
-    return files
-
-
-async def file_chunks(path: Path) -> AsyncIterator[bytes]:
-    """The bytes of the file at `path` in chunks, read off the event loop."""
-    with open(path, "rb") as file:
-        while chunk := await asyncio.to_thread(file.read, CHUNK_SIZE):
-            yield chunk
-
-
-def flush_to_disk(file: BinaryIO) -> None:
-    file.flush()
-    os.fsync(file.fileno())
-
-
-def publish(temp: Path, final: Path) -> None:
-    """Renames the complete file into place and makes the rename itself durable."""
-    os.rename(temp, final)
-    directory = os.open(final.parent, os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -4,11 +4,13 @@ endpoint and token."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import difflib
 import functools
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timezone
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -20,7 +22,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
-from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
+from orchestrator.agent_client import AgentClient
+from orchestrator.errors import OrchestratorError
+from workspace.agent.v1 import agent_pb2
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc
 
@@ -44,6 +48,7 @@ app.add_typer(sessions_app, name="sessions")
 app.add_typer(archives_app, name="archives")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 # Piped output is read by scripts: wide enough that ids and URLs are never cut.
@@ -98,7 +103,14 @@ def reports_rpc_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx: typer.Context = kwargs["ctx"]
         try:
-            return command(*args, **kwargs)
+            try:
+                return command(*args, **kwargs)
+            except OrchestratorError as error:
+                # AgentClient's domain error for a failed call to the agent: shown as the call's status, like
+                # the orchestrator's own.
+                if isinstance(error.__cause__, grpc.RpcError):
+                    raise error.__cause__ from None
+                raise
         except grpc.RpcError as error:
             code, details = error.code(), _RPC_HINT.sub(lambda m: _RPC_HINTS[m.group(1)], error.details() or "")
             if code == grpc.StatusCode.UNAVAILABLE:
@@ -117,17 +129,24 @@ def _orchestrator(ctx: typer.Context) -> tuple[grpc.Channel, orchestrator_pb2_gr
     return channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 
 
-def _agent(ctx: typer.Context, session_id: str) -> tuple[agent_pb2_grpc.AgentServiceStub, tuple[tuple[str, str], ...]]:
-    """The session's agent stub and call metadata, from the session's endpoint and token."""
+def _with_agent(ctx: typer.Context, session_id: str, work: Callable[[AgentClient], Awaitable[T]]) -> T:
+    """Runs `work` with the orchestrator's own client for the session's agent (its endpoint and token from the
+    orchestrator), on an event loop of its own for this one command."""
     _, orchestrator = _orchestrator(ctx)
     session = orchestrator.GetSession(pb.GetSessionRequest(id=session_id)).session
     if not session.agent_endpoint:
         _fail(f"session {session_id} has no agent yet (it is {_state(session.state)})")
-    channel = grpc.insecure_channel(session.agent_endpoint)
-    ctx.call_on_close(channel.close)
     # From here on the calls go to the agent: an UNAVAILABLE is about it, not the orchestrator.
     ctx.meta[_AGENT_ENDPOINT] = session.agent_endpoint
-    return agent_pb2_grpc.AgentServiceStub(channel), (("authorization", f"Bearer {session.agent_token}"),)
+
+    async def run() -> T:
+        agent = AgentClient(session.agent_endpoint, session.agent_token)
+        try:
+            return await work(agent)
+        finally:
+            await agent.close()
+
+    return asyncio.run(run())
 
 
 def _enum_label(enum: Any, value: int, prefix: str) -> str:
@@ -391,20 +410,23 @@ def exec_command(
     timeout: Annotated[float, typer.Option(help="Seconds before the command is killed; 0: the agent's default.")] = 0,
 ) -> None:
     """Runs a command in the session's workspace, streaming its output; exits with the command's status."""
-    agent, metadata = _agent(ctx, session_id)
-    start = agent_pb2.ExecStart(argv=command, cwd=cwd)
-    if timeout:
-        start.timeout.FromNanoseconds(int(timeout * 1e9))
-    for event in agent.Exec(iter([agent_pb2.ExecRequest(start=start)]), metadata=metadata):
-        kind = event.WhichOneof("event")
-        if kind == "output":
-            _write_output(event.output)
-        elif kind == "exited":
-            exited = event.exited
-            if exited.timed_out:
-                _fail("the command timed out and was killed", EXIT_TIMED_OUT)
-            raise typer.Exit(EXIT_SIGNALLED_BASE + exited.signal if exited.signal else exited.exit_code)
-    _fail("the agent ended the call before the command exited")
+
+    async def run(agent: AgentClient) -> agent_pb2.ProcessExited | None:
+        async with contextlib.aclosing(agent.exec_events(command, cwd=cwd, timeout=timeout or None)) as events:
+            async for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "output":
+                    _write_output(event.output)
+                elif kind == "exited":
+                    return event.exited
+        return None
+
+    exited = _with_agent(ctx, session_id, run)
+    if exited is None:
+        _fail("the agent ended the call before the command exited")
+    if exited.timed_out:
+        _fail("the command timed out and was killed", EXIT_TIMED_OUT)
+    raise typer.Exit(EXIT_SIGNALLED_BASE + exited.signal if exited.signal else exited.exit_code)
 
 
 @app.command()
@@ -415,11 +437,13 @@ def read(
     path: Annotated[str, typer.Argument(help="A path relative to the workspace root.")],
 ) -> None:
     """Writes a workspace file's bytes to stdout."""
-    agent, metadata = _agent(ctx, session_id)
     stdout = sys.stdout.buffer
-    for event in agent.Read(agent_pb2.ReadRequest(path=path), metadata=metadata):
-        if event.WhichOneof("event") == "chunk":
-            stdout.write(event.chunk.data)
+
+    async def run(agent: AgentClient) -> None:
+        async for chunk in agent.read(path):
+            stdout.write(chunk)
+
+    _with_agent(ctx, session_id, run)
     stdout.flush()
 
 
@@ -461,8 +485,7 @@ def edit(
 def _edit(
     ctx: typer.Context, session_id: str, operation: agent_pb2.EditOperation, *, dry_run: bool = False, show_diff: bool = True
 ) -> None:
-    agent, metadata = _agent(ctx, session_id)
-    response = agent.Edit(agent_pb2.EditRequest(operations=[operation], dry_run=dry_run), metadata=metadata)
+    response = _with_agent(ctx, session_id, lambda agent: agent.edit([operation], dry_run=dry_run))
     if show_diff:
         sys.stdout.write(response.diff)
         sys.stdout.flush()
@@ -478,30 +501,33 @@ def logs(
 ) -> None:
     """Prints the dev server's output (stdout and stderr as they were written) held by the agent; with -f,
     follows it. Ctrl-C stops following, not the server."""
-    agent, metadata = _agent(ctx, session_id)
-    call = agent.AttachProcess(agent_pb2.AttachProcessRequest(name=name), metadata=metadata)
-    process = agent_pb2.ProcessInfo()
+
+    async def run(agent: AgentClient) -> agent_pb2.ProcessInfo:
+        process = agent_pb2.ProcessInfo()
+        # Leaving the loop closes the stream: following stops, the process runs on.
+        async with contextlib.aclosing(agent.attach(name)) as events:
+            async for event in events:
+                kind = event.WhichOneof("event")
+                if kind == "attached":
+                    process = event.attached.process
+                    if event.attached.missed_chunks:
+                        _err().print(f"[dim]({event.attached.missed_chunks} earlier chunks are no longer buffered)[/dim]")
+                    if not follow and process.next_sequence <= process.first_buffered_sequence:
+                        break  # nothing buffered
+                elif kind == "output":
+                    _write_output(event.output)
+                    if not follow and event.output.sequence + 1 >= process.next_sequence:
+                        break  # caught up with what there was when we attached
+                elif kind == "exited":
+                    process.exited.CopyFrom(event.exited)
+                    process.running = False
+                    break
+        return process
+
     try:
-        for event in call:
-            kind = event.WhichOneof("event")
-            if kind == "attached":
-                process = event.attached.process
-                if event.attached.missed_chunks:
-                    _err().print(f"[dim]({event.attached.missed_chunks} earlier chunks are no longer buffered)[/dim]")
-                if not follow and process.next_sequence <= process.first_buffered_sequence:
-                    break  # nothing buffered
-            elif kind == "output":
-                _write_output(event.output)
-                if not follow and event.output.sequence + 1 >= process.next_sequence:
-                    break  # caught up with what there was when we attached
-            elif kind == "exited":
-                process.exited.CopyFrom(event.exited)
-                process.running = False
-                break
+        process = _with_agent(ctx, session_id, run)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_SIGNALLED_BASE + 2) from None
-    finally:
-        call.cancel()
     if not process.running and process.HasField("exited"):
         exited = process.exited
         how = f"signal {exited.signal}" if exited.signal else f"status {exited.exit_code}"
@@ -539,19 +565,23 @@ def search(
     max_results: Annotated[int, typer.Option(help="Stop after this many matches; 0: the agent's default.")] = 0,
 ) -> None:
     """Searches the workspace's files; prints PATH:LINE:TEXT per match. Exits 1 when nothing matches."""
-    agent, metadata = _agent(ctx, session_id)
     request = agent_pb2.SearchRequest(
         path=path, pattern=pattern, regex=regex, ignore_case=ignore_case, include_globs=glob or [], max_results=max_results
     )
     out = _out()
-    summary = agent_pb2.SearchSummary()
-    for response in agent.Search(request, metadata=metadata):
-        for hit in response.hits:
-            if hit.WhichOneof("hit") == "match":
-                line = escape(hit.match.line.rstrip("\r\n"))
-                out.print(f"[magenta]{escape(hit.match.path)}[/magenta]:{hit.match.line_number}:{line}", soft_wrap=True)
-        if response.HasField("summary"):
-            summary = response.summary
+
+    async def run(agent: AgentClient) -> agent_pb2.SearchSummary:
+        summary = agent_pb2.SearchSummary()
+        async for response in agent.search(request):
+            for hit in response.hits:
+                if hit.WhichOneof("hit") == "match":
+                    line = escape(hit.match.line.rstrip("\r\n"))
+                    out.print(f"[magenta]{escape(hit.match.path)}[/magenta]:{hit.match.line_number}:{line}", soft_wrap=True)
+            if response.HasField("summary"):
+                summary = response.summary
+        return summary
+
+    summary = _with_agent(ctx, session_id, run)
     truncated = " (truncated)" if summary.truncated else ""
     found = f"{_count(summary.results, 'match', 'matches')} in {_count(summary.files_matched, 'file', 'files')}"
     _err().print(f"[dim]{found}{truncated}[/dim]")

@@ -6,57 +6,96 @@ import contextlib
 import os
 import secrets
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-MiB = 1024 * 1024
+from common.constants import MiB
 
 # The warm pool `python -m orchestrator` keeps unless told otherwise (--warm-pool).
 WARM_POOL_DEFAULT = 2
 # templates/ at the top of the repository: where template folders live unless told otherwise.
 REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# The key of a field's metadata that makes it an option of `python -m orchestrator` (see `option`).
+OPTION = "option"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a field of OrchestratorConfig appears on the command line: as `--<field name>` (dashes for
+    underscores, without a trailing `_s`), with `help` (`{default}` in it is the field's default) and `choices`.
+    A bool field is a switch: `--name` turns on a field that defaults to off, `--no-name` one that defaults to on."""
+
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+
+
+def option(help: str = "", *, choices: tuple[str, ...] | None = None) -> dict[str, Option]:
+    """A field's metadata making it a command-line option (`field(default=..., metadata=option(...))`)."""
+    return {OPTION: Option(help, choices)}
 
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
     """Everything `python -m orchestrator` can be told."""
 
-    listen: str = "127.0.0.1:50051"
+    listen: str = field(default="127.0.0.1:50051", metadata=option("HOST:PORT or unix:PATH (default {default})"))
     # SQLite state, archives, template cache and the local runtime's workspaces live here.
-    data_dir: Path = Path(".data")
-    templates_dir: Path = REPO_TEMPLATES
+    data_dir: Path = field(default=Path(".data"), metadata=option("state, archives, caches (default {default})"))
+    templates_dir: Path = field(default=REPO_TEMPLATES, metadata=option("template folders (default: the repo's)"))
     # "docker" (containers from the core image) or "local" (the agent as a subprocess; no isolation).
-    runtime: str = "docker"
+    runtime: str = field(
+        default="docker",
+        metadata=option(
+            "docker: containers from the core image; local: agent subprocesses, NO isolation (default {default})",
+            choices=("docker", "local"),
+        ),
+    )
     # The loopback address container ports are published on; never 0.0.0.0.
-    host_address: str = "127.0.0.1"
-    image: str = "workspace-core:latest"
+    host_address: str = field(default="127.0.0.1", metadata=option("loopback address ports are published on"))
+    image: str = field(default="workspace-core:latest", metadata=option("the core image (default {default})"))
     # A PEM bundle mounted into workspaces so npm/pip/node trust a corporate proxy.
-    extra_ca_bundle: Path | None = None
+    extra_ca_bundle: Path | None = field(
+        default=None, metadata=option("PEM file workspaces trust in addition to the public roots")
+    )
     # Labels every container with this, so two orchestrators on one engine keep apart; stable across
     # restarts so a restarted orchestrator adopts its own containers. "" (the default): the data directory's
     # own id (see resolved_instance_id).
-    instance_id: str = ""
+    instance_id: str = field(
+        default="",
+        metadata=option("label separating orchestrators on one engine (default: an id kept in the data dir, unique to it)"),
+    )
     # Sessions: at most this many not STOPPED/FAILED at once (RESOURCE_EXHAUSTED beyond).
-    max_sessions: int = 100
+    max_sessions: int = field(default=100, metadata=option())
     # Warm pool: started workspaces with healthy agents and no session, claimed by CreateSession (a cold start
     # when it is empty) and refilled in the background; its members count against max_sessions. 0 turns it
     # off (the default here, for embedders and tests); `python -m orchestrator` asks for WARM_POOL_DEFAULT.
-    warm_pool: int = 0
+    warm_pool: int = field(
+        default=0,
+        metadata=option(
+            f"started workspaces kept ready for new sessions, within --max-sessions (0: off; default {WARM_POOL_DEFAULT})"
+        ),
+    )
     agent_health_timeout_s: float = 30.0
-    install_timeout_s: float = 600.0
+    install_timeout_s: float = field(default=600.0, metadata=option())
     # Reaper: stop sessions idle this long or alive this long (0 disables either); check every interval.
-    idle_ttl_s: float = 1800.0
-    max_lifetime_s: float = 0.0
-    reap_interval_s: float = 30.0
-    save_before_reap: bool = False
+    idle_ttl_s: float = field(
+        default=1800.0,
+        metadata=option("seconds idle before a session is stopped (0: never; default {default:g}, with --demo 0)"),
+    )
+    max_lifetime_s: float = field(default=0.0, metadata=option("seconds a session may live (0: no limit)"))
+    reap_interval_s: float = field(default=30.0, metadata=option("seconds between reaper sweeps"))
+    save_before_reap: bool = field(default=False, metadata=option("save a session's workspace before reaping it"))
     # Archives: uploads and saves larger than this are refused.
-    max_archive_bytes: int = 2048 * MiB
+    max_archive_bytes: int = field(default=2048 * MiB, metadata=option())
     # Install cache: node_modules after an install, reused by sessions with the same package.json, lockfile
     # and install command; at most this many bytes of entries (least recently used go first). A template
     # without a lockfile is cached too, with the lockfile its first install wrote, for at most
     # install_cache_unlocked_max_age_s (registries move on: a later install might resolve newer versions).
-    install_cache: bool = True
-    max_install_cache_bytes: int = 4096 * MiB
+    install_cache: bool = field(
+        default=True,
+        metadata=option("run every install from scratch instead of starting from a cached node_modules"),
+    )
+    max_install_cache_bytes: int = field(default=4096 * MiB, metadata=option())
     install_cache_unlocked_max_age_s: float = 24 * 3600.0
     # Output lines kept per session for late watchers and failure reports.
     output_history_lines: int = 200

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.tools import ENV_BIN
+from common.tools import ENV_BIN
 from orchestrator.errors import DemoFailed
 from orchestrator.pool import FROM_POOL
 from orchestrator.sessions import READY, SessionManager

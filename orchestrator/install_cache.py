@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.agent_client import AgentClient
-from orchestrator.archives import TEMP_PREFIX, file_chunks, flush_to_disk, publish
+from common.durable import file_chunks, flush_to_disk, publish
+from orchestrator.archives import TEMP_PREFIX
 from orchestrator.errors import ChecksumMismatch, InvalidArgument, NotFound, OrchestratorError
 
 log = logging.getLogger(__name__)

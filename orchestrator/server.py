@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from grpc import aio
 
-from agent import telemetry
-from agent.interceptors import ErrorMappingInterceptor
-from agent.serving import add_health_and_reflection, bind, new_server
-from agent.startup import StartupError, check_bindable, unbindable, writable_directory
+from common import telemetry
+from common.interceptors import ErrorMappingInterceptor
+from common.serving import add_health_and_reflection, bind, new_server
+from common.startup import StartupError, check_bindable, unbindable, writable_directory
 from orchestrator import demo
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig

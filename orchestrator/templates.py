@@ -4,15 +4,12 @@ templates/template.schema.json, and their byte-for-byte reproducible tar.gz arch
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
 import io
 import json
 import os
 import re
 import stat
-import tarfile
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,14 +17,16 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 from pathspec import GitIgnoreSpec
 
+from common.constants import DEFAULT_EXCLUDES, DEV_PORT
+from common.durable import write_atomically
+from common.tarball import TarGzWriter
 from orchestrator.errors import InvalidArgument, InvalidTemplate, TemplateNotFound
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "templates" / "template.schema.json"
 METADATA_FILE = "template.json"
-# Never part of a template archive or a saved workspace: the install step recreates it.
-ALWAYS_EXCLUDED = ("node_modules/",)
+# Never part of a template archive or a saved workspace (as directories): the install step recreates them.
+ALWAYS_EXCLUDED = tuple(f"{name}/" for name in DEFAULT_EXCLUDES)
 DEFAULT_INSTALL_COMMAND = "npm install"
-DEFAULT_DEV_PORT = 4321
 # Every member gets this mtime (2000-01-01T00:00:00Z) so an archive depends on content only; a fixed date
 # rather than 0 because some tools treat the epoch as "unset".
 ARCHIVE_MTIME = 946_684_800
@@ -54,7 +53,7 @@ class TemplateSpec:
     description: str = ""
     install_command: str = ""  # "" = no install step
     dev_command: str = ""
-    dev_port: int = DEFAULT_DEV_PORT
+    dev_port: int = DEV_PORT
     readiness_path: str = "/"
     readiness_timeout_s: float = 120.0
     env: dict[str, str] = field(default_factory=dict)
@@ -199,7 +198,7 @@ class TemplateCatalog:
             description=document.get("description", ""),
             install_command=document.get("install_command", DEFAULT_INSTALL_COMMAND),
             dev_command=document["dev_command"],
-            dev_port=document.get("dev_port", DEFAULT_DEV_PORT),
+            dev_port=document.get("dev_port", DEV_PORT),
             readiness_path=readiness.get("path", "/"),
             readiness_timeout_s=float(readiness.get("timeout_seconds", 120)),
             env=dict(document.get("env", {})),
@@ -221,14 +220,7 @@ class TemplateCatalog:
             data = _tar_gz(members)
             self._cache_dir.mkdir(parents=True, exist_ok=True)
             # Written aside and renamed, so a reader never sees a partial archive.
-            fd, temporary = tempfile.mkstemp(dir=self._cache_dir, prefix=f".{name}-", suffix=".partial")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(temporary, path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
+            write_atomically(path, data)
         return TemplateArchive(name, hashlib.sha256(data).hexdigest(), len(data), files, path)
 
 
@@ -301,18 +293,12 @@ def _content_hash(members: list[_Member]) -> str:
 
 
 def _tar_gz(members: list[_Member]) -> bytes:
-    """The archive bytes: members in the given order, owner root, no user or group names, a fixed mtime,
-    and a gzip header without a name or timestamp."""
+    """The archive bytes: members in the given order, a fixed mtime, written reproducibly (common.tarball)."""
     buffer = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as compressed:
-        with tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for member in members:
-                info = tarfile.TarInfo(member.path)
-                info.type = tarfile.DIRTYPE if member.is_dir else tarfile.REGTYPE
-                info.mode = member.mode
-                info.size = len(member.data)
-                info.mtime = ARCHIVE_MTIME
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(member.data) if not member.is_dir else None)
+    with TarGzWriter(buffer) as tar:
+        for member in members:
+            if member.is_dir:
+                tar.add_directory(member.path, member.mode, ARCHIVE_MTIME)
+            else:
+                tar.add_file(member.path, member.mode, ARCHIVE_MTIME, len(member.data), io.BytesIO(member.data))
     return buffer.getvalue()

@@ -17,12 +17,13 @@ from docker.models.containers import Container
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common import constants
 from core_image.build import ensure_image
 from orchestrator.runtime.docker import TOKEN_PATH, deliver_token
 
 IN_CI = os.environ.get("CI") == "true"
 WORKSPACE_UID = 1000  # the image's workspace user, owner of /app
-AGENT_PORT = "3001/tcp"
+AGENT_PORT = f"{constants.AGENT_PORT}/tcp"
 TEST_LABEL = "workspace-core.test"
 # The hardening the orchestrator applies, with limits sized for the contract tests.
 HARDENING = {

@@ -1,5 +1,5 @@
-"""The contract: buf lint is clean, nothing breaks the previous commit's contract, and the committed stubs match
-the .proto files."""
+"""The contract: buf lint is clean, nothing breaks the previous commit's contract, and the committed generated
+code (the Python stubs, the TypeScript of clients/node) matches the .proto files."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.tools import find_tool, path_with_tools
+from common.tools import find_tool, path_with_tools
 from tests.conftest import REPO
+from tests.node_support import node_client
 
 
 def _buf() -> str:
@@ -81,8 +82,24 @@ def test_breaking_check_catches_a_deleted_rpc(tmp_path: Path) -> None:
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     # protoc looks its plugins (protoc-gen-mypy) up on PATH: the environment's own first, as after activating it.
     env = {**os.environ, "PATH": path_with_tools()}
-    subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)], check=True, env=env)
+    generate = [sys.executable, str(REPO / "protos" / "generate.py"), "--lang", "python", "--out", str(tmp_path)]
+    subprocess.run(generate, check=True, env=env)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert generated, "nothing was generated"
     stale = [str(p) for p in generated if not filecmp.cmp(tmp_path / p, REPO / "protos" / p, shallow=False)]
     assert not stale, f"stale generated code, run `python protos/generate.py`: {stale}"
+
+
+def test_generated_typescript_is_fresh(tmp_path: Path) -> None:
+    node_client()  # buf.gen.yaml's plugin, protoc-gen-es, comes from clients/node's devDependencies
+    generate = [sys.executable, str(REPO / "protos" / "generate.py"), "--lang", "typescript", "--ts-out", str(tmp_path)]
+    subprocess.run(generate, check=True)
+    committed = REPO / "clients" / "node" / "src" / "gen"
+    fresh = tmp_path / "clients" / "node" / "src" / "gen"
+    generated = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+    expected = {"workspace/agent/v1/agent_pb.ts", "workspace/orchestrator/v1/orchestrator_pb.ts"}
+    assert {str(p) for p in generated} >= expected
+    on_disk = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.is_file())
+    assert on_disk == generated, "generated TypeScript added or removed, run `make stubs`"
+    stale = [str(p) for p in generated if not filecmp.cmp(fresh / p, committed / p, shallow=False)]
+    assert not stale, f"stale generated TypeScript, run `make stubs`: {stale}"

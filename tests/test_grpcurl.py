@@ -4,14 +4,13 @@ runtime), so the section "Debugging with grpcurl" cannot drift from what the ser
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from agent.tools import ENV_BIN
+from common.tools import ENV_BIN
 from tests.conftest import REPO
 from tests.live_orchestrator import running_orchestrator
 

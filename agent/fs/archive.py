@@ -6,11 +6,9 @@ mtimes, and a gzip header without a timestamp or file name.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import stat
-import tarfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,8 +20,9 @@ from agent.errors import InvalidArgument, LimitExceeded, NotFound, PreconditionF
 from agent.fs.channel import ByteChannel, run_in_own_thread
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.staging import STAGING_DIR_NAME
+from common.constants import DEFAULT_EXCLUDES
+from common.tarball import TarGzWriter
 
-DEFAULT_EXCLUDES = ("node_modules",)
 # Chunks queued between the producing thread and the stream; the producer waits past this.
 QUEUED_CHUNKS = 4
 # zlib's default level: close to level 9's size at several times its speed.
@@ -201,42 +200,37 @@ def _reason(error: OSError) -> str:
 
 def _write_archive(root: WorkspaceRoot, directory: PurePosixPath, plan: _ArchivePlan, limit: int, sink: _ChunkSink) -> ArchiveSummary:
     entries = plan.entries(directory, limit)
-    counts = {tarfile.REGTYPE: 0, tarfile.DIRTYPE: 0, tarfile.SYMTYPE: 0}
-    with gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=COMPRESS_LEVEL, mtime=0) as compressed:  # type: ignore[arg-type]
-        with tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for entry in entries:
-                # Defaults of a fresh TarInfo are the reproducible ones: uid/gid 0, empty user/group names.
-                info = tarfile.TarInfo(entry.name)
-                info.mode = stat.S_IMODE(entry.status.st_mode)
-                info.mtime = int(entry.status.st_mtime)
-                try:
-                    if stat.S_ISDIR(entry.status.st_mode):
-                        info.type = tarfile.DIRTYPE
-                        tar.addfile(info)
-                    elif stat.S_ISLNK(entry.status.st_mode):
-                        info.type = tarfile.SYMTYPE
-                        parent, name = root.os_open_parent(PurePosixPath(entry.path), follow=False)
-                        try:
-                            info.linkname = os.readlink(name, dir_fd=parent)  # stored as a link, never followed
-                        finally:
-                            os.close(parent)
-                        tar.addfile(info)
-                    else:
-                        info.size = entry.status.st_size
-                        # A file swapped for a link since the walk must not pull in what the link points to.
-                        fd = root.os_open(PurePosixPath(entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
-                        with os.fdopen(fd, "rb") as content:
-                            tar.addfile(info, content)
-                except OSError as error:
-                    raise PreconditionFailed(
-                        f"{entry.name} changed or became unreadable while being archived ({_reason(error)}); try again"
-                    ) from None
-                counts[info.type] += 1
+    counts = {"files": 0, "directories": 0, "symlinks": 0}
+    with TarGzWriter(sink, compresslevel=COMPRESS_LEVEL, stream=True) as tar:  # type: ignore[arg-type]
+        for entry in entries:
+            mode, mtime = entry.status.st_mode, entry.status.st_mtime
+            try:
+                if stat.S_ISDIR(mode):
+                    tar.add_directory(entry.name, mode, mtime)
+                    counts["directories"] += 1
+                elif stat.S_ISLNK(mode):
+                    parent, name = root.os_open_parent(PurePosixPath(entry.path), follow=False)
+                    try:
+                        target = os.readlink(name, dir_fd=parent)  # stored as a link, never followed
+                    finally:
+                        os.close(parent)
+                    tar.add_symlink(entry.name, target, mode, mtime)
+                    counts["symlinks"] += 1
+                else:
+                    # A file swapped for a link since the walk must not pull in what the link points to.
+                    fd = root.os_open(PurePosixPath(entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
+                    with os.fdopen(fd, "rb") as content:
+                        tar.add_file(entry.name, mode, mtime, entry.status.st_size, content)
+                    counts["files"] += 1
+            except OSError as error:
+                raise PreconditionFailed(
+                    f"{entry.name} changed or became unreadable while being archived ({_reason(error)}); try again"
+                ) from None
     sink.finish()
     return ArchiveSummary(
         sha256=sink.hash.hexdigest(),
         size=sink.size,
-        files=counts[tarfile.REGTYPE],
-        directories=counts[tarfile.DIRTYPE],
-        symlinks=counts[tarfile.SYMTYPE],
+        files=counts["files"],
+        directories=counts["directories"],
+        symlinks=counts["symlinks"],
     )

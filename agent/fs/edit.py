@@ -13,11 +13,12 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 
 from agent.errors import AgentError, AlreadyExists, InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
 from agent.fs.paths import AGENT_DIR_NAME, WorkspaceRoot, os_error
 from agent.fs.staging import make_private_directory, remove_private_directory
-from agent.serving import MAX_MESSAGE_BYTES
+from common.serving import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -491,89 +492,106 @@ class EditPlan:
     # Each operation: check it against the view, update the view, and record the step.
 
     def _plan(self, op: Operation) -> None:
-        if isinstance(op, WriteFile):
-            key = self._file_key(op.path)
-            node = self._view.get(key)
-            if isinstance(node, _File) and op.create_only:
-                raise AlreadyExists(f"{key}: already exists (create_only is set)")
-            if node is not None and not isinstance(node, _File):
-                raise PreconditionFailed(f"{key}: is {_kind(node)}, not a file")
-            if op.mode > 0o777:
-                raise InvalidArgument(f"mode {op.mode:#o} has more than permission bits")
-            if op.expected_sha256:
-                self._check_sha256(key, node, op.expected_sha256)
-            mode = node.mode if node is not None else (op.mode or DEFAULT_FILE_MODE)
-            owner = _kept_owner(key, node)
-            self._view.make_parents(key)
-            self._change(key, _File(None, mode, op.content, owner=owner), _Write(key, op.content, mode, owner))
-        elif isinstance(op, ReplaceText):
-            key = self._file_key(op.path)
-            node = self._existing_file(key, op.expected_sha256)
-            content = node.content()
-            _require_text(key, content)
-            if not op.old_text:
-                raise InvalidArgument("old_text is empty")
-            old = op.old_text.encode()
-            expected = op.expected_occurrences or 1
-            found = content.count(old)
-            if found != expected:
-                raise PreconditionFailed(f"{key}: old_text occurs {found} times, expected {expected}; file unchanged")
-            new = content.replace(old, op.new_text.encode())
-            owner = _kept_owner(key, node)
-            self._change(key, _File(None, node.mode, new, owner=owner), _Write(key, new, node.mode, owner))
-        elif isinstance(op, InsertText):
-            key = self._file_key(op.path)
-            node = self._existing_file(key, op.expected_sha256)
-            content = node.content()
-            at = _line_offset(key, content, op.line)
-            new = content[:at] + op.text.encode() + content[at:]
-            owner = _kept_owner(key, node)
-            self._change(key, _File(None, node.mode, new, owner=owner), _Write(key, new, node.mode, owner))
-        elif isinstance(op, DeletePath):
-            key = self._movable_key(op.path)
-            node = self._view.get(key)
-            if node is None:
-                raise NotFound(f"{key}: no such file or directory")
-            if isinstance(node, _Dir) and not op.recursive:
-                raise PreconditionFailed(f"{key}: is a directory; set recursive to delete it and its content")
-            if op.expected_sha256:
-                self._check_sha256(key, node, op.expected_sha256)
-            self._change(key, None, _Delete(key))
-        elif isinstance(op, MovePath):
-            source, target = self._movable_key(op.from_path), self._movable_key(op.to_path)
-            node = self._view.get(source)
-            if node is None:
-                raise NotFound(f"{source}: no such file or directory")
-            if source == target:
-                raise InvalidArgument(f"{source}: moving a path onto itself")
-            if source in target.parents:
-                raise InvalidArgument(f"cannot move {source} into itself ({target})")
-            if op.expected_sha256:
-                self._check_sha256(source, node, op.expected_sha256)
-            existing = self._view.get(target)
-            if isinstance(existing, _Dir):
-                raise AlreadyExists(f"{target}: is a directory; a move never replaces a directory")
-            if existing is not None and not op.overwrite:
-                raise AlreadyExists(f"{target}: already exists (set overwrite to replace it)")
-            if existing is not None and isinstance(node, _Dir):
-                raise AlreadyExists(f"{target}: already exists; a directory cannot replace a file")
-            self._view.make_parents(target)
-            self._touch(source)
-            self._touch(target)
-            self._view.move(source, target)
-            self._steps.append(_Move(source, target))
-        elif isinstance(op, MakeDirectory):
-            key = self._view.key(op.path)
-            node = self._view.get(key)
-            if isinstance(node, _Dir):
-                self._touch(key)
-                return
-            if node is not None:
-                raise AlreadyExists(f"{key}: exists and is {_kind(node)}")
-            self._view.make_parents(key)
-            self._change(key, _Dir(None), _MakeDirectory(key))
-        else:  # pragma: no cover - the servicer only builds the operations above
+        planner = self._PLANNERS.get(type(op))
+        if planner is None:  # pragma: no cover - the servicer only builds the operations below
             raise InvalidArgument(f"unknown operation {op!r}")
+        planner(self, op)
+
+    def _plan_write(self, op: WriteFile) -> None:
+        key = self._file_key(op.path)
+        node = self._view.get(key)
+        if isinstance(node, _File) and op.create_only:
+            raise AlreadyExists(f"{key}: already exists (create_only is set)")
+        if node is not None and not isinstance(node, _File):
+            raise PreconditionFailed(f"{key}: is {_kind(node)}, not a file")
+        if op.mode > 0o777:
+            raise InvalidArgument(f"mode {op.mode:#o} has more than permission bits")
+        if op.expected_sha256:
+            self._check_sha256(key, node, op.expected_sha256)
+        mode = node.mode if node is not None else (op.mode or DEFAULT_FILE_MODE)
+        owner = _kept_owner(key, node)
+        self._view.make_parents(key)
+        self._change(key, _File(None, mode, op.content, owner=owner), _Write(key, op.content, mode, owner))
+
+    def _plan_replace(self, op: ReplaceText) -> None:
+        key = self._file_key(op.path)
+        node = self._existing_file(key, op.expected_sha256)
+        content = node.content()
+        _require_text(key, content)
+        if not op.old_text:
+            raise InvalidArgument("old_text is empty")
+        old = op.old_text.encode()
+        expected = op.expected_occurrences or 1
+        found = content.count(old)
+        if found != expected:
+            raise PreconditionFailed(f"{key}: old_text occurs {found} times, expected {expected}; file unchanged")
+        new = content.replace(old, op.new_text.encode())
+        owner = _kept_owner(key, node)
+        self._change(key, _File(None, node.mode, new, owner=owner), _Write(key, new, node.mode, owner))
+
+    def _plan_insert(self, op: InsertText) -> None:
+        key = self._file_key(op.path)
+        node = self._existing_file(key, op.expected_sha256)
+        content = node.content()
+        at = _line_offset(key, content, op.line)
+        new = content[:at] + op.text.encode() + content[at:]
+        owner = _kept_owner(key, node)
+        self._change(key, _File(None, node.mode, new, owner=owner), _Write(key, new, node.mode, owner))
+
+    def _plan_delete(self, op: DeletePath) -> None:
+        key = self._movable_key(op.path)
+        node = self._view.get(key)
+        if node is None:
+            raise NotFound(f"{key}: no such file or directory")
+        if isinstance(node, _Dir) and not op.recursive:
+            raise PreconditionFailed(f"{key}: is a directory; set recursive to delete it and its content")
+        if op.expected_sha256:
+            self._check_sha256(key, node, op.expected_sha256)
+        self._change(key, None, _Delete(key))
+
+    def _plan_move(self, op: MovePath) -> None:
+        source, target = self._movable_key(op.from_path), self._movable_key(op.to_path)
+        node = self._view.get(source)
+        if node is None:
+            raise NotFound(f"{source}: no such file or directory")
+        if source == target:
+            raise InvalidArgument(f"{source}: moving a path onto itself")
+        if source in target.parents:
+            raise InvalidArgument(f"cannot move {source} into itself ({target})")
+        if op.expected_sha256:
+            self._check_sha256(source, node, op.expected_sha256)
+        existing = self._view.get(target)
+        if isinstance(existing, _Dir):
+            raise AlreadyExists(f"{target}: is a directory; a move never replaces a directory")
+        if existing is not None and not op.overwrite:
+            raise AlreadyExists(f"{target}: already exists (set overwrite to replace it)")
+        if existing is not None and isinstance(node, _Dir):
+            raise AlreadyExists(f"{target}: already exists; a directory cannot replace a file")
+        self._view.make_parents(target)
+        self._touch(source)
+        self._touch(target)
+        self._view.move(source, target)
+        self._steps.append(_Move(source, target))
+
+    def _plan_make_directory(self, op: MakeDirectory) -> None:
+        key = self._view.key(op.path)
+        node = self._view.get(key)
+        if isinstance(node, _Dir):
+            self._touch(key)
+            return
+        if node is not None:
+            raise AlreadyExists(f"{key}: exists and is {_kind(node)}")
+        self._view.make_parents(key)
+        self._change(key, _Dir(None), _MakeDirectory(key))
+
+    _PLANNERS: dict[type, Callable[[EditPlan, Any], None]] = {
+        WriteFile: _plan_write,
+        ReplaceText: _plan_replace,
+        InsertText: _plan_insert,
+        DeletePath: _plan_delete,
+        MovePath: _plan_move,
+        MakeDirectory: _plan_make_directory,
+    }
 
     def _file_key(self, path: str) -> PurePosixPath:
         key = self._view.key(path)

@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
-import hashlib
 import os
-import posixpath
 import re
 import stat
 import logging
-import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -25,16 +22,15 @@ from agent.errors import ChecksumMismatch, InvalidArgument, InvalidPath, LimitEx
 from agent.fs.channel import ByteChannel, run_in_own_thread
 from agent.fs.paths import NAME_MAX, PATH_MAX, WorkspaceRoot, os_error
 from agent.fs.staging import STAGING_DIR_NAME, StagingArea, Swap, is_staging_path
-from agent.fs.tarstream import REGULAR_TYPES, TarMember, TarReader
+from common.errors import ArchiveRefused, ArchiveTooLarge
+from common.tarball import GzipTarSource, Kind, MemberPolicy
+from common.tarstream import TarMember, TarReader
 
 # Uploaded bytes buffered between the loop and the worker; the client is slowed down past this.
 UPLOAD_BUFFER_BYTES = 8 * 1024 * 1024
-# Inflated bytes produced per step (the most the worker holds at once, beyond one header).
-INFLATE_STEP = 256 * 1024
 # Tar headers, padding and pax records allowed per member on top of the content-size limit, so a
 # "bomb" of metadata (a huge pax header) is stopped like one of content.
 METADATA_ALLOWANCE_PER_MEMBER = 4096
-SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 log = logging.getLogger(__name__)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -127,8 +123,8 @@ class _Extraction:
     def run(self) -> ExtractionReport:
         staging = StagingArea(self._root)
         try:
-            upload = _GzipUpload(
-                self._channel,
+            upload = GzipTarSource(
+                self._channel.get_blocking,
                 max_inflated=self._config.max_archive_bytes
                 + self._config.max_archive_files * METADATA_ALLOWANCE_PER_MEMBER,
             )
@@ -139,6 +135,10 @@ class _Extraction:
             try:
                 writer.write_all(TarReader(upload))
                 writer.finish()
+            except ArchiveTooLarge as error:
+                raise LimitExceeded(str(error)) from None
+            except ArchiveRefused as error:
+                raise InvalidArgument(str(error)) from None
             except OSError as error:
                 if error.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise LimitExceeded("the workspace's disk is full; nothing was changed") from None
@@ -186,98 +186,6 @@ class _Extraction:
             staging.remove()
 
 
-class _GzipUpload:
-    """The uploaded bytes as inflated tar data, for TarReader (a `TarSource`).
-
-    It hashes the raw bytes as they pass and counts what they inflate to, refusing past `max_inflated`
-    before inflating further, so a gzip bomb is stopped after at most one step beyond the limit.
-    """
-
-    def __init__(self, channel: ByteChannel, max_inflated: int) -> None:
-        self._channel = channel
-        self._max_inflated = max_inflated
-        self._hash = hashlib.sha256()
-        self._inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
-        self._input = b""
-        self._inflated = 0
-        self._output = b""
-        self._view = memoryview(self._output)
-        self._position = 0
-        self._received = 0
-
-    def read_exact(self, size: int) -> bytes | None:
-        end = self._position + size
-        if end <= len(self._output):
-            data = self._output[self._position : end]
-            self._position = end
-            return data
-        parts = []
-        missing = size
-        while missing:
-            if self._position >= len(self._output) and not self._inflate_more():
-                if missing == size:
-                    return None
-                raise InvalidArgument("archive is truncated: the tar data ends inside a header")
-            part = self._output[self._position : self._position + missing]
-            self._position += len(part)
-            missing -= len(part)
-            parts.append(part)
-        return b"".join(parts)
-
-    def pieces(self, size: int) -> Iterator[memoryview]:
-        while size:
-            if self._position >= len(self._output) and not self._inflate_more():
-                raise InvalidArgument("archive is truncated: the tar data ends inside a member's content")
-            end = min(self._position + size, len(self._output))
-            yield self._view[self._position : end]
-            size -= end - self._position
-            self._position = end
-
-    def remainder(self) -> Iterator[memoryview]:
-        while self._position < len(self._output) or self._inflate_more():
-            yield self._view[self._position :]
-            self._position = len(self._output)
-
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of the upload; complete once TarReader is done, as it reads to the end of the data
-        (past the end marker, which only zero padding may follow)."""
-        return self._hash.hexdigest()
-
-    def _inflate_more(self) -> bool:
-        while True:
-            if not self._input:
-                raw = self._channel.get_blocking()
-                if raw is None:
-                    if not self._received:
-                        raise InvalidArgument("archive is empty: no bytes arrived after the spec")
-                    if not self._inflater.eof:
-                        raise InvalidArgument("archive is truncated: the gzip stream ends before its end marker")
-                    return False
-                self._received += len(raw)
-                self._hash.update(raw)
-                self._input = raw
-            if self._inflater.eof:
-                # Concatenated gzip members (what `cat a.gz b.gz` makes) are one stream.
-                self._inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
-            try:
-                output = self._inflater.decompress(self._input, INFLATE_STEP)
-            except zlib.error as error:
-                raise InvalidArgument(f"archive is not valid gzip data: {error}") from None
-            self._input = self._inflater.unused_data if self._inflater.eof else self._inflater.unconsumed_tail
-            if output:
-                self._inflated += len(output)
-                if self._inflated > self._max_inflated:
-                    raise LimitExceeded(
-                        f"archive inflates to more than {self._max_inflated} bytes of tar data "
-                        "(the archive size limit plus header allowance)"
-                    )
-                self._output = output
-                self._view = memoryview(output)
-                self._position = 0
-                return True
-
-
 ROOT = PurePosixPath(".")
 
 
@@ -318,33 +226,10 @@ def _remove_directories(root: WorkspaceRoot, made: list[PurePosixPath]) -> None:
             log.exception("could not remove a directory an aborted extraction made", extra={"path": str(directory)})
 
 
-class _Kind(enum.Enum):
-    DIRECTORY = "directory"
-    FILE = "file"
-    SYMLINK = "symlink"
-
-
-_HARDLINK = b"1"
-_KINDS = {
-    **{regular: _Kind.FILE for regular in REGULAR_TYPES},
-    _HARDLINK: _Kind.FILE,
-    b"2": _Kind.SYMLINK,
-    b"5": _Kind.DIRECTORY,
-}
-_REFUSED_TYPES = {
-    b"3": "is a device node, which archives may not contain",
-    b"4": "is a device node, which archives may not contain",
-    b"6": "is a FIFO, which archives may not contain",
-}
-
-
 class _MemberWriter:
-    """Checks each member and writes it under the staging tree with plain os calls.
-
-    Accepted: regular files, directories, symlinks whose target stays inside the destination, and
-    hardlinks to a regular file earlier in the archive. Refused (InvalidArgument, naming the member):
-    absolute or `..` paths, device nodes, FIFOs, sparse files, and entries below a symlink or a file.
-    setuid, setgid and sticky bits are stripped and counted. Ownership is not restored.
+    """Writes each member the shared tar policy (common.tarball.MemberPolicy) accepts under the
+    staging tree with plain os calls, and refuses paths too long for this destination. setuid and
+    setgid bits are refused by the policy, the sticky bit stripped and counted. Ownership is not restored.
     """
 
     def __init__(self, tree: Path, config: AgentConfig, *, reserve_staging_name: bool, room: int = PATH_MAX - 1) -> None:
@@ -352,16 +237,15 @@ class _MemberWriter:
         self._room = room  # bytes a member path may have, the destination's own path taken off
         self.current = ""  # the member being written, for error messages
         self._prefix = self._tree + os.sep
-        self._max_files = config.max_archive_files
-        self._max_bytes = config.max_archive_bytes
-        self._reserve_staging_name = reserve_staging_name
-        self._kinds: dict[str, _Kind] = {}
+        self._policy = MemberPolicy(
+            max_members=config.max_archive_files,
+            max_bytes=config.max_archive_bytes,
+            reserved_top_name=STAGING_DIR_NAME if reserve_staging_name else None,
+        )
         # Directory modes and mtimes are set last, as tar does: a read-only directory must still
         # receive its entries, and writing entries would change its mtime.
         self._directory_attributes: dict[str, tuple[int, float | None]] = {"": (0o755, None)}
         self._symlinks: dict[str, str] = {}
-        self._members = 0
-        self._bytes = 0
         self._stripped = 0
 
     def write_all(self, tar: TarReader) -> None:
@@ -385,119 +269,56 @@ class _MemberWriter:
                 os.utime(path, (mtime, mtime))
 
     def report(self, sha256: str) -> ExtractionReport:
-        kinds = list(self._kinds.values())
+        kinds = list(self._policy.kinds.values())
         return ExtractionReport(
-            files=kinds.count(_Kind.FILE),
-            directories=kinds.count(_Kind.DIRECTORY),
-            symlinks=kinds.count(_Kind.SYMLINK),
-            bytes_extracted=self._bytes,
+            files=kinds.count(Kind.FILE),
+            directories=kinds.count(Kind.DIRECTORY),
+            symlinks=kinds.count(Kind.SYMLINK),
+            bytes_extracted=self._policy.bytes,
             sha256=sha256,
             stripped_special_bits=self._stripped,
         )
 
     def _write(self, tar: TarReader, member: TarMember) -> None:
-        self._members += 1
-        if self._members > self._max_files:
-            raise LimitExceeded(f"archive has more than {self._max_files} members (the file count limit)")
         self.current = member.name
-        name = self._member_path(member.name, member.name)
-        if member.mode & SPECIAL_BITS:
-            self._stripped += 1
-        mode = member.mode & 0o777
-
-        if member.sparse:
-            raise InvalidArgument(f"member {member.name!r} is a sparse file, which is not supported")
-        kind = _KINDS.get(member.type)
-        if kind is None:
-            refusal = _REFUSED_TYPES.get(member.type, f"has unsupported tar type {member.type!r}")
-            raise InvalidArgument(f"member {member.name!r} {refusal}")
-        if not name:  # the archive's own top directory, `./`
-            if kind is not _Kind.DIRECTORY:
-                raise InvalidArgument(f"member {member.name!r} has an empty path")
-            self._directory_attributes[""] = (mode, member.mtime)
+        verdict = self._policy.check(member)
+        self._check_length(verdict.path, member.name)
+        if verdict.link_source is not None:
+            self._check_length(verdict.link_source, member.linkname, link=True)
+        self._stripped += verdict.stripped
+        name, kind = verdict.path, verdict.kind
+        if not name:
+            self._directory_attributes[""] = (verdict.mode, member.mtime)
             return
-
-        self._make_parents(name, member.name)
+        for directory in verdict.implied:
+            # A directory the archive implies but does not list, made as tar makes it.
+            os.mkdir(self._prefix + directory, 0o700)
+            self._directory_attributes[directory] = (0o755, None)
         path = self._prefix + name
-        previous = self._kinds.get(name)
-        if previous is not None:
-            # A later member of the same path wins, as with tar; a directory is never swapped for a non-directory.
-            if (previous is _Kind.DIRECTORY) != (kind is _Kind.DIRECTORY):
-                raise InvalidArgument(f"member {member.name!r} is both a {previous.value} and a {kind.value}")
-            if kind is not _Kind.DIRECTORY:
-                os.unlink(path)
-                self._symlinks.pop(name, None)
+        if verdict.previous is not None and kind is not Kind.DIRECTORY:
+            os.unlink(path)
+            self._symlinks.pop(name, None)
 
-        if kind is _Kind.DIRECTORY:
-            if previous is None:
+        if kind is Kind.DIRECTORY:
+            if verdict.previous is None:
                 os.mkdir(path, 0o700)
-            self._directory_attributes[name] = (mode, member.mtime)
-        elif member.type == _HARDLINK:
-            source = self._member_path(member.linkname, member.name, link=True)
-            if self._kinds.get(source) is not _Kind.FILE:
-                raise InvalidArgument(
-                    f"hardlink member {member.name!r} points to {member.linkname!r}, "
-                    "which is not a regular file earlier in the archive"
-                )
-            os.link(self._prefix + source, path)
-        elif kind is _Kind.FILE:
-            self._bytes += member.size
-            if self._bytes > self._max_bytes:
-                raise LimitExceeded(
-                    f"archive content exceeds {self._max_bytes} bytes (the archive size limit) at member {member.name!r}"
-                )
-            self._write_file(tar, member, path, mode)
+            self._directory_attributes[name] = (verdict.mode, member.mtime)
+        elif verdict.link_source is not None:
+            os.link(self._prefix + verdict.link_source, path)
+        elif kind is Kind.FILE:
+            self._write_file(tar, member, path, verdict.mode)
         else:
-            self._check_symlink_target(name, member.linkname)
             os.symlink(member.linkname, path)
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
             self._symlinks[name] = member.linkname
-        self._kinds[name] = kind
 
-    def _member_path(self, raw: str, member_name: str, *, link: bool = False) -> str:
-        """The normalized relative path of a member (or a hardlink's target); refuses unsafe ones."""
-        what = f"hardlink member {member_name!r} points to {raw!r}, which" if link else f"member {raw!r}"
-        if raw.startswith("/"):
-            raise InvalidArgument(f"{what} is an absolute path; archive paths must be relative")
-        if "\0" in raw:
-            raise InvalidArgument(f"{what} contains a NUL byte")
-        parts = [part for part in raw.split("/") if part not in ("", ".")]
-        if ".." in parts:
-            raise InvalidArgument(f"{what} contains '..', which could lead out of the destination")
-        if any(len(os.fsencode(part)) > NAME_MAX for part in parts) or len(os.fsencode("/".join(parts))) > self._room:
+    def _check_length(self, path: str, raw: str, *, link: bool = False) -> None:
+        if any(len(os.fsencode(part)) > NAME_MAX for part in path.split("/")) or len(os.fsencode(path)) > self._room:
             shown = raw if len(raw) <= 80 else raw[:60] + "..."
             raise InvalidPath(
                 f"{'hardlink target' if link else 'member'} {shown!r} is longer than the filesystem allows in this destination "
                 f"({NAME_MAX} bytes a name, {PATH_MAX} a path)"
             )
-        if self._reserve_staging_name and parts and parts[0] == STAGING_DIR_NAME:
-            raise InvalidArgument(f"{what} is inside {STAGING_DIR_NAME}/, the agent's reserved staging directory")
-        return "/".join(parts)
-
-    def _check_symlink_target(self, name: str, target: str) -> None:
-        if not target or "\0" in target:
-            raise InvalidArgument(f"symlink member {name!r} has an empty target or one with a NUL byte")
-        if target.startswith("/"):
-            raise InvalidArgument(f"symlink member {name!r} -> {target!r} points to an absolute path, outside the destination")
-        if posixpath.normpath(posixpath.join(posixpath.dirname(name), target)).split("/")[0] == "..":
-            raise InvalidArgument(f"symlink member {name!r} -> {target!r} leads out of the destination")
-
-    def _make_parents(self, name: str, member_name: str) -> None:
-        parent = name.rpartition("/")[0]
-        if not parent or self._kinds.get(parent) is _Kind.DIRECTORY:
-            return
-        prefix = ""
-        for part in parent.split("/"):
-            prefix = f"{prefix}/{part}" if prefix else part
-            kind = self._kinds.get(prefix)
-            if kind is None:
-                # A directory the archive implies but does not list, made as tar makes it.
-                os.mkdir(self._prefix + prefix, 0o700)
-                self._kinds[prefix] = _Kind.DIRECTORY
-                self._directory_attributes[prefix] = (0o755, None)
-            elif kind is not _Kind.DIRECTORY:
-                # Writing through a link could land outside the destination: never follow one.
-                raise InvalidArgument(f"member {member_name!r} is below {prefix!r}, which is a {kind.value}, not a directory")
 
     def _write_file(self, tar: TarReader, member: TarMember, path: str, mode: int) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

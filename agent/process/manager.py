@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import telemetry
 from agent.config import AgentConfig
 from agent.errors import AgentError, AlreadyExists, InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
 from agent.fs.paths import WorkspaceRoot
 from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, PtySize, caller_signal
 from agent.process.output import OutputBuffer, OutputChunk
+from common import telemetry
 
 # Output a one-shot command may have read ahead of its caller before the command is made to wait.
 EXEC_BUFFER_BYTES = 256 * 1024

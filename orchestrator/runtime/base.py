@@ -1,17 +1,21 @@
 """What the orchestrator needs from a place that runs workspaces: the Runtime protocol, the Workspace it
-reports, the labels that mark our workspaces, and the trust settings for an extra CA bundle."""
+reports, the labels that mark our workspaces, the agent's tracing environment, and the trust settings for an
+extra CA bundle."""
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import certifi
+from opentelemetry.sdk.environment_variables import OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME
+
+from common.telemetry import SESSION_ATTRIBUTE, tracing_requested
+from common.durable import write_atomically
 
 from orchestrator.errors import InvalidArgument
 
@@ -26,16 +30,24 @@ MANAGED_LABEL = "workspace-core.managed"
 # ("warm"); labels cannot change after creation, so a claimed member's session is in its name (see claim()).
 POOL_LABEL = "workspace-core.pool"
 
-# The agent's gRPC port and the dev server's port inside a workspace (templates read $PORT, default 4321).
-AGENT_PORT = 3001
-DEV_PORT = 4321
-# The environment variable `python -m agent` would also read its bearer token from: never set for a workspace
-# (every process of the workspace user could read it, e.g. from the init process's /proc/1/environ); runtimes
-# hand the token over in a file that the agent removes once read (`--token-file`), before any workspace code runs.
-TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
+# The OpenTelemetry service name of every workspace's agent.
+AGENT_SERVICE_NAME = "workspace-agent"
 
 # Session ids end up in container names and directory names.
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def workspace_agent_env(session_id: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The `OTEL_*` variables for a workspace's agent: this process's (same exporter, endpoint, sampler), under
+    the agent's own service name and with the session id as a resource attribute; {} while tracing is off."""
+    if not tracing_requested(environ):
+        return {}
+    env = {key: value for key, value in environ.items() if key.startswith("OTEL_")}
+    env[OTEL_SERVICE_NAME] = AGENT_SERVICE_NAME
+    env[OTEL_RESOURCE_ATTRIBUTES] = ",".join(
+        filter(None, (env.get(OTEL_RESOURCE_ATTRIBUTES, ""), f"{SESSION_ATTRIBUTE}={session_id}"))
+    )
+    return env
 
 
 @dataclass
@@ -160,11 +172,6 @@ def write_trust_bundle(extra_ca: Path, directory: Path) -> Path:
         raise InvalidArgument(f"extra CA bundle {extra_ca}: no PEM certificate in it")
     directory.mkdir(parents=True, exist_ok=True)
     bundle = directory / "ca-bundle.pem"
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".ca-bundle.")
-    with os.fdopen(fd, "w") as out:
-        out.write(Path(certifi.where()).read_text())
-        out.write(f"\n# Extra CA bundle from {extra_ca}\n{extra}")
     # Readable by the workspace user (uid 1000 in the container), which does not own the file.
-    os.chmod(temp, 0o644)
-    os.replace(temp, bundle)
+    write_atomically(bundle, Path(certifi.where()).read_text() + f"\n# Extra CA bundle from {extra_ca}\n{extra}", mode=0o644)
     return bundle

@@ -22,11 +22,9 @@ from docker.models.containers import Container
 from docker.models.networks import Network
 from docker.types import Mount
 
-from agent import telemetry
+from common.constants import AGENT_PORT, DEV_PORT
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
 from orchestrator.runtime.base import (
-    AGENT_PORT,
-    DEV_PORT,
     MANAGED_LABEL,
     ORCHESTRATOR_LABEL,
     POOL_LABEL,
@@ -36,6 +34,7 @@ from orchestrator.runtime.base import (
     check_session_id,
     pool_labels,
     trust_env,
+    workspace_agent_env,
     workspace_labels,
 )
 
@@ -125,7 +124,7 @@ class DockerRuntime:
         ImageMissing, FailedPrecondition (the engine refused, e.g. the session's container exists),
         InvalidArgument (bad session id)."""
         check_session_id(session_id)
-        environment = {**telemetry.workspace_agent_env(session_id), **env}
+        environment = {**workspace_agent_env(session_id), **env}
         name, all_labels = f"{CONTAINER_PREFIX}{session_id}", workspace_labels(self.instance_id, session_id, labels)
         return await self._call(
             "start the workspace container", self._start, name, all_labels, token, resources, environment
@@ -136,7 +135,7 @@ class DockerRuntime:
         sets the template's); does not wait for its agent. Raises EngineUnavailable, ImageMissing,
         FailedPrecondition (the engine refused), InvalidArgument (bad pool id)."""
         check_session_id(pool_id)
-        environment = telemetry.workspace_agent_env(f"pool-{pool_id}")
+        environment = workspace_agent_env(f"pool-{pool_id}")
         return await self._call(
             "start a pool container", self._start, f"{POOL_PREFIX}{pool_id}", pool_labels(self.instance_id, kind),
             credential, ResourceHints(), environment,

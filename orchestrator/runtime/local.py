@@ -17,17 +17,20 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import telemetry
+import psutil
+
+from common.constants import TOKEN_ENV
+from common.durable import write_atomically
 from orchestrator.errors import FailedPrecondition
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
-    TOKEN_ENV,
     Workspace,
     WorkspaceExit,
     check_session_id,
     pool_labels,
     trust_env,
+    workspace_agent_env,
     workspace_labels,
 )
 
@@ -82,7 +85,7 @@ class LocalRuntime:
         if existing is not None and await asyncio.to_thread(self._running, existing):
             raise FailedPrecondition(f"a local workspace of session {session_id} is already running")
         labels = workspace_labels(self.instance_id, session_id, labels)
-        return await self._launch(session_id, session_id, token, {**telemetry.workspace_agent_env(session_id), **env}, labels)
+        return await self._launch(session_id, session_id, token, {**workspace_agent_env(session_id), **env}, labels)
 
     async def start_pooled(self, pool_id: str, credential: str, *, kind: str = "warm") -> Workspace:
         """Starts a pool member's agent under `pool-<pool_id>/`. Raises InvalidArgument (bad id),
@@ -91,7 +94,7 @@ class LocalRuntime:
         name = f"{POOL_PREFIX}{pool_id}"
         if await asyncio.to_thread(self._running, self.directory / name):
             raise FailedPrecondition(f"a local pool member {pool_id} is already running")
-        environment = telemetry.workspace_agent_env(name)
+        environment = workspace_agent_env(name)
         return await self._launch(name, "", credential, environment, pool_labels(self.instance_id, kind))
 
     async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
@@ -288,9 +291,7 @@ def _write_token(session_dir: Path, token: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(data, indent=2))
-    os.replace(temp, path)
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -301,9 +302,10 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _cmdline(pid: int) -> list[str]:
+    """The command line of `pid`; [] when it is gone, a zombie, or not ours to see."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
 
 
@@ -316,25 +318,15 @@ def _is_agent(pid: int, root: Path) -> bool:
 
 def _descendant_groups(pid: int) -> set[int]:
     """Process groups of everything below `pid` (the agent's commands each run in a group of their own)."""
-    children: dict[int, list[int]] = {}
-    groups: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # The fields after the command name (which may hold spaces and parentheses): state, ppid, pgrp.
-            _, ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        children.setdefault(int(ppid), []).append(int(entry.name))
-        groups[int(entry.name)] = int(pgrp)
-    found: set[int] = set()
-    frontier = [pid]
-    while frontier:
-        below = children.get(frontier.pop(), [])
-        found.update(below)
-        frontier.extend(below)
-    return {groups[process] for process in found} - {pid}
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return set()
+    groups = set()
+    for process in below:
+        with suppress(ProcessLookupError):  # exited since
+            groups.add(os.getpgid(process.pid))
+    return groups - {pid}
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:

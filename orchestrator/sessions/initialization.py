@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
-from agent import telemetry
+from common import telemetry
 from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig

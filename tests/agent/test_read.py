@@ -10,11 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from common.constants import MiB
 from tests.agent.helpers import collect, status_of_stream
 from tests.conftest import AgentTarget, start_inprocess_agent
 from workspace.agent.v1 import agent_pb2 as pb
-
-MiB = 1024 * 1024
 
 
 @pytest.fixture(params=["whole-file", "streamed"])

@@ -203,6 +203,9 @@ async def test_bad_requests(searching_agent: AgentTarget) -> None:
         (pb.SearchRequest(pattern=r"(a)\1", regex=True), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern=r"a(?=b)", regex=True), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern="two\nlines"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="nul\x00byte"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(include_globs=["*.txt\x00"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.SearchRequest(pattern="x", exclude_globs=["\x00"]), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern="x", context_before=21), grpc.StatusCode.INVALID_ARGUMENT),
         (pb.SearchRequest(pattern="x", max_results=100_001), grpc.StatusCode.INVALID_ARGUMENT),
     ]

@@ -14,13 +14,12 @@ from docker.models.containers import Container
 from docker.types import Healthcheck
 from grpc import aio
 
+from common.constants import MiB
 from tests.docker_support import agent_token, hand_over_to_workspace_user, run_agent_container, wait_for_agent
 from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
 
 pytestmark = pytest.mark.docker
-
-MiB = 1024 * 1024
 # The agent's own process as the kernel sees it (not tini, not a docker exec).
 AGENT_STATUS = """
 import json, pathlib

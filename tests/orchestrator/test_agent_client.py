@@ -4,6 +4,7 @@ archives both ways, and the agent's errors as the orchestrator's domain errors."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import socket
@@ -16,6 +17,7 @@ import pytest
 from orchestrator.agent_client import MAX_LINE_BYTES, AgentClient, _LineSplitter
 from orchestrator.errors import ChecksumMismatch, FailedPrecondition, InvalidArgument, LimitExceeded, NotFound
 from tests.conftest import AgentTarget
+from workspace.agent.v1 import agent_pb2 as pb
 
 
 @pytest.fixture
@@ -176,3 +178,42 @@ def test_an_overlong_line_is_cut_and_the_next_line_is_whole() -> None:
     lines = split([b"x" * (MAX_LINE_BYTES - 1), "é".encode() * 10, b"\nnext\n"])
     assert lines[0] == "x" * (MAX_LINE_BYTES - 1) + "…"
     assert lines[1] == "next"
+
+
+async def test_exec_events_stream_a_commands_output_and_its_exit(client: AgentClient) -> None:
+    events = [event async for event in client.exec_events(["sh", "-c", "echo out; echo err >&2; kill -TERM $$"])]
+
+    output = {(e.output.stream, e.output.data) for e in events if e.HasField("output")}
+    assert output == {(pb.OUTPUT_STREAM_STDOUT, b"out\n"), (pb.OUTPUT_STREAM_STDERR, b"err\n")}
+    assert events[-1].exited.signal == 15
+
+
+async def test_edit_read_and_search_a_file(client: AgentClient, agent: AgentTarget) -> None:
+    write = pb.EditOperation(write=pb.WriteFile(path="notes.txt", content=b"one\ntwo\n"))
+    await client.edit([write])
+    replace = pb.EditOperation(replace=pb.ReplaceText(path="notes.txt", old_text="two", new_text="three", expected_occurrences=1))
+
+    dry = await client.edit([replace], dry_run=True)
+    assert "-two\n+three\n" in dry.diff and (agent.root / "notes.txt").read_bytes() == b"one\ntwo\n"
+    await client.edit([replace])
+    assert b"".join([chunk async for chunk in client.read("notes.txt")]) == b"one\nthree\n"
+    with pytest.raises(FailedPrecondition):
+        await client.edit([replace])  # "two" is gone
+    responses = [r async for r in client.search(pb.SearchRequest(pattern="three"))]
+    matches = [(hit.match.path, hit.match.line_number) for r in responses for hit in r.hits]
+    assert matches == [("notes.txt", 2)] and responses[-1].summary.results == 1
+
+
+async def test_attach_follows_a_process_until_the_caller_stops(client: AgentClient) -> None:
+    await client.start_process("ticker", "echo first; exec sleep 30")
+    async with contextlib.aclosing(client.attach("ticker")) as events:
+        async for event in events:
+            if event.HasField("output"):
+                assert event.output.data == b"first\n"
+                break
+
+    # Following stopped; the process did not.
+    async with contextlib.aclosing(client.attach("ticker")) as events:
+        attached = (await anext(events)).attached
+    assert attached.process.running
+    assert await client.stop_process("ticker", grace=0.1) == -1

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from agent.tools import ENV_BIN
+from common.tools import ENV_BIN
 from orchestrator.cli import app
 from tests.conftest import REPO
 from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, watch_until_settled

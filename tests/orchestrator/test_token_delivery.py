@@ -12,9 +12,9 @@ from pathlib import Path
 import docker
 import pytest
 
+from common.constants import TOKEN_ENV
 from orchestrator.agent_client import AgentClient
 from orchestrator.errors import FailedPrecondition
-from orchestrator.runtime.base import TOKEN_ENV
 from orchestrator.runtime.docker import TOKEN_PATH, DockerRuntime
 from orchestrator.runtime.local import TOKEN_FILE, LocalRuntime
 from orchestrator.templates import ResourceHints

@@ -1,4 +1,4 @@
-"""A lean reader of tar streams (ustar, pax and GNU headers) for ExtractArchive.
+"""A lean, strict reader of tar streams (ustar, pax and GNU headers), the one both services parse uploads with.
 
 tarfile parses each header through a dozen general-purpose helpers (about 30 µs apiece); a workspace
 arrives as thousands of small files, so this reads just the fields extraction needs with plain
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from zlib import adler32
 
-from agent.errors import InvalidArgument, LimitExceeded
+from common.errors import ArchiveRefused, ArchiveTooLarge
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -33,10 +33,10 @@ class TarSource(Protocol):
     """Where the tar bytes come from (the inflated upload)."""
 
     def read_exact(self, size: int) -> bytes | None:
-        """Exactly `size` bytes; None if the data ends first (a partial read raises InvalidArgument)."""
+        """Exactly `size` bytes; None if the data ends first (a partial read raises ArchiveRefused)."""
 
     def pieces(self, size: int) -> Iterator[memoryview]:
-        """The next `size` bytes as views; raises InvalidArgument if the data ends first."""
+        """The next `size` bytes as views; raises ArchiveRefused if the data ends first."""
 
     def remainder(self) -> Iterator[memoryview]:
         """Everything left, as views."""
@@ -83,7 +83,7 @@ class TarReader:
             block = self._source.read_exact(BLOCK)
             if block is None:
                 if header_offset == 0:
-                    raise InvalidArgument("archive holds no tar data")
+                    raise ArchiveRefused("archive holds no tar data")
                 return None  # the data ends at a header boundary without an end marker: accepted, as tar does
             if block == ZERO_BLOCK:
                 self._expect_only_padding(header_offset)
@@ -114,14 +114,16 @@ class TarReader:
             name = records.get("path", name)
             linkname = records.get("linkpath", linkname)
             try:
+                if not records.get("size", "0").isdecimal():
+                    raise ValueError  # int() would also take "+1", " 1" or "1_0"
                 size = int(records.get("size", size))
                 mtime = float(records.get("mtime", mtime))
                 if size < 0 or not math.isfinite(mtime):
                     raise ValueError
             except ValueError:
-                raise InvalidArgument(f"archive is corrupt: bad size or mtime in the pax header of {name!r}") from None
+                raise ArchiveRefused(f"archive is corrupt: bad size or mtime in the pax header of {name!r}") from None
         if not -MAX_MTIME <= mtime <= MAX_MTIME:
-            raise InvalidArgument(f"archive member {name!r} has a modification time out of range ({mtime:.0f} seconds)")
+            raise ArchiveRefused(f"archive member {name!r} has a modification time out of range ({mtime:.0f} seconds)")
         if typeflag == b"\0" and name.endswith("/"):
             typeflag = b"5"  # a pre-POSIX directory
         sparse = typeflag == b"S" or any(key.startswith("GNU.sparse.") for key in pax)
@@ -140,13 +142,13 @@ class TarReader:
 
     def _extended_header(self, size: int, header_offset: int) -> bytes:
         if size > MAX_EXTENDED_HEADER:
-            raise LimitExceeded(
+            raise ArchiveTooLarge(
                 f"archive has a {size}-byte extended header at offset {header_offset}; "
                 f"at most {MAX_EXTENDED_HEADER} bytes are accepted"
             )
         data = self._source.read_exact(_padded(size))
         if data is None:
-            raise InvalidArgument("archive is truncated: the tar data ends after an extended header")
+            raise ArchiveRefused("archive is truncated: the tar data ends after an extended header")
         self._offset = header_offset + BLOCK + len(data)
         return data[:size]
 
@@ -154,7 +156,7 @@ class TarReader:
         # Only zeros may follow the end marker: anything else means the "end" was a damaged header.
         for piece in self._source.remainder():
             if piece.tobytes().strip(b"\0"):
-                raise InvalidArgument(
+                raise ArchiveRefused(
                     f"archive is corrupt: an empty header at offset {end_offset} of the tar data is followed by more data"
                 )
 
@@ -164,7 +166,7 @@ def _verify_checksum(block: bytes, offset: int) -> None:
     unsigned = _byte_sum(block) - sum(block[148:156]) + 8 * 0x20
     # Some old tars summed signed bytes; accept either, as tar does.
     if stored != unsigned and stored != sum(_SIGNED_BYTES.unpack(block)) + 8 * 0x20:
-        raise InvalidArgument(f"archive is corrupt: the header at offset {offset} of the tar data has a bad checksum")
+        raise ArchiveRefused(f"archive is corrupt: the header at offset {offset} of the tar data has a bad checksum")
 
 
 def _byte_sum(block: bytes) -> int:
@@ -177,13 +179,13 @@ def _number(field: bytes, offset: int) -> int:
     if field[0] & 0x80:
         # GNU base-256, for sizes and times that do not fit in octal.
         if field[0] == 0xFF:
-            raise InvalidArgument(f"archive is corrupt: negative number in the header at offset {offset}")
+            raise ArchiveRefused(f"archive is corrupt: negative number in the header at offset {offset}")
         return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
     digits = field.split(b"\0", 1)[0].strip()
     try:
         return int(digits, 8) if digits else 0
     except ValueError:
-        raise InvalidArgument(f"archive is corrupt: the header at offset {offset} of the tar data is not a tar header") from None
+        raise ArchiveRefused(f"archive is corrupt: the header at offset {offset} of the tar data is not a tar header") from None
 
 
 def _pax_records(data: bytes, offset: int) -> dict[str, str]:
@@ -193,15 +195,22 @@ def _pax_records(data: bytes, offset: int) -> dict[str, str]:
     try:
         while position < len(data) and data[position] != 0:
             space = data.index(b" ", position)
-            length = int(data[position:space])
-            record = data[space + 1 : position + length]
-            if length <= 0 or not record.endswith(b"\n"):
+            digits = data[position:space]
+            # Only ASCII digits (int() would take "+1", " 1" or "1_0"), and the record must end
+            # within the header: a length running past it is a damaged or forged header.
+            if not digits.isdigit() or not digits.isascii():
                 raise ValueError
-            key, _, value = record[:-1].partition(b"=")
+            length = int(digits)
+            if length <= space - position + 1 or position + length > len(data):
+                raise ValueError
+            record = data[space + 1 : position + length]
+            key, equals, value = record[:-1].partition(b"=")
+            if not record.endswith(b"\n") or not equals or not key:
+                raise ValueError
             records[_text(key)] = _text(value)
             position += length
     except ValueError:
-        raise InvalidArgument(f"archive is corrupt: bad pax header at offset {offset} of the tar data") from None
+        raise ArchiveRefused(f"archive is corrupt: bad pax header at offset {offset} of the tar data") from None
     return records
 
 

@@ -1,4 +1,4 @@
-"""gRPC server plumbing shared by the agent and the orchestrator: message limits, health, reflection, binding."""
+"""gRPC server plumbing both services use: message limits, health, reflection, binding."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from agent.interceptors import RequestDecodingInterceptor
+from common.constants import MiB
+from common.interceptors import RequestDecodingInterceptor
 
 # Large enough for one 1 MiB chunk plus framing, in both directions.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_MESSAGE_BYTES = 4 * MiB
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -1,31 +1,31 @@
-"""Server interceptors shared by the agent and the orchestrator: bearer-token auth, domain-error mapping,
-malformed requests."""
+"""Server interceptors both services use: domain errors mapped through a service's status table, requests that
+do not decode refused; and `wrap_handler` for interceptors of their own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from agent.errors import STATUS_CODES, status_code_for
-
 log = logging.getLogger(__name__)
-
-# Services anyone may call: health probes and the schema (the same as protos/, which is public).
-OPEN_SERVICES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 StreamBehavior = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
+# A service's domain errors and their status codes (its errors.py's STATUS_CODES).
+StatusTable = dict[type[Exception], grpc.StatusCode]
+
+
+def status_code_for(error: BaseException, table: StatusTable) -> grpc.StatusCode:
+    """The status code for a domain error from `table` (INTERNAL when the table has no entry)."""
+    for cls in type(error).__mro__:
+        if cls in table:
+            return table[cls]
+    return grpc.StatusCode.INTERNAL
 
 
 def wrap_handler(
@@ -79,55 +79,13 @@ async def _close(responses: AsyncIterator[Any]) -> None:
         await responses.aclose()  # type: ignore[attr-defined]
 
 
-class BearerTokenInterceptor(aio.ServerInterceptor):
-    """Refuses calls without `authorization: Bearer <token>` (constant-time compare), except OPEN_SERVICES."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    def replace(self, token: str) -> None:
-        """Expects `token` from now on; the old one is refused from the next call on (one assignment: no call
-        ever sees a mix of the two)."""
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        if details.method.startswith(OPEN_SERVICES) or self._authorized(details.invocation_metadata):
-            return await continuation(details)
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-
-        async def refuse(request: Any, context: aio.ServicerContext) -> None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong token: send metadata 'authorization: Bearer <token>'",
-            )
-
-        async def refuse_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            await refuse(request, context)
-            yield  # pragma: no cover - makes this an async generator
-
-        return wrap_handler(handler, lambda _: refuse, lambda _: refuse_stream)
-
-    def _authorized(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
-        return False
-
-
 class ErrorMappingInterceptor(aio.ServerInterceptor):
     """Turns domain errors raised by servicers into their status code from one table.
 
     Anything not in the table becomes INTERNAL with a generic message, and is logged.
     """
 
-    def __init__(self, table: dict[type[Exception], grpc.StatusCode] = STATUS_CODES) -> None:
+    def __init__(self, table: StatusTable) -> None:
         self._table = table
         self._domain = tuple(table)
 

@@ -19,9 +19,8 @@ from typing import Any
 from grpc import aio
 from opentelemetry import propagate, trace
 from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
-from opentelemetry.sdk.environment_variables import OTEL_RESOURCE_ATTRIBUTES, OTEL_SDK_DISABLED, OTEL_SERVICE_NAME
+from opentelemetry.sdk.environment_variables import OTEL_SDK_DISABLED
 
-AGENT_SERVICE_NAME = "workspace-agent"
 # The span and resource attribute naming a workspace session.
 SESSION_ATTRIBUTE = "workspace.session.id"
 
@@ -108,19 +107,6 @@ def trace_env() -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return {key.upper(): value for key, value in carrier.items() if key in ("traceparent", "tracestate")}
-
-
-def workspace_agent_env(session_id: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The `OTEL_*` variables for a workspace's agent: this process's (same exporter, endpoint, sampler), under
-    the agent's own service name and with the session id as a resource attribute; {} while tracing is off."""
-    if not tracing_requested(environ):
-        return {}
-    env = {key: value for key, value in environ.items() if key.startswith("OTEL_")}
-    env[OTEL_SERVICE_NAME] = AGENT_SERVICE_NAME
-    env[OTEL_RESOURCE_ATTRIBUTES] = ",".join(
-        filter(None, (env.get(OTEL_RESOURCE_ATTRIBUTES, ""), f"{SESSION_ATTRIBUTE}={session_id}"))
-    )
-    return env
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and goes into the line.
