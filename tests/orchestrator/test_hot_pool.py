@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from grpc import aio
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.runtime.base import POOL_KEY_LABEL, POOL_LABEL, POOL_TEMPLATE_LABEL
 from orchestrator.sessions.hot_pool import FROM_HOT_POOL, HOT_DETAIL, KEY_CHECK_S
 from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, start_orchestrator, stop_all_workspaces
-from tests.orchestrator.test_warm_pool import FILL_TIMEOUT_S, refused, shell_output, until
+from tests.orchestrator.test_warm_pool import FILL_TIMEOUT_S, bearer, refused, until
+from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 BOTH_RUNTIMES = pytest.mark.parametrize("runtime_kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
@@ -83,7 +85,11 @@ async def test_a_session_from_the_hot_pool_is_ready_with_the_phases_of_a_cold_st
     assert all(p.detail == HOT_DETAIL for p in session.phases[1:])
     assert (await http_get(session.preview_url))[0] == 200
     # The dev server is the session's `dev` process, under the session's token; the pool credential is refused.
-    assert "node" in await shell_output(session, "ps -eo args")
+    async with aio.insecure_channel(session.agent_endpoint) as channel:
+        listed = await agent_pb2_grpc.AgentServiceStub(channel).ListProcesses(
+            agent_pb2.ListProcessesRequest(), metadata=bearer(session.agent_token)
+        )
+    assert [(p.name, p.running) for p in listed.processes] == [("dev", True)]
     assert await refused(session, entry.credential) == grpc.StatusCode.UNAUTHENTICATED
     # The pool refills with an entry of the same key.
     assert await pool_of(hot).wait_full(FILL_TIMEOUT_S)
