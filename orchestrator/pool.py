@@ -162,10 +162,15 @@ class WarmPool:
         pool_id = secrets.token_hex(6)
         credential = secrets.token_urlsafe(24)
         agent: AgentClient | None = None
+        starting: asyncio.Future[Workspace] | None = None
         failed = False
         try:
             labels = await self._labels()
-            workspace = await self._runtime.start_pooled(pool_id, credential, kind=self.kind, labels=labels)
+            # Shielded: a cancelled start would go on in its thread and create the container after the discard.
+            starting = asyncio.ensure_future(
+                self._runtime.start_pooled(pool_id, credential, kind=self.kind, labels=labels)
+            )
+            workspace = await asyncio.shield(starting)
             agent = AgentClient(workspace.agent_endpoint, credential)
             await agent.wait_healthy(self._health_timeout_s)
             member = Member(workspace, agent, credential, labels.get(POOL_KEY_LABEL, ""))
@@ -185,13 +190,21 @@ class WarmPool:
             if agent is not None:
                 await agent.close()
             with contextlib.suppress(OrchestratorError):
-                await asyncio.shield(self._runtime.discard(pool_id))
+                await asyncio.shield(self._discard_started(starting, pool_id))
             raise
         finally:
             if failed:  # the slot stays taken meanwhile: no other start replaces this one at once
                 await asyncio.sleep(self.retry_after_s)
             self._starting -= 1
         self.refill()
+
+    async def _discard_started(self, starting: asyncio.Future[Workspace] | None, pool_id: str) -> None:
+        """Removes a member whose start may still be under way, once that start has ended."""
+        if starting is not None:
+            await asyncio.wait({starting})
+            if not starting.cancelled():
+                starting.exception()  # retrieved: a failed start has nothing to remove, and is no news
+        await self._runtime.discard(pool_id)
 
     async def _labels(self) -> dict[str, str]:
         """The labels of the next member besides the runtime's (POOL_KEY_LABEL becomes its key)."""

@@ -5,11 +5,14 @@ never handed out, restores never from it, and entries counted within max_session
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import io
 import os
 import signal
 from collections.abc import AsyncIterator
 
+import docker
 import grpc
 import pytest
 from grpc import aio
@@ -96,6 +99,7 @@ async def test_a_session_from_the_hot_pool_is_ready_with_the_phases_of_a_cold_st
     assert pool_of(hot).members[0].key == entry.key
 
 
+@BOTH_RUNTIMES
 async def test_a_template_edited_during_the_claim_leaves_the_session_on_the_content_it_was_created_for(
     hot: OrchestratorUnderTest,
 ) -> None:
@@ -123,6 +127,7 @@ async def _has_entry_other_than(o: OrchestratorUnderTest, key: str) -> bool:
     return bool(members) and all(m.key != key for m in members)
 
 
+@BOTH_RUNTIMES
 async def test_an_edited_template_retires_the_stale_entry_and_refills(hot: OrchestratorUnderTest) -> None:
     stale = pool_of(hot).members[0]
     edit_page(hot, "the new content")
@@ -152,6 +157,7 @@ async def test_a_dead_entry_is_never_handed_out(hot: OrchestratorUnderTest, requ
     assert listed[session.id] != dead.workspace.handle
 
 
+@BOTH_RUNTIMES
 async def test_a_dev_server_that_died_in_an_entry_is_never_handed_out(hot: OrchestratorUnderTest) -> None:
     entry = pool_of(hot).members[0]
     await entry.agent.stop_process("dev")
@@ -159,6 +165,7 @@ async def test_a_dev_server_that_died_in_an_entry_is_never_handed_out(hot: Orche
     assert not from_hot_pool(session)
 
 
+@BOTH_RUNTIMES
 async def test_a_restore_never_takes_a_hot_entry(hot: OrchestratorUnderTest) -> None:
     session = await create_ready(hot, template="node-basic")
     archive = (await hot.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id, save=True))).archive
@@ -168,6 +175,7 @@ async def test_a_restore_never_takes_a_hot_entry(hot: OrchestratorUnderTest) -> 
     assert len(pool_of(hot).members) == 1
 
 
+@BOTH_RUNTIMES
 @pytest.mark.parametrize("max_sessions", [1])
 async def test_hot_entries_count_within_max_sessions(hot: OrchestratorUnderTest) -> None:
     session = await create_ready(hot, template="node-basic")
@@ -188,3 +196,35 @@ def test_the_key_label_names_the_content_hash_and_the_image() -> None:
     pinned = PinnedTemplate(spec=None, archive=None, content_hash="ab" * 32)  # type: ignore[arg-type]
     assert entry_key(pinned, "sha256:" + "cd" * 32) == f"{'ab' * 8}:{'cd' * 6}"
     assert POOL_KEY_LABEL == "workspace-core.pool.key"
+
+
+@pytest.mark.parametrize("runtime_kind", [pytest.param("docker", marks=pytest.mark.docker)])
+async def test_a_rebuilt_image_retires_the_entries_made_on_the_old_one(
+    orchestrator_config: OrchestratorConfig, request: pytest.FixtureRequest
+) -> None:
+    client = request.getfixturevalue("docker_client")
+    # A tag of this test's own, moved to a new image as a rebuild moves the orchestrator's.
+    repository, tag = "workspace-core-hotpool-test", orchestrator_config.instance_id
+    client.images.get(orchestrator_config.image).tag(repository, tag)
+    config = dataclasses.replace(orchestrator_config, image=f"{repository}:{tag}", hot_pool=(("node-basic", 1),))
+    running = await start_orchestrator(config)
+    rebuilt = None
+    try:
+        assert await pool_of(running).wait_full(FILL_TIMEOUT_S)
+        old = pool_of(running).members[0]
+        dockerfile = io.BytesIO(f"FROM {orchestrator_config.image}\nLABEL rebuilt={tag}\n".encode())
+        rebuilt, _ = await asyncio.to_thread(client.images.build, fileobj=dockerfile, tag=f"{repository}:{tag}", rm=True)
+        assert old.key.split(":")[1] != rebuilt.id.removeprefix("sha256:")[:12]
+        await until(lambda: _has_entry_other_than(running, old.key), FILL_TIMEOUT_S + KEY_CHECK_S)
+        assert pool_of(running).members[0].key.split(":")[1] == rebuilt.id.removeprefix("sha256:")[:12]
+        session = await create_ready(running, template="node-basic")
+        assert from_hot_pool(session)
+        container = client.containers.get(f"workspace-core-{session.id}")
+        assert container.image.id == rebuilt.id
+    finally:
+        await running.close()
+        await stop_all_workspaces(config)
+        client.images.remove(f"{repository}:{tag}")  # the rebuilt image goes with its only tag
+        if rebuilt is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.images.remove(rebuilt.id)
