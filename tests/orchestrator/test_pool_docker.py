@@ -76,7 +76,8 @@ async def test_a_claimed_member_is_the_sessions_with_its_limits(
 
 async def test_two_claims_of_one_member_cannot_both_succeed(runtime: DockerRuntime) -> None:
     member = await runtime.start_pooled("p2", "pool-credential")
-    # Two runtimes, as two orchestrators of one instance would be.
+    # Two runtimes at once (one lock per process; across processes the agent's single Claim, with a credential
+    # only the process that started the member holds, is the guard).
     other = DockerRuntime(image=runtime.image, instance_id=runtime.instance_id)
     try:
         results = await asyncio.gather(
