@@ -10,13 +10,9 @@ import sys
 from pathlib import Path
 
 from agent.tools import ENV_BIN
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import DemoFailed
 from orchestrator.sessions import READY, SessionManager
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
-
-
-class DemoFailed(OrchestratorError):
-    """The demo session did not become READY; the message says in which phase and why."""
 
 
 async def run(sessions: SessionManager, template: str, address: str, stopping: asyncio.Event) -> None:

@@ -53,6 +53,22 @@ class LimitExceeded(OrchestratorError):
     """A configured limit was reached (sessions, archive size)."""
 
 
+class InitializationFailed(OrchestratorError):
+    """A phase ran but did not do its job (a non-zero exit, a dev server that died)."""
+
+
+class NotReady(InitializationFailed):
+    """The dev server gave no 2xx/3xx answer before the deadline; the message says what it saw last."""
+
+
+class WorkspaceGone(OrchestratorError):
+    """The session's workspace stopped running by itself or was removed behind the orchestrator's back."""
+
+
+class DemoFailed(OrchestratorError):
+    """The demo session did not become READY; the message says in which phase and why."""
+
+
 # The one table from domain errors to status codes. Lookup walks the exception's MRO,
 # so the most specific class listed wins.
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
@@ -62,4 +78,9 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # Recorded as a session's failure (or, for the demo, printed at start-up), never raised to a caller:
+    # INTERNAL, as for any error outside the table, should one ever reach it.
+    InitializationFailed: grpc.StatusCode.INTERNAL,
+    WorkspaceGone: grpc.StatusCode.INTERNAL,
+    DemoFailed: grpc.StatusCode.INTERNAL,
 }

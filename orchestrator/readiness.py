@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
+from orchestrator.errors import NotReady
+
 # Probing is one loopback connection: cheap enough to poll often, and every interval is added to time-to-ready.
 PROBE_INTERVAL_S = 0.05
 # One attempt may take this long before it counts as "no answer" (a dev server still compiling
 # may hold the first request open for a while; the overall deadline still applies).
 ATTEMPT_TIMEOUT_S = 5.0
-
-
-class NotReady(Exception):
-    """The dev server gave no 2xx/3xx answer before the deadline; the message says what it saw last."""
 
 
 async def http_status(url: str, timeout: float) -> int:

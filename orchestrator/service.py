@@ -1,5 +1,6 @@
-"""The OrchestratorService servicer: thin methods that convert the request, call the SessionManager or the
-ArchiveStore once, and convert the result. Domain errors are mapped to status codes by the interceptor."""
+"""The OrchestratorService servicer: thin methods that unpack the request, call the SessionManager or the
+ArchiveStore once, and wrap the result. Domain errors are mapped to status codes by the interceptor.
+The records below are the contract's messages (pb.Session, pb.Archive): passed through, never converted."""
 
 from __future__ import annotations
 

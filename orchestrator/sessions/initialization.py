@@ -1,0 +1,232 @@
+"""A session's initialization: an explicit sequence of phase steps (container, agent, archive, install, dev
+server, readiness), each timed, traced and published; pools will start it further along the sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
+
+from agent import telemetry
+from orchestrator.archives import ArchiveStore
+from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import InitializationFailed
+from orchestrator.install_cache import HIT_ENV, CacheKey, InstallCache
+from orchestrator.readiness import wait_until_ready
+from orchestrator.runtime import Runtime, Workspace
+from orchestrator.sessions.live import READY, STARTING, LiveSession, reason_of, timestamp_now
+from orchestrator.templates import TemplateCatalog, TemplateSpec
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+
+# The named process the dev server runs as in the agent.
+DEV_PROCESS = "dev"
+
+
+class Recorder(Protocol):
+    """What an initialization needs of the SessionManager to keep the record and the watchers current."""
+
+    def record(self, live: LiveSession, event: pb.WatchSessionResponse) -> None: ...
+
+    def fail(self, live: LiveSession, error: BaseException) -> None: ...
+
+    def attach(self, live: LiveSession, workspace: Workspace) -> None: ...
+
+
+class Initialization:
+    """Takes one session from PENDING to READY (or FAILED) through `steps`, in order. A step may mark its
+    phase SKIPPED; its exception marks the phase FAILED and fails the session with the reason."""
+
+    def __init__(
+        self,
+        live: LiveSession,
+        template: TemplateSpec,
+        archive: pb.Archive | None,
+        *,
+        recorder: Recorder,
+        config: OrchestratorConfig,
+        runtime: Runtime,
+        catalog: TemplateCatalog,
+        archives: ArchiveStore,
+        install_cache: InstallCache | None,
+        steps: Sequence[tuple[pb.Phase.ValueType, Step]] | None = None,
+    ) -> None:
+        self.live = live
+        self.template = template
+        self.archive = archive
+        self.steps = tuple(steps if steps is not None else self.STEPS)
+        self._recorder = recorder
+        self._config = config
+        self._runtime = runtime
+        self._catalog = catalog
+        self._archives = archives
+        self._install_cache = install_cache
+        # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
+        self.container_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._follow_dev: asyncio.Task[None] | None = None
+        self._install_key = CacheKey("")
+
+    async def run(self) -> None:
+        """Runs the steps, then marks the session READY; a failure marks it FAILED instead (nothing raised
+        but the cancellation of a session being stopped)."""
+        live = self.live
+        session = live.session
+        session.state = STARTING
+        if pb.PHASE_CONTAINER_STARTED not in [phase for phase, _ in self.steps]:
+            self.container_started.set_result(None)  # the workspace is there already
+        try:
+            for phase, step in self.steps:
+                async with self._phase(phase) as status:
+                    await step(self, status)
+        except asyncio.CancelledError:
+            if live.exited is None:
+                raise
+            return  # cancelled because its workspace is gone: the reconciler fails the session
+        except Exception as error:  # noqa: BLE001 - every failure ends the session as FAILED with its reason
+            self._recorder.fail(live, error)
+            return
+        finally:
+            # Following after READY would hold a stream open on the agent: the reaper would see it as busy.
+            if self._follow_dev is not None:
+                self._follow_dev.cancel()
+                # Its end (the dev server's exit, or a lost stream) is already reported as the failure, if any.
+                self._follow_dev.add_done_callback(lambda task: task.cancelled() or task.exception())
+        session.state = READY
+        session.ready_at.GetCurrentTime()
+        self._recorder.record(live, pb.WatchSessionResponse(session=session))
+        if self._install_key:
+            # After READY: keeping node_modules for later sessions must not delay this one.
+            live.install_store = self._install_cache.store_in_background(live.agent, self._install_key)
+
+    @contextlib.asynccontextmanager
+    async def _phase(self, phase: pb.Phase.ValueType) -> AsyncIterator[pb.PhaseStatus]:
+        """Runs one initialization phase: recorded, timed and published as it starts and ends. The body
+        may mark it SKIPPED; an exception marks it FAILED with the reason and propagates. Traced as a span
+        (a child of the CreateSession call's) that the agent calls made in the body belong to."""
+        live = self.live
+        session = live.session
+        session.phase = phase
+        status = session.phases.add(phase=phase, outcome=pb.PHASE_OUTCOME_RUNNING, started_at=timestamp_now())
+        self._recorder.record(live, pb.WatchSessionResponse(phase=status))
+        started = time.monotonic()
+        name = pb.Phase.Name(phase).removeprefix("PHASE_").lower()
+        with telemetry.span(f"phase {name}", {telemetry.SESSION_ATTRIBUTE: session.id}) as span:
+            try:
+                yield status
+            except asyncio.CancelledError:
+                status.outcome = pb.PHASE_OUTCOME_FAILED
+                status.detail = (
+                    live.exited.reason if live.exited else "cancelled: the session was stopped or the orchestrator shut down"
+                )
+                raise
+            except Exception as error:
+                status.outcome = pb.PHASE_OUTCOME_FAILED
+                status.detail = reason_of(error)
+                raise
+            else:
+                if status.outcome == pb.PHASE_OUTCOME_RUNNING:
+                    status.outcome = pb.PHASE_OUTCOME_SUCCEEDED
+            finally:
+                status.ended_at.GetCurrentTime()
+                status.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+                span.set_attributes(
+                    {"workspace.phase.outcome": pb.PhaseOutcome.Name(status.outcome), "workspace.phase.detail": status.detail}
+                )
+                self._recorder.record(live, pb.WatchSessionResponse(phase=status))
+
+    # ------------------------------------------------------------------ the steps
+
+    async def start_container(self, status: pb.PhaseStatus) -> None:
+        session = self.live.session
+        try:
+            workspace = await self._runtime.start(
+                session.id,
+                session.agent_token,
+                resources=self.template.resources,
+                env=dict(self.template.env),
+                labels=dict(session.labels),
+            )
+        except Exception as error:
+            self.container_started.set_exception(error)
+            raise
+        self.container_started.set_result(None)
+        self._recorder.attach(self.live, workspace)
+        status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image}"
+
+    async def wait_agent_healthy(self, status: pb.PhaseStatus) -> None:
+        await self.live.agent.wait_healthy(self._config.agent_health_timeout_s)
+
+    async def inject_archive(self, status: pb.PhaseStatus) -> None:
+        agent, archive, template = self.live.agent, self.archive, self.template
+        if archive is not None:
+            await agent.extract_archive(self._archives.read(archive.id), archive.sha256)
+            status.detail = f"archive {archive.id}: {archive.files} files, {archive.size} bytes"
+        else:
+            built = await self._catalog.archive(template.name)
+            await agent.extract_archive(built.chunks(), built.sha256)
+            status.detail = f"template {template.name}: {built.files} files, {built.size} bytes"
+
+    async def install(self, status: pb.PhaseStatus) -> None:
+        template = self.template
+        if not template.install_command:
+            status.outcome = pb.PHASE_OUTCOME_SKIPPED
+            status.detail = "the template has no install command"
+            return
+        self._install_key, env, status.detail = await self._from_install_cache()
+        exit_code = await self.live.agent.run(
+            template.install_command,
+            env=env,
+            on_line=self.live.line_sink(pb.PHASE_INSTALL),
+            timeout=self._config.install_timeout_s,
+        )
+        if exit_code != 0:
+            raise InitializationFailed(f"`{template.install_command}` exited with code {exit_code}")
+
+    async def start_dev_server(self, status: pb.PhaseStatus) -> None:
+        agent, template = self.live.agent, self.template
+        await agent.start_process(DEV_PROCESS, template.dev_command, env=dict(template.env))
+        # Following the dev server's output shows it to watchers and tells when it dies early.
+        self._follow_dev = asyncio.create_task(
+            agent.process_lines(DEV_PROCESS, self.live.line_sink(pb.PHASE_DEV_SERVER_STARTED))
+        )
+
+    async def wait_ready(self, status: pb.PhaseStatus) -> None:
+        template = self.template
+        url = self.live.session.preview_url.rstrip("/") + template.readiness_path
+        probe = asyncio.create_task(wait_until_ready(url, template.readiness_timeout_s))
+        waited = {probe} if self._follow_dev is None else {probe, self._follow_dev}
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        if not probe.done():
+            probe.cancel()
+            raise InitializationFailed(f"the dev server (`{template.dev_command}`) exited before answering on {url}")
+        status.detail = f"{url} answered HTTP {probe.result()}"
+
+    async def _from_install_cache(self) -> tuple[CacheKey, dict[str, str], str]:
+        """Puts the cached node_modules for the workspace's install in place, if there is one. Returns the
+        install's cache key (empty = not cacheable, or no cache), the install's environment and a note."""
+        template, agent = self.template, self.live.agent
+        if self._install_cache is None:
+            return CacheKey(""), dict(template.env), "install cache off"
+        key = await self._install_cache.key(agent, template.install_command, self.live.session.image)
+        if not key:
+            return key, dict(template.env), key.note
+        injected = await self._install_cache.inject(agent, key)
+        # The template's own settings win over the hit's defaults.
+        env = {**HIT_ENV, **template.env} if injected.hit else dict(template.env)
+        return key, env, injected.note
+
+    # Every phase from a bare core image to READY, in order. A caller may pass its own sequence (a pool's
+    # claim in place of start_container, or only the last steps for a workspace prepared ahead).
+    STEPS: tuple[tuple[pb.Phase.ValueType, Step], ...] = (
+        (pb.PHASE_CONTAINER_STARTED, start_container),
+        (pb.PHASE_AGENT_HEALTHY, wait_agent_healthy),
+        (pb.PHASE_ARCHIVE_INJECTED, inject_archive),
+        (pb.PHASE_INSTALL, install),
+        (pb.PHASE_DEV_SERVER_STARTED, start_dev_server),
+        (pb.PHASE_READY, wait_ready),
+    )
+
+
+# One phase's work: given the Initialization and the phase's status (to set its detail or SKIPPED).
+Step = Callable[[Initialization, pb.PhaseStatus], Awaitable[None]]

@@ -1,0 +1,110 @@
+"""A live session (its record, workspace, agent client, recent output) and the fan-out of its events to
+watchers; the session states and the small helpers every sessions module shares."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from orchestrator.agent_client import AgentClient
+from orchestrator.runtime import Workspace
+from orchestrator.runtime.base import WorkspaceExit
+from orchestrator.templates import TemplateSpec
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+
+PENDING, STARTING, READY = pb.SESSION_STATE_PENDING, pb.SESSION_STATE_STARTING, pb.SESSION_STATE_READY
+FAILED, STOPPING, STOPPED = pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPING, pb.SESSION_STATE_STOPPED
+# A watch ends once the session reaches one of these.
+SETTLED = frozenset({READY, FAILED, STOPPED})
+# Sessions holding a workspace (or about to): they count against max_sessions.
+LIVE_STATES = (PENDING, STARTING, READY, STOPPING, FAILED)
+
+MAX_LINE_CHARS = 4096
+# A watcher this many events behind is sent a fresh snapshot instead of what it missed.
+WATCH_QUEUE_EVENTS = 1024
+
+
+def timestamp_now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def reason_of(error: BaseException) -> str:
+    """A one-line cause a person can act on."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"agent answered {error.code().name}: {error.details()}"
+    if isinstance(error, TimeoutError) and not str(error):
+        return "timed out"
+    return str(error) or type(error).__name__
+
+
+class Lagged:
+    """Put in a watcher's queue in place of events it could not keep up with."""
+
+
+LAGGED = Lagged()
+
+
+class LiveSession:
+    """A session this orchestrator holds a workspace for: its record, workspace and agent client, its
+    recent output, and the queues of its watchers."""
+
+    def __init__(self, session: pb.Session, template: TemplateSpec | None, history_lines: int) -> None:
+        self.session = session
+        self.template = template
+        self.workspace: Workspace | None = None
+        self.agent: AgentClient | None = None
+        self.output: deque[pb.OutputLine] = deque(maxlen=history_lines)
+        self.watchers: set[asyncio.Queue[pb.WatchSessionResponse | Lagged]] = set()
+        self.initialization: asyncio.Task[None] | None = None
+        # Keeping its node_modules in the install cache, after READY: a delete waits for it.
+        self.install_store: asyncio.Task[None] | None = None
+        # Set when its workspace stopped running by itself (or was removed behind our back).
+        self.exited: WorkspaceExit | None = None
+        # Serializes save, delete and reaping of this session.
+        self.lock = asyncio.Lock()
+
+    def publish(self, event: pb.WatchSessionResponse) -> None:
+        for queue in self.watchers:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                queue.get_nowait()
+                while not queue.empty():  # drop the backlog: a snapshot replaces it
+                    queue.get_nowait()
+                queue.put_nowait(LAGGED)
+
+    def snapshot(self) -> list[pb.WatchSessionResponse]:
+        """The session now, its phases so far, and its recent output lines."""
+        events = [pb.WatchSessionResponse(session=self.session)]
+        events += [pb.WatchSessionResponse(phase=phase) for phase in self.session.phases]
+        events += [pb.WatchSessionResponse(output=line) for line in self.output]
+        # Copies: the record keeps changing while the events wait to be sent.
+        return [copy_event(event) for event in events]
+
+    def line_sink(self, phase: pb.Phase.ValueType) -> Callable[[str, bool], None]:
+        """A callback for the agent client: records and publishes one output line of `phase`."""
+
+        def on_line(text: str, stderr: bool) -> None:
+            line = pb.OutputLine(phase=phase, text=text[:MAX_LINE_CHARS], stderr=stderr)
+            self.output.append(line)
+            self.publish(pb.WatchSessionResponse(output=line))
+
+        return on_line
+
+
+def copy_event(event: pb.WatchSessionResponse) -> pb.WatchSessionResponse:
+    copy = pb.WatchSessionResponse()
+    copy.CopyFrom(event)
+    return copy
+
+
+def copied(session: pb.Session) -> pb.Session:
+    copy = pb.Session()
+    copy.CopyFrom(session)
+    return copy

@@ -1,0 +1,170 @@
+"""After a restart: the records matched with what the runtime runs (workspaces adopted, vanished sessions
+stopped), then every workspace exit followed, so one that stops by itself fails its session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import InitializationFailed, OrchestratorError, WorkspaceGone
+from orchestrator.runtime import Runtime, Workspace
+from orchestrator.runtime.base import WorkspaceExit
+from orchestrator.sessions.live import (
+    FAILED,
+    LIVE_STATES,
+    PENDING,
+    READY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    LiveSession,
+    reason_of,
+)
+from orchestrator.store import Store
+from orchestrator.templates import TemplateCatalog
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+
+if TYPE_CHECKING:
+    from orchestrator.sessions.manager import SessionManager
+
+log = logging.getLogger(__name__)
+
+# After a restart, an adopted agent must answer this fast or its session is stopped.
+ADOPT_HEALTH_TIMEOUT_S = 5.0
+
+
+class Reconciler:
+    """Keeps the SessionManager's records true to the runtime: at start-up, and as workspaces exit."""
+
+    def __init__(
+        self,
+        manager: SessionManager,
+        config: OrchestratorConfig,
+        store: Store,
+        catalog: TemplateCatalog,
+        runtime: Runtime,
+    ) -> None:
+        self._manager = manager
+        self._config = config
+        self._store = store
+        self._catalog = catalog
+        self._runtime = runtime
+        self._following: asyncio.Task[None] | None = None
+
+    async def reconcile(self) -> None:
+        """See SessionManager.reconcile. Raises EngineUnavailable."""
+        manager = self._manager
+        # Subscribed before listing: an exit between the listing and the adoption is not missed.
+        exits = self._runtime.exits()
+        workspaces = {workspace.session_id: workspace for workspace in await self._runtime.list()}
+        for session in self._store.sessions_in(LIVE_STATES):
+            workspace = workspaces.pop(session.id, None)
+            live = LiveSession(session, None, self._config.output_history_lines)
+            if workspace is None or not workspace.running:
+                if workspace is not None:  # ours, exited while the orchestrator was away
+                    await self._runtime.stop(session.id)
+                if session.state != FAILED:
+                    session.state = STOPPED
+                    session.stop_reason = "vanished: its workspace was gone when the orchestrator started"
+                    self._store.put_session(session)
+                continue
+            if session.state in (PENDING, STARTING):
+                manager.fail(live, InitializationFailed("the orchestrator restarted during initialization"))
+            if session.state == STOPPING:
+                session.stop_reason = session.stop_reason or "deleted"
+            if session.state in (READY, FAILED):
+                try:
+                    await self._adopt(live, workspace)
+                    continue
+                except (grpc.aio.AioRpcError, OrchestratorError, TimeoutError) as error:
+                    session.stop_reason = f"its agent did not answer after an orchestrator restart: {reason_of(error)}"
+            await self._runtime.stop(session.id)
+            if session.state != FAILED:
+                session.state = STOPPED
+            self._store.put_session(session)
+        for session_id, workspace in workspaces.items():
+            if self._store.get_session(session_id) is not None:
+                # Our record says it ended (STOPPED): its removal was cut short.
+                log.info("removing workspace %s: its session is over", session_id)
+                await self._runtime.stop(session_id)
+            else:
+                log.warning(
+                    "leaving workspace %s (%s %s) alone: it carries this orchestrator's instance id but %s has no"
+                    " record of it (another orchestrator with the same --instance-id?); remove it by hand if stray",
+                    session_id, workspace.runtime, workspace.handle[:12], self._config.data_dir,
+                )  # fmt: skip
+        self._following = asyncio.create_task(self._follow_exits(exits), name="workspace exits")
+        self._following.add_done_callback(_log_unexpected_end)
+
+    async def close(self) -> None:
+        """Stops following workspace exits."""
+        if self._following is not None:
+            self._following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._following
+
+    async def _follow_exits(self, exits: AsyncIterator[WorkspaceExit]) -> None:
+        async for exit in exits:
+            live = self._manager.live_session(exit.session_id)
+            if live is None or (live.workspace is not None and live.workspace.handle != exit.handle):
+                continue  # not ours, over already, or an earlier workspace of the session
+            try:
+                await self._workspace_exited(live, exit)
+            except (OrchestratorError, grpc.aio.AioRpcError) as error:
+                log.warning("session %s: cleaning up after its workspace exited: %s", exit.session_id, reason_of(error))
+
+    async def _workspace_exited(self, live: LiveSession, exit: WorkspaceExit) -> None:
+        """The session's workspace stopped running without being stopped (removed behind our back, OOM-killed,
+        exited): the session is FAILED with the reason (a session FAILED already keeps its first failure),
+        watchers are told, and it no longer holds a slot or a workspace."""
+        manager = self._manager
+        session = live.session
+        async with live.lock:
+            if manager.live_session(session.id) is not live or session.state in (STOPPING, STOPPED):
+                return  # being stopped on purpose
+            live.exited = exit
+            failed_before = session.state == FAILED
+            if live.initialization is not None and not live.initialization.done():
+                live.initialization.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await live.initialization
+            if live.install_store is not None:
+                live.install_store.cancel()  # the workspace it reads from is gone
+            manager.release(live)
+            try:
+                if live.agent is not None:
+                    await live.agent.close()
+                await self._runtime.stop(session.id)  # what is left of it (an exited container)
+            finally:
+                # Told last: a session seen FAILED holds nothing any more.
+                if failed_before:
+                    # Often the cause of that failure (an agent call cut off as the workspace died): said too.
+                    session.failure.reason += f"; then its workspace stopped: {exit.reason}"
+                    log.warning("session %s (FAILED before): its workspace stopped: %s", session.id, exit.reason)
+                    manager.record(live, pb.WatchSessionResponse(session=session))
+                else:
+                    manager.fail(live, WorkspaceGone(exit.reason))
+
+    async def _adopt(self, live: LiveSession, workspace: Workspace) -> None:
+        self._manager.attach(live, workspace)
+        try:
+            await live.agent.wait_healthy(ADOPT_HEALTH_TIMEOUT_S)
+        except BaseException:
+            await live.agent.close()
+            raise
+        with contextlib.suppress(OrchestratorError):
+            live.template = self._catalog.get(live.session.template)
+        self._manager.hold(live)
+        self._store.put_session(live.session)
+        log.info("adopted session %s (%s)", live.session.id, pb.SessionState.Name(live.session.state))
+
+
+def _log_unexpected_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("no longer following workspace exits: %s", reason_of(task.exception()), exc_info=task.exception())
