@@ -68,11 +68,13 @@ class CacheKey:
 @dataclass(frozen=True)
 class Injected:
     """What inject() did: `hit` when the cached node_modules is in the workspace, and a note saying so;
-    `exact` when the hit is of a locked key, so running the install again would change nothing."""
+    `exact` when the hit is of a locked key, so running the install again would change nothing; `restored`
+    what was put in place and how long it took."""
 
     hit: bool
     note: str
     exact: bool = False
+    restored: str = ""
 
 
 class InstallCache:
@@ -164,8 +166,8 @@ class InstallCache:
             log.warning("install cache entry %s was not injected: %s", short, error)
             return Injected(False, f"install cache entry {short} not injected: {error}")
         what = f"node_modules and {lockfile[0]}" if lockfile else "node_modules"
-        took = time.monotonic() - started
-        return Injected(True, f"install cache hit {short} ({what} in {took:.2f} s)", exact=key.locked)
+        restored = f"{what} in {time.monotonic() - started:.2f} s"
+        return Injected(True, f"install cache hit {short} ({restored})", exact=key.locked, restored=restored)
 
     def store_in_background(self, agent: AgentClient, key: CacheKey) -> asyncio.Task[None] | None:
         """Archives the workspace's node_modules (and for an unlocked key the lockfile its install wrote) as
