@@ -115,6 +115,7 @@ def test_schema_violations_are_all_reported_with_their_json_paths(
             "readiness": {"path": "health", "timeout_seconds": 0},
             "env": {"GOOD": "1", "BAD-NAME": "x", "NUMBER": 3},
             "resources": {"memory_mb": "lots"},
+            "install_on_cache_hit": "sometimes",
             "colour": "blue",
         },
     )
@@ -133,6 +134,7 @@ def test_schema_violations_are_all_reported_with_their_json_paths(
         "$.env: 'BAD-NAME' does not match",
         "$.env.NUMBER: 3 is not of type 'string'",
         "$.resources.memory_mb: 'lots' is not of type 'integer'",
+        "$.install_on_cache_hit: 'sometimes' is not one of ['verify', 'skip']",
     ):
         assert expected in reason, (expected, reason)
 
@@ -143,6 +145,7 @@ def test_defaults_apply_to_omitted_fields(catalog: TemplateCatalog, catalog_dir:
     spec = catalog.get("minimal")
 
     assert spec.install_command == "npm install"
+    assert spec.install_on_cache_hit == "verify"
     assert (spec.dev_port, spec.readiness_path, spec.readiness_timeout_s) == (4321, "/", 120.0)
     assert spec.env == {} and spec.archive_excludes == ()
     assert (spec.resources.memory_mb, spec.resources.cpus, spec.resources.pids) == (1024, 1.0, 512)
