@@ -138,3 +138,20 @@ async def http_get(url: str) -> tuple[int, str]:
             return error.code, error.read().decode()
 
     return await asyncio.to_thread(get)
+
+
+async def page_showing(url: str, text: str, timeout_s: float = 30.0) -> tuple[int, str]:
+    """Status and body of the first answer from `url` whose body holds `text`. A dev server that watches its
+    files restarts after an edit: until it listens again, connections fail and are retried. The timeout
+    bounds a hang only; once it passes, the last answer (or connection error) is returned (or raised)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            status, body = await http_get(url)
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+        else:
+            if text in body or asyncio.get_running_loop().time() > deadline:
+                return status, body
+        await asyncio.sleep(0.1)

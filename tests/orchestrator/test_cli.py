@@ -16,7 +16,7 @@ from typer.testing import CliRunner, Result
 from common.tools import ENV_BIN
 from orchestrator.cli import app
 from tests.conftest import REPO
-from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, watch_until_settled
+from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, page_showing, watch_until_settled
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 # Wide enough that tables are not wrapped.
@@ -159,7 +159,7 @@ async def test_write_edit_and_read_a_file(orchestrator: OrchestratorUnderTest, t
 
     read = await wsctl(orchestrator, "read", session.id, "notes/todo.txt")
     assert read.stdout == "one\nthree\n"
-    status, page = await http_get(session.preview_url)
+    status, page = await page_showing(session.preview_url, "Hello from a file")
     assert status == 200 and "Hello from a file" in page
 
     missing = await wsctl(orchestrator, "edit", session.id, "notes/todo.txt", "four", "five")
