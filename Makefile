@@ -47,5 +47,9 @@ image: $(VENV)/.installed engine
 stubs: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) protos/generate.py  # protoc finds its plugins on PATH
 
+## Lint and format checks (ruff), type checks (mypy, settings in pyproject.toml), and the protos (buf).
 lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint

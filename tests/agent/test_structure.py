@@ -23,7 +23,11 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_fs_and_process_import_no_protobuf() -> None:
     offenders = {
-        str(path.relative_to(AGENT)): sorted(m for m in imported_modules(path) if m.startswith(("workspace.", "google.protobuf")) or m.endswith(("_pb2", "_pb2_grpc")))
+        str(path.relative_to(AGENT)): sorted(
+            m
+            for m in imported_modules(path)
+            if m.startswith(("workspace.", "google.protobuf")) or m.endswith(("_pb2", "_pb2_grpc"))
+        )
         for package in ("fs", "process")
         for path in sorted((AGENT / package).rglob("*.py"))
     }
