@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import io
 import os
@@ -280,8 +281,8 @@ async def run(quick: bool, work_parent: Path | None) -> None:
             out.mkdir()
             tar_times.append(
                 timed(
-                    lambda out=out: subprocess.run(
-                        ["tar", "-xzf", str(work / "tree.tar.gz"), "-C", str(out)], check=True
+                    functools.partial(
+                        subprocess.run, ["tar", "-xzf", str(work / "tree.tar.gz"), "-C", str(out)], check=True
                     )
                 )
             )

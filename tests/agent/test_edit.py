@@ -59,7 +59,7 @@ async def refused(agent: AgentTarget, *operations: pb.EditOperation) -> tuple[gr
     with pytest.raises(aio.AioRpcError) as error:
         await edit(agent, *operations)
     assert snapshot(agent.root) == before
-    return error.value.code(), error.value.details()
+    return error.value.code(), error.value.details() or ""
 
 
 async def test_write_creates_parents_and_reports_sha256(agent: AgentTarget) -> None:

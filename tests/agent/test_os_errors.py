@@ -56,7 +56,7 @@ async def _status(agent: AgentTarget, call: str, path: str) -> tuple[grpc.Status
                 pb.ExtractArchiveRequest(chunk=_targz(tarfile.TarInfo("f"))),
             ]), metadata=m)  # fmt: skip
     assert snapshot(agent.root) == before
-    details = error.value.details()
+    details = error.value.details() or ""
     assert str(agent.root) not in details and agent.root_in_agent + "/" not in details, details
     return error.value.code(), details
 
@@ -102,7 +102,7 @@ async def test_out_of_range_archive_timestamps_are_invalid_arguments(agent: Agen
                 pb.ExtractArchiveRequest(chunk=data),
             ]), metadata=agent.metadata)  # fmt: skip
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
-        assert "modification time out of range" in error.value.details()
+        assert "modification time out of range" in (error.value.details() or "")
     assert os.listdir(agent.root) == []
 
 
@@ -129,7 +129,7 @@ async def test_too_many_hard_links_to_one_file_is_a_failed_precondition(agent: A
             pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec(destination="links")),
             *(pb.ExtractArchiveRequest(chunk=data.getvalue()[i : i + (1 << 20)]) for i in range(0, len(data.getvalue()), 1 << 20)),
         ]), metadata=agent.metadata)  # fmt: skip
-    details = error.value.details()
+    details = error.value.details() or ""
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, details
     assert "too many links" in details and "member 'l" in details
     assert str(agent.root) not in details and "/app/" not in details
