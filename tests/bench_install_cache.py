@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gzip
 import io
-import os
 import secrets
 import shutil
 import statistics
@@ -26,6 +26,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "protos")]
@@ -101,7 +102,11 @@ class Bench:
         code = await agent.run(command, on_line=lambda text, _err: lines.append(text), timeout=300)
         return code, "\n".join(lines)
 
-    async def measure(self, name: str, agent: AgentClient, restore: Callable[[], Awaitable[None]]) -> None:
+    @staticmethod
+    async def extract(agent: AgentClient, data: bytes) -> None:
+        await agent.extract_archive(chunks_of(data), "", destination=NODE_MODULES, merge=True)
+
+    async def measure(self, name: str, agent: AgentClient, restore: Callable[[], Awaitable[object]]) -> None:
         times: list[float] = []
         listing = ""
         try:
@@ -141,10 +146,7 @@ class Bench:
                 ("agent ExtractArchive, gzip 1 entry", level1),
                 ("agent ExtractArchive, stored gzip (kept)", stored),
             ):
-                await self.measure(
-                    name, agent,
-                    lambda data=data: agent.extract_archive(chunks_of(data), "", destination=NODE_MODULES, merge=True),
-                )  # fmt: skip
+                await self.measure(name, agent, functools.partial(self.extract, agent, data))
             prefixed = self.prefixed(plain)
 
             async def put_archive() -> None:
@@ -161,14 +163,18 @@ class Bench:
             await runtime.close()
 
     def remove_containers(self) -> None:
-        for container in self.client.containers.list(all=True, filters={"label": f"{ORCHESTRATOR_LABEL}={self.instance}"}):
+        for container in self.client.containers.list(
+            all=True, filters={"label": f"{ORCHESTRATOR_LABEL}={self.instance}"}
+        ):
             container.remove(force=True, v=True)
 
     def prefixed(self, plain: bytes) -> bytes:
         """The tar with members under node_modules/ owned by 1000:1000, for put_archive into /app."""
-        source = tarfile.open(fileobj=io.BytesIO(plain))
         buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        with (
+            tarfile.open(fileobj=io.BytesIO(plain)) as source,
+            tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive,
+        ):
             top = tarfile.TarInfo(NODE_MODULES)
             top.type, top.mode, top.uid, top.gid = tarfile.DIRTYPE, 0o755, 1000, 1000
             archive.addfile(top)
@@ -208,7 +214,7 @@ class Bench:
             collection = docker.models.containers.ContainerCollection
             real_create = collection.create
 
-            def create_with_mount(self: object, *args: object, **options: object) -> object:
+            def create_with_mount(self: Any, *args: Any, **options: Any) -> Any:
                 options["volumes"] = {**options.get("volumes", {}), str(shared): {"bind": CACHE_MOUNT, "mode": "ro"}}
                 return real_create(self, *args, **options)
 
@@ -259,8 +265,10 @@ async def main() -> None:
     size = sum(p.lstat().st_size for p in node_modules.rglob("*"))
     bench = Bench(client, image, node_modules, args.runs)
     await bench.run()
-    print(f"node_modules: {node_modules} ({files} entries, {size / 1e6:.1f} MB); median of {args.runs} runs;"
-          f" zlib {zlib.ZLIB_VERSION}")
+    print(
+        f"node_modules: {node_modules} ({files} entries, {size / 1e6:.1f} MB); median of {args.runs} runs;"
+        f" zlib {zlib.ZLIB_VERSION}"
+    )
     print(bench.table())
 
 

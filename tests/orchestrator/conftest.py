@@ -55,7 +55,7 @@ class OrchestratorUnderTest:
     orchestrator: Orchestrator
     config: OrchestratorConfig
     channel: aio.Channel
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
 
     async def close(self) -> None:
         """Stops serving; the sessions keep running, as after a SIGTERM."""
@@ -116,7 +116,7 @@ async def stop_all_workspaces(config: OrchestratorConfig) -> None:
 
 
 async def watch_until_settled(
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session_id: str, timeout: float = 60
+    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub, session_id: str, timeout: float = 60
 ) -> list[pb.WatchSessionResponse]:
     """Every event of WatchSession until the stream ends (it ends once the session settles)."""
     events = []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import gzip
+import hashlib
 import io
 import tarfile
 from collections.abc import AsyncIterator, Iterable

@@ -121,9 +121,12 @@ async def test_a_changed_lockfile_misses(
 
 
 # Like `npm install` without a lockfile: writes one, and records whether it found one already in place.
-UNLOCKED_INSTALL_SCRIPT = INSTALL_SCRIPT + """\
+UNLOCKED_INSTALL_SCRIPT = (
+    INSTALL_SCRIPT
+    + """\
 if [ -f package-lock.json ]; then echo locked >> "$INSTALL_LOG"; else echo '{"lockfileVersion": 3}' > package-lock.json; fi
 """
+)
 
 
 @pytest.fixture
@@ -147,9 +150,7 @@ async def test_without_a_lockfile_the_second_session_gets_node_modules_and_the_f
     assert runs(unlocked) == ["miss", "hit", "locked"]
 
 
-async def test_an_entry_without_a_lockfile_expires(
-    orchestrator_config: OrchestratorConfig, unlocked: Path
-) -> None:
+async def test_an_entry_without_a_lockfile_expires(orchestrator_config: OrchestratorConfig, unlocked: Path) -> None:
     config = dataclasses.replace(orchestrator_config, install_cache_unlocked_max_age_s=0.0)
     o = await start_orchestrator(config)
     try:

@@ -104,9 +104,7 @@ def test_lists_valid_and_invalid_templates_with_reasons(catalog: TemplateCatalog
     )
 
 
-def test_schema_violations_are_all_reported_with_their_json_paths(
-    catalog: TemplateCatalog, catalog_dir: Path
-) -> None:
+def test_schema_violations_are_all_reported_with_their_json_paths(catalog: TemplateCatalog, catalog_dir: Path) -> None:
     write_template(
         catalog_dir / "broken",
         {
@@ -285,7 +283,11 @@ async def test_template_json_goes_into_the_archive_only_when_its_author_asks(
 ) -> None:
     write_template(catalog_dir / "plain", metadata("plain"), {"index.js": "x"})
     # Opting in keeps it even when an exclusion pattern would match it.
-    write_template(catalog_dir / "kept", metadata("kept", archive_template_json=True, archive_excludes=["*.json"]), {"index.js": "x"})
+    write_template(
+        catalog_dir / "kept",
+        metadata("kept", archive_template_json=True, archive_excludes=["*.json"]),
+        {"index.js": "x"},
+    )
 
     assert [m.name for m in members((await catalog.archive("plain")).path)] == ["index.js"]
     kept = await catalog.archive("kept")
