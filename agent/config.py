@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.fs.search.query import Engine
 from common.constants import AGENT_PORT, MiB
 from common.tarball import MAX_CONTENT_BYTES, MAX_MEMBERS
 
@@ -31,4 +32,4 @@ class AgentConfig:
     default_max_results: int = 1000
     max_results_limit: int = 100_000
     # Search engine: "ripgrep" or "python"; None picks ripgrep when `rg` is found (common/tools.py).
-    search_engine: str | None = None
+    search_engine: Engine | None = None

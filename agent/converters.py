@@ -228,11 +228,13 @@ async def exec_requests(requests: AsyncIterator[pb.ExecRequest]) -> AsyncIterato
 
 
 def process_exited(exit: CommandExit) -> pb.ProcessExited:
-    return pb.ProcessExited(exit_code=exit.exit_code, signal=exit.signal, timed_out=exit.timed_out, duration=_duration(exit.duration))
+    return pb.ProcessExited(
+        exit_code=exit.exit_code, signal=exit.signal, timed_out=exit.timed_out, duration=_duration(exit.duration)
+    )
 
 
 def process_output(chunk: OutputChunk) -> pb.ProcessOutput:
-    return pb.ProcessOutput(sequence=chunk.sequence, stream=chunk.stream, data=chunk.data)
+    return pb.ProcessOutput(sequence=chunk.sequence, stream=pb.OutputStream.ValueType(chunk.stream), data=chunk.data)
 
 
 def process_info(command: Command) -> pb.ProcessInfo:

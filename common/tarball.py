@@ -31,7 +31,9 @@ class TarGzWriter:
     def __init__(self, out: BinaryIO, *, compresslevel: int = 9, stream: bool = False) -> None:
         self._gzip = gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=compresslevel, mtime=0)
         # Stream mode ("w|") writes forward only, for a sink that cannot seek.
-        self._tar = tarfile.open(fileobj=self._gzip, mode="w|" if stream else "w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(  # noqa: SIM115 - closed by __exit__, this class is the context manager
+            fileobj=self._gzip, mode="w|" if stream else "w", format=tarfile.PAX_FORMAT
+        )
 
     def __enter__(self) -> TarGzWriter:
         return self
@@ -78,7 +80,7 @@ class Kind(enum.Enum):
 
 HARDLINK = b"1"
 _KINDS = {
-    **{regular: Kind.FILE for regular in REGULAR_TYPES},
+    **dict.fromkeys(REGULAR_TYPES, Kind.FILE),
     HARDLINK: Kind.FILE,
     b"2": Kind.SYMLINK,
     b"5": Kind.DIRECTORY,
@@ -200,7 +202,9 @@ class MemberPolicy:
                 implied.append(prefix)
             elif kind is not Kind.DIRECTORY:
                 # Writing through a link could land outside the destination: never follow one.
-                raise ArchiveRefused(f"member {member_name!r} is below {prefix!r}, which is a {kind.value}, not a directory")
+                raise ArchiveRefused(
+                    f"member {member_name!r} is below {prefix!r}, which is a {kind.value}, not a directory"
+                )
         return tuple(implied)
 
 
@@ -208,7 +212,9 @@ def _check_symlink_target(name: str, target: str) -> None:
     if not target or "\0" in target:
         raise ArchiveRefused(f"symlink member {name!r} has an empty target or one with a NUL byte")
     if target.startswith("/"):
-        raise ArchiveRefused(f"symlink member {name!r} -> {target!r} points to an absolute path, outside the destination")
+        raise ArchiveRefused(
+            f"symlink member {name!r} -> {target!r} points to an absolute path, outside the destination"
+        )
     if posixpath.normpath(posixpath.join(posixpath.dirname(name), target)).split("/")[0] == "..":
         raise ArchiveRefused(f"symlink member {name!r} -> {target!r} leads out of the destination")
 

@@ -117,7 +117,7 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the `extra=` fields, and trace_id/span_id when
     the record was logged inside a span."""
 
-    converter = time.gmtime  # the times say Z: keep them UTC
+    converter = staticmethod(time.gmtime)  # the times say Z: keep them UTC
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {

@@ -62,7 +62,9 @@ def test_an_address_not_of_this_machine(tmp_path: Path) -> None:
 
 def test_an_unusable_data_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    result = start("orchestrator", "--runtime", "local", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "file"))
+    result = start(
+        "orchestrator", "--runtime", "local", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "file")
+    )
 
     assert_one_line(result, f"the data directory {tmp_path / 'file'} is not a writable directory", "--data-dir")
 

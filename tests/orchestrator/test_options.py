@@ -49,4 +49,3 @@ def test_without_flags_the_defaults_are_the_configurations() -> None:
 def test_a_demo_is_not_reaped_unless_told() -> None:
     assert parse_args(["--demo", "node-basic"])[0].idle_ttl_s == 0.0
     assert parse_args(["--demo", "node-basic", "--idle-ttl", "60"])[0].idle_ttl_s == 60.0
-

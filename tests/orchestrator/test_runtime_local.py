@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.agent_client import AgentClient
-from orchestrator.errors import FailedPrecondition, InvalidArgument
 from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import FailedPrecondition, InvalidArgument
 from orchestrator.runtime import make_runtime
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, Workspace
 from orchestrator.runtime.local import LocalRuntime
@@ -35,7 +35,9 @@ async def runtime(tmp_path: Path) -> AsyncIterator[LocalRuntime]:
 
 
 async def start(runtime: LocalRuntime, session_id: str) -> tuple[Workspace, AgentClient]:
-    workspace = await runtime.start(session_id, TOKEN, resources=ResourceHints(), env={"GREETING": "hello"}, labels={"team": "a"})
+    workspace = await runtime.start(
+        session_id, TOKEN, resources=ResourceHints(), env={"GREETING": "hello"}, labels={"team": "a"}
+    )
     client = AgentClient(workspace.agent_endpoint, TOKEN)
     await client.wait_healthy(timeout=30)
     return workspace, client
@@ -61,7 +63,12 @@ async def test_a_started_workspace_serves_its_agent_with_env_and_port(runtime: L
     try:
         assert workspace.runtime == "local" and workspace.running
         assert workspace.preview_url == f"http://127.0.0.1:{workspace.preview_port}/"
-        assert workspace.labels == {"team": "a", MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: "test", SESSION_LABEL: "ws-one"}
+        assert workspace.labels == {
+            "team": "a",
+            MANAGED_LABEL: "true",
+            ORCHESTRATOR_LABEL: "test",
+            SESSION_LABEL: "ws-one",
+        }
         assert await output_of(client, 'echo "$GREETING on $PORT in $PWD"') == [
             f"hello on {workspace.preview_port} in {tmp_path / 'workspaces' / 'ws-one' / 'app'}"
         ]
@@ -75,7 +82,7 @@ async def test_a_started_workspace_serves_its_agent_with_env_and_port(runtime: L
 
 
 async def test_archives_go_in_and_come_out(runtime: LocalRuntime, tmp_path: Path) -> None:
-    workspace, client = await start(runtime, "ws-archive")
+    _workspace, client = await start(runtime, "ws-archive")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         info = tarfile.TarInfo("index.js")
@@ -97,7 +104,9 @@ async def test_archives_go_in_and_come_out(runtime: LocalRuntime, tmp_path: Path
         await client.close()
 
 
-async def test_list_shows_workspaces_and_a_restarted_orchestrator_adopts_them(runtime: LocalRuntime, tmp_path: Path) -> None:
+async def test_list_shows_workspaces_and_a_restarted_orchestrator_adopts_them(
+    runtime: LocalRuntime, tmp_path: Path
+) -> None:
     first, client = await start(runtime, "ws-adopt")
     await client.close()
     with pytest.raises(FailedPrecondition, match="already running"):

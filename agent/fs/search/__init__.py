@@ -2,14 +2,13 @@
 (beside the interpreter or on PATH) and a Python engine otherwise that walks, filters and matches as ripgrep
 does (with RE2, which like ripgrep's regex runs in linear time)."""
 
-
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from agent.errors import InvalidArgument, NotFound
@@ -56,7 +55,7 @@ class Searcher:
             raise RuntimeError(f"the ripgrep engine was asked for, but rg is neither in {ENV_BIN} nor on PATH")
         self.engine: Engine = "ripgrep" if self.rg else "python"
 
-    async def search(self, query: SearchQuery) -> AsyncIterator[SearchEvent]:
+    async def search(self, query: SearchQuery) -> AsyncGenerator[SearchEvent, None]:
         """Streams batches of hits, Match and Context (content search) or FoundFile (discovery), then one
         Summary. Raises InvalidPath, PathEscapesRoot, NotFound (no such directory) and InvalidArgument
         (not a directory, bad pattern, glob, context or cap)."""
@@ -89,9 +88,9 @@ class Searcher:
                         yield batch.take()
         else:
             # One match past the cap tells whether the results were truncated.
-            async with contextlib.aclosing(engine.matches(directory, cap + 1)) as chunks:
-                async for chunk in chunks:
-                    for path, lines in chunk:
+            async with contextlib.aclosing(engine.matches(directory, cap + 1)) as match_chunks:
+                async for file_hits in match_chunks:
+                    for path, lines in file_hits:
                         last_match = 0
                         for number, raw, spans in lines:
                             if spans is None:
