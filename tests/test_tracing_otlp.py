@@ -140,7 +140,10 @@ def test_one_trace_spans_caller_orchestrator_and_agent(receiver: tuple[Receiver,
     extract = by_name[("workspace-agent", "/workspace.agent.v1.AgentService/ExtractArchive")]
     # A cold-started agent's resource names the session; a pooled one's names its pool member, and every span
     # after the claim names the session.
-    assert session.id in (extract.resource["workspace.session.id"], span_attribute(extract.span, "workspace.session.id"))
+    assert session.id in (
+        extract.resource["workspace.session.id"],
+        span_attribute(extract.span, "workspace.session.id"),
+    )
     client = next(s for s in spans if s.span.span_id == extract.span.parent_span_id)
     assert client.service == ORCHESTRATOR_SERVICE and client.span.kind == trace_pb2.Span.SPAN_KIND_CLIENT
     assert client.span.parent_span_id == injected.span.span_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import docker
 import pytest
@@ -98,8 +98,9 @@ async def test_a_claimed_member_that_dies_is_reported_as_its_sessions(
     exits = runtime.exits()
     try:
         await asyncio.to_thread(docker_client.containers.get(member.handle).kill)
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(30):  # bounds a hang only
             exit = await anext(exits)
     finally:
+        assert isinstance(exits, AsyncGenerator)
         await exits.aclose()
     assert (exit.session_id, exit.handle) == ("ws-dies", member.handle)
