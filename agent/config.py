@@ -15,6 +15,9 @@ class AgentConfig:
 
     root: Path = Path("/app")
     listen: str = f"0.0.0.0:{AGENT_PORT}"
+    # Where to write the port actually bound once serving (for `--listen HOST:0`: the kernel picks it, so no
+    # other process can take it between being chosen and bound); None writes nothing.
+    port_file: Path | None = None
     # Bearer token every RPC but health and reflection must carry; None disables auth.
     token: str | None = None
     # Archives: refused past these (RESOURCE_EXHAUSTED), the workspace left unchanged.
