@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.constants import AGENT_PORT, MiB
-from common.tarball import MAX_CONTENT_BYTES, MAX_MEMBERS
+from common.constants import AGENT_PORT, MAX_CONTENT_BYTES, MAX_MEMBERS, MiB
 
 
 @dataclass(frozen=True)
