@@ -12,9 +12,7 @@ from agent.activity import ActivityTracker
 from agent.claim import PoolClaim
 from agent.config import AgentConfig
 from agent.errors import InvalidArgument
-from agent.fs.archive import ArchiveStream
 from agent.fs.edit import Editor
-from agent.fs.extract import extract_archive
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.read import Chunk, FileReader
 from agent.fs.search import Searcher
@@ -105,6 +103,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             raise InvalidArgument("the first ExtractArchiveRequest must carry the spec")
         spec = first.spec
         convert.archive_format(spec.format)
+        # Imported on first use, like ArchiveStream: the tar code is no part of an idle agent's memory.
+        from agent.fs.extract import extract_archive
+
         report = await extract_archive(
             self.root,
             self.config,
@@ -120,6 +121,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: pb.CreateArchiveRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.CreateArchiveResponse]:
         convert.archive_format(request.format)
+        from agent.fs.archive import ArchiveStream
+
         archive = ArchiveStream(
             self.root,
             self.config,

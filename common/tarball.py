@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from common.constants import MAX_CONTENT_BYTES, MAX_MEMBERS
 from common.errors import ArchiveRefused, ArchiveTooLarge
 from common.tarstream import REGULAR_TYPES, TarMember, TarReader
 
@@ -90,10 +91,6 @@ _REFUSED_TYPES = {
     b"4": "is a device node, which archives may not contain",
     b"6": "is a FIFO, which archives may not contain",
 }
-# The default limits of an extraction (the agent's, unless configured otherwise), which the
-# orchestrator's upload check applies too, so an upload no default agent would take is refused at once.
-MAX_CONTENT_BYTES = 2048 * 1024 * 1024  # uncompressed size of the members
-MAX_MEMBERS = 200_000
 # The sticky bit is harmless in a workspace and stripped; setuid and setgid are refused outright.
 STRIPPED_BITS = stat.S_ISVTX
 REFUSED_BITS = stat.S_ISUID | stat.S_ISGID

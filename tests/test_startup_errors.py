@@ -102,3 +102,10 @@ def test_a_relative_data_directory_is_made_absolute() -> None:
     config, _ = parse_args(["--data-dir", ".data", "--extra-ca-bundle", "ca.pem"])
 
     assert config.data_dir.is_absolute() and config.data_dir == Path.cwd() / ".data"
+
+
+def test_agent_with_an_unwritable_port_file(tmp_path: Path) -> None:
+    port_file = tmp_path / "missing" / "agent-port"
+    result = start("agent", "--root", str(tmp_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file))
+
+    assert_one_line(result, f"agent: cannot write --port-file {port_file} (No such file or directory)")

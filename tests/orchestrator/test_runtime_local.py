@@ -12,11 +12,12 @@ import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.config import OrchestratorConfig
-from orchestrator.errors import FailedPrecondition, InvalidArgument
+from orchestrator.errors import FailedPrecondition, InitializationFailed, InvalidArgument
 from orchestrator.runtime import make_runtime
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, Workspace
 from orchestrator.runtime.local import LocalRuntime
@@ -79,6 +80,32 @@ async def test_a_started_workspace_serves_its_agent_with_env_and_port(runtime: L
         await intruder.close()
     finally:
         await client.close()
+
+
+async def test_concurrent_workspaces_each_serve_their_own_agent(runtime: LocalRuntime) -> None:
+    """The agent binds its port itself (port 0, reported back): no port probed free beforehand can go to
+    another session's agent in between, so each endpoint is its own agent's."""
+    sessions = [f"ws-many-{i}" for i in range(6)]
+    workspaces = await asyncio.gather(*(start(runtime, session) for session in sessions))
+    try:
+        for workspace, _ in workspaces:
+            port = int(workspace.agent_endpoint.rpartition(":")[2])
+            listening = {
+                c.laddr.port for c in psutil.Process(int(workspace.handle)).net_connections() if c.status == "LISTEN"
+            }
+            assert port in listening
+        assert len({workspace.agent_endpoint for workspace, _ in workspaces}) == len(sessions)
+    finally:
+        for _, client in workspaces:
+            await client.close()
+
+
+async def test_an_agent_that_cannot_start_fails_the_start_with_its_reason(runtime: LocalRuntime) -> None:
+    with pytest.raises(InitializationFailed, match=r"the agent exited with code \d+ before serving: .*BOGUS"):
+        await runtime.start(
+            "ws-broken", TOKEN, resources=ResourceHints(), env={"WORKSPACE_LOG_LEVEL": "bogus"}, labels={}
+        )
+    assert [workspace.session_id for workspace in await runtime.list()] == []
 
 
 async def test_archives_go_in_and_come_out(runtime: LocalRuntime, tmp_path: Path) -> None:

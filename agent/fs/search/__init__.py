@@ -10,10 +10,10 @@ import stat
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import InvalidArgument, NotFound
 from agent.fs.paths import WorkspaceRoot
-from agent.fs.search.python_engine import PythonEngine
 from agent.fs.search.query import (
     BATCH_BYTES,
     BATCH_HITS,
@@ -31,6 +31,9 @@ from agent.fs.search.query import (
 )
 from agent.fs.search.ripgrep import Ripgrep
 from common.tools import ENV_BIN, find_tool
+
+if TYPE_CHECKING:
+    from agent.fs.search.python_engine import PythonEngine
 
 __all__ = ["Context", "FoundFile", "Hit", "Match", "SearchEvent", "SearchQuery", "Searcher", "Summary"]
 
@@ -68,7 +71,7 @@ class Searcher:
             raise InvalidArgument("the pattern or a glob has a NUL byte, which no file name or line of text can match")
         if query.context_before > MAX_CONTEXT_LINES or query.context_after > MAX_CONTEXT_LINES:
             raise InvalidArgument(f"at most {MAX_CONTEXT_LINES} context lines before and after a match")
-        engine = Ripgrep(self.rg, self.root, query) if self.rg else PythonEngine(self.root, query)
+        engine = Ripgrep(self.rg, self.root, query) if self.rg else _python_engine(self.root, query)
         batch = _Batch()
         results = files_matched = 0
         truncated = False
@@ -188,3 +191,10 @@ def _decode(raw: bytes, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[i
             return len(raw[:offset].decode(errors="replace").encode())
 
         return text, [(moved(start), moved(end)) for start, end in spans], cut
+
+
+def _python_engine(root: WorkspaceRoot, query: SearchQuery) -> PythonEngine:
+    """The Python engine, imported on first use: RE2 and pathspec are no part of an agent that has rg."""
+    from agent.fs.search.python_engine import PythonEngine
+
+    return PythonEngine(root, query)
