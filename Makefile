@@ -13,6 +13,8 @@ EXTRA_CA_BUNDLE ?=
 IMAGE_CA_BUNDLE = $(EXTRA_CA_BUNDLE)
 # The template of `make demo`'s session.
 DEMO_TEMPLATE ?= node-basic
+# Workspaces `make demo` keeps started for new sessions (its own session waits for them, then claims one).
+DEMO_WARM_POOL ?= 2
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +28,10 @@ test: $(VENV)/.installed tools engine image
 
 ## An orchestrator on 127.0.0.1:50051 with the built-in templates and a demo session to open in a browser
 ## (its URL is printed); Ctrl-C stops it and deletes every session created meanwhile. DEMO_TEMPLATE=vite-react
-## picks another template.
+## picks another template, DEMO_WARM_POOL=0 turns the warm pool off.
 demo: IMAGE_CA_BUNDLE =
 demo: $(VENV)/.installed engine image
-	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
+	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) --warm-pool $(DEMO_WARM_POOL) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
 
 ## Command-line tools the tests call besides the venv's: jq (the README's grpcurl lines pipe into it).
 tools:

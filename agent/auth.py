@@ -25,6 +25,11 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
+    def replace(self, token: str) -> None:
+        """Expects `token` from now on; the old one is refused from the next call on (one assignment: no call
+        ever sees a mix of the two)."""
+        self._expected = f"Bearer {token}".encode()
+
     async def intercept_service(
         self,
         continuation: Continuation,

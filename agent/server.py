@@ -12,6 +12,7 @@ from grpc import aio
 
 from agent.activity import ActivityInterceptor, ActivityTracker
 from agent.auth import BearerTokenInterceptor
+from agent.claim import PoolClaim, SessionSpanInterceptor
 from agent.config import AgentConfig
 from agent.errors import STATUS_CODES
 from agent.service import AgentServicer
@@ -32,11 +33,15 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
     activity = ActivityTracker()
     # Tracing first (empty while off): its span then covers auth refusals and mapped errors too.
     interceptors: list[aio.ServerInterceptor] = telemetry.server_interceptors()
-    if config.token:
-        interceptors.append(BearerTokenInterceptor(config.token))
+    auth = BearerTokenInterceptor(config.token) if config.token else None
+    claim = PoolClaim(auth)
+    if interceptors:  # tracing is on
+        interceptors.append(SessionSpanInterceptor(claim))
+    if auth is not None:
+        interceptors.append(auth)
     interceptors += [ActivityInterceptor(activity), ErrorMappingInterceptor(STATUS_CODES)]
     server = new_server(interceptors)
-    servicer = AgentServicer(config, activity)
+    servicer = AgentServicer(config, activity, claim)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
 
     await add_health_and_reflection(server, SERVICE_NAME)

@@ -9,6 +9,7 @@ from grpc import aio
 
 from agent import converters as convert
 from agent.activity import ActivityTracker
+from agent.claim import PoolClaim
 from agent.config import AgentConfig
 from agent.errors import InvalidArgument
 from agent.fs.edit import Editor
@@ -24,7 +25,7 @@ from workspace.agent.v1 import agent_pb2_grpc
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     """One per server; holds the workspace root and the domain services."""
 
-    def __init__(self, config: AgentConfig, activity: ActivityTracker) -> None:
+    def __init__(self, config: AgentConfig, activity: ActivityTracker, claim: PoolClaim | None = None) -> None:
         self.config = config
         self.root = WorkspaceRoot(config.root)
         remove_leftovers(self.root)  # what a killed agent left in .workspace-agent/, before any call
@@ -38,6 +39,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             engine=config.search_engine,
         )
         self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
+        # Without auth (no token) there is nothing to claim.
+        self.pool_claim = claim or PoolClaim(None)
 
     async def close(self) -> None:
         """Stops what the servicer started (named processes) on shutdown."""
@@ -142,3 +145,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             running_commands=self.processes.running_commands,
             running_named_processes=self.processes.running_named_processes,
         )
+
+    # ------------------------------------------------------------ Claim
+    async def Claim(self, request: pb.ClaimRequest, context: aio.ServicerContext) -> pb.ClaimResponse:
+        session_id = self.pool_claim.claim(request.token, dict(request.env), request.session_id, self.processes)
+        return pb.ClaimResponse(session_id=session_id)

@@ -11,7 +11,7 @@ import typing
 
 from common import telemetry
 from common.startup import EXIT_STARTUP, StartupError
-from orchestrator.config import OPTION, OrchestratorConfig
+from orchestrator.config import OPTION, WARM_POOL_DEFAULT, OrchestratorConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.server import serve
 
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
     add_config_options(parser)
     # Told apart from an explicit value: a demo's default is no reaping behind the watching person's back.
     parser.set_defaults(idle_ttl_s=None)
+    # The command line's user expects the fast path (see OrchestratorConfig.warm_pool).
+    parser.set_defaults(warm_pool=WARM_POOL_DEFAULT)
     parser.add_argument("--log-level", help="default $WORKSPACE_LOG_LEVEL, else INFO (WARNING with --demo)")
     parser.add_argument(
         "--demo", metavar="TEMPLATE", default="",

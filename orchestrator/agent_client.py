@@ -98,6 +98,15 @@ class AgentClient:
             await asyncio.sleep(0.05)
         raise FailedPrecondition(f"the workspace agent at {self.endpoint} was not healthy within {timeout:g} s ({last})")
 
+    async def healthy(self, timeout: float) -> bool:
+        """Whether the agent answers one health check SERVING within `timeout` seconds (no waiting for a
+        connection: an agent that is gone is told at once)."""
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=AGENT_SERVICE), timeout=timeout)
+        except aio.AioRpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
     async def run(
         self,
         shell: str,
@@ -285,6 +294,16 @@ class AgentClient:
         """What the workspace has been doing (for idle detection); asking does not count as activity."""
         with _translated("GetActivity", self.endpoint):
             return await self._stub.GetActivity(pb.GetActivityRequest(), metadata=self._metadata)
+
+    async def claim(self, token: str, env: dict[str, str], session_id: str, *, timeout: float = 10.0) -> None:
+        """Hands this pooled workspace to `session_id` (the client must hold the pool credential): the agent
+        expects `token` from now on, and so does this client. Raises FailedPrecondition (claimed already, the
+        credential refused, the agent unreachable), InvalidArgument."""
+        with _translated("Claim", self.endpoint):
+            await self._stub.Claim(
+                pb.ClaimRequest(token=token, env=env, session_id=session_id), metadata=self._metadata, timeout=timeout
+            )
+        self._metadata = (("authorization", f"Bearer {token}"),)
 
 
 class ArchiveStream:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from common.constants import MiB
 
+# The warm pool `python -m orchestrator` keeps unless told otherwise (--warm-pool).
+WARM_POOL_DEFAULT = 2
 # templates/ at the top of the repository: where template folders live unless told otherwise.
 REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 # The key of a field's metadata that makes it an option of `python -m orchestrator` (see `option`).
@@ -64,6 +66,15 @@ class OrchestratorConfig:
     )
     # Sessions: at most this many not STOPPED/FAILED at once (RESOURCE_EXHAUSTED beyond).
     max_sessions: int = field(default=100, metadata=option())
+    # Warm pool: started workspaces with healthy agents and no session, claimed by CreateSession (a cold start
+    # when it is empty) and refilled in the background; its members count against max_sessions. 0 turns it
+    # off (the default here, for embedders and tests); `python -m orchestrator` asks for WARM_POOL_DEFAULT.
+    warm_pool: int = field(
+        default=0,
+        metadata=option(
+            f"started workspaces kept ready for new sessions, within --max-sessions (0: off; default {WARM_POOL_DEFAULT})"
+        ),
+    )
     agent_health_timeout_s: float = 30.0
     install_timeout_s: float = field(default=600.0, metadata=option())
     # Reaper: stop sessions idle this long or alive this long (0 disables either); check every interval.

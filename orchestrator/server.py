@@ -18,6 +18,7 @@ from orchestrator import demo
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import STATUS_CODES
+from orchestrator.pool import pool_size_problem
 from orchestrator.runtime import Runtime, make_runtime
 from orchestrator.service import OrchestratorServicer
 from orchestrator.sessions import SessionManager, SessionReaper
@@ -65,6 +66,8 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
     """The orchestrator bound to `config.listen`, not yet started. Raises StartupError when the address
     cannot be bound, the data directory is not writable or the templates folder is missing, InvalidArgument
     for an unknown runtime or unreadable CA bundle."""
+    if problem := pool_size_problem(config.warm_pool, config.max_sessions):
+        raise StartupError(problem)
     writable_directory(config.data_dir, "the data directory", "--data-dir")
     if not config.templates_dir.is_dir():
         raise StartupError(f"the templates folder {config.templates_dir} is not a directory: pick one with --templates-dir")

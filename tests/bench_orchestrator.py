@@ -275,7 +275,8 @@ class Pool:
         elif kind == HOT:
             self.args, self.size = [a for t in templates for a in ("--hot-pool", f"{t}=1")], len(templates)
         else:
-            self.args, self.size = [], 0
+            # `python -m orchestrator` keeps a warm pool unless told not to: the no-pool rows must say so.
+            self.args, self.size = ["--warm-pool", "0"], 0
 
     def wait_full(self, orchestrator: Orchestrator, timeout: float = 300.0) -> None:
         if not self.size:

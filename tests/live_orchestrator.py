@@ -93,6 +93,9 @@ def _stop_leftover_workspaces(data_dir: Path) -> None:
 
     async def stop_all() -> None:
         for workspace in await runtime.list():
-            await runtime.stop(workspace.session_id)
+            if workspace.pool_id:
+                await runtime.discard(workspace.pool_id)
+            else:
+                await runtime.stop(workspace.session_id)
 
     asyncio.run(stop_all())

@@ -55,6 +55,8 @@ class ProcessManager:
         self._starting = 0  # slots held by commands being spawned, so concurrent starts respect the cap
         self._named: dict[str, Command] = {}
         self._names_starting: set[str] = set()
+        # Added to every command's environment (under its own `env`): a claimed pooled workspace's (Claim).
+        self.environment: dict[str, str] = {}
 
     @property
     def running_commands(self) -> int:
@@ -109,7 +111,7 @@ class ProcessManager:
         cwd = self._root.working_directory(spec.cwd)  # opened beneath the root, so no swapped-in link leads out
         if spec.timeout is not None and spec.timeout < 0:
             raise InvalidArgument("timeout must not be negative")
-        env = _environment(spec.env)
+        env = _environment({**self.environment, **(spec.env or {})})
         _require_executable(argv[0], cwd, env)
         pty = spec.pty.checked() if spec.pty else None
         if spec.name and (spec.name in self._names_starting or self._is_running(spec.name)):

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 SESSION_LABEL = "workspace-core.session"
 ORCHESTRATOR_LABEL = "workspace-core.orchestrator"
 MANAGED_LABEL = "workspace-core.managed"
+# Pool members (started ahead of any session) carry this instead of SESSION_LABEL, with the pool's kind
+# ("warm"); labels cannot change after creation, so a claimed member's session is in its name (see claim()).
+POOL_LABEL = "workspace-core.pool"
 
 # The OpenTelemetry service name of every workspace's agent.
 AGENT_SERVICE_NAME = "workspace-agent"
@@ -60,6 +63,8 @@ class Workspace:
     image: str
     running: bool
     labels: dict[str, str] = field(default_factory=dict)
+    # An unclaimed pool member's id (its session_id is ""); "" for a session's workspace, claimed ones included.
+    pool_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,26 @@ class Runtime(Protocol):
         """Removes the workspace and everything running in it; stopping an unknown one is not an error."""
         ...
 
+    async def start_pooled(self, pool_id: str, credential: str, *, kind: str = "warm") -> Workspace:
+        """Creates and starts a pool member: a workspace of no session, with the default resources, its agent
+        holding `credential` (delivered like a session's token); does not wait for the agent.
+        Raises EngineUnavailable, ImageMissing, InvalidArgument (bad pool id)."""
+        ...
+
+    async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
+        """Makes the pool member `workspace` the session's workspace, atomically (two claims of one member, from
+        this orchestrator or another, cannot both succeed), with `resources` applied; from then on list(),
+        exits() and stop(session_id) know it as the session's. Does not talk to its agent (AgentClient.claim).
+        Raises FailedPrecondition (claimed already, gone, or the limits could not be applied: then it is the
+        session's workspace already, for stop(session_id) to remove), EngineUnavailable, InvalidArgument."""
+        ...
+
+    async def discard(self, pool_id: str) -> None:
+        """Removes an unclaimed pool member; an unknown one is not an error. Raises EngineUnavailable."""
+        ...
+
     async def list(self) -> list[Workspace]:
-        """Every workspace of this orchestrator instance, running or not."""
+        """Every workspace of this orchestrator instance, running or not, unclaimed pool members included."""
         ...
 
     def exits(self) -> AsyncIterator[WorkspaceExit]:
@@ -115,6 +138,11 @@ def check_session_id(session_id: str) -> str:
 def workspace_labels(instance_id: str, session_id: str, extra: dict[str, str]) -> dict[str, str]:
     """The caller's labels plus ours; ours win, so a caller cannot make a workspace look like another's."""
     return {**extra, MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: instance_id, SESSION_LABEL: session_id}
+
+
+def pool_labels(instance_id: str, kind: str) -> dict[str, str]:
+    """The labels of a pool member: ours, and the pool's kind instead of a session."""
+    return {MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: instance_id, POOL_LABEL: kind}
 
 
 def trust_env(bundle: str) -> dict[str, str]:

@@ -27,17 +27,18 @@ from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMiss
 from orchestrator.runtime.base import (
     MANAGED_LABEL,
     ORCHESTRATOR_LABEL,
+    POOL_LABEL,
     SESSION_LABEL,
     Workspace,
     WorkspaceExit,
     check_session_id,
+    pool_labels,
     trust_env,
     workspace_agent_env,
     workspace_labels,
 )
 
-if TYPE_CHECKING:
-    from orchestrator.templates import ResourceHints
+from orchestrator.templates import ResourceHints
 
 T = TypeVar("T")
 
@@ -76,12 +77,18 @@ OOM_WINDOW_S = 10.0
 REMOVED_MEMORY_S = 600.0
 # Seconds between attempts to re-subscribe to the engine's events after losing them.
 EVENTS_RETRY_S = 2.0
+# Container names: a session's workspace, and a pool member until a claim renames it to its session's (the
+# engine gives a name to one container only, so a member is never bound twice, even by two orchestrators).
+CONTAINER_PREFIX = "workspace-core-"
+POOL_PREFIX = f"{CONTAINER_PREFIX}pool-"
 
 
 class DockerRuntime:
     """Workspaces as containers on the Docker engine that DOCKER_HOST (or the default socket) points to."""
 
     name = "docker"
+    # Claims of pool members in this process, one at a time (see _claim); shared by every instance.
+    _claiming = threading.Lock()
 
     def __init__(
         self,
@@ -119,7 +126,35 @@ class DockerRuntime:
         ImageMissing, FailedPrecondition (the engine refused, e.g. the session's container exists),
         InvalidArgument (bad session id)."""
         check_session_id(session_id)
-        return await self._call("start the workspace container", self._start, session_id, token, resources, env, labels)
+        environment = {**workspace_agent_env(session_id), **env}
+        name, all_labels = f"{CONTAINER_PREFIX}{session_id}", workspace_labels(self.instance_id, session_id, labels)
+        return await self._call(
+            "start the workspace container", self._start, name, all_labels, token, resources, environment
+        )
+
+    async def start_pooled(self, pool_id: str, credential: str, *, kind: str = "warm") -> Workspace:
+        """Creates and starts a pool member `workspace-core-pool-<pool_id>` with the default resources (a claim
+        sets the template's); does not wait for its agent. Raises EngineUnavailable, ImageMissing,
+        FailedPrecondition (the engine refused), InvalidArgument (bad pool id)."""
+        check_session_id(pool_id)
+        environment = workspace_agent_env(f"pool-{pool_id}")
+        return await self._call(
+            "start a pool container", self._start, f"{POOL_PREFIX}{pool_id}", pool_labels(self.instance_id, kind),
+            credential, ResourceHints(), environment,
+        )  # fmt: skip
+
+    async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
+        """Renames the pool member to `workspace-core-<session_id>` (the engine's names are unique: of two
+        claims one fails), then applies `resources` with the engine's update API. Raises FailedPrecondition
+        (claimed already or gone; the limits refused, after which the container is the session's),
+        EngineUnavailable, InvalidArgument (bad session id)."""
+        check_session_id(session_id)
+        return await self._call("claim a pool container", self._claim, workspace.handle, session_id, resources)
+
+    async def discard(self, pool_id: str) -> None:
+        """Removes the unclaimed pool member `pool_id` (a claimed one has another name: it stays).
+        Raises EngineUnavailable."""
+        await self._call("remove a pool container", self._discard, pool_id)
 
     async def stop(self, session_id: str) -> None:
         """Removes the session's container (killing what runs in it); no container is not an error.
@@ -148,11 +183,11 @@ class DockerRuntime:
     # ------------------------------------------------------------------ blocking parts (run in threads)
 
     def _start(
-        self, session_id: str, token: str, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
+        self, name: str, labels: dict[str, str], token: str, resources: ResourceHints, env: dict[str, str]
     ) -> Workspace:
-        # The agent traces like the orchestrator (OTEL_* passed on); the OTLP endpoint must be reachable from
-        # the container: 127.0.0.1 is the container itself.
-        environment = {**workspace_agent_env(session_id), **env, "PORT": str(DEV_PORT)}
+        # The agent traces like the orchestrator (OTEL_* passed on, in `env`); the OTLP endpoint must be
+        # reachable from the container: 127.0.0.1 is the container itself.
+        environment = {**env, "PORT": str(DEV_PORT)}
         volumes = {}
         if self.trust_bundle is not None:
             volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}
@@ -162,8 +197,8 @@ class DockerRuntime:
         # `create` never pulls (unlike `run`): a missing image is reported, not fetched from a registry.
         container = self._docker().containers.create(
             self.image,
-            name=f"workspace-core-{session_id}",
-            labels=workspace_labels(self.instance_id, session_id, labels),
+            name=name,
+            labels=labels,
             # Added to the image's entrypoint (`python -m agent --listen 0.0.0.0:3001 --root /app`).
             command=["--token-file", TOKEN_PATH],
             environment=environment,
@@ -280,9 +315,46 @@ class DockerRuntime:
                     with suppress(NotFound):
                         network.remove()
 
+    def _claim(self, container_id: str, session_id: str, resources: ResourceHints) -> Workspace:
+        with DockerRuntime._claiming:
+            container = self._docker().containers.get(container_id)
+            if not container.name.startswith(POOL_PREFIX) or container.status != "running":
+                raise FailedPrecondition(f"the pool container {container.name} is {container.status} or claimed already")
+            # Renamed by its pool name, not its id: once renamed, that name finds nothing (404), so a late claim
+            # fails; the new name fails with 409 when a container has it. The engine re-reads a container's
+            # name under its own lock, so only the lock above makes look-up and rename one step (in this
+            # process; another process could not claim the agent anyway: its credential is in ours only).
+            self._docker().api.rename(container.name, f"{CONTAINER_PREFIX}{session_id}")
+        memory = resources.memory_mb * 1024 * 1024
+        # docker-py's update() knows neither NanoCpus nor PidsLimit: the engine's endpoint, with the very
+        # fields create sets, so a claimed container is limited exactly as a cold-started one.
+        api = self._docker().api
+        response = api._post_json(
+            api._url("/containers/{0}/update", container.id),
+            data={"Memory": memory, "MemorySwap": memory, "NanoCpus": int(resources.cpus * 1e9), "PidsLimit": resources.pids},
+        )
+        api._raise_for_status(response)
+        container.reload()
+        return self._workspace(container)
+
+    def _discard(self, pool_id: str) -> None:
+        with suppress(NotFound):
+            container = self._docker().containers.get(f"{POOL_PREFIX}{pool_id}")
+            if self._ours(container) and container.labels.get(POOL_LABEL):
+                self._remove(container)
+
     def _stop(self, session_id: str) -> None:
         for container in self._containers(f"{SESSION_LABEL}={session_id}"):
             self._remove(container)
+        # A claimed pool member: its session is in its name.
+        with suppress(NotFound):
+            container = self._docker().containers.get(f"{CONTAINER_PREFIX}{session_id}")
+            if self._ours(container) and _session_of(container.name, container.labels) == session_id:
+                self._remove(container)
+
+    def _ours(self, container: Container) -> bool:
+        labels = container.labels
+        return labels.get(MANAGED_LABEL) == "true" and labels.get(ORCHESTRATOR_LABEL) == self.instance_id
 
     def _remove(self, container: Container) -> None:
         now = time.monotonic()
@@ -304,8 +376,10 @@ class DockerRuntime:
         running = container.status == "running"
         agent_host, agent_port = _published(container, AGENT_PORT)
         preview_host, preview_port = _published(container, DEV_PORT)
+        session_id = _session_of(container.name, container.labels)
+        pooled = not session_id and container.name.startswith(POOL_PREFIX)
         return Workspace(
-            session_id=container.labels.get(SESSION_LABEL, ""),
+            session_id=session_id,
             runtime=self.name,
             handle=container.id,
             agent_endpoint=f"{agent_host}:{agent_port}" if running else "",
@@ -314,6 +388,7 @@ class DockerRuntime:
             image=_exact_image(container),
             running=running,
             labels=dict(container.labels),
+            pool_id=container.name.removeprefix(POOL_PREFIX) if pooled else "",
         )
 
     def _docker(self) -> docker.DockerClient:
@@ -364,7 +439,7 @@ class DockerRuntime:
                         died.pop(container_id, None)
                         oom_at.pop(container_id, None)
                         yield WorkspaceExit(
-                            attributes.get(SESSION_LABEL, ""), container_id,
+                            _session_of(attributes.get("name", ""), attributes), container_id,
                             "the container was removed outside the orchestrator",
                         )  # fmt: skip
                 for container_id, (deadline, attributes) in list(died.items()):
@@ -373,7 +448,7 @@ class DockerRuntime:
                         oom = oom_at.pop(container_id, None)
                         oomed = oom is not None and (deadline - DESTROY_GRACE_S) - oom < OOM_WINDOW_S
                         yield WorkspaceExit(
-                            attributes.get(SESSION_LABEL, ""), container_id, _die_reason(attributes, oomed)
+                            _session_of(attributes.get("name", ""), attributes), container_id, _die_reason(attributes, oomed)
                         )
         finally:
             stop.set()
@@ -454,6 +529,17 @@ def deliver_token(container: Container, token: str, *, path: str = TOKEN_PATH, u
         tar.addfile(info, io.BytesIO(data))
     if not container.put_archive(directory, buffer.getvalue()):
         raise FailedPrecondition(f"the Docker engine did not write the agent's token to {path}")
+def _session_of(name: str, labels: dict[str, str]) -> str:
+    """The session a container (or a container's event) belongs to: its label, or for a pool member, its
+    name once a claim renamed it ("" for an unclaimed member)."""
+    if labels.get(SESSION_LABEL):
+        return labels[SESSION_LABEL]
+    name = name.lstrip("/")
+    if labels.get(POOL_LABEL) and name.startswith(CONTAINER_PREFIX) and not name.startswith(POOL_PREFIX):
+        return name.removeprefix(CONTAINER_PREFIX)
+    return ""
+
+
 def _die_reason(attributes: dict[str, str], oomed: bool) -> str:
     """Why a container died, from its die event's attributes."""
     code = attributes.get("exitCode", "")

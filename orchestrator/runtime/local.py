@@ -28,6 +28,7 @@ from orchestrator.runtime.base import (
     Workspace,
     WorkspaceExit,
     check_session_id,
+    pool_labels,
     trust_env,
     workspace_agent_env,
     workspace_labels,
@@ -47,12 +48,15 @@ PORT_FILE = "agent-port"
 AGENT_START_TIMEOUT_S = 30.0
 # On SIGTERM the agent kills its commands (SIGKILL 2 s after SIGTERM) and then stops its server (grace 5 s).
 STOP_GRACE_S = 10.0
+# A pool member's directory is `pool-<id>`; a claim records the session in its workspace.json.
+POOL_PREFIX = "pool-"
 # exits() looks at the agents this often (an adopted agent is no child of ours: nothing to wait on but its pid).
 EXIT_POLL_S = 0.5
 
 
 class LocalRuntime:
-    """Workspaces as agent subprocesses, each with its own process group, under `directory/<session id>/`:
+    """Workspaces as agent subprocesses, each with its own process group, under `directory/<session id>/`
+    (`directory/pool-<id>/` for a pool member, claimed or not):
     `app/` is the workspace root, `agent.log` the agent's output, `workspace.json` its pid and ports (so a
     restarted orchestrator finds and adopts agents that are still running).
 
@@ -68,10 +72,13 @@ class LocalRuntime:
         self.instance_id = instance_id
         self.host_address = host_address
         self.trust_bundle = trust_bundle
-        # Agents this orchestrator started, so stop() can reap them; adopted ones are watched by pid.
+        # Agents this orchestrator started, by directory name, so stop() can reap them; adopted ones are
+        # watched by pid.
         self._children: dict[str, asyncio.subprocess.Process] = {}
-        # Sessions stop() is taking down: their agents' exits are not reported.
+        # Directories stop() is taking down: their agents' exits are not reported.
         self._stopping: set[str] = set()
+        # Makes claims single in this process (another orchestrator on the same data directory is not supported).
+        self._claiming = asyncio.Lock()
 
     async def start(
         self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
@@ -79,14 +86,55 @@ class LocalRuntime:
         """Starts the agent; `resources` are not enforced (no isolation). Raises InvalidArgument (bad id),
         FailedPrecondition (a workspace of that session is running)."""
         check_session_id(session_id)
-        session_dir = self.directory / session_id
-        root = session_dir / "app"
-        if await asyncio.to_thread(self._running, session_dir):
+        existing = await asyncio.to_thread(self._session_dir, session_id)
+        if existing is not None and await asyncio.to_thread(self._running, existing):
             raise FailedPrecondition(f"a local workspace of session {session_id} is already running")
+        labels = workspace_labels(self.instance_id, session_id, labels)
+        return await self._launch(session_id, session_id, token, {**workspace_agent_env(session_id), **env}, labels)
+
+    async def start_pooled(self, pool_id: str, credential: str, *, kind: str = "warm") -> Workspace:
+        """Starts a pool member's agent under `pool-<pool_id>/`. Raises InvalidArgument (bad id),
+        FailedPrecondition (that member runs already)."""
+        check_session_id(pool_id)
+        name = f"{POOL_PREFIX}{pool_id}"
+        if await asyncio.to_thread(self._running, self.directory / name):
+            raise FailedPrecondition(f"a local pool member {pool_id} is already running")
+        environment = workspace_agent_env(name)
+        return await self._launch(name, "", credential, environment, pool_labels(self.instance_id, kind))
+
+    async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
+        """Records `session_id` in the member's workspace.json (an atomic replace, under a lock: a member is
+        claimed once); `resources` are not enforced. Raises FailedPrecondition (claimed already, or its agent
+        is gone), InvalidArgument (bad session id)."""
+        check_session_id(session_id)
+        session_dir = self.directory / f"{POOL_PREFIX}{workspace.pool_id}"
+        async with self._claiming:
+            state = await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
+            if not workspace.pool_id or state is None or state.get("session_id"):
+                raise FailedPrecondition(f"the pool member {workspace.pool_id or workspace.handle} is claimed already")
+            if not await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
+                raise FailedPrecondition(f"the pool member {workspace.pool_id}'s agent is not running")
+            state["session_id"] = session_id
+            await asyncio.to_thread(_write_json, session_dir / STATE_FILE, state)
+        return self._workspace(state, session_dir.name, running=True)
+
+    async def discard(self, pool_id: str) -> None:
+        """Stops an unclaimed pool member and removes its directory."""
+        check_session_id(pool_id)
+        name = f"{POOL_PREFIX}{pool_id}"
+        state = await asyncio.to_thread(_read_json, self.directory / name / STATE_FILE)
+        if state is None or not state.get("session_id"):
+            await self._remove(name)
+
+    async def _launch(
+        self, name: str, session_id: str, token: str, env: dict[str, str], labels: dict[str, str]
+    ) -> Workspace:
+        session_dir = self.directory / name
+        root = session_dir / "app"
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
         (preview_port,) = _free_ports(self.host_address, 1)
         inherited = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
-        environment = {**inherited, **workspace_agent_env(session_id), **env, "PORT": str(preview_port)}
+        environment = {**inherited, **env, "PORT": str(preview_port)}
         token_file = await asyncio.to_thread(_write_token, session_dir, token)
         port_file = session_dir / PORT_FILE
         port_file.unlink(missing_ok=True)  # left by an earlier agent of this session
@@ -102,7 +150,7 @@ class LocalRuntime:
                 cwd=session_dir, env=environment, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # its own process group, outside the orchestrator's terminal signals
             )  # fmt: skip
-        self._children[session_id] = process
+        self._children[name] = process
         agent_port = await _serving_port(process, port_file, session_dir / "agent.log")
         state = {
             "session_id": session_id,
@@ -110,21 +158,26 @@ class LocalRuntime:
             "agent_endpoint": f"{self.host_address}:{agent_port}",
             "preview_port": preview_port,
             "preview_url": f"http://{self.host_address}:{preview_port}/",
-            "labels": workspace_labels(self.instance_id, session_id, labels),
+            "labels": labels,
         }
         await asyncio.to_thread(_write_json, session_dir / STATE_FILE, state)
-        return self._workspace(state, running=True)
+        return self._workspace(state, name, running=True)
 
     async def stop(self, session_id: str) -> None:
         """SIGTERM to the agent's group (the agent then stops its named processes), SIGKILL after a grace
         period, then SIGKILL to any process group the agent had started that is still there; removes the
         session directory."""
         check_session_id(session_id)
-        session_dir = self.directory / session_id
-        self._stopping.add(session_id)
+        session_dir = await asyncio.to_thread(self._session_dir, session_id)
+        if session_dir is not None:
+            await self._remove(session_dir.name)
+
+    async def _remove(self, name: str) -> None:
+        session_dir = self.directory / name
+        self._stopping.add(name)
         try:
             state = await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
-            child = self._children.pop(session_id, None)
+            child = self._children.pop(name, None)
             if state is not None and await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
                 pid = state["pid"]
                 groups = await asyncio.to_thread(_descendant_groups, pid)
@@ -136,7 +189,7 @@ class LocalRuntime:
                     _signal_group(group, signal.SIGKILL)
             await asyncio.to_thread(shutil.rmtree, session_dir, ignore_errors=True)
         finally:
-            self._stopping.discard(session_id)
+            self._stopping.discard(name)
 
     async def list(self) -> list[Workspace]:
         """This instance's workspaces from their state files; `running` is whether the agent still is."""
@@ -147,19 +200,19 @@ class LocalRuntime:
         EXIT_POLL_S; the exit status is known for agents this runtime started (an adopted one is no child)."""
         reported: set[tuple[str, str]] = set()
         while True:
-            workspaces = await asyncio.to_thread(self._list)
-            present = {(workspace.session_id, workspace.handle) for workspace in workspaces}
+            listed = await asyncio.to_thread(self._listed)
+            present = {(workspace.session_id, workspace.handle) for _, workspace in listed}
             reported &= present
-            for workspace in workspaces:
+            for name, workspace in listed:
                 key = (workspace.session_id, workspace.handle)
-                if workspace.running or key in reported or workspace.session_id in self._stopping:
+                if workspace.running or key in reported or name in self._stopping:
                     continue
                 reported.add(key)
-                yield WorkspaceExit(workspace.session_id, workspace.handle, await self._exit_reason(workspace))
+                yield WorkspaceExit(workspace.session_id, workspace.handle, await self._exit_reason(name, workspace))
             await asyncio.sleep(EXIT_POLL_S)
 
-    async def _exit_reason(self, workspace: Workspace) -> str:
-        child = self._children.get(workspace.session_id)
+    async def _exit_reason(self, name: str, workspace: Workspace) -> str:
+        child = self._children.get(name)
         if child is None or str(child.pid) != workspace.handle:
             return "the agent process exited"
         try:
@@ -179,21 +232,36 @@ class LocalRuntime:
         self._children.clear()
 
     def _list(self) -> list[Workspace]:
+        return [workspace for _, workspace in self._listed()]
+
+    def _listed(self) -> list[tuple[str, Workspace]]:
+        """This instance's workspaces with their directory names."""
         workspaces = []
         for path in sorted(self.directory.glob(f"*/{STATE_FILE}")):
             state = _read_json(path)
             if state is None or state["labels"].get(ORCHESTRATOR_LABEL) != self.instance_id:
                 continue
-            workspaces.append(self._workspace(state, running=_is_agent(state["pid"], path.parent / "app")))
+            name = path.parent.name
+            workspaces.append((name, self._workspace(state, name, running=_is_agent(state["pid"], path.parent / "app"))))
         return workspaces
+
+    def _session_dir(self, session_id: str) -> Path | None:
+        """The directory of the session's workspace: its own, or the pool member a claim gave it."""
+        if (self.directory / session_id).exists():
+            return self.directory / session_id
+        for name, workspace in self._listed():
+            if workspace.session_id == session_id:
+                return self.directory / name
+        return None
 
     def _running(self, session_dir: Path) -> bool:
         state = _read_json(session_dir / STATE_FILE)
         return state is not None and _is_agent(state["pid"], session_dir / "app")
 
-    def _workspace(self, state: dict, *, running: bool) -> Workspace:
+    def _workspace(self, state: dict, name: str, *, running: bool) -> Workspace:
+        session_id = state.get("session_id") or state["labels"].get(SESSION_LABEL, "")
         return Workspace(
-            session_id=state["labels"][SESSION_LABEL],
+            session_id=session_id,
             runtime=self.name,
             handle=str(state["pid"]),
             agent_endpoint=state["agent_endpoint"],
@@ -202,6 +270,7 @@ class LocalRuntime:
             image=LOCAL_IMAGE,
             running=running,
             labels=state["labels"],
+            pool_id=name.removeprefix(POOL_PREFIX) if not session_id and name.startswith(POOL_PREFIX) else "",
         )
 
 

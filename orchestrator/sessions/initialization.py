@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from common import telemetry
+from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
-from orchestrator.errors import InitializationFailed
+from orchestrator.errors import InitializationFailed, OrchestratorError
 from orchestrator.install_cache import HIT_ENV, CacheKey, Injected, InstallCache
+from orchestrator.pool import FROM_POOL, WarmPool
 from orchestrator.readiness import wait_until_ready
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.sessions.live import READY, STARTING, LiveSession, reason_of, timestamp_now
 from orchestrator.templates import SKIP, TemplateCatalog, TemplateSpec
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 # The named process the dev server runs as in the agent.
 DEV_PROCESS = "dev"
@@ -31,7 +36,7 @@ class Recorder(Protocol):
 
     def fail(self, live: LiveSession, error: BaseException) -> None: ...
 
-    def attach(self, live: LiveSession, workspace: Workspace) -> None: ...
+    def attach(self, live: LiveSession, workspace: Workspace, agent: AgentClient | None = None) -> None: ...
 
 
 class Initialization:
@@ -50,6 +55,7 @@ class Initialization:
         catalog: TemplateCatalog,
         archives: ArchiveStore,
         install_cache: InstallCache | None,
+        pool: WarmPool | None = None,
         steps: Sequence[tuple[pb.Phase.ValueType, Step]] | None = None,
     ) -> None:
         self.live = live
@@ -62,6 +68,7 @@ class Initialization:
         self._catalog = catalog
         self._archives = archives
         self._install_cache = install_cache
+        self._pool = pool
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
         self.container_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._follow_dev: asyncio.Task[None] | None = None
@@ -87,6 +94,8 @@ class Initialization:
             self._recorder.fail(live, error)
             return
         finally:
+            if self._pool is not None:
+                self._pool.refill()  # settled: a member started now no longer competes with this session
             # Following after READY would hold a stream open on the agent: the reaper would see it as busy.
             if self._follow_dev is not None:
                 self._follow_dev.cancel()
@@ -138,6 +147,10 @@ class Initialization:
     # ------------------------------------------------------------------ the steps
 
     async def start_container(self, status: pb.PhaseStatus) -> None:
+        """Claims a member of the warm pool (its agent is up: the next step takes no time), or, with the pool
+        empty or the claim failed, starts a container (never waits for a refill)."""
+        if await self._claim_from_pool(status):
+            return
         session = self.live.session
         try:
             workspace = await self._runtime.start(
@@ -153,6 +166,24 @@ class Initialization:
         self.container_started.set_result(None)
         self._recorder.attach(self.live, workspace)
         status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image}"
+
+    async def _claim_from_pool(self, status: pb.PhaseStatus) -> bool:
+        """Whether the session got a pool member, bound to it with the template's limits and env."""
+        member = await self._pool.take() if self._pool is not None else None
+        if member is None:
+            return False
+        session, template = self.live.session, self.template
+        try:
+            workspace, agent = await self._pool.claim(
+                member, session.id, session.agent_token, resources=template.resources, env=dict(template.env)
+            )
+        except OrchestratorError as error:  # the member is removed; a cold start gives the same result
+            log.warning("session %s: claiming a pool member failed (%s); starting cold", session.id, reason_of(error))
+            return False
+        self.container_started.set_result(None)
+        self._recorder.attach(self.live, workspace, agent)
+        status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image} {FROM_POOL}"
+        return True
 
     async def wait_agent_healthy(self, status: pb.PhaseStatus) -> None:
         await self.live.agent.wait_healthy(self._config.agent_health_timeout_s)

@@ -22,6 +22,7 @@ from orchestrator.errors import (
     SessionNotFound,
 )
 from orchestrator.install_cache import InstallCache
+from orchestrator.pool import WarmPool
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.sessions.initialization import Initialization
 from orchestrator.sessions.live import (
@@ -73,6 +74,15 @@ class SessionManager:
             if config.install_cache
             else None
         )
+        # Its members count against max_sessions with the sessions (each holds a workspace, FAILED ones too).
+        self.pool = (
+            WarmPool(
+                runtime, config.warm_pool,
+                room=lambda: config.max_sessions - len(self._live), health_timeout_s=config.agent_health_timeout_s,
+            )
+            if config.warm_pool
+            else None
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ queries
 
@@ -173,6 +183,7 @@ class SessionManager:
             catalog=self._catalog,
             archives=self._archives,
             install_cache=self._install_cache,
+            pool=self.pool,
         )
         container_started = initialization.container_started
         live.initialization = asyncio.create_task(initialization.run(), name=f"initialize {session.id}")
@@ -203,11 +214,13 @@ class SessionManager:
     def release(self, live: LiveSession) -> None:
         """Unregisters the session: it no longer holds a slot or a workspace."""
         self._live.pop(live.session.id, None)
+        self._room_freed()
 
-    def attach(self, live: LiveSession, workspace: Workspace) -> None:
-        """Connects the session to its started (or adopted) workspace and its agent."""
+    def attach(self, live: LiveSession, workspace: Workspace, agent: AgentClient | None = None) -> None:
+        """Connects the session to its started (or adopted, or claimed) workspace and its agent (`agent`: a
+        client holding the session's token already, a claimed pool member's)."""
         live.workspace = workspace
-        live.agent = AgentClient(workspace.agent_endpoint, live.session.agent_token)
+        live.agent = agent or AgentClient(workspace.agent_endpoint, live.session.agent_token)
         live.session.preview_url = workspace.preview_url
         live.session.agent_endpoint = workspace.agent_endpoint
         live.session.image = workspace.image
@@ -306,6 +319,12 @@ class SessionManager:
         session.stop_reason = reason
         self.record(live, pb.WatchSessionResponse(session=session))
         self._live.pop(session.id, None)
+        self._room_freed()
+
+    def _room_freed(self) -> None:
+        """A session let go of its workspace: a pool kept small by max_sessions may grow again."""
+        if self.pool is not None:
+            self.pool.refill()
 
     # ------------------------------------------------------------------ restart
 
@@ -320,9 +339,14 @@ class SessionManager:
         record is left alone with a warning: it may be another orchestrator's started with the same
         --instance-id on another data directory, and removing it would destroy that one's live workspace."""
         await self._reconciler.reconcile()
+        if self.pool is not None:
+            await self.pool.start()  # after the adoptions: they count against max_sessions
 
     async def close(self) -> None:
-        """Lets go of the sessions without stopping them: a later orchestrator adopts them."""
+        """Lets go of the sessions without stopping them: a later orchestrator adopts them. Removes the pool's
+        unclaimed members (their credentials live in this process only)."""
+        if self.pool is not None:
+            await self.pool.close()
         await self._reconciler.close()
         if self._install_cache is not None:
             await self._install_cache.close()

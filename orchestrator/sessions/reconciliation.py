@@ -62,7 +62,8 @@ class Reconciler:
         manager = self._manager
         # Subscribed before listing: an exit between the listing and the adoption is not missed.
         exits = self._runtime.exits()
-        workspaces = {workspace.session_id: workspace for workspace in await self._runtime.list()}
+        # Unclaimed pool members are the pool's (WarmPool.start removes an earlier orchestrator's).
+        workspaces = {workspace.session_id: workspace for workspace in await self._runtime.list() if not workspace.pool_id}
         for session in self._store.sessions_in(LIVE_STATES):
             workspace = workspaces.pop(session.id, None)
             live = LiveSession(session, None, self._config.output_history_lines)

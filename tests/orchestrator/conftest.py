@@ -109,7 +109,10 @@ async def stop_all_workspaces(config: OrchestratorConfig) -> None:
 
     runtime = make_runtime(config.runtime, config)
     for workspace in await runtime.list():
-        await runtime.stop(workspace.session_id)
+        if workspace.pool_id:
+            await runtime.discard(workspace.pool_id)
+        else:
+            await runtime.stop(workspace.session_id)
     if isinstance(runtime, DockerRuntime):
         await runtime.remove_network()
     await runtime.close()

@@ -86,6 +86,11 @@ class AgentServiceStub:
                 request_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.GetActivityRequest.SerializeToString,
                 response_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.GetActivityResponse.FromString,
                 _registered_method=True)
+        self.Claim = channel.unary_unary(
+                '/workspace.agent.v1.AgentService/Claim',
+                request_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -200,6 +205,19 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Claim(self, request, context):
+        """Hands a pooled workspace to a session: `token` replaces the credential
+        the agent was started with (which is refused from then on), `env` is
+        added to the environment of every command and named process started
+        afterwards, `session_id` names the session in logs and traces. Called
+        with the pool credential; once only: a second Claim is
+        FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (no token, a bad
+        environment variable name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +270,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetActivity,
                     request_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.GetActivityRequest.FromString,
                     response_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.GetActivityResponse.SerializeToString,
+            ),
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimRequest.FromString,
+                    response_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -526,6 +549,33 @@ class AgentService:
             '/workspace.agent.v1.AgentService/GetActivity',
             workspace_dot_agent_dot_v1_dot_agent__pb2.GetActivityRequest.SerializeToString,
             workspace_dot_agent_dot_v1_dot_agent__pb2.GetActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/workspace.agent.v1.AgentService/Claim',
+            workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimRequest.SerializeToString,
+            workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimResponse.FromString,
             options,
             channel_credentials,
             insecure,

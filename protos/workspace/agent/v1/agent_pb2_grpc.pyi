@@ -112,6 +112,15 @@ class AgentServiceStub:
     of the last call or file write, and how many commands and streams are
     still active. Calling it does not count as activity.
     """
+    Claim: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ClaimRequest, _agent_pb2.ClaimResponse]
+    """Hands a pooled workspace to a session: `token` replaces the credential
+    the agent was started with (which is refused from then on), `env` is
+    added to the environment of every command and named process started
+    afterwards, `session_id` names the session in logs and traces. Called
+    with the pool credential; once only: a second Claim is
+    FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (no token, a bad
+    environment variable name).
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -185,6 +194,15 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Reports what the workspace has been doing, for idle detection: the time
     of the last call or file write, and how many commands and streams are
     still active. Calling it does not count as activity.
+    """
+    Claim: _aio.UnaryUnaryMultiCallable[_agent_pb2.ClaimRequest, _agent_pb2.ClaimResponse]  # type: ignore[assignment]
+    """Hands a pooled workspace to a session: `token` replaces the credential
+    the agent was started with (which is refused from then on), `env` is
+    added to the environment of every command and named process started
+    afterwards, `session_id` names the session in logs and traces. Called
+    with the pool credential; once only: a second Claim is
+    FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (no token, a bad
+    environment variable name).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -316,6 +334,21 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reports what the workspace has been doing, for idle detection: the time
         of the last call or file write, and how many commands and streams are
         still active. Calling it does not count as activity.
+        """
+
+    @_abc_1.abstractmethod
+    def Claim(
+        self,
+        request: _agent_pb2.ClaimRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ClaimResponse, _abc.Awaitable[_agent_pb2.ClaimResponse]]:
+        """Hands a pooled workspace to a session: `token` replaces the credential
+        the agent was started with (which is refused from then on), `env` is
+        added to the environment of every command and named process started
+        afterwards, `session_id` names the session in logs and traces. Called
+        with the pool credential; once only: a second Claim is
+        FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (no token, a bad
+        environment variable name).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,214 @@
+"""The warm pool: started core-image workspaces with healthy agents and no session, handed to sessions as they
+are created (no container start, no agent boot on the session's path) and refilled in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator.agent_client import AgentClient
+from orchestrator.errors import OrchestratorError
+from orchestrator.runtime import Runtime, Workspace
+from orchestrator.templates import ResourceHints
+
+log = logging.getLogger(__name__)
+
+POOL_KIND = "warm"
+# Ends the container phase's detail of a session that claimed a member.
+FROM_POOL = "(from the warm pool)"
+# Members started at once: one container start keeps a core busy (2-core hosts).
+FILL_AT_ONCE = 2
+# A member's agent must answer a health check this fast to be handed out.
+TAKE_HEALTH_TIMEOUT_S = 0.5
+# A refill waits for the session that took a member to settle (Initialization calls refill()), or this long at
+# most: a container start beside the session's dev server start slows that down (2 cores), yet a long install
+# must not leave the pool empty for its whole duration.
+REFILL_DELAY_S = 3.0
+# After a failed start (no engine, no image) the pool tries again this much later, not in a tight loop.
+RETRY_AFTER_S = 5.0
+
+
+@dataclass
+class Member:
+    """One pool member: its workspace, and a client holding the pool credential its agent was started with
+    (the credential lives in this process only: a restarted orchestrator cannot claim it, and removes it)."""
+
+    workspace: Workspace
+    agent: AgentClient
+    credential: str
+
+
+class WarmPool:
+    """Keeps `size` members ready, as far as `room()` (how many more workspaces max_sessions allows now, the
+    members counted in) lets it. take() hands one out at once or says there is none; never waits for a fill."""
+
+    def __init__(self, runtime: Runtime, size: int, *, room: Callable[[], int], health_timeout_s: float) -> None:
+        self._runtime = runtime
+        self._size = size
+        self._room = room
+        self._health_timeout_s = health_timeout_s
+        self._ready: list[Member] = []
+        self._starting = 0
+        self._wanted = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._filling: asyncio.Task[None] | None = None
+        self._following: asyncio.Task[None] | None = None
+
+    @property
+    def members(self) -> list[Member]:
+        """The ready members, oldest first (the next take() tries them in this order)."""
+        return list(self._ready)
+
+    @property
+    def held(self) -> int:
+        """Workspaces the pool holds or is starting: they count against max_sessions like sessions do."""
+        return len(self._ready) + self._starting
+
+    async def start(self) -> None:
+        """Removes the unclaimed members an earlier orchestrator left (their credentials died with it), then
+        fills in the background and drops members whose workspace stops. Raises EngineUnavailable."""
+        exits = self._runtime.exits()
+        for workspace in await self._runtime.list():
+            if workspace.pool_id:
+                log.info("removing pool member %s left by an earlier orchestrator", workspace.pool_id)
+                await self._runtime.discard(workspace.pool_id)
+        self._following = asyncio.create_task(self._follow_exits(exits), name="warm pool exits")
+        self._filling = asyncio.create_task(self._fill(), name="warm pool fill")
+        self.refill()
+
+    async def wait_full(self, timeout: float) -> bool:
+        """Waits until the pool holds as many ready members as it may (its size, or what max_sessions leaves);
+        returns whether it does within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self._ready) < min(self._size, self._room()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def refill(self) -> None:
+        """Wakes the filler (after a take, a session's end, a member's loss)."""
+        self._wanted.set()
+
+    async def take(self) -> Member | None:
+        """A member whose agent answers now, or None at once when there is none (the caller starts cold).
+        A member that does not answer is removed, never handed out. The pool refills once the caller calls
+        refill() (its session settled) or REFILL_DELAY_S later."""
+        asyncio.get_running_loop().call_later(REFILL_DELAY_S, self.refill)
+        while self._ready:
+            member = self._ready.pop(0)
+            if await member.agent.healthy(TAKE_HEALTH_TIMEOUT_S):
+                return member
+            log.warning("warm pool: member %s did not answer; removed", member.workspace.pool_id)
+            self._spawn(self._discard(member))
+        return None
+
+    async def claim(
+        self, member: Member, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str]
+    ) -> tuple[Workspace, AgentClient]:
+        """Binds a taken member to the session: the runtime's claim (its name, the template's limits), then the
+        agent's (the session's token replaces the pool credential; `env` for every later command). Returns the
+        session's workspace and a client with the session's token. On failure the member is removed (by then it
+        may be the session's workspace: stopped under the session's id) and the error raised: FailedPrecondition,
+        EngineUnavailable, InvalidArgument."""
+        try:
+            workspace = await self._runtime.claim(member.workspace, session_id, resources=resources)
+            await member.agent.claim(token, env, session_id)
+        except BaseException:
+            await member.agent.close()
+            with contextlib.suppress(OrchestratorError):
+                await self._runtime.stop(session_id)
+                await self._runtime.discard(member.workspace.pool_id)
+            raise
+        return workspace, member.agent
+
+    async def close(self) -> None:
+        """Stops filling and removes the members (their credentials are in this process only)."""
+        for task in (self._filling, self._following, *self._tasks):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._filling, self._following, *self._tasks) if t), return_exceptions=True)
+        members, self._ready = self._ready, []
+        await asyncio.gather(*(self._discard(member) for member in members), return_exceptions=True)
+
+    # ------------------------------------------------------------------ background
+
+    async def _fill(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            wanted = min(self._size - self.held, self._room() - self.held, FILL_AT_ONCE - self._starting)
+            for _ in range(max(wanted, 0)):
+                self._starting += 1
+                self._spawn(self._add_member())
+
+    async def _add_member(self) -> None:
+        pool_id = secrets.token_hex(6)
+        credential = secrets.token_urlsafe(24)
+        agent: AgentClient | None = None
+        failed = False
+        try:
+            workspace = await self._runtime.start_pooled(pool_id, credential, kind=POOL_KIND)
+            agent = AgentClient(workspace.agent_endpoint, credential)
+            await agent.wait_healthy(self._health_timeout_s)
+            self._ready.append(Member(workspace, agent, credential))
+            log.info("warm pool: member %s ready (%d of %d)", pool_id, len(self._ready), self._size)
+        except (OrchestratorError, grpc.aio.AioRpcError) as error:
+            failed = True
+            log.warning("warm pool: could not start a member (%s); trying again in %g s", error, RETRY_AFTER_S)
+            if agent is not None:
+                await agent.close()
+            with contextlib.suppress(OrchestratorError):
+                await self._runtime.discard(pool_id)
+        except asyncio.CancelledError:
+            if agent is not None:
+                await agent.close()
+            with contextlib.suppress(OrchestratorError):
+                await asyncio.shield(self._runtime.discard(pool_id))
+            raise
+        finally:
+            if failed:  # the slot stays taken meanwhile: no other start replaces this one at once
+                await asyncio.sleep(RETRY_AFTER_S)
+            self._starting -= 1
+        self.refill()
+
+    async def _follow_exits(self, exits) -> None:
+        async for exit in exits:
+            member = next((m for m in self._ready if m.workspace.handle == exit.handle), None)
+            if member is not None:
+                log.warning("warm pool: member %s stopped (%s); removed", member.workspace.pool_id, exit.reason)
+                self._ready.remove(member)
+                self._spawn(self._discard(member))
+                self.refill()
+
+    async def _discard(self, member: Member) -> None:
+        await member.agent.close()
+        try:
+            await self._runtime.discard(member.workspace.pool_id)
+        except OrchestratorError as error:
+            log.warning("warm pool: could not remove member %s: %s", member.workspace.pool_id, error)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+
+def pool_size_problem(size: int, max_sessions: int) -> str:
+    """Why a pool of `size` cannot be run beside `max_sessions` ("" when it can)."""
+    if size < 0:
+        return f"--warm-pool {size}: the pool size is 0 (off) or more"
+    if size > max_sessions:
+        return (
+            f"--warm-pool {size} is more than --max-sessions {max_sessions} allows (pool members count against it):"
+            " lower --warm-pool or raise --max-sessions"
+        )
+    return ""
