@@ -53,5 +53,9 @@ stubs: $(VENV)/.installed clients/node/node_modules/.package-lock.json
 clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund
 
+## Lint and format checks (ruff), type checks (mypy, settings in pyproject.toml), and the protos (buf).
 lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/buf lint

@@ -23,6 +23,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     defaults = AgentConfig()
     parser = argparse.ArgumentParser(prog="python -m agent", description="The workspace agent (workspace.agent.v1).")
     parser.add_argument("--listen", default=defaults.listen, help="HOST:PORT or unix:PATH (default %(default)s)")
+    parser.add_argument(
+        "--port-file",
+        type=Path,
+        help="write the bound port here (atomically) once serving; with --listen HOST:0 the kernel picks the port",
+    )
     parser.add_argument("--root", type=Path, default=defaults.root, help="workspace root (default %(default)s)")
     parser.add_argument(
         "--token-file",
@@ -44,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     return AgentConfig(
         root=args.root,
         listen=args.listen,
+        port_file=args.port_file,
         token=token,
         max_archive_bytes=args.max_archive_bytes,
         max_archive_files=args.max_archive_files,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from common.interceptors import wrap_handler
+from common.interceptors import Continuation, StreamBehavior, UnaryBehavior, wrap_handler
 
 # Calls that do not count as activity: probes, schema look-ups (grpcurl's reflection stream), and the
 # activity query itself.
@@ -48,7 +48,8 @@ class ActivityTracker:
                 self.open_streams -= 1
                 self.touch()
 
-        context.add_done_callback(end)
+        # grpc's stubs want a `_DoneCallback` instance here; the runtime calls any callable with the context.
+        context.add_done_callback(end)  # type: ignore[arg-type]
         try:
             yield
         finally:
@@ -63,23 +64,23 @@ class ActivityInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None or details.method.startswith(PASSIVE_METHODS):
             return handler
         tracker = self._tracker
 
-        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
                 with tracker.call(context):
                     return await behavior(request, context)
 
             return call
 
-        def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        def streaming(behavior: StreamBehavior) -> StreamBehavior:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 with tracker.call(context):
                     async with contextlib.aclosing(behavior(request, context)) as responses:
                         async for response in responses:

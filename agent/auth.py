@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from common.interceptors import wrap_handler
+from common.interceptors import Continuation, wrap_handler
 
 # Services anyone may call: health probes and the schema (the same as protos/, which is public).
 OPEN_SERVICES = (
@@ -32,9 +32,9 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         if details.method.startswith(OPEN_SERVICES) or self._authorized(details.invocation_metadata):
             return await continuation(details)
         handler = await continuation(details)
@@ -47,7 +47,7 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
                 "missing or wrong token: send metadata 'authorization: Bearer <token>'",
             )
 
-        async def refuse_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        async def refuse_stream(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
             await refuse(request, context)
             yield  # pragma: no cover - makes this an async generator
 

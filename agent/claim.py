@@ -4,17 +4,17 @@ environment is added to every command started afterwards."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import grpc
 from grpc import aio
 from opentelemetry import trace
 
-from agent.errors import InvalidArgument, PreconditionFailed
 from agent.auth import BearerTokenInterceptor
-from common.interceptors import wrap_handler
+from agent.errors import InvalidArgument, PreconditionFailed
 from agent.process.manager import ProcessManager
+from common.interceptors import Continuation, StreamBehavior, UnaryBehavior, wrap_handler
 from common.telemetry import SESSION_ATTRIBUTE
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ class PoolClaim:
             raise InvalidArgument("a claim must carry the session's token")
         for key, value in env.items():
             if not key or "=" in key or "\x00" in key or "\x00" in value:
-                raise InvalidArgument(f"environment variable {key!r}: names must be non-empty without '=', and no NUL bytes")
+                raise InvalidArgument(
+                    f"environment variable {key!r}: names must be non-empty without '=', and no NUL bytes"
+                )
         self.session_id = session_id or "(unnamed)"
         # No await in between: the environment is in place for the first call the new token makes.
         processes.environment = dict(env)
@@ -57,23 +59,23 @@ class SessionSpanInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         session_id = self._claim.session_id
         if handler is None or not session_id:
             return handler
 
-        def unary(behavior):
+        def unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
                 trace.get_current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
                 return await behavior(request, context)
 
             return call
 
-        def streaming(behavior):
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        def streaming(behavior: StreamBehavior) -> StreamBehavior:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 trace.get_current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
                 async for response in behavior(request, context):
                     yield response

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.constants import AGENT_PORT, MiB
-from common.tarball import MAX_CONTENT_BYTES, MAX_MEMBERS
+from common.constants import AGENT_PORT, MAX_CONTENT_BYTES, MAX_MEMBERS, MiB
+
+if TYPE_CHECKING:  # the search code loads on first use
+    from agent.fs.search.query import Engine
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,9 @@ class AgentConfig:
 
     root: Path = Path("/app")
     listen: str = f"0.0.0.0:{AGENT_PORT}"
+    # Where to write the port actually bound once serving (for `--listen HOST:0`: the kernel picks it, so no
+    # other process can take it between being chosen and bound); None writes nothing.
+    port_file: Path | None = None
     # Bearer token every RPC but health and reflection must carry; None disables auth.
     token: str | None = None
     # Archives: refused past these (RESOURCE_EXHAUSTED), the workspace left unchanged.
@@ -31,4 +37,4 @@ class AgentConfig:
     default_max_results: int = 1000
     max_results_limit: int = 100_000
     # Search engine: "ripgrep" or "python"; None picks ripgrep when `rg` is found (common/tools.py).
-    search_engine: str | None = None
+    search_engine: Engine | None = None

@@ -4,21 +4,24 @@ stays thin and agent/fs and agent/process know nothing of protobuf."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.errors import InvalidArgument
 from agent.fs import edit
-from agent.fs.archive import ArchiveSummary
 from agent.fs.edit import EditResult
-from agent.fs.extract import ExtractionReport, ExtractMode
 from agent.fs.read import ByteRange, FileInfo, LineRange
 from agent.fs.search import Context, Hit, Match, SearchQuery, Summary
 from agent.process.command import CloseStdin, Command, CommandExit, CommandSpec, Control, PtySize, SendSignal, StdinData
 from agent.process.manager import Attached, AttachEvent, ExecEvent, Started
 from agent.process.output import OutputChunk
 from workspace.agent.v1 import agent_pb2 as pb
+
+if TYPE_CHECKING:  # the archive code (tarfile, gzip, pathspec) is imported on the first archive call
+    from agent.fs.archive import ArchiveSummary
+    from agent.fs.extract import ExtractionReport, ExtractMode
 
 
 def _seconds(duration: Duration) -> float:
@@ -145,10 +148,11 @@ def edit_response(result: EditResult) -> pb.EditResponse:
 
 # ------------------------------------------------------------ Archives
 
+# By ExtractMode's member names: agent.fs.extract is imported on the first extraction.
 _EXTRACT_MODES = {
-    pb.EXTRACT_MODE_UNSPECIFIED: ExtractMode.REPLACE,
-    pb.EXTRACT_MODE_REPLACE: ExtractMode.REPLACE,
-    pb.EXTRACT_MODE_MERGE: ExtractMode.MERGE,
+    pb.EXTRACT_MODE_UNSPECIFIED: "REPLACE",
+    pb.EXTRACT_MODE_REPLACE: "REPLACE",
+    pb.EXTRACT_MODE_MERGE: "MERGE",
 }
 
 
@@ -159,9 +163,11 @@ def archive_format(format: pb.ArchiveFormat.ValueType) -> None:
 
 
 def extract_mode(mode: pb.ExtractMode.ValueType) -> ExtractMode:
+    from agent.fs.extract import ExtractMode
+
     if mode not in _EXTRACT_MODES:
         raise InvalidArgument(f"unknown extract mode {mode}")
-    return _EXTRACT_MODES[mode]
+    return ExtractMode[_EXTRACT_MODES[mode]]
 
 
 async def archive_chunks(requests: AsyncIterator[pb.ExtractArchiveRequest]) -> AsyncIterator[bytes]:
@@ -228,11 +234,13 @@ async def exec_requests(requests: AsyncIterator[pb.ExecRequest]) -> AsyncIterato
 
 
 def process_exited(exit: CommandExit) -> pb.ProcessExited:
-    return pb.ProcessExited(exit_code=exit.exit_code, signal=exit.signal, timed_out=exit.timed_out, duration=_duration(exit.duration))
+    return pb.ProcessExited(
+        exit_code=exit.exit_code, signal=exit.signal, timed_out=exit.timed_out, duration=_duration(exit.duration)
+    )
 
 
 def process_output(chunk: OutputChunk) -> pb.ProcessOutput:
-    return pb.ProcessOutput(sequence=chunk.sequence, stream=chunk.stream, data=chunk.data)
+    return pb.ProcessOutput(sequence=chunk.sequence, stream=pb.OutputStream.ValueType(chunk.stream), data=chunk.data)
 
 
 def process_info(command: Command) -> pb.ProcessInfo:

@@ -62,4 +62,3 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     Cancelled: grpc.StatusCode.CANCELLED,
     FilesystemFailure: grpc.StatusCode.INTERNAL,
 }
-

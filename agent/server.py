@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 
 from grpc import aio
 
@@ -17,7 +19,7 @@ from agent.service import AgentServicer
 from common import telemetry
 from common.interceptors import ErrorMappingInterceptor
 from common.serving import add_health_and_reflection, bind, new_server
-from common.startup import check_bindable, unbindable
+from common.startup import StartupError, check_bindable, unbindable
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,27 @@ async def create_server(config: AgentConfig) -> tuple[aio.Server, int, AgentServ
     return server, port, servicer
 
 
+def write_port_file(path: Path, port: int) -> None:
+    """`port` as the whole of `path`, renamed into place: a reader sees no file or the complete number. Not
+    fsynced: it only means something while this process runs."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temp.write_text(f"{port}\n")
+        os.replace(temp, path)
+    except OSError as error:
+        raise StartupError(f"cannot write --port-file {path} ({error.strerror}): pick a writable path") from error
+
+
 async def serve(config: AgentConfig, grace: float = 5.0) -> None:
     """Runs the agent until SIGTERM or SIGINT, then stops gracefully within `grace` seconds."""
     server, port, servicer = await create_server(config)
     await server.start()
+    if config.port_file is not None:
+        try:
+            write_port_file(config.port_file, port)
+        except StartupError:
+            await server.stop(None)
+            raise
     log.info("agent serving", extra={"listen": config.listen, "port": port, "root": str(config.root)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -14,12 +13,10 @@ from agent.claim import PoolClaim
 from agent.config import AgentConfig
 from agent.errors import InvalidArgument
 from agent.fs.edit import Editor
-from agent.fs.archive import ArchiveStream
-from agent.fs.extract import extract_archive
 from agent.fs.paths import WorkspaceRoot
-from agent.fs.staging import remove_leftovers
 from agent.fs.read import Chunk, FileReader
 from agent.fs.search import Searcher
+from agent.fs.staging import remove_leftovers
 from agent.process.manager import ProcessManager
 from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
@@ -51,14 +48,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     # ------------------------------------------------------------ Search
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
-        query = convert.search_query(request)
-        events = self.searcher.search(query)
-        # gRPC leaves the generator of a call cancelled between two messages to the garbage collector;
-        # closing it when the call ends kills rg at once. (A generator still running is being unwound
-        # by the cancellation itself.)
-        context.add_done_callback(lambda _: events.ag_running or asyncio.ensure_future(events.aclose()))
-        async for event in events:
-            yield convert.search_response(event)
+        # Closed with this generator (at the call's end, common/interceptors.py), so rg is killed then.
+        async with contextlib.aclosing(self.searcher.search(convert.search_query(request))) as events:
+            async for event in events:
+                yield convert.search_response(event)
 
     # ------------------------------------------------------------ Read
     async def Read(self, request: pb.ReadRequest, context: aio.ServicerContext) -> AsyncIterator[pb.ReadResponse]:
@@ -70,7 +63,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     # ------------------------------------------------------------ Edit
     async def Edit(self, request: pb.EditRequest, context: aio.ServicerContext) -> pb.EditResponse:
-        result = await self.editor.edit([convert.edit_operation(op) for op in request.operations], dry_run=request.dry_run)
+        result = await self.editor.edit(
+            [convert.edit_operation(op) for op in request.operations], dry_run=request.dry_run
+        )
         return convert.edit_response(result)
 
     # ------------------------------------------------------------ Exec and processes
@@ -82,7 +77,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             async for event in events:
                 yield convert.exec_response(event)
 
-    async def ListProcesses(self, request: pb.ListProcessesRequest, context: aio.ServicerContext) -> pb.ListProcessesResponse:
+    async def ListProcesses(
+        self, request: pb.ListProcessesRequest, context: aio.ServicerContext
+    ) -> pb.ListProcessesResponse:
         return pb.ListProcessesResponse(processes=[convert.process_info(c) for c in self.processes.list()])
 
     async def AttachProcess(
@@ -106,6 +103,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             raise InvalidArgument("the first ExtractArchiveRequest must carry the spec")
         spec = first.spec
         convert.archive_format(spec.format)
+        # Imported on first use, like ArchiveStream: the tar code is no part of an idle agent's memory.
+        from agent.fs.extract import extract_archive
+
         report = await extract_archive(
             self.root,
             self.config,
@@ -121,6 +121,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self, request: pb.CreateArchiveRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.CreateArchiveResponse]:
         convert.archive_format(request.format)
+        from agent.fs.archive import ArchiveStream
+
         archive = ArchiveStream(
             self.root,
             self.config,

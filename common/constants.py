@@ -18,3 +18,8 @@ TOKEN_ENV = "WORKSPACE_AGENT_TOKEN"
 # What an archive of a workspace (SaveSession, a template's files) leaves out unless asked not to: the
 # dependencies an install recreates. Searches skip these and `.git` too.
 DEFAULT_EXCLUDES = ("node_modules",)
+
+# The default limits of an extraction (the agent's, unless configured otherwise), which the orchestrator's
+# upload check applies too (common/tarball.py), so an upload no default agent would take is refused at once.
+MAX_CONTENT_BYTES = 2048 * 1024 * 1024  # uncompressed size of the members
+MAX_MEMBERS = 200_000

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import grpc
 from grpc import aio
@@ -15,7 +15,9 @@ from grpc import aio
 log = logging.getLogger(__name__)
 
 UnaryBehavior = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
-StreamBehavior = Callable[[Any, aio.ServicerContext], AsyncIterator[Any]]
+StreamBehavior = Callable[[Any, aio.ServicerContext], AsyncGenerator[Any, None]]
+# What an interceptor's continuation returns (None: no such method).
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 # A service's domain errors and their status codes (its errors.py's STATUS_CODES).
 StatusTable = dict[type[Exception], grpc.StatusCode]
 
@@ -38,20 +40,26 @@ def wrap_handler(
     (whose wrapped generator is closed when the call ends, see `_closed_at_end`), and its request
     deserializer replaced by `deserializer(old)`."""
     request_deserializer = deserializer(handler.request_deserializer)
+    # grpc's stubs type a handler's behaviors as a synchronous server's; on an aio server they are coroutine
+    # functions (unary responses) and async generator functions (streamed responses).
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), request_deserializer, handler.response_serializer
+            unary(cast(UnaryBehavior, handler.unary_unary)), request_deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary), request_deserializer, handler.response_serializer
+            unary(cast(UnaryBehavior, handler.stream_unary)), request_deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            streaming(_closed_at_end(handler.unary_stream)), request_deserializer, handler.response_serializer
+            streaming(_closed_at_end(cast(StreamBehavior, handler.unary_stream))),
+            request_deserializer,
+            handler.response_serializer,
         )
     return grpc.stream_stream_rpc_method_handler(
-        streaming(_closed_at_end(handler.stream_stream)), request_deserializer, handler.response_serializer
+        streaming(_closed_at_end(cast(StreamBehavior, handler.stream_stream))),
+        request_deserializer,
+        handler.response_serializer,
     )
 
 
@@ -60,23 +68,29 @@ def _closed_at_end(behavior: StreamBehavior) -> StreamBehavior:
     caller gone) between two messages without closing the handler's generator: its `finally` blocks (killing
     a command, counting a stream down) would wait for the garbage collector, forever if it is in a cycle."""
 
-    def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
         responses = behavior(request, context)
 
         def close(_: object) -> None:
             # A generator still running is being unwound by the cancellation itself.
             if not getattr(responses, "ag_running", True):
-                asyncio.ensure_future(_close(responses))
+                closing = asyncio.ensure_future(_close(responses))
+                _closing.add(closing)  # the loop holds tasks weakly: keep it until it is done
+                closing.add_done_callback(_closing.discard)
 
-        context.add_done_callback(close)
+        # grpc's stubs want a `_DoneCallback` instance here; the runtime calls any callable with the context.
+        context.add_done_callback(close)  # type: ignore[arg-type]
         return responses
 
     return call
 
 
-async def _close(responses: AsyncIterator[Any]) -> None:
+_closing: set[asyncio.Future[None]] = set()
+
+
+async def _close(responses: AsyncGenerator[Any, None]) -> None:
     with contextlib.suppress(RuntimeError):  # it started running again meanwhile: that run unwinds it
-        await responses.aclose()  # type: ignore[attr-defined]
+        await responses.aclose()
 
 
 class ErrorMappingInterceptor(aio.ServerInterceptor):
@@ -99,9 +113,9 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -118,7 +132,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
             return call
 
         def streaming(behavior: StreamBehavior) -> StreamBehavior:
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 try:
                     async with contextlib.aclosing(behavior(request, context)) as responses:
                         async for response in responses:
@@ -148,9 +162,9 @@ class RequestDecodingInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -184,7 +198,7 @@ class RequestDecodingInterceptor(aio.ServerInterceptor):
             return call
 
         def streaming(behavior: StreamBehavior) -> StreamBehavior:
-            async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
                 if isinstance(request, MalformedRequest):
                     await refuse(context, request)
                 async with contextlib.aclosing(behavior(checked_request(request, context), context)) as responses:

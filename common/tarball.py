@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from common.constants import MAX_CONTENT_BYTES, MAX_MEMBERS
 from common.errors import ArchiveRefused, ArchiveTooLarge
 from common.tarstream import REGULAR_TYPES, TarMember, TarReader
 
@@ -31,7 +32,9 @@ class TarGzWriter:
     def __init__(self, out: BinaryIO, *, compresslevel: int = 9, stream: bool = False) -> None:
         self._gzip = gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=compresslevel, mtime=0)
         # Stream mode ("w|") writes forward only, for a sink that cannot seek.
-        self._tar = tarfile.open(fileobj=self._gzip, mode="w|" if stream else "w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(  # noqa: SIM115 - closed by __exit__, this class is the context manager
+            fileobj=self._gzip, mode="w|" if stream else "w", format=tarfile.PAX_FORMAT
+        )
 
     def __enter__(self) -> TarGzWriter:
         return self
@@ -78,7 +81,7 @@ class Kind(enum.Enum):
 
 HARDLINK = b"1"
 _KINDS = {
-    **{regular: Kind.FILE for regular in REGULAR_TYPES},
+    **dict.fromkeys(REGULAR_TYPES, Kind.FILE),
     HARDLINK: Kind.FILE,
     b"2": Kind.SYMLINK,
     b"5": Kind.DIRECTORY,
@@ -88,10 +91,6 @@ _REFUSED_TYPES = {
     b"4": "is a device node, which archives may not contain",
     b"6": "is a FIFO, which archives may not contain",
 }
-# The default limits of an extraction (the agent's, unless configured otherwise), which the
-# orchestrator's upload check applies too, so an upload no default agent would take is refused at once.
-MAX_CONTENT_BYTES = 2048 * 1024 * 1024  # uncompressed size of the members
-MAX_MEMBERS = 200_000
 # The sticky bit is harmless in a workspace and stripped; setuid and setgid are refused outright.
 STRIPPED_BITS = stat.S_ISVTX
 REFUSED_BITS = stat.S_ISUID | stat.S_ISGID
@@ -200,7 +199,9 @@ class MemberPolicy:
                 implied.append(prefix)
             elif kind is not Kind.DIRECTORY:
                 # Writing through a link could land outside the destination: never follow one.
-                raise ArchiveRefused(f"member {member_name!r} is below {prefix!r}, which is a {kind.value}, not a directory")
+                raise ArchiveRefused(
+                    f"member {member_name!r} is below {prefix!r}, which is a {kind.value}, not a directory"
+                )
         return tuple(implied)
 
 
@@ -208,7 +209,9 @@ def _check_symlink_target(name: str, target: str) -> None:
     if not target or "\0" in target:
         raise ArchiveRefused(f"symlink member {name!r} has an empty target or one with a NUL byte")
     if target.startswith("/"):
-        raise ArchiveRefused(f"symlink member {name!r} -> {target!r} points to an absolute path, outside the destination")
+        raise ArchiveRefused(
+            f"symlink member {name!r} -> {target!r} points to an absolute path, outside the destination"
+        )
     if posixpath.normpath(posixpath.join(posixpath.dirname(name), target)).split("/")[0] == "..":
         raise ArchiveRefused(f"symlink member {name!r} -> {target!r} leads out of the destination")
 

@@ -78,6 +78,7 @@ class TarReader:
                 pass
         pax: dict[str, str] = {}
         long_name = long_link = None
+        typeflag: bytes  # set by the loop, which ends only by `break` once a member's own header is read
         while True:
             header_offset = self._offset
             block = self._source.read_exact(BLOCK)
@@ -185,7 +186,9 @@ def _number(field: bytes, offset: int) -> int:
     try:
         return int(digits, 8) if digits else 0
     except ValueError:
-        raise ArchiveRefused(f"archive is corrupt: the header at offset {offset} of the tar data is not a tar header") from None
+        raise ArchiveRefused(
+            f"archive is corrupt: the header at offset {offset} of the tar data is not a tar header"
+        ) from None
 
 
 def _pax_records(data: bytes, offset: int) -> dict[str, str]:

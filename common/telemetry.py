@@ -3,7 +3,8 @@ that carry the current trace and span ids.
 
 Tracing is off unless `OTEL_TRACES_EXPORTER` names an exporter (`otlp`, `console`); then `configure_from_env()`
 hands every other variable (`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`,
-`OTEL_TRACES_SAMPLER`, ...) to the SDK's own configurator. Off means free: no provider, no interceptors.
+`OTEL_TRACES_SAMPLER`, ...) to the SDK's own configurator. Off means free: no provider, no interceptors, and
+nothing of OpenTelemetry imported (it would be a tenth of the idle agent's memory and start-up).
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from grpc import aio
-from opentelemetry import propagate, trace
-from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
-from opentelemetry.sdk.environment_variables import OTEL_SDK_DISABLED
+if TYPE_CHECKING:
+    from grpc import aio
+    from opentelemetry import trace
+
+# The variables' names as opentelemetry.environment_variables and opentelemetry.sdk.environment_variables
+# spell them, written out so that asking whether tracing is on imports nothing of OpenTelemetry.
+OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"
 
 # The span and resource attribute naming a workspace session.
 SESSION_ATTRIBUTE = "workspace.session.id"
@@ -45,6 +50,7 @@ def configure_from_env() -> bool:
         return False
     # The distro's configurator is the SDK's env handling (exporter entry points, protocol, sampler, resource);
     # it also registers an atexit flush of the batched spans.
+    from opentelemetry import trace
     from opentelemetry.distro import OpenTelemetryConfigurator
 
     OpenTelemetryConfigurator().configure()
@@ -61,6 +67,8 @@ def set_tracer_provider(provider: trace.TracerProvider | None) -> None:
 
 def tracer(name: str) -> trace.Tracer:
     """A tracer for domain spans (a no-op tracer while tracing is off)."""
+    from opentelemetry import trace
+
     return _provider.get_tracer(name) if _provider is not None else trace.NoOpTracer()
 
 
@@ -104,6 +112,8 @@ def trace_env() -> dict[str, str]:
     or while tracing is off."""
     if _provider is None:
         return {}
+    from opentelemetry import propagate
+
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return {key.upper(): value for key, value in carrier.items() if key in ("traceparent", "tracestate")}
@@ -117,7 +127,7 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the `extra=` fields, and trace_id/span_id when
     the record was logged inside a span."""
 
-    converter = time.gmtime  # the times say Z: keep them UTC
+    converter = staticmethod(time.gmtime)  # the times say Z: keep them UTC
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -126,10 +136,13 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        context = trace.get_current_span().get_span_context()
-        if context.is_valid:
-            line["trace_id"] = format(context.trace_id, "032x")
-            line["span_id"] = format(context.span_id, "016x")
+        if _provider is not None:  # else no span can be current
+            from opentelemetry import trace
+
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid:
+                line["trace_id"] = format(context.trace_id, "032x")
+                line["span_id"] = format(context.span_id, "016x")
         line.update((k, v) for k, v in vars(record).items() if k not in _RECORD_ATTRIBUTES)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

@@ -19,7 +19,7 @@ from pathlib import Path
 if sys.version_info >= (3, 11, 4):
     import tarfile
 else:  # extraction filters arrived in 3.11.4 (Debian 12's python3 is 3.11.2): the backport has them
-    from backports import tarfile
+    from backports import tarfile  # type: ignore[no-redef]  # mypy cannot tell 3.11.2 from 3.11.4: one branch runs
 
 import docker
 import docker.errors
@@ -85,7 +85,7 @@ def ensure_image(
     base = _ensure_base(client, progress)
     context = _stage_context(extra_ca_bundle, progress)
     try:
-        digest = hashlib.sha256(client.images.get(base).id.encode() + _tree_digest(context)).hexdigest()
+        digest = hashlib.sha256(client.images.get(base).attrs["Id"].encode() + _tree_digest(context)).hexdigest()
         tag = f"{IMAGE}:{digest[:16]}"
         if force or not _image_exists(client, tag):
             progress(f"building {tag} from {base}")
@@ -122,7 +122,9 @@ def _ensure_base(client: docker.DockerClient, progress: Callable[[str], None]) -
 
 def _bootstrap_base(client: docker.DockerClient, progress: Callable[[str], None]) -> None:
     if os.geteuid() != 0:
-        raise ImageBuildError(f"making {BOOTSTRAPPED_BASE} with debootstrap needs root (or a registry to pull {BASE_IMAGE} from)")
+        raise ImageBuildError(
+            f"making {BOOTSTRAPPED_BASE} with debootstrap needs root (or a registry to pull {BASE_IMAGE} from)"
+        )
     if shutil.which("debootstrap") is None:
         progress("installing debootstrap")
         _run(["apt-get", "update", "-qq"])
@@ -287,7 +289,7 @@ def _tree_digest(root: Path) -> bytes:
 
 
 def _build(client: docker.DockerClient, context: Path, tag: str, base: str, progress: Callable[[str], None]) -> None:
-    output = []
+    output: list[str] = []
     for chunk in client.api.build(
         path=str(context), tag=tag, buildargs={"BASE_IMAGE": base}, rm=True, forcerm=True, pull=False, decode=True
     ):

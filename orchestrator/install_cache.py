@@ -1,7 +1,8 @@
-"""The install cache: a workspace's node_modules after a successful install, kept as a tar.gz under
-data-dir/install-cache and keyed by what decides it (the install command, package.json and the lockfile, or
-without a lockfile the core image), so a later session with the same key starts from it and its install only
-verifies. The layer cache of the old per-template images, for runtime injection."""
+"""The install cache: a workspace's node_modules after a successful install, kept as a tar.gz (stored, not
+compressed) under data-dir/install-cache and keyed by what decides it (the core image, the install command,
+package.json and the lockfile if there is one), so a later session with the same key starts from it and its
+install only verifies (or, on an exact hit, is skipped). The layer cache of the old per-template images, for
+runtime injection."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import json
 import os
 import tarfile
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from orchestrator.agent_client import AgentClient
 from common.durable import file_chunks, flush_to_disk, publish
@@ -42,15 +45,18 @@ HIT_ENV = {
 }
 
 
+# zlib's window bits for a gzip header and trailer.
+GZIP_WBITS = 31
+
 # How long a delete waits for the store of its session's node_modules before giving up on the entry.
 FINISH_STORE_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """What decides an install's result. `locked`: the workspace has a lockfile, which pins every version;
-    without one the entry carries the lockfile its install wrote and expires. `key` is "" when the install
-    cannot be cached, and `note` says why."""
+    """What decides an install's result. `locked`: the workspace has a lockfile, which pins every version, so
+    a hit is exact (the install would produce what the entry holds); without one the entry carries the
+    lockfile its install wrote and expires. `key` is "" when the install cannot be cached, and `note` says why."""
 
     key: str
     locked: bool = True
@@ -62,10 +68,14 @@ class CacheKey:
 
 @dataclass(frozen=True)
 class Injected:
-    """What inject() did: `hit` when the cached node_modules is in the workspace, and a note saying so."""
+    """What inject() did: `hit` when the cached node_modules is in the workspace, and a note saying so;
+    `exact` when the hit is of a locked key, so running the install again would change nothing; `restored`
+    what was put in place and how long it took."""
 
     hit: bool
     note: str
+    exact: bool = False
+    restored: str = ""
 
 
 class InstallCache:
@@ -92,16 +102,16 @@ class InstallCache:
         return self._dir / f"{key}.json"
 
     async def key(self, agent: AgentClient, install_command: str, image: str) -> CacheKey:
-        """The key of the workspace's install as it is now: the install command, package.json and the
-        lockfile; without a lockfile, the install command, package.json and the core image `image` (what
-        else decides the result is the registry at the time, hence the age limit)."""
+        """The key of the workspace's install as it is now: the core image `image` (its node and npm, and the
+        platform native packages are picked for), the install command, package.json and the lockfile; without
+        a lockfile what else decides the result is the registry at the time, hence the age limit."""
         try:
             manifest = await agent.read_file(MANIFEST)
         except NotFound:
             return CacheKey("", note=f"install cache not used: no {MANIFEST}")
         except OrchestratorError as error:  # not a regular file: the install decides what it means
             return CacheKey("", note=f"install cache not used: {MANIFEST}: {error}")
-        digest = hashlib.sha256(install_command.encode() + b"\0" + manifest + b"\0")
+        digest = hashlib.sha256(image.encode() + b"\0" + install_command.encode() + b"\0" + manifest + b"\0")
         for lockfile in LOCKFILES:
             try:
                 content = await agent.read_file(lockfile)
@@ -111,7 +121,7 @@ class InstallCache:
                 return CacheKey("", note=f"install cache not used: {lockfile}: {error}")
             digest.update(lockfile.encode() + b"\0" + content)
             return CacheKey(digest.hexdigest())
-        digest.update(b"unlocked\0" + image.encode())
+        digest.update(b"unlocked\0")
         return CacheKey(digest.hexdigest(), locked=False)
 
     async def inject(self, agent: AgentClient, key: CacheKey) -> Injected:
@@ -157,7 +167,8 @@ class InstallCache:
             log.warning("install cache entry %s was not injected: %s", short, error)
             return Injected(False, f"install cache entry {short} not injected: {error}")
         what = f"node_modules and {lockfile[0]}" if lockfile else "node_modules"
-        return Injected(True, f"install cache hit {short} ({what} in {time.monotonic() - started:.2f} s)")
+        restored = f"{what} in {time.monotonic() - started:.2f} s"
+        return Injected(True, f"install cache hit {short} ({restored})", exact=key.locked, restored=restored)
 
     def store_in_background(self, agent: AgentClient, key: CacheKey) -> asyncio.Task[None] | None:
         """Archives the workspace's node_modules (and for an unlocked key the lockfile its install wrote) as
@@ -190,13 +201,14 @@ class InstallCache:
         try:
             meta = None if key.locked else await self._installed_lockfile(agent)
             stream = await agent.create_archive(RUNTIME_CACHES, path=NODE_MODULES, no_default_excludes=True)
+            recode = _Stored()
             with open(temp, "wb") as file:
                 async for chunk in stream:
-                    size += len(chunk)
+                    size += await asyncio.to_thread(_write, file, recode.feed(chunk))
                     if size > self._max_bytes:
                         log.info("install cache: node_modules of %s exceeds the cache size, not kept", short)
                         return
-                    await asyncio.to_thread(file.write, chunk)
+                size += await asyncio.to_thread(_write, file, recode.end())
                 await asyncio.to_thread(flush_to_disk, file)
             if meta is not None:
                 # The metadata first: an entry without it is discarded, metadata without an entry removed.
@@ -251,6 +263,31 @@ class InstallCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+
+
+class _Stored:
+    """Turns the agent's gzip stream (level 6) into a stored one (level 0, no compression), chunk by chunk.
+    Restoring is what a session waits for, and inflating there cost more than the smaller entry saved on the
+    loopback (tests/bench_install_cache.py); the price is about three times the disk per entry."""
+
+    def __init__(self) -> None:
+        self._inflate = zlib.decompressobj(wbits=GZIP_WBITS)
+        self._deflate = zlib.compressobj(0, zlib.DEFLATED, GZIP_WBITS)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._inflate.eof:
+            raise ValueError("the archive has data after its gzip stream")
+        return self._deflate.compress(self._inflate.decompress(chunk))
+
+    def end(self) -> bytes:
+        if not self._inflate.eof or self._inflate.unused_data:
+            raise ValueError("the archive's gzip stream is cut short or has data after its end")
+        return self._deflate.flush()
+
+
+def _write(file: BinaryIO, data: bytes) -> int:
+    file.write(data)
+    return len(data)
 
 
 def _write_durably(path: Path, data: bytes) -> None:

@@ -27,6 +27,9 @@ METADATA_FILE = "template.json"
 # Never part of a template archive or a saved workspace (as directories): the install step recreates them.
 ALWAYS_EXCLUDED = tuple(f"{name}/" for name in DEFAULT_EXCLUDES)
 DEFAULT_INSTALL_COMMAND = "npm install"
+# install_on_cache_hit: run the install over the restored node_modules (it verifies them), or skip it on an
+# exact hit.
+VERIFY, SKIP = "verify", "skip"
 # Every member gets this mtime (2000-01-01T00:00:00Z) so an archive depends on content only; a fixed date
 # rather than 0 because some tools treat the epoch as "unset".
 ARCHIVE_MTIME = 946_684_800
@@ -52,6 +55,8 @@ class TemplateSpec:
     title: str = ""
     description: str = ""
     install_command: str = ""  # "" = no install step
+    # VERIFY or SKIP: whether the install still runs on an exact install-cache hit.
+    install_on_cache_hit: str = VERIFY
     dev_command: str = ""
     dev_port: int = DEV_PORT
     readiness_path: str = "/"
@@ -218,6 +223,7 @@ class TemplateCatalog:
             title=document["title"],
             description=document.get("description", ""),
             install_command=document.get("install_command", DEFAULT_INSTALL_COMMAND),
+            install_on_cache_hit=document.get("install_on_cache_hit", VERIFY),
             dev_command=document["dev_command"],
             dev_port=document.get("dev_port", DEV_PORT),
             readiness_path=readiness.get("path", "/"),

@@ -111,7 +111,9 @@ def ensure_registry_installed() -> None:
     if shutil.which("docker-registry"):
         return
     if os.geteuid() != 0:
-        raise RuntimeError("docker-registry is missing, and installing it needs root (sudo apt-get install docker-registry)")
+        raise RuntimeError(
+            "docker-registry is missing, and installing it needs root (sudo apt-get install docker-registry)"
+        )
     print("bench: installing docker-registry (apt-get)", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
@@ -142,7 +144,9 @@ class OldWay:
         self.context = scratch / f"context-{spec.name}"
         shutil.copytree(source, self.context, ignore=shutil.ignore_patterns("template.json", "node_modules", "dist"))
         manifests = [name for name in MANIFESTS if (self.context / name).is_file()]
-        (self.context / "Dockerfile").write_text(dockerfile(base, spec, run_label, manifests, extra_ca_bundle is not None))
+        (self.context / "Dockerfile").write_text(
+            dockerfile(base, spec, run_label, manifests, extra_ca_bundle is not None)
+        )
         (self.context / ".dockerignore").write_text("Dockerfile\n.dockerignore\n")
         if extra_ca_bundle is not None:
             shutil.copyfile(extra_ca_bundle, self.context / "extra-ca.pem")
@@ -160,7 +164,9 @@ class OldWay:
     def remove_image(self) -> None:
         """Leaves the host without the template's image: its tags go, and with them every layer only it used
         (the base's layers stay, as on a host that runs other templates)."""
-        tags = docker("image", "ls", "--filter", f"label={BENCH_LABEL}={self.run_label}", "--format", "{{.Repository}}:{{.Tag}}")
+        tags = docker(
+            "image", "ls", "--filter", f"label={BENCH_LABEL}={self.run_label}", "--format", "{{.Repository}}:{{.Tag}}"
+        )
         mine = [tag for tag in tags.splitlines() if tag.startswith(self.image.rpartition(":")[0] + ":")]
         if mine:
             docker("rmi", "--force", *mine)
@@ -251,7 +257,15 @@ def container_memory(container: str) -> float:
 
 def mib(usage: str) -> float:
     """MiB in a figure like docker's `41.2MiB` or `1.1GiB`."""
-    units = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1e3 / 2**20, "MB": 1e6 / 2**20, "GB": 1e9 / 2**20, "B": 1 / 2**20}
+    units = {
+        "KiB": 1 / 1024,
+        "MiB": 1.0,
+        "GiB": 1024.0,
+        "kB": 1e3 / 2**20,
+        "MB": 1e6 / 2**20,
+        "GB": 1e9 / 2**20,
+        "B": 1 / 2**20,
+    }
     for unit, factor in units.items():
         if usage.endswith(unit):
             return float(usage.removesuffix(unit)) * factor

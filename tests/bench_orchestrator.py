@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,10 +75,16 @@ def note(text: str) -> None:
 
 def machine() -> str:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         platform.processor(),
     )
-    mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+    mem_kib = int(
+        next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    )
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return (
         f"machine: {cpu}, {os.cpu_count()} cores, {mem_kib / 1024**2:.1f} GiB, load average {load} at start; "
@@ -88,7 +95,9 @@ def machine() -> str:
 
 def pools_in_build() -> bool:
     """Whether this build's orchestrator offers --warm-pool and --hot-pool (until it does, those rows say n/a)."""
-    usage = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    usage = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "--help"], cwd=REPO, capture_output=True, text=True
+    ).stdout
     return "--warm-pool" in usage and "--hot-pool" in usage
 
 
@@ -122,11 +131,28 @@ class Orchestrator:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [
-                    sys.executable, "-m", "orchestrator", "--runtime", "docker", "--listen", self.address,
-                    "--data-dir", str(data_dir), "--templates-dir", str(templates_dir), "--image", image,
-                    "--instance-id", instance_id, "--log-level", "WARNING", "--idle-ttl", "0",
-                    *(["--extra-ca-bundle", str(extra_ca_bundle)] if extra_ca_bundle else []), *pool_args,
-                ],  # fmt: skip
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    "--runtime",
+                    "docker",
+                    "--listen",
+                    self.address,
+                    "--data-dir",
+                    str(data_dir),
+                    "--templates-dir",
+                    str(templates_dir),
+                    "--image",
+                    image,
+                    "--instance-id",
+                    instance_id,
+                    "--log-level",
+                    "WARNING",
+                    "--idle-ttl",
+                    "0",
+                    *(["--extra-ca-bundle", str(extra_ca_bundle)] if extra_ca_bundle else []),
+                    *pool_args,
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -159,7 +185,10 @@ class Orchestrator:
         if session.state != pb.SESSION_STATE_READY:
             self.delete(session.id)
             raise RuntimeError(f"session {session.id} of {template} did not become READY: {session.failure}")
-        phases = {pb.Phase.Name(p.phase).removeprefix("PHASE_").lower(): p.duration.ToNanoseconds() / 1e9 for p in session.phases}
+        phases = {
+            pb.Phase.Name(p.phase).removeprefix("PHASE_").lower(): p.duration.ToNanoseconds() / 1e9
+            for p in session.phases
+        }
         return Created(elapsed, phases, session)
 
     def _until_settled(self, session: pb.Session) -> pb.Session:
@@ -212,7 +241,12 @@ class Orchestrator:
         """Its running containers labelled as pooled. A label cannot change once a container exists, so one a
         session took may still carry it: this is asked only while no session of the run is live."""
         return docker(
-            "ps", "--quiet", "--filter", f"label={POOL_LABEL}", "--filter", f"label={ORCHESTRATOR_LABEL}={self.instance_id}"
+            "ps",
+            "--quiet",
+            "--filter",
+            f"label={POOL_LABEL}",
+            "--filter",
+            f"label={ORCHESTRATOR_LABEL}={self.instance_id}",
         ).split()
 
     def stop(self) -> None:
@@ -231,7 +265,7 @@ class Pool:
     containers labelled workspace-core.pool as asked for, each answering (warm: the agent's health service;
     hot: the dev server). Without such labels, a fixed settle wait (noted under the table)."""
 
-    SETTLE_S = {WARM: 10.0, HOT: 90.0}
+    SETTLE_S: ClassVar[dict[str, float]] = {WARM: 10.0, HOT: 90.0}
     labels_missing = False
 
     def __init__(self, kind: str, warm_size: int, templates: list[str]) -> None:
@@ -372,7 +406,9 @@ class NewWay:
         instance_id = f"bench-{self.run_label}-{len(self.instance_ids)}"
         self.instance_ids.append(instance_id)
         data_dir = data_dir or self.scratch / f"fresh-{len(self.instance_ids)}"
-        orchestrator = Orchestrator(data_dir, self.image, instance_id, self.templates_dir, self.extra_ca_bundle, pool.args)
+        orchestrator = Orchestrator(
+            data_dir, self.image, instance_id, self.templates_dir, self.extra_ca_bundle, pool.args
+        )
         self.running.append(orchestrator)
         return orchestrator
 
@@ -389,7 +425,9 @@ class NewWay:
             deadline = time.monotonic() + 120
             while len(list(orchestrator.install_cache.glob("*.tar.gz"))) <= before:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"no install cache entry for {spec.name} within 120 s:\n{orchestrator.log.read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"no install cache entry for {spec.name} within 120 s:\n{orchestrator.log.read_text()[-2000:]}"
+                    )
                 time.sleep(0.2)
 
         wait = spec.install_command and key not in self.warmed
@@ -472,7 +510,7 @@ def concurrent(orchestrator: Orchestrator, templates: list[str], count: int, sam
         for future in futures:
             try:
                 outcomes.append(future.result())
-            except Exception as error:  # a failed create is a figure of this row, not the end of the run
+            except Exception as error:  # noqa: BLE001 - a failed create is a figure of this row, not the end of the run
                 samples.failures[("concurrent", mode)].append(str(error)[:300])
     finally:
         # Not waiting: on Ctrl-C the cleanup stops the orchestrator, which ends the creates still waiting.
@@ -508,7 +546,9 @@ def seconds(values: list[float]) -> str:
     return f"{fmt(statistics.median(values))} s (p95 {fmt(p95(values))})" if values else "—"
 
 
-def table(samples: Samples, bench: list[str], pools: bool, concurrent_templates: list[str], count: int) -> list[list[str]]:
+def table(
+    samples: Samples, bench: list[str], pools: bool, concurrent_templates: list[str], count: int
+) -> list[list[str]]:
     v = samples.values
     rows = [["figure", "new way", "old way", "ratio", "goal", "met?"]]
 
@@ -527,7 +567,10 @@ def table(samples: Samples, bench: list[str], pools: bool, concurrent_templates:
                 if situation in "ab":
                     goal, check = "≥ 5x faster than old", lambda m, r: r is not None and r >= 5
                 elif mode == HOT:
-                    goal, check = "≤ 0.1 s, ≥ 10x faster than old (c)", lambda m, r: m <= 0.1 and r is not None and r >= 10
+                    goal, check = (
+                        "≤ 0.1 s, ≥ 10x faster than old (c)",
+                        lambda m, r: m <= 0.1 and r is not None and r >= 10,
+                    )
                 elif mode == WARM and name == "node-basic":
                     goal, check = "≥ 2x faster than old (c)", lambda m, r: r is not None and r >= 2
                 elif mode == WARM and name == "vite-react":
@@ -560,7 +603,7 @@ def table(samples: Samples, bench: list[str], pools: bool, concurrent_templates:
 
 def render(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -587,7 +630,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5, help="runs per figure (medians and p95 are reported)")
-    parser.add_argument("--npm", action="store_true", help="also vite-react and astro-basic, whose install needs the npm registry")
+    parser.add_argument(
+        "--npm", action="store_true", help="also vite-react and astro-basic, whose install needs the npm registry"
+    )
     parser.add_argument(
         "--extra-ca-bundle", type=Path, default=os.environ.get("WORKSPACE_EXTRA_CA_BUNDLE") or None,
         help="a PEM bundle (public roots + a TLS-intercepting proxy's CA) both ways trust for npm",
@@ -609,7 +654,9 @@ def main() -> int:
     header = machine()
     samples = Samples()
     bench = ["node-basic", *(["vite-react"] if args.npm else [])]
-    concurrent_templates = ["node-basic", "vite-react", "astro-basic"] if args.npm else ["node-basic", "node-basic-b", "node-basic-c"]
+    concurrent_templates = (
+        ["node-basic", "vite-react", "astro-basic"] if args.npm else ["node-basic", "node-basic-b", "node-basic-c"]
+    )
     scratch = Path(tempfile.mkdtemp(prefix="bench-orchestrator-"))
     registry: Registry | None = None
     new: NewWay | None = None
@@ -618,7 +665,9 @@ def main() -> int:
         catalog = TemplateCatalog(templates_dir, scratch / "catalog")
         registry = Registry(scratch / "registry")
         olds = {
-            name: OldWay(catalog.get(name), templates_dir / name, scratch, base_tag, registry, run_label, args.extra_ca_bundle)
+            name: OldWay(
+                catalog.get(name), templates_dir / name, scratch, base_tag, registry, run_label, args.extra_ca_bundle
+            )
             for name in bench
         }
         old_way(olds, args.runs, samples)
@@ -655,7 +704,10 @@ def main() -> int:
         note("creates whose container_started phase said the container came from the pool: " + ", ".join(hits))
     print("\nphases of the new way (medians, s):")
     for key, phases in samples.phases.items():
-        print(f"  {' '.join(key[1:]):<30} " + "  ".join(f"{p} {statistics.median(phases[p]):.2f}" for p in PHASES if p in phases))
+        print(
+            f"  {' '.join(key[1:]):<30} "
+            + "  ".join(f"{p} {statistics.median(phases[p]):.2f}" for p in PHASES if p in phases)
+        )
     for failure in [f for fs in samples.failures.values() for f in fs]:
         note(f"failed: {failure}")
     if NOTES:

@@ -18,6 +18,8 @@ from grpc import aio
 
 from agent.config import AgentConfig
 from agent.server import create_server
+from workspace.agent.v1 import agent_pb2_grpc
+
 pytest.register_assert_rewrite("tests.docker_support")
 from tests.docker_support import (  # noqa: E402 (after the rewrite registration)
     agent_token,
@@ -25,7 +27,6 @@ from tests.docker_support import (  # noqa: E402 (after the rewrite registration
     run_agent_container,
     wait_for_agent,
 )
-from workspace.agent.v1 import agent_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.docker_support"]
@@ -40,7 +41,7 @@ class AgentTarget:
     token: str
     root: Path
     channel: aio.Channel
-    stub: agent_pb2_grpc.AgentServiceStub
+    stub: agent_pb2_grpc.AgentServiceAsyncStub
     # The workspace root as the agent itself sees it (what `pwd` prints there): `root` in this process, /app in a container.
     root_in_agent: str
 

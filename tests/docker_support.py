@@ -167,4 +167,6 @@ def hand_over_before_each_call(root: Path) -> list[aio.ClientInterceptor]:
     """Channel interceptors that run hand_over_to_workspace_user before every call, so a test can write
     files on the host and then have the containerised agent change them, as with the in-process agent.
     (One per kind of call: a grpc.aio channel files each interceptor under one kind only.)"""
-    return [cls(root) for cls in (_HandOverUnaryUnary, _HandOverUnaryStream, _HandOverStreamUnary, _HandOverStreamStream)]
+    return [
+        cls(root) for cls in (_HandOverUnaryUnary, _HandOverUnaryStream, _HandOverStreamUnary, _HandOverStreamStream)
+    ]

@@ -39,7 +39,17 @@ def running_orchestrator(data_dir: Path, env: Mapping[str, str] | None = None) -
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "--listen", address, "--data-dir", str(data_dir), "--runtime", "local"],
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "--listen",
+                address,
+                "--data-dir",
+                str(data_dir),
+                "--runtime",
+                "local",
+            ],
             cwd=REPO,
             env={**os.environ, **(env or {})},
             stdout=output,
@@ -66,7 +76,10 @@ def _wait_serving(address: str, process: subprocess.Popen, log: Path) -> None:
             if process.poll() is not None:
                 raise RuntimeError(f"the orchestrator exited with {process.returncode}:\n{log.read_text()}")
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 time.sleep(0.1)

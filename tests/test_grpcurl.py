@@ -66,7 +66,9 @@ def test_readme_grpcurl_calls_work(orchestrator: str) -> None:
 
     services = output_of(outputs, "$ORCH list").split()
     assert {"workspace.orchestrator.v1.OrchestratorService", "grpc.health.v1.Health"} <= set(services)
-    assert "rpc CreateSession ( .workspace.orchestrator.v1.CreateSessionRequest )" in output_of(outputs, "describe", "Service")
+    assert "rpc CreateSession ( .workspace.orchestrator.v1.CreateSessionRequest )" in output_of(
+        outputs, "describe", "Service"
+    )
     assert "string template = 1;" in output_of(outputs, "describe", "CreateSessionRequest")
     assert json.loads(output_of(outputs, "Health/Check")) == {"status": "SERVING"}
 

@@ -62,7 +62,9 @@ def test_an_address_not_of_this_machine(tmp_path: Path) -> None:
 
 def test_an_unusable_data_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    result = start("orchestrator", "--runtime", "local", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "file"))
+    result = start(
+        "orchestrator", "--runtime", "local", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "file")
+    )
 
     assert_one_line(result, f"the data directory {tmp_path / 'file'} is not a writable directory", "--data-dir")
 
@@ -100,3 +102,10 @@ def test_a_relative_data_directory_is_made_absolute() -> None:
     config, _ = parse_args(["--data-dir", ".data", "--extra-ca-bundle", "ca.pem"])
 
     assert config.data_dir.is_absolute() and config.data_dir == Path.cwd() / ".data"
+
+
+def test_agent_with_an_unwritable_port_file(tmp_path: Path) -> None:
+    port_file = tmp_path / "missing" / "agent-port"
+    result = start("agent", "--root", str(tmp_path), "--listen", "127.0.0.1:0", "--port-file", str(port_file))
+
+    assert_one_line(result, f"agent: cannot write --port-file {port_file} (No such file or directory)")

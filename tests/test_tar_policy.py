@@ -22,7 +22,15 @@ from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 UPLOAD = ArchiveOrigin(name="upload", source=pb.ARCHIVE_SOURCE_UPLOADED, template="node-basic")
 
 
-def entry(name: str, content: bytes | None = b"data", *, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644, size: int | None = None) -> bytes:
+def entry(
+    name: str,
+    content: bytes | None = b"data",
+    *,
+    kind: bytes = tarfile.REGTYPE,
+    link: str = "",
+    mode: int = 0o644,
+    size: int | None = None,
+) -> bytes:
     """One member's header and padded content, however unsafe."""
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode, info.mtime = kind, link, mode, 1_700_000_000
@@ -122,8 +130,14 @@ async def test_both_sides_refuse_the_same_hostile_archive_with_the_same_words(ca
 @pytest.mark.parametrize(
     "data",
     [
-        lambda: tgz(entry("dir/", kind=tarfile.DIRTYPE, mode=0o755), entry("dir/a.txt"), entry("link", kind=tarfile.SYMTYPE, link="dir/a.txt")),
-        lambda: tgz(entry("shared/", kind=tarfile.DIRTYPE, mode=0o1777), entry("a"), entry("h", kind=tarfile.LNKTYPE, link="a")),
+        lambda: tgz(
+            entry("dir/", kind=tarfile.DIRTYPE, mode=0o755),
+            entry("dir/a.txt"),
+            entry("link", kind=tarfile.SYMTYPE, link="dir/a.txt"),
+        ),
+        lambda: tgz(
+            entry("shared/", kind=tarfile.DIRTYPE, mode=0o1777), entry("a"), entry("h", kind=tarfile.LNKTYPE, link="a")
+        ),
         lambda: tgz(pax(record("path", "p/q.txt")), entry("ignored")),
     ],
     ids=["files, directories and an inner link", "sticky bit and a hardlink", "pax path"],

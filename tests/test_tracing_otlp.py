@@ -42,7 +42,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[ExportedSpan] = []
         self._lock = threading.Lock()
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context) -> trace_service_pb2.ExportTraceServiceResponse:
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
         with self._lock:
             for resource_spans in request.resource_spans:
                 resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
@@ -73,7 +75,9 @@ def create_ready_session(address: str, traceparent: str) -> pb.Session:
     """CreateSession as a traced caller would send it, then WatchSession until READY."""
     with grpc.insecure_channel(address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        created = stub.CreateSession(pb.CreateSessionRequest(template="node-basic"), metadata=(("traceparent", traceparent),))
+        created = stub.CreateSession(
+            pb.CreateSessionRequest(template="node-basic"), metadata=(("traceparent", traceparent),)
+        )
         for event in stub.WatchSession(pb.WatchSessionRequest(id=created.session.id), timeout=60):
             if event.HasField("session") and event.session.state in (pb.SESSION_STATE_READY, pb.SESSION_STATE_FAILED):
                 assert event.session.state == pb.SESSION_STATE_READY, event.session.failure
@@ -136,7 +140,10 @@ def test_one_trace_spans_caller_orchestrator_and_agent(receiver: tuple[Receiver,
     extract = by_name[("workspace-agent", "/workspace.agent.v1.AgentService/ExtractArchive")]
     # A cold-started agent's resource names the session; a pooled one's names its pool member, and every span
     # after the claim names the session.
-    assert session.id in (extract.resource["workspace.session.id"], span_attribute(extract.span, "workspace.session.id"))
+    assert session.id in (
+        extract.resource["workspace.session.id"],
+        span_attribute(extract.span, "workspace.session.id"),
+    )
     client = next(s for s in spans if s.span.span_id == extract.span.parent_span_id)
     assert client.service == ORCHESTRATOR_SERVICE and client.span.kind == trace_pb2.Span.SPAN_KIND_CLIENT
     assert client.span.parent_span_id == injected.span.span_id

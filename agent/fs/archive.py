@@ -150,7 +150,9 @@ class _ArchivePlan:
         try:
             fd = self._root.os_open(path, os.O_RDONLY | os.O_DIRECTORY, follow=False)
         except OSError as error:
-            raise PreconditionFailed(f"{prefix or '.'} changed or became unreadable while being archived ({_reason(error)}); try again") from None
+            raise PreconditionFailed(
+                f"{prefix or '.'} changed or became unreadable while being archived ({_reason(error)}); try again"
+            ) from None
         try:
             with os.scandir(fd) as scan:
                 children = [
@@ -198,7 +200,9 @@ def _reason(error: OSError) -> str:
     return os.strerror(error.errno) if error.errno else "the file changed size"
 
 
-def _write_archive(root: WorkspaceRoot, directory: PurePosixPath, plan: _ArchivePlan, limit: int, sink: _ChunkSink) -> ArchiveSummary:
+def _write_archive(
+    root: WorkspaceRoot, directory: PurePosixPath, plan: _ArchivePlan, limit: int, sink: _ChunkSink
+) -> ArchiveSummary:
     entries = plan.entries(directory, limit)
     counts = {"files": 0, "directories": 0, "symlinks": 0}
     with TarGzWriter(sink, compresslevel=COMPRESS_LEVEL, stream=True) as tar:  # type: ignore[arg-type]
@@ -218,7 +222,9 @@ def _write_archive(root: WorkspaceRoot, directory: PurePosixPath, plan: _Archive
                     counts["symlinks"] += 1
                 else:
                     # A file swapped for a link since the walk must not pull in what the link points to.
-                    fd = root.os_open(PurePosixPath(entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
+                    fd = root.os_open(
+                        PurePosixPath(entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False
+                    )
                     with os.fdopen(fd, "rb") as content:
                         tar.add_file(entry.name, mode, mtime, entry.status.st_size, content)
                     counts["files"] += 1

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import errno
+import functools
 import hashlib
 import logging
-import errno
 import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 from agent.errors import AgentError, AlreadyExists, InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
 from agent.fs.paths import AGENT_DIR_NAME, WorkspaceRoot, os_error
@@ -169,10 +170,14 @@ class _View:
             if error.errno != errno.ELOOP:
                 raise os_error(error, str(path)) from None
             if base == ROOT:  # a symlink loop, or a link swapped in since the key was resolved: never followed
-                raise PreconditionFailed(f"{path}: goes through a symbolic link that loops or was swapped in meanwhile") from None
+                raise PreconditionFailed(
+                    f"{path}: goes through a symbolic link that loops or was swapped in meanwhile"
+                ) from None
             # Keys are resolved against the disk as it was; inside a directory moved by an earlier
             # operation a symlink would be followed from its new place, so it is refused instead.
-            raise InvalidArgument(f"{relative}: goes through a symbolic link inside a directory moved by this edit") from None
+            raise InvalidArgument(
+                f"{relative}: goes through a symbolic link inside a directory moved by this edit"
+            ) from None
         try:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -265,7 +270,7 @@ class _Journal:
             backup = self._copy(parent, name, existing) if existing is not None else None
             os.rename(temp, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent)
             if backup is not None:
-                self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
+                self.undo.append(functools.partial(self._restore, backup, name, parent))
             else:
                 self.undo.append(lambda: os.unlink(name, dir_fd=parent))
         elif isinstance(step, _Delete):
@@ -274,7 +279,7 @@ class _Journal:
             backup = self._copy_if_room(parent, name, existing)
             if backup is not None:
                 os.unlink(name, dir_fd=parent)
-                self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
+                self.undo.append(functools.partial(self._restore, backup, name, parent))
             else:
                 self._set_aside(parent, name)
         elif isinstance(step, _Move):
@@ -313,13 +318,19 @@ class _Journal:
             try:
                 remove_private_directory(self.root, self._work[1])
             except OSError:
-                log.warning("edit done, but its working files could not be removed", extra={"directory": str(self._work[1])})
+                log.warning(
+                    "edit done, but its working files could not be removed", extra={"directory": str(self._work[1])}
+                )
             self._work = None
 
     def _work_fd(self) -> int:
         if self._work is None:
             self._work = make_private_directory(self.root, "edit-")
         return self._work[0]
+
+    def _restore(self, backup: str, name: str, parent: int) -> None:
+        """Moves a set-aside entry back to `name` in `parent` (an undo step)."""
+        os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent)
 
     def _new_name(self) -> str:
         self._names += 1
@@ -333,7 +344,9 @@ class _Journal:
     def _write_temp(self, content: bytes, mode: int, owner: tuple[int, int] | None) -> str:
         """A new file in the working directory with `content`, `mode` and `owner`, flushed to disk."""
         name = self._new_name()
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._work_fd())
+        fd = os.open(
+            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._work_fd()
+        )
         with os.fdopen(fd, "wb") as file:
             file.write(content)
             file.flush()
@@ -351,7 +364,12 @@ class _Journal:
             return backup
         source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
         try:
-            target = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._work_fd())
+            target = os.open(
+                backup,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self._work_fd(),
+            )
             try:
                 _copy_content(source, target, status.st_size)
                 _set_owner(target, (status.st_uid, status.st_gid))
@@ -379,7 +397,7 @@ class _Journal:
     def _set_aside(self, parent: int, name: str) -> None:
         backup = self._new_name()
         os.rename(name, backup, src_dir_fd=parent, dst_dir_fd=self._work_fd())
-        self.undo.append(lambda: os.rename(backup, name, src_dir_fd=self._work_fd(), dst_dir_fd=parent))
+        self.undo.append(functools.partial(self._restore, backup, name, parent))
 
     def _make_directories(self, key: PurePosixPath) -> None:
         # One fd at a time (a path may be thousands of directories deep); undone by root-relative path.
@@ -388,7 +406,7 @@ class _Journal:
             for depth, part in enumerate(key.parts, 1):
                 try:
                     os.mkdir(part, dir_fd=current)
-                    self.undo.append(lambda made=PurePosixPath(*key.parts[:depth]): self._remove_directory(made))
+                    self.undo.append(functools.partial(self._remove_directory, PurePosixPath(*key.parts[:depth])))
                 except FileExistsError:
                     pass
                 following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
@@ -483,7 +501,9 @@ class EditPlan:
             journal.roll_back()
             where = str(step.source if isinstance(step, _Move) else step.key) if step is not None else "."
             translated = os_error(error, where) if isinstance(error, OSError) else error
-            raise type(translated)(f"the edit could not be applied ({translated}); every change was rolled back") from None
+            raise type(translated)(
+                f"the edit could not be applied ({translated}); every change was rolled back"
+            ) from None
         except BaseException:
             journal.roll_back()
             raise
@@ -584,7 +604,7 @@ class EditPlan:
         self._view.make_parents(key)
         self._change(key, _Dir(None), _MakeDirectory(key))
 
-    _PLANNERS: dict[type, Callable[[EditPlan, Any], None]] = {
+    _PLANNERS: ClassVar[dict[type, Callable[[EditPlan, Any], None]]] = {
         WriteFile: _plan_write,
         ReplaceText: _plan_replace,
         InsertText: _plan_insert,
@@ -715,7 +735,6 @@ def _bounded(files: list[EditedPath], diff: str) -> EditResult:
     return EditResult(files, shown + marker)
 
 
-
 def _describe(op: Operation) -> str:
     name = type(op).__name__
     return f"{name} {op.from_path} -> {op.to_path}" if isinstance(op, MovePath) else f"{name} {op.path}"
@@ -729,7 +748,9 @@ def _require_text(key: PurePosixPath, content: bytes) -> None:
     try:
         content.decode()
     except UnicodeDecodeError as error:
-        raise PreconditionFailed(f"{key}: is not UTF-8 text (byte {error.start}); replace works on text files") from None
+        raise PreconditionFailed(
+            f"{key}: is not UTF-8 text (byte {error.start}); replace works on text files"
+        ) from None
 
 
 def _line_offset(key: PurePosixPath, content: bytes, line: int) -> int:

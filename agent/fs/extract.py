@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import logging
 import os
 import re
 import stat
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -76,7 +76,9 @@ async def extract_archive(
     if os.path.lexists(target) and not os.path.isdir(target):
         raise InvalidArgument(f"destination {destination!r} exists and is not a directory")
     if len(os.fsencode(root.relative(target))) >= PATH_MAX - NAME_MAX:
-        raise InvalidPath(f"destination {destination!r} is too long to hold any member (the filesystem's {PATH_MAX}-byte path limit)")
+        raise InvalidPath(
+            f"destination {destination!r} is too long to hold any member (the filesystem's {PATH_MAX}-byte path limit)"
+        )
 
     channel = ByteChannel(UPLOAD_BUFFER_BYTES)
     extraction = _Extraction(root, target, mode, expected, config, channel)
@@ -189,7 +191,9 @@ class _Extraction:
 ROOT = PurePosixPath(".")
 
 
-def _open_parent_making_directories(root: WorkspaceRoot, relative: PurePosixPath, made: list[PurePosixPath]) -> tuple[int, str]:
+def _open_parent_making_directories(
+    root: WorkspaceRoot, relative: PurePosixPath, made: list[PurePosixPath]
+) -> tuple[int, str]:
     """An O_PATH fd of the destination's parent (created where missing, each directory added to
     `made` for a roll back), walked from the root's fd with no link followed; and the last name."""
     current = root.os_open(ROOT, os.O_PATH | os.O_DIRECTORY, follow=False)
@@ -232,7 +236,9 @@ class _MemberWriter:
     setgid bits are refused by the policy, the sticky bit stripped and counted. Ownership is not restored.
     """
 
-    def __init__(self, tree: Path, config: AgentConfig, *, reserve_staging_name: bool, room: int = PATH_MAX - 1) -> None:
+    def __init__(
+        self, tree: Path, config: AgentConfig, *, reserve_staging_name: bool, room: int = PATH_MAX - 1
+    ) -> None:
         self._tree = str(tree)
         self._room = room  # bytes a member path may have, the destination's own path taken off
         self.current = ""  # the member being written, for error messages

@@ -69,13 +69,19 @@ def os_error(error: OSError, path: str) -> AgentError:
     if code in (errno.ENOENT,):
         return NotFound(f"{shown}: no such file or directory")
     if code == errno.ENAMETOOLONG:
-        return InvalidPath(f"{shown}: a name is longer than the filesystem allows ({NAME_MAX} bytes a name, {PATH_MAX} a path)")
+        return InvalidPath(
+            f"{shown}: a name is longer than the filesystem allows ({NAME_MAX} bytes a name, {PATH_MAX} a path)"
+        )
     if code == errno.ELOOP:
-        return PreconditionFailed(f"{shown}: too many levels of symbolic links (a symlink loop, or a link where none may be)")
+        return PreconditionFailed(
+            f"{shown}: too many levels of symbolic links (a symlink loop, or a link where none may be)"
+        )
     if code == errno.EXDEV:
         return PreconditionFailed(f"{shown}: crosses a mount point inside the workspace, which this operation cannot")
     if code == errno.EMLINK:
-        return PreconditionFailed(f"{shown}: too many links (hard links to one file, or subdirectories in one directory)")
+        return PreconditionFailed(
+            f"{shown}: too many links (hard links to one file, or subdirectories in one directory)"
+        )
     if code in (errno.ENOSPC, errno.EDQUOT):
         return LimitExceeded(f"{shown}: the workspace's disk is full")
     if code in (errno.EACCES, errno.EPERM):
@@ -148,7 +154,7 @@ class WorkspaceRoot:
         """Validates a caller's path without touching the disk; raises InvalidPath."""
         if "\x00" in relative:
             raise InvalidPath(f"path {relative!r} contains a NUL byte")
-        if relative.startswith("/") or relative.startswith("\\"):
+        if relative.startswith(("/", "\\")):
             raise InvalidPath(f"path {relative!r} is absolute; give a path relative to the workspace root")
         pure = PurePosixPath(relative)
         if ".." in pure.parts:
@@ -156,7 +162,9 @@ class WorkspaceRoot:
         encoded = os.fsencode(relative)
         if len(encoded) >= PATH_MAX or any(len(os.fsencode(part)) > NAME_MAX for part in pure.parts):
             shown = relative if len(relative) <= 80 else relative[:60] + "..."
-            raise InvalidPath(f"path {shown!r} is longer than the filesystem allows ({NAME_MAX} bytes a name, {PATH_MAX} a path)")
+            raise InvalidPath(
+                f"path {shown!r} is longer than the filesystem allows ({NAME_MAX} bytes a name, {PATH_MAX} a path)"
+            )
         return pure
 
     # ------------------------------------------------------------ atomic, fd-based access

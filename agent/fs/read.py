@@ -80,9 +80,13 @@ class FileReader:
             size = st.st_size
             if size <= self.hash_limit:
                 # Whole file in memory: the hash needs all of it anyway, and ranges are then slices.
-                data = _read_all(fd, size) if size <= INLINE_READ_LIMIT else await asyncio.to_thread(_read_all, fd, size)
+                data = (
+                    _read_all(fd, size) if size <= INLINE_READ_LIMIT else await asyncio.to_thread(_read_all, fd, size)
+                )
                 info = self._info(path, st, len(data), hashlib.sha256(data).hexdigest(), data)
-                start, stop = _line_span((data,), range_) if isinstance(range_, LineRange) else _byte_span(range_, len(data))
+                start, stop = (
+                    _line_span((data,), range_) if isinstance(range_, LineRange) else _byte_span(range_, len(data))
+                )
                 yield info
                 for offset in range(start, stop, chunk_size):
                     yield Chunk(offset, data[offset : min(offset + chunk_size, stop)])

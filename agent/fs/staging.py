@@ -9,11 +9,13 @@ That directory is the agent's own: REPLACE never moves it away and CreateArchive
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import secrets
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from agent.errors import PreconditionFailed
@@ -99,7 +101,7 @@ def remove_tree_at(dir_fd: int, name: str) -> None:
                     if entry.is_dir(follow_symlinks=False):
                         child = entry.name
                         break
-                    _retry_writable(current, lambda entry=entry: os.unlink(entry.name, dir_fd=current))
+                    _retry_writable(current, functools.partial(os.unlink, entry.name, dir_fd=current))
             if child is not None:
                 opened = _open_for_removal(current, child)
                 os.close(current)
@@ -112,7 +114,7 @@ def remove_tree_at(dir_fd: int, name: str) -> None:
             os.close(current)
             current = parent
             emptied = below.pop()
-            _retry_writable(current, lambda: os.rmdir(emptied, dir_fd=current))
+            _retry_writable(current, functools.partial(os.rmdir, emptied, dir_fd=current))
     finally:
         os.close(current)
     os.rmdir(name, dir_fd=dir_fd)  # the parent is not ours to lend permissions of
@@ -127,7 +129,7 @@ def _open_for_removal(dir_fd: int, name: str) -> int:
         return os.open(name, flags, dir_fd=dir_fd)
 
 
-def _retry_writable(dir_fd: int, remove) -> None:  # noqa: ANN001 - a no-argument callable
+def _retry_writable(dir_fd: int, remove: Callable[[], None]) -> None:
     try:
         remove()
     except PermissionError:
@@ -151,11 +153,15 @@ def make_private_directory(root: WorkspaceRoot, prefix: str) -> tuple[int, PureP
             except FileExistsError:
                 pass  # another operation's, or a leftover: each uses its own subdirectory
             try:
-                parent = os.open(STAGING_DIR_NAME, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+                parent = os.open(
+                    STAGING_DIR_NAME, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd
+                )
             except FileNotFoundError:
                 continue  # removed by the last user between the two calls
             except OSError:
-                raise PreconditionFailed(f"{STAGING_DIR_NAME} in the workspace root is not a directory; remove it") from None
+                raise PreconditionFailed(
+                    f"{STAGING_DIR_NAME} in the workspace root is not a directory; remove it"
+                ) from None
         finally:
             os.close(root_fd)
         try:

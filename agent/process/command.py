@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -13,7 +14,7 @@ import termios
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from agent.errors import InvalidArgument
 from agent.process.output import OutputBuffer, OutputStream
@@ -139,7 +140,7 @@ class Command:
         cls,
         argv: list[str],
         *,
-        cwd: Path,
+        cwd: os.PathLike[str],
         display_cwd: str,
         env: dict[str, str] | None,
         pty: PtySize | None,
@@ -227,10 +228,8 @@ class Command:
 
     def signal_group(self, signum: int) -> None:
         """Sends a signal to the command's process group, if any of it is left."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            pass
 
     async def terminate(self, signum: int = signal.SIGTERM, grace: float = KILL_GRACE) -> CommandExit:
         """Sends `signum` to the group, SIGKILL if the leader is still there after `grace` seconds; returns the exit."""
@@ -316,24 +315,33 @@ class _LeaderProcess(asyncio.subprocess.Process):
     ) -> None:
         super().__init__(transport, protocol, loop)
         self.leader_exited = protocol.leader_exited
+        self._pipes = transport
 
     def close(self) -> None:
         """Closes the pipes (some process that left the group may still hold them) once the output is read."""
-        self._transport.close()
+        self._pipes.close()
 
 
 class _LeaderProtocol(asyncio.subprocess.SubprocessStreamProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(limit=READ_CHUNK, loop=loop)
         self.leader_exited: asyncio.Future[int] = loop.create_future()
+        self._subprocess: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._subprocess = transport
+        super().connection_made(transport)
 
     def process_exited(self) -> None:
-        returncode = self._transport.get_returncode()  # the parent may close the transport
+        assert self._subprocess is not None  # connected before any exit
+        returncode = self._subprocess.get_returncode()  # the parent may close the transport
+        assert returncode is not None  # set before process_exited is called
         super().process_exited()
         self.leader_exited.set_result(returncode)
 
 
-async def _create_process(argv: list[str], *, new_session: bool = True, **options: object) -> _LeaderProcess:
+async def _create_process(argv: list[str], *, new_session: bool = True, **options: Any) -> _LeaderProcess:
     """Spawns `argv`, as the leader of a new session (and so of a new process group) unless `argv` makes
     itself one."""
     loop = asyncio.get_running_loop()
@@ -381,8 +389,13 @@ async def _write_fd(fd: int, data: bytes) -> None:
 
 
 async def _fd_ready(add: Callable[..., None], remove: Callable[[int], bool], fd: int) -> None:
-    ready = asyncio.get_running_loop().create_future()
-    add(fd, lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    add(fd, wake)
     try:
         await ready
     finally:

@@ -8,13 +8,12 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.errors import AgentError, AlreadyExists, InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
-from agent.fs.paths import WorkspaceRoot
+from agent.fs.paths import WorkingDirectory, WorkspaceRoot
 from agent.process.command import KILL_GRACE, Command, CommandExit, CommandSpec, Control, PtySize, caller_signal
 from agent.process.output import OutputBuffer, OutputChunk
 from common import telemetry
@@ -67,7 +66,7 @@ class ProcessManager:
     def running_named_processes(self) -> int:
         return sum(1 for command in self._named.values() if command.running)
 
-    async def exec(self, requests: AsyncIterator[CommandSpec | Control]) -> AsyncIterator[ExecEvent]:
+    async def exec(self, requests: AsyncIterator[CommandSpec | Control]) -> AsyncGenerator[ExecEvent, None]:
         """Runs the command of the first request, applies the later ones to it, and streams what happens.
 
         When the caller leaves early, a one-shot command's process group is killed; a named process
@@ -131,7 +130,7 @@ class ProcessManager:
             raise
 
     async def _spawn(
-        self, spec: CommandSpec, argv: list[str], cwd: Path, env: dict[str, str] | None, pty: PtySize | None
+        self, spec: CommandSpec, argv: list[str], cwd: WorkingDirectory, env: dict[str, str] | None, pty: PtySize | None
     ) -> Command:
         """Spawns and registers a command, holding its slot (and name) meanwhile."""
         self._starting += 1
@@ -176,7 +175,7 @@ class ProcessManager:
         """The named processes, oldest first."""
         return list(self._named.values())
 
-    async def attach(self, name: str, from_sequence: int) -> AsyncIterator[AttachEvent]:
+    async def attach(self, name: str, from_sequence: int) -> AsyncGenerator[AttachEvent, None]:
         """`Attached`, the buffered output from `from_sequence`, then live output until the process exits
         (then its exit). Raises NotFound, InvalidArgument (a sequence the process has not reached)."""
         command = self._get(name)

@@ -87,6 +87,8 @@ class DockerRuntime:
     """Workspaces as containers on the Docker engine that DOCKER_HOST (or the default socket) points to."""
 
     name = "docker"
+    # Claims of pool members in this process, one at a time (see _claim); shared by every instance.
+    _claiming = threading.Lock()
 
     def __init__(
         self,
@@ -321,11 +323,15 @@ class DockerRuntime:
                         network.remove()
 
     def _claim(self, container_id: str, session_id: str, resources: ResourceHints) -> Workspace:
-        container = self._docker().containers.get(container_id)
-        if not container.name.startswith(POOL_PREFIX) or container.status != "running":
-            raise FailedPrecondition(f"the pool container {container.name} is {container.status} or claimed already")
-        # Atomic in the engine: fails with 409 Conflict when a container of that name exists.
-        container.rename(f"{CONTAINER_PREFIX}{session_id}")
+        with DockerRuntime._claiming:
+            container = self._docker().containers.get(container_id)
+            if not container.name.startswith(POOL_PREFIX) or container.status != "running":
+                raise FailedPrecondition(f"the pool container {container.name} is {container.status} or claimed already")
+            # Renamed by its pool name, not its id: once renamed, that name finds nothing (404), so a late claim
+            # fails; the new name fails with 409 when a container has it. The engine re-reads a container's
+            # name under its own lock, so only the lock above makes look-up and rename one step (in this
+            # process; another process could not claim the agent anyway: its credential is in ours only).
+            self._docker().api.rename(container.name, f"{CONTAINER_PREFIX}{session_id}")
         memory = resources.memory_mb * 1024 * 1024
         # docker-py's update() knows neither NanoCpus nor PidsLimit: the engine's endpoint, with the very
         # fields create sets, so a claimed container is limited exactly as a cold-started one.

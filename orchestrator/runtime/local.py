@@ -21,7 +21,7 @@ import psutil
 
 from common.constants import TOKEN_ENV
 from common.durable import write_atomically
-from orchestrator.errors import FailedPrecondition
+from orchestrator.errors import FailedPrecondition, InitializationFailed
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 LOCAL_IMAGE = f"local:{sys.executable}"
 STATE_FILE = "workspace.json"
 TOKEN_FILE = "agent-token"
+# The agent binds port 0 and writes the port it got here: chosen by the kernel at bind time, it cannot be
+# taken by another process in between (as a port probed free beforehand could, by another session's agent).
+PORT_FILE = "agent-port"
+# How long the agent may take from spawn to serving (it takes well under a second).
+AGENT_START_TIMEOUT_S = 30.0
 # On SIGTERM the agent kills its commands (SIGKILL 2 s after SIGTERM) and then stops its server (grace 5 s).
 STOP_GRACE_S = 10.0
 # A pool member's directory is `pool-<id>`; a claim records the session in its workspace.json.
@@ -133,10 +138,12 @@ class LocalRuntime:
         session_dir = self.directory / name
         root = session_dir / "app"
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
-        agent_port, preview_port = _free_ports(self.host_address, 2)
+        (preview_port,) = _free_ports(self.host_address, 1)
         inherited = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
         environment = {**inherited, **env, "PORT": str(preview_port)}
         token_file = await asyncio.to_thread(_write_token, session_dir, token)
+        port_file = session_dir / PORT_FILE
+        port_file.unlink(missing_ok=True)  # left by an earlier agent of this session
         if self.trust_bundle is not None:
             environment.update(trust_env(str(self.trust_bundle)))
         # The working directory is not the workspace root: `python -m` puts it first on sys.path, and a
@@ -144,12 +151,13 @@ class LocalRuntime:
         with open(session_dir / "agent.log", "ab") as log:
             process = await asyncio.create_subprocess_exec(
                 # --root last: _is_agent recognises the agent by it.
-                sys.executable, "-m", "agent", "--token-file", str(token_file),
-                "--listen", f"{self.host_address}:{agent_port}", "--root", str(root),
+                sys.executable, "-m", "agent", "--token-file", str(token_file), "--port-file", str(port_file),
+                "--listen", f"{self.host_address}:0", "--root", str(root),
                 cwd=session_dir, env=environment, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # its own process group, outside the orchestrator's terminal signals
             )  # fmt: skip
         self._children[name] = process
+        agent_port = await _serving_port(process, port_file, session_dir / "agent.log")
         state = {
             "session_id": session_id,
             "pid": process.pid,
@@ -272,9 +280,35 @@ class LocalRuntime:
         )
 
 
+async def _serving_port(process: asyncio.subprocess.Process, port_file: Path, log: Path) -> int:
+    """The port the agent reports in `port_file` once it serves. Raises InitializationFailed (its process
+    group killed) when it exits first or does not serve within AGENT_START_TIMEOUT_S."""
+    deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+    while process.returncode is None and time.monotonic() < deadline:
+        with suppress(FileNotFoundError):
+            return int(await asyncio.to_thread(port_file.read_text))
+        with suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 0.01)
+    if process.returncode is None:
+        _signal_group(process.pid, signal.SIGKILL)
+        await process.wait()
+        raise InitializationFailed(f"the agent did not serve within {AGENT_START_TIMEOUT_S:.0f} s")
+    last = await asyncio.to_thread(_last_line, log)
+    raise InitializationFailed(f"the agent exited with code {process.returncode} before serving: {last}")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 def _free_ports(host: str, count: int) -> list[int]:
-    """Ports the kernel reports free on `host` now (held open together so they differ). Another process may
-    take one before the workspace binds it; the agent then fails to start and the session reports it."""
+    """Ports the kernel reports free on `host` now (held open together so they differ), for the dev server,
+    which binds $PORT itself. Another process may take one before the dev server binds it; its readiness
+    then fails and the session reports it. (The agent binds port 0 instead: see PORT_FILE.)"""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for sock in sockets:

@@ -15,13 +15,13 @@ from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import InitializationFailed, OrchestratorError
-from orchestrator.install_cache import HIT_ENV, CacheKey, InstallCache
+from orchestrator.install_cache import HIT_ENV, CacheKey, Injected, InstallCache
 from orchestrator.pool import FROM_POOL, WarmPool
 from orchestrator.readiness import wait_until_ready
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.sessions.hot_pool import FROM_HOT_POOL, HOT_DETAIL, HotPool
 from orchestrator.sessions.live import READY, STARTING, LiveSession, reason_of, timestamp_now
-from orchestrator.templates import TemplateArchive, TemplateCatalog, TemplateSpec
+from orchestrator.templates import SKIP, TemplateArchive, TemplateCatalog, TemplateSpec
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,17 @@ class Initialization:
             status.outcome = pb.PHASE_OUTCOME_SKIPPED
             status.detail = "the template has no install command"
             return
-        self._install_key, env, status.detail = await self._from_install_cache()
+        self._install_key, injected = await self._from_install_cache()
+        status.detail = injected.note
+        if injected.exact and template.install_on_cache_hit == SKIP:
+            # node_modules is what this install made before from the same core image, command, package.json
+            # and lockfile: running it again would only verify that.
+            status.outcome = pb.PHASE_OUTCOME_SKIPPED
+            short = self._install_key.key[:12]
+            status.detail = f"install skipped: exact install-cache hit {short} ({injected.restored})"
+            return
+        # The template's own settings win over the hit's defaults.
+        env = {**HIT_ENV, **template.env} if injected.hit else dict(template.env)
         exit_code = await self.live.agent.run(
             template.install_command,
             env=env,
@@ -270,19 +280,16 @@ class Initialization:
             raise InitializationFailed(f"the dev server (`{template.dev_command}`) exited before answering on {url}")
         status.detail = f"{url} answered HTTP {probe.result()}"
 
-    async def _from_install_cache(self) -> tuple[CacheKey, dict[str, str], str]:
+    async def _from_install_cache(self) -> tuple[CacheKey, Injected]:
         """Puts the cached node_modules for the workspace's install in place, if there is one. Returns the
-        install's cache key (empty = not cacheable, or no cache), the install's environment and a note."""
+        install's cache key (empty = not cacheable, or no cache) and what was injected."""
         template, agent = self.template, self.live.agent
         if self._install_cache is None:
-            return CacheKey(""), dict(template.env), "install cache off"
+            return CacheKey(""), Injected(False, "install cache off")
         key = await self._install_cache.key(agent, template.install_command, self.live.session.image)
         if not key:
-            return key, dict(template.env), key.note
-        injected = await self._install_cache.inject(agent, key)
-        # The template's own settings win over the hit's defaults.
-        env = {**HIT_ENV, **template.env} if injected.hit else dict(template.env)
-        return key, env, injected.note
+            return key, Injected(False, key.note)
+        return key, await self._install_cache.inject(agent, key)
 
     # Every phase from a bare core image to READY, in order. A caller may pass its own sequence (a pool's
     # claim in place of start_container, or only the last steps for a workspace prepared ahead).

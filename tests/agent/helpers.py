@@ -42,4 +42,4 @@ async def status_of_stream(call: AsyncIterable[Any]) -> tuple[grpc.StatusCode, s
     with pytest.raises(aio.AioRpcError) as error:
         async for _ in call:
             pass
-    return error.value.code(), error.value.details()
+    return error.value.code(), error.value.details() or ""

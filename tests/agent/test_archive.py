@@ -61,7 +61,11 @@ def populate(root: Path) -> None:
     (root / "node_modules" / "dep" / "index.js").write_text("module.exports = 1;\n")
 
 
-def targz(*members: tuple[tarfile.TarInfo, bytes | None], format: int = tarfile.PAX_FORMAT, pax_headers: dict[str, str] | None = None) -> bytes:
+def targz(
+    *members: tuple[tarfile.TarInfo, bytes | None],
+    format: int = tarfile.PAX_FORMAT,
+    pax_headers: dict[str, str] | None = None,
+) -> bytes:
     """A tar.gz of exactly these members, however unsafe: the archives a hostile client could send."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", format=format, pax_headers=pax_headers) as tar:
@@ -72,7 +76,9 @@ def targz(*members: tuple[tarfile.TarInfo, bytes | None], format: int = tarfile.
     return buffer.getvalue()
 
 
-def member(name: str, content: bytes | None = b"data", *, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes | None]:
+def member(
+    name: str, content: bytes | None = b"data", *, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = link
@@ -81,7 +87,9 @@ def member(name: str, content: bytes | None = b"data", *, kind: bytes = tarfile.
     return info, content if kind == tarfile.REGTYPE else None
 
 
-def upload(data: bytes, destination: str = "", mode: int = REPLACE, expected_sha256: str = "") -> AsyncIterator[pb.ExtractArchiveRequest]:
+def upload(
+    data: bytes, destination: str = "", mode: int = REPLACE, expected_sha256: str = ""
+) -> AsyncIterator[pb.ExtractArchiveRequest]:
     async def requests() -> AsyncIterator[pb.ExtractArchiveRequest]:
         spec = pb.ExtractArchiveSpec(destination=destination, mode=mode, expected_sha256=expected_sha256)
         yield pb.ExtractArchiveRequest(spec=spec)
@@ -91,14 +99,18 @@ def upload(data: bytes, destination: str = "", mode: int = REPLACE, expected_sha
     return requests()
 
 
-async def extract(agent: AgentTarget, data: bytes, destination: str = "", mode: int = REPLACE, expected_sha256: str = "") -> pb.ExtractArchiveResponse:
+async def extract(
+    agent: AgentTarget, data: bytes, destination: str = "", mode: int = REPLACE, expected_sha256: str = ""
+) -> pb.ExtractArchiveResponse:
     return await agent.stub.ExtractArchive(upload(data, destination, mode, expected_sha256), metadata=agent.metadata)
 
 
 async def create(agent: AgentTarget, path: str = "", **options: object) -> tuple[bytes, pb.ArchiveSummary, list[bytes]]:
     chunks: list[bytes] = []
     summary = None
-    async for response in agent.stub.CreateArchive(pb.CreateArchiveRequest(path=path, **options), metadata=agent.metadata):
+    async for response in agent.stub.CreateArchive(
+        pb.CreateArchiveRequest(path=path, **options), metadata=agent.metadata
+    ):
         assert summary is None, "the summary must be the last message"
         if response.WhichOneof("event") == "chunk":
             chunks.append(response.chunk)
@@ -142,7 +154,16 @@ async def test_same_tree_gives_identical_archives_in_bounded_chunks(small_agent:
     assert len(chunks) > 1 and all(len(chunk) <= 4096 for chunk in chunks)
     with tarfile.open(fileobj=io.BytesIO(first), mode="r:gz") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members] == ["empty", "main.ts", "run.sh", "secret.env", "src", "src/index.ts", "src/lib", "src/lib/util.ts"]
+    assert [m.name for m in members] == [
+        "empty",
+        "main.ts",
+        "run.sh",
+        "secret.env",
+        "src",
+        "src/index.ts",
+        "src/lib",
+        "src/lib/util.ts",
+    ]
     assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, "", "")}
     assert next(m for m in members if m.name == "main.ts").linkname == "src/index.ts"
 
@@ -281,7 +302,12 @@ async def test_a_swap_failing_part_way_is_rolled_back(agent: AgentTarget, immuta
     immutable(agent.root / "z")
     before = snapshot(agent.root)
     # REPLACE moves `a.txt` aside, then cannot move `z`: everything must go back.
-    await assert_refused(agent, upload(targz(member("new.txt", b"n"))), grpc.StatusCode.FAILED_PRECONDITION, "the destination was restored")
+    await assert_refused(
+        agent,
+        upload(targz(member("new.txt", b"n"))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the destination was restored",
+    )
     assert snapshot(agent.root) == before
 
 
@@ -348,19 +374,35 @@ def with_pax(entry: tuple[tarfile.TarInfo, bytes | None], **records: str) -> tup
 GOOD = member("good.txt", b"accepted before the bad member")
 
 REFUSALS: dict[str, tuple[Callable[[], bytes], str, grpc.StatusCode, str]] = {
-    "absolute member": (lambda: targz(GOOD, member("/etc/evil")), "", grpc.StatusCode.INVALID_ARGUMENT, "'/etc/evil' is an absolute path"),
-    "dotdot member": (lambda: targz(GOOD, member("a/../../evil")), "", grpc.StatusCode.INVALID_ARGUMENT, "'a/../../evil' contains '..'"),
+    "absolute member": (
+        lambda: targz(GOOD, member("/etc/evil")),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'/etc/evil' is an absolute path",
+    ),
+    "dotdot member": (
+        lambda: targz(GOOD, member("a/../../evil")),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'a/../../evil' contains '..'",
+    ),
     "absolute symlink": (
         lambda: targz(GOOD, member("passwd", kind=tarfile.SYMTYPE, link="/etc/passwd")),
-        "", grpc.StatusCode.INVALID_ARGUMENT, "'passwd' -> '/etc/passwd' points to an absolute path",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'passwd' -> '/etc/passwd' points to an absolute path",
     ),
     "symlink up and out": (
         lambda: targz(GOOD, member("a/up", kind=tarfile.SYMTYPE, link="../../..")),
-        "", grpc.StatusCode.INVALID_ARGUMENT, "'a/up' -> '../../..' leads out",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'a/up' -> '../../..' leads out",
     ),
     "symlink out of the destination but inside the root": (
         lambda: targz(GOOD, member("sibling", kind=tarfile.SYMTYPE, link="../other")),
-        "sub", grpc.StatusCode.INVALID_ARGUMENT, "'sibling' -> '../other' leads out of the destination",
+        "sub",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'sibling' -> '../other' leads out of the destination",
     ),
     "symlink chain that escapes only together": (
         lambda: targz(
@@ -369,44 +411,116 @@ REFUSALS: dict[str, tuple[Callable[[], bytes], str, grpc.StatusCode, str]] = {
             member("deep", None, kind=tarfile.DIRTYPE, mode=0o755),
             member("deep/s", kind=tarfile.SYMTYPE, link=".."),
         ),
-        "", grpc.StatusCode.INVALID_ARGUMENT, "'t' -> 'deep/s/..' leads out",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'t' -> 'deep/s/..' leads out",
     ),
     "write through a symlink": (
         lambda: targz(GOOD, member("l", kind=tarfile.SYMTYPE, link="."), member("l/x.txt")),
-        "", grpc.StatusCode.INVALID_ARGUMENT, "'l/x.txt' is below 'l', which is a symlink",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'l/x.txt' is below 'l', which is a symlink",
     ),
     "hardlink out": (
         lambda: targz(GOOD, member("h", kind=tarfile.LNKTYPE, link="../../etc/passwd")),
-        "", grpc.StatusCode.INVALID_ARGUMENT, "hardlink member 'h' points to '../../etc/passwd', which contains '..'",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "hardlink member 'h' points to '../../etc/passwd', which contains '..'",
     ),
     "hardlink to a non-member": (
         lambda: targz(GOOD, member("h", kind=tarfile.LNKTYPE, link="etc/passwd")),
-        "", grpc.StatusCode.INVALID_ARGUMENT, "'etc/passwd', which is not a regular file earlier in the archive",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'etc/passwd', which is not a regular file earlier in the archive",
     ),
-    "character device": (lambda: targz(GOOD, member("null", kind=tarfile.CHRTYPE)), "", grpc.StatusCode.INVALID_ARGUMENT, "'null' is a device node"),
-    "block device": (lambda: targz(GOOD, member("sda", kind=tarfile.BLKTYPE)), "", grpc.StatusCode.INVALID_ARGUMENT, "'sda' is a device node"),
-    "setuid file": (lambda: targz(GOOD, member("tool", b"#!/bin/sh", mode=0o4755)), "", grpc.StatusCode.INVALID_ARGUMENT, "'tool' has setuid/setgid bits"),
-    "setgid directory": (lambda: targz(GOOD, member("shared", None, kind=tarfile.DIRTYPE, mode=0o2775)), "", grpc.StatusCode.INVALID_ARGUMENT, "'shared/' has setuid/setgid bits"),
-    "fifo": (lambda: targz(GOOD, member("pipe", kind=tarfile.FIFOTYPE)), "", grpc.StatusCode.INVALID_ARGUMENT, "'pipe' is a FIFO"),
+    "character device": (
+        lambda: targz(GOOD, member("null", kind=tarfile.CHRTYPE)),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'null' is a device node",
+    ),
+    "block device": (
+        lambda: targz(GOOD, member("sda", kind=tarfile.BLKTYPE)),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'sda' is a device node",
+    ),
+    "setuid file": (
+        lambda: targz(GOOD, member("tool", b"#!/bin/sh", mode=0o4755)),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'tool' has setuid/setgid bits",
+    ),
+    "setgid directory": (
+        lambda: targz(GOOD, member("shared", None, kind=tarfile.DIRTYPE, mode=0o2775)),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'shared/' has setuid/setgid bits",
+    ),
+    "fifo": (
+        lambda: targz(GOOD, member("pipe", kind=tarfile.FIFOTYPE)),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'pipe' is a FIFO",
+    ),
     "staging directory member": (
         lambda: targz(GOOD, member(f"{STAGING}/x")),
-        "", grpc.StatusCode.INVALID_ARGUMENT, "reserved staging directory",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "reserved staging directory",
     ),
-    "NUL byte in a pax path": (lambda: targz(GOOD, with_pax(member("x"), path="a\0b")), "", grpc.StatusCode.INVALID_ARGUMENT, "'a\\x00b' contains a NUL byte"),
-    "negative pax size": (lambda: targz(GOOD, with_pax(member("x"), size="-5")), "", grpc.StatusCode.INVALID_ARGUMENT, "bad size or mtime in the pax header of 'x'"),
-    "not gzip": (lambda: b"this is plain text, not an archive", "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
+    "NUL byte in a pax path": (
+        lambda: targz(GOOD, with_pax(member("x"), path="a\0b")),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'a\\x00b' contains a NUL byte",
+    ),
+    "negative pax size": (
+        lambda: targz(GOOD, with_pax(member("x"), size="-5")),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad size or mtime in the pax header of 'x'",
+    ),
+    "not gzip": (
+        lambda: b"this is plain text, not an archive",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not valid gzip data",
+    ),
     "corrupt gzip": (corrupt_gzip, "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
     "truncated gzip": (truncated_gzip, "", grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
-    "tar cut inside a member": (tar_cut_inside_a_member, "", grpc.StatusCode.INVALID_ARGUMENT, "ends inside a member's content"),
-    "corrupt tar header": (lambda: damaged_second_header(b"\xee" * 512), "", grpc.StatusCode.INVALID_ARGUMENT, "header at offset 1024 of the tar data has a bad checksum"),
-    "zeroed tar header": (lambda: damaged_second_header(bytes(512)), "", grpc.StatusCode.INVALID_ARGUMENT, "empty header at offset 1024 of the tar data is followed by more data"),
-    "garbage after the gzip stream": (lambda: targz(GOOD) + b"trailing garbage", "", grpc.StatusCode.INVALID_ARGUMENT, "not valid gzip data"),
+    "tar cut inside a member": (
+        tar_cut_inside_a_member,
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ends inside a member's content",
+    ),
+    "corrupt tar header": (
+        lambda: damaged_second_header(b"\xee" * 512),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "header at offset 1024 of the tar data has a bad checksum",
+    ),
+    "zeroed tar header": (
+        lambda: damaged_second_header(bytes(512)),
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "empty header at offset 1024 of the tar data is followed by more data",
+    ),
+    "garbage after the gzip stream": (
+        lambda: targz(GOOD) + b"trailing garbage",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not valid gzip data",
+    ),
     "gzip of nothing": (lambda: gzip_of(b""), "", grpc.StatusCode.INVALID_ARGUMENT, "holds no tar data"),
     "empty upload": (lambda: b"", "", grpc.StatusCode.INVALID_ARGUMENT, "archive is empty"),
 }
 
 
-async def assert_refused(agent: AgentTarget, requests: AsyncIterator[pb.ExtractArchiveRequest], code: grpc.StatusCode, fragment: str) -> None:
+async def assert_refused(
+    agent: AgentTarget, requests: AsyncIterator[pb.ExtractArchiveRequest], code: grpc.StatusCode, fragment: str
+) -> None:
     before = snapshot(agent.root)
     with pytest.raises(aio.AioRpcError) as error:
         await agent.stub.ExtractArchive(requests, metadata=agent.metadata)
@@ -439,7 +553,12 @@ async def test_a_link_planted_as_the_staging_directory_is_not_followed(agent: Ag
 async def test_checksum_mismatch_is_data_loss(agent: AgentTarget) -> None:
     populate(agent.root)
     archive = targz(member("a.txt", b"a"))
-    await assert_refused(agent, upload(archive, expected_sha256="0" * 64), grpc.StatusCode.DATA_LOSS, f"archive sha256 is {hashlib.sha256(archive).hexdigest()}")
+    await assert_refused(
+        agent,
+        upload(archive, expected_sha256="0" * 64),
+        grpc.StatusCode.DATA_LOSS,
+        f"archive sha256 is {hashlib.sha256(archive).hexdigest()}",
+    )
 
 
 def metadata_bomb(size: int = 1_000_000) -> bytes:
@@ -451,19 +570,26 @@ def metadata_bomb(size: int = 1_000_000) -> bytes:
 
 async def test_oversized_extended_header_is_resource_exhausted(agent: AgentTarget) -> None:
     # Within the default limits' inflate allowance, but no real pax header is a few MiB.
-    await assert_refused(agent, upload(metadata_bomb(3_000_000)), grpc.StatusCode.RESOURCE_EXHAUSTED, "-byte extended header at offset 0")
+    await assert_refused(
+        agent, upload(metadata_bomb(3_000_000)), grpc.StatusCode.RESOURCE_EXHAUSTED, "-byte extended header at offset 0"
+    )
 
 
 @pytest.mark.parametrize(
     ("archive", "fragment"),
     [
         (lambda: targz(*(member(f"f{i}", b"x") for i in range(21))), "more than 20 members"),
-        (lambda: targz(member("a", b"a" * 40_000), member("b", b"b" * 40_000)), "exceeds 65536 bytes (the archive size limit) at member 'b'"),
+        (
+            lambda: targz(member("a", b"a" * 40_000), member("b", b"b" * 40_000)),
+            "exceeds 65536 bytes (the archive size limit) at member 'b'",
+        ),
         (metadata_bomb, "archive inflates to more than 147456 bytes"),
     ],
     ids=["file count", "content size", "metadata size"],
 )
-async def test_archives_over_the_limits_are_resource_exhausted(small_agent: AgentTarget, archive: Callable[[], bytes], fragment: str) -> None:
+async def test_archives_over_the_limits_are_resource_exhausted(
+    small_agent: AgentTarget, archive: Callable[[], bytes], fragment: str
+) -> None:
     (small_agent.root / "app.js").write_text("original")
     await assert_refused(small_agent, upload(archive()), grpc.StatusCode.RESOURCE_EXHAUSTED, fragment)
 
@@ -485,11 +611,19 @@ async def test_gzip_bomb_stops_before_inflating_it_all(small_agent: AgentTarget)
         ([pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec(destination=f"{STAGING}/x"))], "staging area"),
         ([pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec(destination="run.sh"))], "is not a directory"),
         ([pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec(expected_sha256="abc"))], "not 64 hex digits"),
-        ([pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec()), pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec())], "only the first"),
+        (
+            [
+                pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec()),
+                pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec()),
+            ],
+            "only the first",
+        ),
     ],
     ids=["no spec", "dotdot destination", "staging destination", "file destination", "bad sha256", "second spec"],
 )
-async def test_bad_specs_are_invalid_argument(agent: AgentTarget, requests: list[pb.ExtractArchiveRequest], fragment: str) -> None:
+async def test_bad_specs_are_invalid_argument(
+    agent: AgentTarget, requests: list[pb.ExtractArchiveRequest], fragment: str
+) -> None:
     populate(agent.root)
 
     async def stream() -> AsyncIterator[pb.ExtractArchiveRequest]:
@@ -566,11 +700,17 @@ async def test_create_over_the_file_limit_is_resource_exhausted_before_any_chunk
         (pb.CreateArchiveRequest(path="run.sh"), grpc.StatusCode.INVALID_ARGUMENT, "run.sh is not a directory"),
         (pb.CreateArchiveRequest(path="../elsewhere"), grpc.StatusCode.INVALID_ARGUMENT, "contains '..'"),
         (pb.CreateArchiveRequest(path=STAGING), grpc.StatusCode.INVALID_ARGUMENT, "the agent's staging area"),
-        (pb.CreateArchiveRequest(excludes=["!"]), grpc.StatusCode.INVALID_ARGUMENT, "bad exclude pattern: Invalid git pattern: '!'"),
+        (
+            pb.CreateArchiveRequest(excludes=["!"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad exclude pattern: Invalid git pattern: '!'",
+        ),
     ],
     ids=["missing", "file", "dotdot", "staging", "bad pattern"],
 )
-async def test_create_of_a_bad_path_or_pattern(agent: AgentTarget, request_: pb.CreateArchiveRequest, code: grpc.StatusCode, fragment: str) -> None:
+async def test_create_of_a_bad_path_or_pattern(
+    agent: AgentTarget, request_: pb.CreateArchiveRequest, code: grpc.StatusCode, fragment: str
+) -> None:
     populate(agent.root)
     (agent.root / STAGING).mkdir()
     got, details = await status_of_stream(agent.stub.CreateArchive(request_, metadata=agent.metadata))
@@ -623,10 +763,13 @@ async def test_a_very_deep_member_path_is_extracted_or_refused_and_leaves_no_sta
             assert str(agent.root) not in error.details() and "/app" not in error.details()
         assert not (agent.root / ".workspace-agent").exists()
     # What was extracted is archived and deleted like any tree, however deep.
-    data, summary, _ = await create(agent, "deep")
-    assert 1 <= extracted < 4 and summary.files == extracted  # 600 components never fit; how many fit depends on the root's own path
+    _data, summary, _ = await create(agent, "deep")
+    assert (
+        1 <= extracted < 4 and summary.files == extracted
+    )  # 600 components never fit; how many fit depends on the root's own path
     await agent.stub.Edit(
-        pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path="deep", recursive=True))]), metadata=agent.metadata
+        pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path="deep", recursive=True))]),
+        metadata=agent.metadata,
     )
     assert os.listdir(agent.root) == []
 
@@ -664,7 +807,7 @@ async def test_what_a_killed_agent_left_is_removed_when_the_agent_starts(tmp_pat
         server, target = await start_inprocess_agent(root)
         try:
             assert os.listdir(root) == ["kept.txt"]
-            data, summary, _ = await create(target, "")
+            data, _summary, _ = await create(target, "")
             assert member_names(data) == ["kept.txt"]
         finally:
             await target.channel.close()

@@ -45,7 +45,7 @@ def swapping(root: Path, outside: str) -> Iterator[None]:
 
     failures: list[BaseException] = []
 
-    def clear_then(step) -> None:  # noqa: ANN001 - a no-argument callable
+    def clear_then(step) -> None:
         # A call may rightly create `inside/` while it is missing (edits and extractions make
         # parents): that one is removed, as often as it takes, before the next step of the swap.
         while True:
@@ -98,7 +98,7 @@ def race(agent: AgentTarget, tmp_path: Path) -> tuple[AgentTarget, str, Path | N
     return agent, "/etc", None
 
 
-def plain_stub(agent: AgentTarget) -> tuple[aio.Channel, agent_pb2_grpc.AgentServiceStub]:
+def plain_stub(agent: AgentTarget) -> tuple[aio.Channel, agent_pb2_grpc.AgentServiceAsyncStub]:
     # Without the container target's hand-over interceptor, which walks the tree the swap is changing.
     channel = aio.insecure_channel(agent.address)
     return channel, agent_pb2_grpc.AgentServiceStub(channel)
@@ -121,14 +121,23 @@ async def _reads_and_edits_in_a_race(agent: AgentTarget, outside: str, host_outs
         with swapping(agent.root, outside):
             for i in range(CALLS):
                 try:
-                    chunks = [r.chunk.data async for r in stub.Read(pb.ReadRequest(path="inside/data.txt"), metadata=agent.metadata) if r.HasField("chunk")]
+                    chunks = [
+                        r.chunk.data
+                        async for r in stub.Read(pb.ReadRequest(path="inside/data.txt"), metadata=agent.metadata)
+                        if r.HasField("chunk")
+                    ]
                     assert b"".join(chunks) == INSIDE
                     reads += 1
                 except aio.AioRpcError as error:
                     assert error.code() in RACE_CODES, error.details()
                 try:
                     await stub.Edit(
-                        pb.EditRequest(operations=[write(f"inside/new-{i}.txt", b"x"), replace("inside/data.txt", "inside", "inside")]),
+                        pb.EditRequest(
+                            operations=[
+                                write(f"inside/new-{i}.txt", b"x"),
+                                replace("inside/data.txt", "inside", "inside"),
+                            ]
+                        ),
                         metadata=agent.metadata,
                     )
                     writes += 1
@@ -157,14 +166,22 @@ async def test_search_exec_and_archives_never_escape_through_a_swapped_directory
         with swapping(agent.root, outside):
             for _ in range(CALLS // 3):
                 try:
-                    responses = [r async for r in stub.Search(pb.SearchRequest(path="inside", pattern="OUTSIDE"), metadata=agent.metadata)]
+                    responses = [
+                        r
+                        async for r in stub.Search(
+                            pb.SearchRequest(path="inside", pattern="OUTSIDE"), metadata=agent.metadata
+                        )
+                    ]
                     assert not [h for r in responses for h in r.hits]
                     ran += 1
                 except aio.AioRpcError as error:
                     assert error.code() in RACE_CODES, error.details()
                 try:
                     output = b""
-                    call = stub.Exec(iter([pb.ExecRequest(start=pb.ExecStart(argv=["cat", "data.txt"], cwd="inside"))]), metadata=agent.metadata)
+                    call = stub.Exec(
+                        iter([pb.ExecRequest(start=pb.ExecStart(argv=["cat", "data.txt"], cwd="inside"))]),
+                        metadata=agent.metadata,
+                    )
                     async for event in call:
                         if event.HasField("output"):
                             output += event.output.data
@@ -175,14 +192,16 @@ async def test_search_exec_and_archives_never_escape_through_a_swapped_directory
                 except aio.AioRpcError as error:
                     assert error.code() in RACE_CODES, error.details()
                 try:
-                    async for r in stub.CreateArchive(pb.CreateArchiveRequest(path="inside"), metadata=agent.metadata):
+                    async for _ in stub.CreateArchive(pb.CreateArchiveRequest(path="inside"), metadata=agent.metadata):
                         pass
                     ran += 1
                 except aio.AioRpcError as error:
                     assert error.code() in RACE_CODES, error.details()
                 try:
                     requests = [
-                        pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec(destination="inside/unpacked", mode=pb.EXTRACT_MODE_MERGE)),
+                        pb.ExtractArchiveRequest(
+                            spec=pb.ExtractArchiveSpec(destination="inside/unpacked", mode=pb.EXTRACT_MODE_MERGE)
+                        ),
                         pb.ExtractArchiveRequest(chunk=archive.getvalue()),
                     ]
                     await stub.ExtractArchive(iter(requests), metadata=agent.metadata)

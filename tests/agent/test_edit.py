@@ -59,7 +59,7 @@ async def refused(agent: AgentTarget, *operations: pb.EditOperation) -> tuple[gr
     with pytest.raises(aio.AioRpcError) as error:
         await edit(agent, *operations)
     assert snapshot(agent.root) == before
-    return error.value.code(), error.value.details()
+    return error.value.code(), error.value.details() or ""
 
 
 async def test_write_creates_parents_and_reports_sha256(agent: AgentTarget) -> None:
@@ -269,7 +269,9 @@ async def test_paths_outside_the_root_are_refused_for_every_operation(agent: Age
             move(path, "stolen.txt"),
         ):
             code, _ = await refused(agent, operation)
-            expected = grpc.StatusCode.PERMISSION_DENIED if path.startswith("out/") else grpc.StatusCode.INVALID_ARGUMENT
+            expected = (
+                grpc.StatusCode.PERMISSION_DENIED if path.startswith("out/") else grpc.StatusCode.INVALID_ARGUMENT
+            )
             assert code == expected, (path, operation)
     # The link itself lies inside the root: it may be moved or deleted, never followed.
     await edit(agent, move("out", "moved-link"), delete("moved-link"))
@@ -292,7 +294,9 @@ async def test_a_failure_while_applying_rolls_back_every_step(agent: AgentTarget
     assert snapshot(agent.root) == before  # restored, and no temp file or backup left behind
 
 
-async def test_an_edit_whose_diff_exceeds_the_message_limit_is_applied_and_reported_with_a_cut_diff(agent: AgentTarget) -> None:
+async def test_an_edit_whose_diff_exceeds_the_message_limit_is_applied_and_reported_with_a_cut_diff(
+    agent: AgentTarget,
+) -> None:
     # Three files of 900 KB whose every line changes: a diff of about 5.4 MB, past the 4 MiB message limit.
     line = "const a = 1; // " + "x" * 40 + "\n"
     lines = 900_000 // len(line)
@@ -311,7 +315,9 @@ async def test_an_edit_whose_diff_exceeds_the_message_limit_is_applied_and_repor
     assert reply.ByteSize() < 4 * 1024 * 1024
 
 
-@pytest.mark.inprocess_only("needs root in the test to give a file another owner; the container's hand-over resets owners")
+@pytest.mark.inprocess_only(
+    "needs root in the test to give a file another owner; the container's hand-over resets owners"
+)
 async def test_edit_keeps_the_owner_and_mode_of_a_file_owned_by_another_user(agent: AgentTarget) -> None:
     if os.geteuid() != 0:
         pytest.skip("giving a file another owner needs root")
@@ -344,7 +350,10 @@ def test_an_edit_the_agent_cannot_write_back_with_its_owner_is_refused_before_an
         os.seteuid(1000)  # the agent's user in the core image
         try:
             with pytest.raises(PreconditionFailed) as refusal:
-                plan = EditPlan(WorkspaceRoot(root), [ReplaceText("mine.txt", "mine", "MINE"), ReplaceText("theirs.txt", "theirs", "x")])
+                plan = EditPlan(
+                    WorkspaceRoot(root),
+                    [ReplaceText("mine.txt", "mine", "MINE"), ReplaceText("theirs.txt", "theirs", "x")],
+                )
         finally:
             os.seteuid(0)
             os.setegid(0)
@@ -359,7 +368,13 @@ def test_an_edit_the_agent_cannot_write_back_with_its_owner_is_refused_before_an
 async def test_edits_never_leave_working_files_and_cannot_touch_the_agents_directory(agent: AgentTarget) -> None:
     (agent.root / "src").mkdir()
     (agent.root / "src" / "a.txt").write_text("a\n")
-    await edit(agent, write("src/a.txt", b"b\n"), write("src/b.txt", b"new\n"), move("src/b.txt", "src/c.txt"), delete("src/a.txt"))
+    await edit(
+        agent,
+        write("src/a.txt", b"b\n"),
+        write("src/b.txt", b"new\n"),
+        move("src/b.txt", "src/c.txt"),
+        delete("src/a.txt"),
+    )
     code, _ = await refused(agent, write("src/c.txt", b"x"), replace("src/c.txt", "missing", "y"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert sorted(p.relative_to(agent.root).as_posix() for p in agent.root.rglob("*")) == ["src", "src/c.txt"]

@@ -31,22 +31,32 @@ async def _status(agent: AgentTarget, call: str, path: str) -> tuple[grpc.Status
         if call == "read":
             [r async for r in agent.stub.Read(pb.ReadRequest(path=path), metadata=m)]
         elif call == "write":
-            await agent.stub.Edit(pb.EditRequest(operations=[pb.EditOperation(write=pb.WriteFile(path=path, content=b"x"))]), metadata=m)
+            await agent.stub.Edit(
+                pb.EditRequest(operations=[pb.EditOperation(write=pb.WriteFile(path=path, content=b"x"))]), metadata=m
+            )
         elif call == "delete":
-            await agent.stub.Edit(pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path=path, recursive=True))]), metadata=m)
+            await agent.stub.Edit(
+                pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path=path, recursive=True))]),
+                metadata=m,
+            )
         elif call == "search":
             [r async for r in agent.stub.Search(pb.SearchRequest(path=path, pattern="x"), metadata=m)]
         elif call == "archive":
             [r async for r in agent.stub.CreateArchive(pb.CreateArchiveRequest(path=path), metadata=m)]
         elif call == "exec":
-            [r async for r in agent.stub.Exec(iter([pb.ExecRequest(start=pb.ExecStart(argv=["true"], cwd=path))]), metadata=m)]
+            [
+                r
+                async for r in agent.stub.Exec(
+                    iter([pb.ExecRequest(start=pb.ExecStart(argv=["true"], cwd=path))]), metadata=m
+                )
+            ]
         else:
             await agent.stub.ExtractArchive(iter([
                 pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec(destination=path)),
                 pb.ExtractArchiveRequest(chunk=_targz(tarfile.TarInfo("f"))),
             ]), metadata=m)  # fmt: skip
     assert snapshot(agent.root) == before
-    details = error.value.details()
+    details = error.value.details() or ""
     assert str(agent.root) not in details and agent.root_in_agent + "/" not in details, details
     return error.value.code(), details
 
@@ -92,12 +102,14 @@ async def test_out_of_range_archive_timestamps_are_invalid_arguments(agent: Agen
                 pb.ExtractArchiveRequest(chunk=data),
             ]), metadata=agent.metadata)  # fmt: skip
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
-        assert "modification time out of range" in error.value.details()
+        assert "modification time out of range" in (error.value.details() or "")
     assert os.listdir(agent.root) == []
 
 
 def _filesystem(path: Path) -> str:
-    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 async def test_too_many_hard_links_to_one_file_is_a_failed_precondition(agent: AgentTarget) -> None:
@@ -117,7 +129,7 @@ async def test_too_many_hard_links_to_one_file_is_a_failed_precondition(agent: A
             pb.ExtractArchiveRequest(spec=pb.ExtractArchiveSpec(destination="links")),
             *(pb.ExtractArchiveRequest(chunk=data.getvalue()[i : i + (1 << 20)]) for i in range(0, len(data.getvalue()), 1 << 20)),
         ]), metadata=agent.metadata)  # fmt: skip
-    details = error.value.details()
+    details = error.value.details() or ""
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, details
     assert "too many links" in details and "member 'l" in details
     assert str(agent.root) not in details and "/app/" not in details
@@ -130,14 +142,26 @@ async def test_a_path_deeper_than_the_recursion_limit_works_through_every_call(a
     channel = aio.insecure_channel(agent.address)
     stub, m = agent_pb2_grpc.AgentServiceStub(channel), agent.metadata
     try:
-        await stub.Edit(pb.EditRequest(operations=[pb.EditOperation(write=pb.WriteFile(path=deep, content=b"deep\n"))]), metadata=m)
+        await stub.Edit(
+            pb.EditRequest(operations=[pb.EditOperation(write=pb.WriteFile(path=deep, content=b"deep\n"))]), metadata=m
+        )
         chunks = [r.chunk.data async for r in stub.Read(pb.ReadRequest(path=deep), metadata=m) if r.HasField("chunk")]
         assert b"".join(chunks) == b"deep\n"
-        hits = [h.match.path async for r in stub.Search(pb.SearchRequest(path="", pattern="deep"), metadata=m) for h in r.hits]
+        hits = [
+            h.match.path
+            async for r in stub.Search(pb.SearchRequest(path="", pattern="deep"), metadata=m)
+            for h in r.hits
+        ]
         assert hits == [deep]
-        summaries = [r.summary async for r in stub.CreateArchive(pb.CreateArchiveRequest(path=""), metadata=m) if r.HasField("summary")]
+        summaries = [
+            r.summary
+            async for r in stub.CreateArchive(pb.CreateArchiveRequest(path=""), metadata=m)
+            if r.HasField("summary")
+        ]
         assert (summaries[0].files, summaries[0].directories) == (1, 1500)
-        await stub.Edit(pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path="d", recursive=True))]), metadata=m)
+        await stub.Edit(
+            pb.EditRequest(operations=[pb.EditOperation(delete=pb.DeletePath(path="d", recursive=True))]), metadata=m
+        )
         assert os.listdir(agent.root) == []
     finally:
         await channel.close()

@@ -220,7 +220,7 @@ async def test_replay_buffer_is_bounded_and_reports_missed_chunks(
     replayed = b"".join(e.output.data for e in events[1:-1])
     assert missed > 0 and missed == info.first_buffered_sequence
     assert events[1].output.sequence == missed
-    assert 0 < len(replayed) <= 1024 + len(line) and replayed == (line * 40).encode()[-len(replayed):]
+    assert 0 < len(replayed) <= 1024 + len(line) and replayed == (line * 40).encode()[-len(replayed) :]
 
 
 async def test_agent_shutdown_stops_named_processes(small_agent: tuple[AgentTarget, AgentServicer]) -> None:

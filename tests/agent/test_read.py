@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,7 +42,7 @@ async def read(agent: AgentTarget, **request) -> tuple[pb.FileInfo, list[pb.Read
 
 def joined(chunks: list[pb.ReadChunk]) -> bytes:
     """The chunks' bytes, checking that each chunk's offset follows the one before."""
-    for before, after in zip(chunks, chunks[1:]):
+    for before, after in itertools.pairwise(chunks):
         assert after.offset == before.offset + len(before.data)
     return b"".join(c.data for c in chunks)
 

@@ -16,7 +16,7 @@ async def test_rpc_without_token_is_unauthenticated(agent: AgentTarget) -> None:
     with pytest.raises(aio.AioRpcError) as err:
         await agent.stub.GetActivity(pb.GetActivityRequest())
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "Bearer" in err.value.details()
+    assert "Bearer" in (err.value.details() or "")
 
 
 async def test_rpc_with_wrong_token_is_unauthenticated(agent: AgentTarget) -> None:

@@ -11,7 +11,7 @@ AGENT = Path(agent.__file__).parent
 
 
 def imported_modules(path: Path) -> set[str]:
-    modules = set()
+    modules: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
@@ -23,7 +23,11 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_fs_and_process_import_no_protobuf() -> None:
     offenders = {
-        str(path.relative_to(AGENT)): sorted(m for m in imported_modules(path) if m.startswith(("workspace.", "google.protobuf")) or m.endswith(("_pb2", "_pb2_grpc")))
+        str(path.relative_to(AGENT)): sorted(
+            m
+            for m in imported_modules(path)
+            if m.startswith(("workspace.", "google.protobuf")) or m.endswith(("_pb2", "_pb2_grpc"))
+        )
         for package in ("fs", "process")
         for path in sorted((AGENT / package).rglob("*.py"))
     }

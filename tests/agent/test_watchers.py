@@ -98,7 +98,9 @@ async def plain(agent: AgentTarget) -> AsyncIterator[AgentTarget]:
 
 
 @pytest.mark.parametrize("round_", range(EDITS_PER_KIND))
-async def test_edits_look_like_ordinary_saves_to_a_file_watcher(plain: AgentTarget, tmp_path: Path, round_: int) -> None:
+async def test_edits_look_like_ordinary_saves_to_a_file_watcher(
+    plain: AgentTarget, tmp_path: Path, round_: int
+) -> None:
     agent = plain
     text = f"export const value = {round_};\n".encode()
     changed = text.replace(b"value", b"answer")

@@ -124,7 +124,9 @@ def test_npm_runs_a_package_script(container: Container, workspace: Path) -> Non
     # npm's own code (not only --version) works for the unprivileged user, as `npm install` will.
     (workspace / "probe").mkdir()
     scripts = {"hello": "node -p process.version"}
-    (workspace / "probe" / "package.json").write_text(json.dumps({"name": "probe", "version": "1.0.0", "scripts": scripts}))
+    (workspace / "probe" / "package.json").write_text(
+        json.dumps({"name": "probe", "version": "1.0.0", "scripts": scripts})
+    )
     hand_over_to_workspace_user(workspace)
     code, output = run_in(container, "sh", "-c", "cd /app/probe && npm run --silent hello")
     assert code == 0 and output.strip().startswith("v20."), output
@@ -174,7 +176,9 @@ def test_healthcheck_reports_an_agent_that_does_not_serve(
     docker_client: docker.DockerClient, core_image: str, tmp_path: Path
 ) -> None:
     # The agent listens elsewhere than the port the check (and the orchestrator) expects.
-    container = run_agent_container(docker_client, core_image, tmp_path, "--listen", "0.0.0.0:3999", healthcheck=FAST_CHECKS)
+    container = run_agent_container(
+        docker_client, core_image, tmp_path, "--listen", "0.0.0.0:3999", healthcheck=FAST_CHECKS
+    )
     try:
         log = wait_for_health(container, "unhealthy")["Log"]
         assert "UNAVAILABLE" in log[-1]["Output"]

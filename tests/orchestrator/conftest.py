@@ -55,7 +55,7 @@ class OrchestratorUnderTest:
     orchestrator: Orchestrator
     config: OrchestratorConfig
     channel: aio.Channel
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
 
     async def close(self) -> None:
         """Stops serving; the sessions keep running, as after a SIGTERM."""
@@ -119,7 +119,7 @@ async def stop_all_workspaces(config: OrchestratorConfig) -> None:
 
 
 async def watch_until_settled(
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, session_id: str, timeout: float = 60
+    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub, session_id: str, timeout: float = 60
 ) -> list[pb.WatchSessionResponse]:
     """Every event of WatchSession until the stream ends (it ends once the session settles)."""
     events = []
@@ -141,3 +141,20 @@ async def http_get(url: str) -> tuple[int, str]:
             return error.code, error.read().decode()
 
     return await asyncio.to_thread(get)
+
+
+async def page_showing(url: str, text: str, timeout_s: float = 30.0) -> tuple[int, str]:
+    """Status and body of the first answer from `url` whose body holds `text`. A dev server that watches its
+    files restarts after an edit: until it listens again, connections fail and are retried. The timeout
+    bounds a hang only; once it passes, the last answer (or connection error) is returned (or raised)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            status, body = await http_get(url)
+        except OSError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+        else:
+            if text in body or asyncio.get_running_loop().time() > deadline:
+                return status, body
+        await asyncio.sleep(0.1)

@@ -85,7 +85,10 @@ async def test_run_reports_lines_per_stream_and_the_exit_code(client: AgentClien
 async def test_run_passes_env_and_cwd(client: AgentClient, agent: AgentTarget) -> None:
     (agent.root / "sub").mkdir()
     lines = Lines()
-    assert await client.run('echo "$GREETING from $(basename "$PWD")"', env={"GREETING": "hi"}, cwd="sub", on_line=lines) == 0
+    assert (
+        await client.run('echo "$GREETING from $(basename "$PWD")"', env={"GREETING": "hi"}, cwd="sub", on_line=lines)
+        == 0
+    )
     assert lines.stdout == ["hi from sub"]
 
 
@@ -191,7 +194,9 @@ async def test_exec_events_stream_a_commands_output_and_its_exit(client: AgentCl
 async def test_edit_read_and_search_a_file(client: AgentClient, agent: AgentTarget) -> None:
     write = pb.EditOperation(write=pb.WriteFile(path="notes.txt", content=b"one\ntwo\n"))
     await client.edit([write])
-    replace = pb.EditOperation(replace=pb.ReplaceText(path="notes.txt", old_text="two", new_text="three", expected_occurrences=1))
+    replace = pb.EditOperation(
+        replace=pb.ReplaceText(path="notes.txt", old_text="two", new_text="three", expected_occurrences=1)
+    )
 
     dry = await client.edit([replace], dry_run=True)
     assert "-two\n+three\n" in dry.diff and (agent.root / "notes.txt").read_bytes() == b"one\ntwo\n"

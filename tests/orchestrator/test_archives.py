@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import tarfile
@@ -20,7 +21,7 @@ UPLOAD = ArchiveOrigin(name="imported", source=pb.ARCHIVE_SOURCE_UPLOADED, templ
 
 def tar_gz(members: Iterable[tarfile.TarInfo | tuple[str, bytes]]) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
         for member in members:
             if isinstance(member, tarfile.TarInfo):
                 archive.addfile(member)
@@ -29,7 +30,8 @@ def tar_gz(members: Iterable[tarfile.TarInfo | tuple[str, bytes]]) -> bytes:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    # No time in the gzip header: the same members give the same bytes whenever they are packed.
+    return gzip.compress(buffer.getvalue(), mtime=0)
 
 
 async def chunked(data: bytes, size: int = 1000) -> AsyncIterator[bytes]:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner, Result
 from common.tools import ENV_BIN
 from orchestrator.cli import app
 from tests.conftest import REPO
-from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, watch_until_settled
+from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, page_showing, watch_until_settled
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 # Wide enough that tables are not wrapped.
@@ -159,7 +159,7 @@ async def test_write_edit_and_read_a_file(orchestrator: OrchestratorUnderTest, t
 
     read = await wsctl(orchestrator, "read", session.id, "notes/todo.txt")
     assert read.stdout == "one\nthree\n"
-    status, page = await http_get(session.preview_url)
+    status, page = await page_showing(session.preview_url, "Hello from a file")
     assert status == 200 and "Hello from a file" in page
 
     missing = await wsctl(orchestrator, "edit", session.id, "notes/todo.txt", "four", "five")
@@ -204,7 +204,10 @@ async def test_watch_shows_a_sessions_progress_until_it_settles(orchestrator: Or
     watched = await wsctl(orchestrator, "watch", session.id)
 
     assert watched.exit_code == 0, watched.output
-    assert watched.stdout.strip() == (await orchestrator.stub.GetSession(pb.GetSessionRequest(id=session.id))).session.preview_url
+    assert (
+        watched.stdout.strip()
+        == (await orchestrator.stub.GetSession(pb.GetSessionRequest(id=session.id))).session.preview_url
+    )
     assert "✓ agent healthy" in watched.stderr
     again = await wsctl(orchestrator, "watch", session.id)  # settled: its history, then the URL
     assert (again.exit_code, again.stdout) == (0, watched.stdout), again.output
@@ -236,7 +239,13 @@ async def test_the_readme_wsctl_lines_work_as_written(orchestrator: Orchestrator
     script = ["set -euo pipefail", f". {ENV_BIN}/activate", *lines[1:]]
     env = {**os.environ, **ENV, "WSCTL_SERVER": f"127.0.0.1:{orchestrator.orchestrator.port}"}
     shell = await asyncio.create_subprocess_exec(
-        "bash", "-c", "\n".join(script), cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        "bash",
+        "-c",
+        "\n".join(script),
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(120):
         stdout, stderr = await shell.communicate()

@@ -101,7 +101,7 @@ async def test_a_session_from_the_hot_pool_is_ready_with_the_phases_of_a_cold_st
 
 @BOTH_RUNTIMES
 async def test_a_template_edited_during_the_claim_leaves_the_session_on_the_content_it_was_created_for(
-    hot: OrchestratorUnderTest,
+    hot: OrchestratorUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = pool_of(hot).members[0]
     runtime = hot.orchestrator.runtime
@@ -111,9 +111,9 @@ async def test_a_template_edited_during_the_claim_leaves_the_session_on_the_cont
         edit_page(hot, "edited during the claim")
         return await claim(*args, **kwargs)
 
-    runtime.claim = edited_then_claimed
+    monkeypatch.setattr(runtime, "claim", edited_then_claimed)
     session = await create_ready(hot, template="node-basic")
-    runtime.claim = claim
+    monkeypatch.undo()
     assert from_hot_pool(session)
     assert "edited during the claim" not in await page(session)
     # The refill is made from the edited template; an entry of the old content is retired, never handed out.
@@ -213,7 +213,9 @@ async def test_a_rebuilt_image_retires_the_entries_made_on_the_old_one(
         assert await pool_of(running).wait_full(FILL_TIMEOUT_S)
         old = pool_of(running).members[0]
         dockerfile = io.BytesIO(f"FROM {orchestrator_config.image}\nLABEL rebuilt={tag}\n".encode())
-        rebuilt, _ = await asyncio.to_thread(client.images.build, fileobj=dockerfile, tag=f"{repository}:{tag}", rm=True)
+        rebuilt, _ = await asyncio.to_thread(
+            client.images.build, fileobj=dockerfile, tag=f"{repository}:{tag}", rm=True
+        )
         assert old.key.split(":")[1] != rebuilt.id.removeprefix("sha256:")[:12]
         await until(lambda: _has_entry_other_than(running, old.key), FILL_TIMEOUT_S + KEY_CHECK_S)
         assert pool_of(running).members[0].key.split(":")[1] == rebuilt.id.removeprefix("sha256:")[:12]

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.agent_client import AgentClient
 from orchestrator.config import OrchestratorConfig
+from orchestrator.install_cache import InstallCache
+from tests.conftest import start_inprocess_agent
 from tests.orchestrator.conftest import (
     OrchestratorUnderTest,
     derive_template,
+    http_get,
     start_orchestrator,
     stop_all_workspaces,
     watch_until_settled,
@@ -117,9 +121,12 @@ async def test_a_changed_lockfile_misses(
 
 
 # Like `npm install` without a lockfile: writes one, and records whether it found one already in place.
-UNLOCKED_INSTALL_SCRIPT = INSTALL_SCRIPT + """\
+UNLOCKED_INSTALL_SCRIPT = (
+    INSTALL_SCRIPT
+    + """\
 if [ -f package-lock.json ]; then echo locked >> "$INSTALL_LOG"; else echo '{"lockfileVersion": 3}' > package-lock.json; fi
 """
+)
 
 
 @pytest.fixture
@@ -143,9 +150,7 @@ async def test_without_a_lockfile_the_second_session_gets_node_modules_and_the_f
     assert runs(unlocked) == ["miss", "hit", "locked"]
 
 
-async def test_an_entry_without_a_lockfile_expires(
-    orchestrator_config: OrchestratorConfig, unlocked: Path
-) -> None:
+async def test_an_entry_without_a_lockfile_expires(orchestrator_config: OrchestratorConfig, unlocked: Path) -> None:
     config = dataclasses.replace(orchestrator_config, install_cache_unlocked_max_age_s=0.0)
     o = await start_orchestrator(config)
     try:
@@ -230,3 +235,126 @@ async def test_npm_without_a_lockfile_deleted_at_once_still_fills_the_cache_for_
     assert second.state == pb.SESSION_STATE_READY, second.failure
     key = entry.name.removesuffix(".tar.gz")
     assert install_note(second).startswith(f"install cache hit {key[:12]} (node_modules and package-lock.json in")
+
+
+SKIPPING_TEMPLATE = "skipping-install"
+# Leaves a mark in the workspace when it runs (a new session's workspace starts without it) and makes the package.
+MARKING_INSTALL_SCRIPT = """\
+echo ran > install-ran
+mkdir -p node_modules/left-pad && echo 'module.exports = "padded";' > node_modules/left-pad/index.js
+"""
+# The dev server needs the package at start (without it the session fails), and shows whether the install ran.
+MARK_SERVER = """\
+const fs = require("node:fs");
+const leftPad = require("left-pad");
+require("node:http")
+  .createServer((request, response) => {
+    response.end(JSON.stringify({ leftPad, installRan: fs.existsSync("install-ran") }));
+  })
+  .listen(Number(process.env.PORT) || 4321, "0.0.0.0");
+"""
+
+
+@pytest.fixture
+def skipping(templates: Path) -> str:
+    """A template with a lockfile that skips its install on an exact hit, its dev server showing whether the
+    install ran in the workspace and what the package it requires says."""
+    derive_template(
+        templates, SKIPPING_TEMPLATE, install_command="sh install.sh", install_on_cache_hit="skip",
+        dev_command="node server.cjs",
+    )  # fmt: skip
+    folder = templates / SKIPPING_TEMPLATE
+    (folder / "install.sh").write_text(MARKING_INSTALL_SCRIPT)
+    (folder / "server.cjs").write_text(MARK_SERVER)
+    (folder / "package-lock.json").write_text(json.dumps({"lockfileVersion": 3, "packages": {}}))
+    return SKIPPING_TEMPLATE
+
+
+async def create_settled(o: OrchestratorUnderTest, template: str) -> pb.Session:
+    created = await o.stub.CreateSession(pb.CreateSessionRequest(template=template))
+    session = (await watch_until_settled(o.stub, created.session.id, timeout=120))[-1].session
+    assert session.state == pb.SESSION_STATE_READY, session.failure
+    return session
+
+
+def install_phase(session: pb.Session) -> pb.PhaseStatus:
+    (install,) = [phase for phase in session.phases if phase.phase == pb.PHASE_INSTALL]
+    return install
+
+
+async def page(session: pb.Session) -> dict:
+    status, body = await http_get(session.preview_url)
+    assert status == 200, body
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("runtime_kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_on_an_exact_hit_a_skipping_template_starts_without_running_its_install(
+    orchestrator: OrchestratorUnderTest, skipping: str
+) -> None:
+    first = await create_settled(orchestrator, skipping)
+    assert install_phase(first).outcome == pb.PHASE_OUTCOME_SUCCEEDED
+    assert install_phase(first).detail.startswith("install cache miss")
+    assert await page(first) == {"leftPad": "padded", "installRan": True}
+    (entry,) = await cache_entries(orchestrator, timeout=60)
+
+    second = await create_settled(orchestrator, skipping)
+    key = entry.name.removesuffix(".tar.gz")
+    install = install_phase(second)
+    assert install.outcome == pb.PHASE_OUTCOME_SKIPPED
+    assert install.detail.startswith(f"install skipped: exact install-cache hit {key[:12]} (node_modules in ")
+    # The dev server runs on the restored node_modules; the install left no mark.
+    assert await page(second) == {"leftPad": "padded", "installRan": False}
+
+
+async def test_on_an_exact_hit_a_verifying_template_runs_its_install(
+    orchestrator: OrchestratorUnderTest, skipping: str, templates: Path
+) -> None:
+    metadata_path = templates / skipping / "template.json"
+    metadata = json.loads(metadata_path.read_text())
+    del metadata["install_on_cache_hit"]  # "verify", the default
+    metadata_path.write_text(json.dumps(metadata))
+    await create_settled(orchestrator, skipping)
+    (entry,) = await cache_entries(orchestrator)
+
+    second = await create_settled(orchestrator, skipping)
+    install = install_phase(second)
+    assert install.outcome == pb.PHASE_OUTCOME_SUCCEEDED
+    assert install.detail.startswith(f"install cache hit {entry.name[:12]}")
+    assert await page(second) == {"leftPad": "padded", "installRan": True}
+
+
+async def test_without_a_lockfile_a_hit_is_not_exact_and_the_install_runs_even_when_the_template_skips(
+    orchestrator: OrchestratorUnderTest, skipping: str, templates: Path
+) -> None:
+    (templates / skipping / "package-lock.json").unlink()
+    await create_settled(orchestrator, skipping)
+    (entry,) = await cache_entries(orchestrator)
+
+    second = await create_settled(orchestrator, skipping)
+    install = install_phase(second)
+    assert install.outcome == pb.PHASE_OUTCOME_SUCCEEDED
+    assert install.detail.startswith(f"install cache hit {entry.name[:12]}")
+    assert await page(second) == {"leftPad": "padded", "installRan": True}
+
+
+async def test_a_locked_key_is_of_one_core_image(tmp_path: Path) -> None:
+    """Another core image (another node, npm, platform for native packages) is another key, locked or not."""
+    root = tmp_path / "workspace"
+    root.mkdir()
+    (root / "package.json").write_text('{"name": "app"}')
+    cache = InstallCache(tmp_path / "cache", max_bytes=1 << 20)
+    server, target = await start_inprocess_agent(root)
+    agent = AgentClient(target.address, target.token)
+    try:
+        for locked in (False, True):
+            if locked:
+                (root / "package-lock.json").write_text('{"lockfileVersion": 3}')
+            first = await cache.key(agent, "npm install", "workspace-core:aaaa")
+            assert first.locked == locked
+            assert first == await cache.key(agent, "npm install", "workspace-core:aaaa")
+            assert first.key != (await cache.key(agent, "npm install", "workspace-core:bbbb")).key
+    finally:
+        await agent.close()
+        await target.channel.close()
+        await server.stop(None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.__main__ import parse_args
-from orchestrator.config import OrchestratorConfig
+from orchestrator.config import WARM_POOL_DEFAULT, OrchestratorConfig
 
 FLAGS = [
     (["--listen", "127.0.0.1:6000"], "listen", "127.0.0.1:6000"),
@@ -18,6 +18,7 @@ FLAGS = [
     (["--extra-ca-bundle", "ca.pem"], "extra_ca_bundle", Path("ca.pem")),
     (["--instance-id", "blue"], "instance_id", "blue"),
     (["--max-sessions", "3"], "max_sessions", 3),
+    (["--warm-pool", "3"], "warm_pool", 3),
     (["--idle-ttl", "5"], "idle_ttl_s", 5.0),
     (["--max-lifetime", "7.5"], "max_lifetime_s", 7.5),
     (["--reap-interval", "2"], "reap_interval_s", 2.0),
@@ -40,10 +41,11 @@ def test_each_flag_sets_its_field(argv: list[str], field: str, value: object) ->
 def test_without_flags_the_defaults_are_the_configurations() -> None:
     config, _ = parse_args([])
 
-    assert config == OrchestratorConfig(data_dir=Path.cwd() / ".data")
+    # But the warm pool: the configuration's default is off (embedders, tests), the command line's is on.
+    assert config == OrchestratorConfig(data_dir=Path.cwd() / ".data", warm_pool=WARM_POOL_DEFAULT)
+    assert parse_args(["--warm-pool", "0"])[0].warm_pool == 0
 
 
 def test_a_demo_is_not_reaped_unless_told() -> None:
     assert parse_args(["--demo", "node-basic"])[0].idle_ttl_s == 0.0
     assert parse_args(["--demo", "node-basic", "--idle-ttl", "60"])[0].idle_ttl_s == 60.0
-

@@ -144,6 +144,7 @@ async def test_a_new_pool_removes_the_unclaimed_members_an_old_one_left(runtime:
     for member in old.members:  # the old orchestrator died: nothing closed
         await member.agent.close()
     for task in (old._filling, old._following):
+        assert task is not None
         task.cancel()
 
     restarted = LocalRuntime(directory=runtime.directory, instance_id=runtime.instance_id)

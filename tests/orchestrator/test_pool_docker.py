@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import docker
 import pytest
@@ -76,7 +76,8 @@ async def test_a_claimed_member_is_the_sessions_with_its_limits(
 
 async def test_two_claims_of_one_member_cannot_both_succeed(runtime: DockerRuntime) -> None:
     member = await runtime.start_pooled("p2", "pool-credential")
-    # Two runtimes, as two orchestrators of one instance would be.
+    # Two runtimes at once (one lock per process; across processes the agent's single Claim, with a credential
+    # only the process that started the member holds, is the guard).
     other = DockerRuntime(image=runtime.image, instance_id=runtime.instance_id)
     try:
         results = await asyncio.gather(
@@ -97,8 +98,9 @@ async def test_a_claimed_member_that_dies_is_reported_as_its_sessions(
     exits = runtime.exits()
     try:
         await asyncio.to_thread(docker_client.containers.get(member.handle).kill)
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(30):  # bounds a hang only
             exit = await anext(exits)
     finally:
+        assert isinstance(exits, AsyncGenerator)
         await exits.aclose()
     assert (exit.session_id, exit.handle) == ("ws-dies", member.handle)

@@ -121,7 +121,7 @@ async def test_an_extra_ca_bundle_is_trusted_by_the_workspace_tools(core_image: 
 @pytest.mark.docker
 async def test_a_missing_image_names_the_build_command(docker_client: docker.DockerClient) -> None:
     runtime = DockerRuntime(image="workspace-core:no-such-tag", instance_id=f"test-{secrets.token_hex(4)}")
-    with pytest.raises(ImageMissing, match="python -m core_image.build"):
+    with pytest.raises(ImageMissing, match=r"python -m core_image\.build"):
         await runtime.start("ws-noimage", TOKEN, resources=HINTS, env={}, labels={})
     assert await runtime.list() == []
     assert docker_client.networks.list(names=[runtime.network_name]) == []
@@ -177,6 +177,8 @@ async def test_the_root_filesystem_is_read_only_but_app_home_and_tmp_are_writabl
         assert version.startswith("v20.") and rest == ["first", "cached", "scratch"]
     finally:
         await client.close()
+
+
 @pytest.mark.docker
 async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not_one_it_stopped(
     runtime: DockerRuntime, docker_client: docker.DockerClient

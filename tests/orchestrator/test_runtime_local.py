@@ -12,11 +12,12 @@ import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.agent_client import AgentClient
-from orchestrator.errors import FailedPrecondition, InvalidArgument
 from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import FailedPrecondition, InitializationFailed, InvalidArgument
 from orchestrator.runtime import make_runtime
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, Workspace
 from orchestrator.runtime.local import LocalRuntime
@@ -35,7 +36,9 @@ async def runtime(tmp_path: Path) -> AsyncIterator[LocalRuntime]:
 
 
 async def start(runtime: LocalRuntime, session_id: str) -> tuple[Workspace, AgentClient]:
-    workspace = await runtime.start(session_id, TOKEN, resources=ResourceHints(), env={"GREETING": "hello"}, labels={"team": "a"})
+    workspace = await runtime.start(
+        session_id, TOKEN, resources=ResourceHints(), env={"GREETING": "hello"}, labels={"team": "a"}
+    )
     client = AgentClient(workspace.agent_endpoint, TOKEN)
     await client.wait_healthy(timeout=30)
     return workspace, client
@@ -61,7 +64,12 @@ async def test_a_started_workspace_serves_its_agent_with_env_and_port(runtime: L
     try:
         assert workspace.runtime == "local" and workspace.running
         assert workspace.preview_url == f"http://127.0.0.1:{workspace.preview_port}/"
-        assert workspace.labels == {"team": "a", MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: "test", SESSION_LABEL: "ws-one"}
+        assert workspace.labels == {
+            "team": "a",
+            MANAGED_LABEL: "true",
+            ORCHESTRATOR_LABEL: "test",
+            SESSION_LABEL: "ws-one",
+        }
         assert await output_of(client, 'echo "$GREETING on $PORT in $PWD"') == [
             f"hello on {workspace.preview_port} in {tmp_path / 'workspaces' / 'ws-one' / 'app'}"
         ]
@@ -74,8 +82,34 @@ async def test_a_started_workspace_serves_its_agent_with_env_and_port(runtime: L
         await client.close()
 
 
+async def test_concurrent_workspaces_each_serve_their_own_agent(runtime: LocalRuntime) -> None:
+    """The agent binds its port itself (port 0, reported back): no port probed free beforehand can go to
+    another session's agent in between, so each endpoint is its own agent's."""
+    sessions = [f"ws-many-{i}" for i in range(6)]
+    workspaces = await asyncio.gather(*(start(runtime, session) for session in sessions))
+    try:
+        for workspace, _ in workspaces:
+            port = int(workspace.agent_endpoint.rpartition(":")[2])
+            listening = {
+                c.laddr.port for c in psutil.Process(int(workspace.handle)).net_connections() if c.status == "LISTEN"
+            }
+            assert port in listening
+        assert len({workspace.agent_endpoint for workspace, _ in workspaces}) == len(sessions)
+    finally:
+        for _, client in workspaces:
+            await client.close()
+
+
+async def test_an_agent_that_cannot_start_fails_the_start_with_its_reason(runtime: LocalRuntime) -> None:
+    with pytest.raises(InitializationFailed, match=r"the agent exited with code \d+ before serving: .*BOGUS"):
+        await runtime.start(
+            "ws-broken", TOKEN, resources=ResourceHints(), env={"WORKSPACE_LOG_LEVEL": "bogus"}, labels={}
+        )
+    assert [workspace.session_id for workspace in await runtime.list()] == []
+
+
 async def test_archives_go_in_and_come_out(runtime: LocalRuntime, tmp_path: Path) -> None:
-    workspace, client = await start(runtime, "ws-archive")
+    _workspace, client = await start(runtime, "ws-archive")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         info = tarfile.TarInfo("index.js")
@@ -97,7 +131,9 @@ async def test_archives_go_in_and_come_out(runtime: LocalRuntime, tmp_path: Path
         await client.close()
 
 
-async def test_list_shows_workspaces_and_a_restarted_orchestrator_adopts_them(runtime: LocalRuntime, tmp_path: Path) -> None:
+async def test_list_shows_workspaces_and_a_restarted_orchestrator_adopts_them(
+    runtime: LocalRuntime, tmp_path: Path
+) -> None:
     first, client = await start(runtime, "ws-adopt")
     await client.close()
     with pytest.raises(FailedPrecondition, match="already running"):

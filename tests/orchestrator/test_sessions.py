@@ -162,7 +162,9 @@ async def test_upload_then_restore(orchestrator: OrchestratorUnderTest) -> None:
     data = buffer.getvalue()
 
     async def requests(expected: str):
-        yield pb.UploadArchiveRequest(spec=pb.UploadArchiveSpec(name="imported", template="node-basic", expected_sha256=expected))
+        yield pb.UploadArchiveRequest(
+            spec=pb.UploadArchiveSpec(name="imported", template="node-basic", expected_sha256=expected)
+        )
         for start in range(0, len(data), 4096):
             yield pb.UploadArchiveRequest(chunk=data[start : start + 4096])
 
@@ -204,7 +206,12 @@ async def test_restart_adopts_running_sessions_and_marks_vanished_ones(
 
 async def test_ten_concurrent_creates_all_become_ready(orchestrator: OrchestratorUnderTest) -> None:
     sessions = await asyncio.gather(
-        *(orchestrator.stub.CreateSession(pb.CreateSessionRequest(template="node-basic", labels={"batch": "b", "n": str(n)})) for n in range(10))
+        *(
+            orchestrator.stub.CreateSession(
+                pb.CreateSessionRequest(template="node-basic", labels={"batch": "b", "n": str(n)})
+            )
+            for n in range(10)
+        )
     )
     ready = await asyncio.gather(*(watch_until_settled(orchestrator.stub, s.session.id) for s in sessions))
     finals = [events[-1].session for events in ready]
@@ -296,7 +303,6 @@ async def test_a_workspace_gone_behind_the_orchestrators_back_fails_its_session_
     finally:
         await o.close()
         await stop_all_workspaces(config)
-
 
 
 async def test_a_workspace_dying_during_initialization_says_so_in_the_failure(

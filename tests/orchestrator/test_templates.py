@@ -104,9 +104,7 @@ def test_lists_valid_and_invalid_templates_with_reasons(catalog: TemplateCatalog
     )
 
 
-def test_schema_violations_are_all_reported_with_their_json_paths(
-    catalog: TemplateCatalog, catalog_dir: Path
-) -> None:
+def test_schema_violations_are_all_reported_with_their_json_paths(catalog: TemplateCatalog, catalog_dir: Path) -> None:
     write_template(
         catalog_dir / "broken",
         {
@@ -115,6 +113,7 @@ def test_schema_violations_are_all_reported_with_their_json_paths(
             "readiness": {"path": "health", "timeout_seconds": 0},
             "env": {"GOOD": "1", "BAD-NAME": "x", "NUMBER": 3},
             "resources": {"memory_mb": "lots"},
+            "install_on_cache_hit": "sometimes",
             "colour": "blue",
         },
     )
@@ -133,6 +132,7 @@ def test_schema_violations_are_all_reported_with_their_json_paths(
         "$.env: 'BAD-NAME' does not match",
         "$.env.NUMBER: 3 is not of type 'string'",
         "$.resources.memory_mb: 'lots' is not of type 'integer'",
+        "$.install_on_cache_hit: 'sometimes' is not one of ['verify', 'skip']",
     ):
         assert expected in reason, (expected, reason)
 
@@ -143,6 +143,7 @@ def test_defaults_apply_to_omitted_fields(catalog: TemplateCatalog, catalog_dir:
     spec = catalog.get("minimal")
 
     assert spec.install_command == "npm install"
+    assert spec.install_on_cache_hit == "verify"
     assert (spec.dev_port, spec.readiness_path, spec.readiness_timeout_s) == (4321, "/", 120.0)
     assert spec.env == {} and spec.archive_excludes == ()
     assert (spec.resources.memory_mb, spec.resources.cpus, spec.resources.pids) == (1024, 1.0, 512)
@@ -282,7 +283,11 @@ async def test_template_json_goes_into_the_archive_only_when_its_author_asks(
 ) -> None:
     write_template(catalog_dir / "plain", metadata("plain"), {"index.js": "x"})
     # Opting in keeps it even when an exclusion pattern would match it.
-    write_template(catalog_dir / "kept", metadata("kept", archive_template_json=True, archive_excludes=["*.json"]), {"index.js": "x"})
+    write_template(
+        catalog_dir / "kept",
+        metadata("kept", archive_template_json=True, archive_excludes=["*.json"]),
+        {"index.js": "x"},
+    )
 
     assert [m.name for m in members((await catalog.archive("plain")).path)] == ["index.js"]
     kept = await catalog.archive("kept")

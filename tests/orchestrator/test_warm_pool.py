@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-import docker
 import grpc
 import pytest
 from grpc import aio
 
 from orchestrator.config import OrchestratorConfig
-from orchestrator.pool import FROM_POOL
+from orchestrator.pool import FROM_POOL, WarmPool
 from orchestrator.runtime import make_runtime
 from tests.conftest import REPO
 from tests.live_orchestrator import free_port
@@ -60,18 +59,28 @@ async def pooled(
     config = dataclasses.replace(orchestrator_config, warm_pool=pool_size)
     running = await start_orchestrator(config)
     try:
-        assert await running.orchestrator.sessions.pool.wait_full(FILL_TIMEOUT_S)
+        assert await pool_of(running).wait_full(FILL_TIMEOUT_S)
         yield running
     finally:
         await running.close()
         await stop_all_workspaces(config)
 
 
-async def create_ready(o: OrchestratorUnderTest, **source) -> pb.Session:
-    created = await o.stub.CreateSession(pb.CreateSessionRequest(**source))
-    session = (await watch_until_settled(o.stub, created.session.id))[-1].session
+async def create_ready(o: OrchestratorUnderTest, **source: Any) -> pb.Session:
+    return await create_ready_on(o.stub, **source)
+
+
+async def create_ready_on(stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub, **source: Any) -> pb.Session:
+    created = await stub.CreateSession(pb.CreateSessionRequest(**source))
+    session = (await watch_until_settled(stub, created.session.id))[-1].session
     assert session.state == READY, session.failure
     return session
+
+
+def pool_of(o: OrchestratorUnderTest) -> WarmPool:
+    pool = o.orchestrator.sessions.pool
+    assert pool is not None
+    return pool
 
 
 def from_pool(session: pb.Session) -> bool:
@@ -87,7 +96,9 @@ async def shell_output(session: pb.Session, shell: str, token: str | None = None
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         start = agent_pb2.ExecStart(shell=shell)
         out = b""
-        async for response in stub.Exec(iter([agent_pb2.ExecRequest(start=start)]), metadata=bearer(token or session.agent_token)):
+        async for response in stub.Exec(
+            iter([agent_pb2.ExecRequest(start=start)]), metadata=bearer(token or session.agent_token)
+        ):
             if response.HasField("output"):
                 out += response.output.data
         return out.decode()
@@ -96,7 +107,9 @@ async def shell_output(session: pb.Session, shell: str, token: str | None = None
 async def refused(session: pb.Session, token: str) -> grpc.StatusCode:
     async with aio.insecure_channel(session.agent_endpoint) as channel:
         with pytest.raises(aio.AioRpcError) as error:
-            await agent_pb2_grpc.AgentServiceStub(channel).GetActivity(agent_pb2.GetActivityRequest(), metadata=bearer(token))
+            await agent_pb2_grpc.AgentServiceStub(channel).GetActivity(
+                agent_pb2.GetActivityRequest(), metadata=bearer(token)
+            )
         return error.value.code()
 
 
@@ -117,8 +130,10 @@ async def test_a_session_from_the_pool_is_ready_with_its_templates_env_and_limit
 
 @BOTH_RUNTIMES
 async def test_the_pool_credential_and_other_sessions_tokens_are_refused(pooled: OrchestratorUnderTest) -> None:
-    credentials = {m.workspace.agent_endpoint: m.credential for m in pooled.orchestrator.sessions.pool.members}
-    first, second = await asyncio.gather(create_ready(pooled, template="node-basic"), create_ready(pooled, template="node-basic"))
+    credentials = {m.workspace.agent_endpoint: m.credential for m in pool_of(pooled).members}
+    first, second = await asyncio.gather(
+        create_ready(pooled, template="node-basic"), create_ready(pooled, template="node-basic")
+    )
     assert from_pool(first) and from_pool(second)
     for mine, other in ((first, second), (second, first)):
         assert await refused(mine, credentials[mine.agent_endpoint]) == grpc.StatusCode.UNAUTHENTICATED
@@ -139,7 +154,7 @@ async def test_with_the_pool_empty_a_session_starts_cold_with_the_same_result(po
 async def test_a_member_that_died_is_never_handed_out_and_is_replaced(
     pooled: OrchestratorUnderTest, request: pytest.FixtureRequest
 ) -> None:
-    pool = pooled.orchestrator.sessions.pool
+    pool = pool_of(pooled)
     dead, alive = pool.members
     if pooled.config.runtime == "docker":
         request.getfixturevalue("docker_client").containers.get(dead.workspace.handle).kill()
@@ -156,7 +171,7 @@ async def test_a_member_that_died_is_never_handed_out_and_is_replaced(
 async def test_a_restored_session_comes_from_the_pool_too(pooled: OrchestratorUnderTest) -> None:
     session = await create_ready(pooled, template="node-basic")
     archive = (await pooled.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id, save=True))).archive
-    assert await pooled.orchestrator.sessions.pool.wait_full(FILL_TIMEOUT_S)
+    assert await pool_of(pooled).wait_full(FILL_TIMEOUT_S)
     restored = await create_ready(pooled, archive_id=archive.id)
     assert from_pool(restored)
 
@@ -204,7 +219,7 @@ async def test_an_orchestrator_killed_after_a_claim_leaves_nothing_bound_twice_o
         old_members = await pool_members(config)
         async with aio.insecure_channel(address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            ready = await create_ready(OrchestratorUnderTest(None, config, channel, stub), template="node-basic")
+            ready = await create_ready_on(stub, template="node-basic")
             # Killed while the next session's initialization runs: its member is claimed, the refill starting.
             await stub.CreateSession(pb.CreateSessionRequest(template="node-basic"))
         process.send_signal(signal.SIGKILL)

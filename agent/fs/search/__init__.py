@@ -2,19 +2,18 @@
 (beside the interpreter or on PATH) and a Python engine otherwise that walks, filters and matches as ripgrep
 does (with RE2, which like ripgrep's regex runs in linear time)."""
 
-
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import InvalidArgument, NotFound
 from agent.fs.paths import WorkspaceRoot
-from agent.fs.search.python_engine import PythonEngine
 from agent.fs.search.query import (
     BATCH_BYTES,
     BATCH_HITS,
@@ -32,6 +31,9 @@ from agent.fs.search.query import (
 )
 from agent.fs.search.ripgrep import Ripgrep
 from common.tools import ENV_BIN, find_tool
+
+if TYPE_CHECKING:
+    from agent.fs.search.python_engine import PythonEngine
 
 __all__ = ["Context", "FoundFile", "Hit", "Match", "SearchEvent", "SearchQuery", "Searcher", "Summary"]
 
@@ -56,7 +58,7 @@ class Searcher:
             raise RuntimeError(f"the ripgrep engine was asked for, but rg is neither in {ENV_BIN} nor on PATH")
         self.engine: Engine = "ripgrep" if self.rg else "python"
 
-    async def search(self, query: SearchQuery) -> AsyncIterator[SearchEvent]:
+    async def search(self, query: SearchQuery) -> AsyncGenerator[SearchEvent, None]:
         """Streams batches of hits, Match and Context (content search) or FoundFile (discovery), then one
         Summary. Raises InvalidPath, PathEscapesRoot, NotFound (no such directory) and InvalidArgument
         (not a directory, bad pattern, glob, context or cap)."""
@@ -69,7 +71,7 @@ class Searcher:
             raise InvalidArgument("the pattern or a glob has a NUL byte, which no file name or line of text can match")
         if query.context_before > MAX_CONTEXT_LINES or query.context_after > MAX_CONTEXT_LINES:
             raise InvalidArgument(f"at most {MAX_CONTEXT_LINES} context lines before and after a match")
-        engine = Ripgrep(self.rg, self.root, query) if self.rg else PythonEngine(self.root, query)
+        engine = Ripgrep(self.rg, self.root, query) if self.rg else _python_engine(self.root, query)
         batch = _Batch()
         results = files_matched = 0
         truncated = False
@@ -89,9 +91,9 @@ class Searcher:
                         yield batch.take()
         else:
             # One match past the cap tells whether the results were truncated.
-            async with contextlib.aclosing(engine.matches(directory, cap + 1)) as chunks:
-                async for chunk in chunks:
-                    for path, lines in chunk:
+            async with contextlib.aclosing(engine.matches(directory, cap + 1)) as match_chunks:
+                async for file_hits in match_chunks:
+                    for path, lines in file_hits:
                         last_match = 0
                         for number, raw, spans in lines:
                             if spans is None:
@@ -189,3 +191,10 @@ def _decode(raw: bytes, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[i
             return len(raw[:offset].decode(errors="replace").encode())
 
         return text, [(moved(start), moved(end)) for start, end in spans], cut
+
+
+def _python_engine(root: WorkspaceRoot, query: SearchQuery) -> PythonEngine:
+    """The Python engine, imported on first use: RE2 and pathspec are no part of an agent that has rg."""
+    from agent.fs.search.python_engine import PythonEngine
+
+    return PythonEngine(root, query)

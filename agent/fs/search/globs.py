@@ -20,6 +20,8 @@ class Globs:
         """True if a plain glob decides for `probe` (a directory ends with "/"), False if a `!glob`
         does, None if none matches."""
         for pattern in reversed(self.patterns):
+            if pattern.regex is None:
+                continue  # a blank line or a comment: matches nothing
             found = pattern.regex.match(probe)
             # `ps_d` is the slash after a directory the pattern named; short of the end, it matched a parent.
             if found and not (found.groupdict().get("ps_d") and found.start("ps_d") + 1 < len(probe)):

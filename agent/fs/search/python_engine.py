@@ -7,9 +7,9 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import re2
 from pathspec.patterns.gitwildmatch import GitWildMatchPatternError
@@ -65,11 +65,11 @@ class PythonEngine:
         # Set when the search ends: the worker thread stops at the next file.
         self.stopped = threading.Event()
 
-    def files(self, directory: str) -> AsyncIterator[list[tuple[str, int]]]:
+    def files(self, directory: str) -> AsyncGenerator[list[tuple[str, int]], None]:
         """(path, size) of the files to search, in ripgrep's order, in chunks."""
         return _in_thread(self._walk(directory), self.stopped)
 
-    def matches(self, directory: str, limit: int) -> AsyncIterator[list[tuple[str, list[RawLine]]]]:
+    def matches(self, directory: str, limit: int) -> AsyncGenerator[list[tuple[str, list[RawLine]]], None]:
         """Each file's lines up to its `limit`-th match, in ripgrep's order, in chunks of files."""
         return _in_thread(self._match_files(directory, limit), self.stopped)
 
@@ -100,7 +100,7 @@ class PythonEngine:
             else:
                 stack.append(self._listing(*item))
 
-    def _listing(self, prefix: str, chain: list) -> Iterator[tuple[str, int] | tuple[str, list]]:
+    def _listing(self, prefix: str, chain: list) -> Iterator[tuple[str, int] | list[Any]]:
         """A directory's files as (path, size), and its subdirectories to descend into as [path, chain]."""
         chain = [*chain, self._ignore_files(prefix)]
         try:
@@ -257,7 +257,7 @@ def _unicode_classes(pattern: str) -> str:
     return "".join(out)
 
 
-async def _in_thread(items: Iterator[_Item | None], stopped: threading.Event) -> AsyncIterator[list[_Item]]:
+async def _in_thread(items: Iterator[_Item | None], stopped: threading.Event) -> AsyncGenerator[list[_Item], None]:
     """Runs a blocking iterator in a worker thread, handing over up to PYTHON_BATCH_FILES items per hop, and
     what it has (maybe nothing) after BATCH_WAIT. None items are skipped; they only let the clock be read.
     When the consumer leaves (the search ended or was cancelled), `stopped` is set, for the worker to stop."""

@@ -7,7 +7,7 @@ import base64
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import PurePosixPath
 
 from agent.errors import InvalidArgument
@@ -44,7 +44,7 @@ class Ripgrep:
         for glob in override_globs(query):
             self.args += ["--glob", glob]
 
-    async def files(self, directory: str) -> AsyncIterator[list[tuple[str, int]]]:
+    async def files(self, directory: str) -> AsyncGenerator[list[tuple[str, int]], None]:
         """(path, size) of the files listed, in rg's order, a chunk per piece of rg's output."""
         run = self._run(["--files", "--null", "--", directory], separator=b"\0")
         async with contextlib.aclosing(run) as output:
@@ -79,7 +79,7 @@ class Ripgrep:
             content = file.read().split(b"\n")
         return all(number <= len(content) and content[number - 1] == raw for number, raw, _ in lines)
 
-    async def matches(self, directory: str, limit: int) -> AsyncIterator[list[tuple[str, list[RawLine]]]]:
+    async def matches(self, directory: str, limit: int) -> AsyncGenerator[list[tuple[str, list[RawLine]]], None]:
         """Each file's lines up to its `limit`-th match, once rg has finished the file (so that a file
         found binary after some matches is dropped whole), in rg's order: a chunk of files per piece
         of rg's output."""
@@ -110,14 +110,14 @@ class Ripgrep:
                             finished.append((path, lines))
                             yield [f for f in finished if await asyncio.to_thread(self._confirmed, *f)]
                             return
-                    elif kind == b"end\",":
+                    elif kind == b'end",':
                         # A NUL byte found after some matches: rg stops, and the file counts as binary.
                         if lines and found < limit and b'"binary_offset":null' in message:
                             finished.append((path, lines))
                         lines, found = [], 0
                 yield [f for f in finished if await asyncio.to_thread(self._confirmed, *f)]
 
-    async def _run(self, args: list[str], separator: bytes) -> AsyncIterator[bytes]:
+    async def _run(self, args: list[str], separator: bytes) -> AsyncGenerator[bytes, None]:
         """rg's stdout in pieces of whole records (the last separator of each piece left out), and an
         empty piece whenever rg has been silent for BATCH_WAIT."""
         process = await asyncio.create_subprocess_exec(
@@ -143,7 +143,7 @@ class Ripgrep:
                 if not cut:
                     pending += block
                     continue
-                yield pending + block[:cut - 1]
+                yield pending + block[: cut - 1]
                 pending = block[cut:]
             if pending:
                 yield pending
