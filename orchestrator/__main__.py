@@ -8,6 +8,7 @@ import dataclasses
 import os
 import sys
 import typing
+from collections.abc import Callable
 
 from common import telemetry
 from common.startup import EXIT_STARTUP, StartupError
@@ -29,8 +30,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         help_text = declared.help.format(default=spec.default) or None
         if declared.each is not None:
             parser.add_argument(
-                flag, dest=spec.name, metavar=declared.metavar, type=declared.each, action="append", help=help_text
-            )
+                flag, dest=spec.name, metavar=declared.metavar, type=_said(declared.each), action="append",
+                help=help_text,
+            )  # fmt: skip
             continue
         if kind is bool:
             if spec.default:
@@ -44,6 +46,18 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             flag, dest=spec.name, metavar=metavar, type=None if kind is str else kind,
             choices=declared.choices, default=spec.default, help=help_text,
         )  # fmt: skip
+
+
+def _said(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """`parse` with its ValueError's message shown by argparse (it shows only the function's name otherwise)."""
+
+    def parsed(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    return parsed
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:

@@ -10,7 +10,10 @@ import dataclasses
 import io
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import docker
 import grpc
@@ -20,7 +23,15 @@ from grpc import aio
 from orchestrator.config import OrchestratorConfig
 from orchestrator.runtime.base import POOL_KEY_LABEL, POOL_LABEL, POOL_TEMPLATE_LABEL
 from orchestrator.sessions.hot_pool import FROM_HOT_POOL, HOT_DETAIL, KEY_CHECK_S
-from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, start_orchestrator, stop_all_workspaces
+from tests.conftest import REPO
+from tests.live_orchestrator import free_port
+from tests.orchestrator.conftest import (
+    OrchestratorUnderTest,
+    derive_template,
+    http_get,
+    start_orchestrator,
+    stop_all_workspaces,
+)
 from tests.orchestrator.test_warm_pool import FILL_TIMEOUT_S, bearer, refused, until
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -230,3 +241,38 @@ async def test_a_rebuilt_image_retires_the_entries_made_on_the_old_one(
         if rebuilt is not None:
             with contextlib.suppress(docker.errors.NotFound):
                 client.images.remove(rebuilt.id)
+
+
+async def test_a_templates_own_hot_pool_is_kept_unless_the_flag_turns_it_off(
+    orchestrator_config: OrchestratorConfig, templates: Path
+) -> None:
+    derive_template(templates, "kept-hot", hot_pool=1)
+    derive_template(templates, "turned-off", hot_pool=1)
+    config = dataclasses.replace(orchestrator_config, hot_pool=(("turned-off", 0),))
+    running = await start_orchestrator(config)
+    try:
+        assert set(running.orchestrator.sessions.hot_pools) == {"kept-hot"}
+        assert await running.orchestrator.sessions.hot_pools["kept-hot"].wait_full(FILL_TIMEOUT_S)
+        session = await create_ready(running, template="kept-hot")
+        assert from_hot_pool(session)
+    finally:
+        await running.close()
+        await stop_all_workspaces(config)
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--hot-pool", "no-such-template=1"], "--hot-pool no-such-template: no template 'no-such-template'"),
+        (["--hot-pool", "node-basic=2", "--max-sessions", "2"], "--max-sessions 2"),
+        (["--hot-pool", "node-basic"], "is not TEMPLATE=K"),
+    ],
+)
+def test_a_hot_pool_that_cannot_be_kept_is_refused_at_start(tmp_path: Path, flags: list[str], said: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "--runtime", "local", "--data-dir", str(tmp_path),
+         "--listen", f"127.0.0.1:{free_port()}", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert said in result.stderr, result.stderr
