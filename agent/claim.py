@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from opentelemetry import trace
 
 from agent.auth import BearerTokenInterceptor
 from agent.errors import InvalidArgument, PreconditionFailed
@@ -55,7 +54,11 @@ class SessionSpanInterceptor(aio.ServerInterceptor):
     agent's trace resource was made before any session existed. Goes after the tracing interceptor."""
 
     def __init__(self, claim: PoolClaim) -> None:
+        # Imported here: this interceptor exists only while tracing is on, and an idle agent loads no tracing.
+        from opentelemetry import trace
+
         self._claim = claim
+        self._current_span = trace.get_current_span
 
     async def intercept_service(
         self,
@@ -69,14 +72,14 @@ class SessionSpanInterceptor(aio.ServerInterceptor):
 
         def unary(behavior: UnaryBehavior) -> UnaryBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> Any:
-                trace.get_current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
+                self._current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
                 return await behavior(request, context)
 
             return call
 
         def streaming(behavior: StreamBehavior) -> StreamBehavior:
             async def call(request: Any, context: aio.ServicerContext) -> AsyncGenerator[Any, None]:
-                trace.get_current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
+                self._current_span().set_attribute(SESSION_ATTRIBUTE, session_id)
                 async for response in behavior(request, context):
                     yield response
 

@@ -138,8 +138,14 @@ async def test_an_unreachable_engine_says_what_to_do(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.docker
-async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_from_latest(core_image: str) -> None:
-    runtime = DockerRuntime(image="workspace-core:latest", instance_id=f"test-{secrets.token_hex(4)}")
+async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_from_latest(
+    core_image: str, docker_client: docker.DockerClient
+) -> None:
+    # A `:latest` of this test's own for this build's image: the shared workspace-core:latest may be another
+    # checkout's build by now (every build tags it).
+    latest = f"workspace-core-test-{secrets.token_hex(4)}:latest"
+    docker_client.images.get(core_image).tag(latest)
+    runtime = DockerRuntime(image=latest, instance_id=f"test-{secrets.token_hex(4)}")
     try:
         workspace = await runtime.start("ws-pinned", TOKEN, resources=HINTS, env={}, labels={})
         assert workspace.image == core_image  # the content-derived tag, which a later session can pin
@@ -148,6 +154,7 @@ async def test_a_workspace_reports_the_exact_image_it_runs_even_when_started_fro
         await runtime.stop("ws-pinned")
         await runtime.remove_network()
         await runtime.close()
+        docker_client.images.remove(latest)
 
 
 # A package-free npm project with a script, and a git repository with one commit: what workspaces do.
