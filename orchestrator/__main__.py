@@ -8,6 +8,7 @@ import dataclasses
 import os
 import sys
 import typing
+from collections.abc import Callable
 
 from common import telemetry
 from common.startup import EXIT_STARTUP, StartupError
@@ -27,6 +28,12 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + spec.name.removesuffix("_s").replace("_", "-")
         kind = next((t for t in typing.get_args(hints[spec.name]) if t is not type(None)), hints[spec.name])
         help_text = declared.help.format(default=spec.default) or None
+        if declared.each is not None:
+            parser.add_argument(
+                flag, dest=spec.name, metavar=declared.metavar, type=_said(declared.each), action="append",
+                help=help_text,
+            )  # fmt: skip
+            continue
         if kind is bool:
             if spec.default:
                 flag = "--no-" + flag.removeprefix("--")
@@ -39,6 +46,18 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             flag, dest=spec.name, metavar=metavar, type=None if kind is str else kind,
             choices=declared.choices, default=spec.default, help=help_text,
         )  # fmt: skip
+
+
+def _said(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """`parse` with its ValueError's message shown by argparse (it shows only the function's name otherwise)."""
+
+    def parsed(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    return parsed
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
@@ -60,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
     telemetry.configure_logging(log_level or os.environ.get("WORKSPACE_LOG_LEVEL") or ("WARNING" if demo else "INFO"))
     if args["idle_ttl_s"] is None:
         args["idle_ttl_s"] = 0.0 if demo else OrchestratorConfig.idle_ttl_s
+    for spec in dataclasses.fields(OrchestratorConfig):
+        if (declared := spec.metadata.get(OPTION)) is not None and declared.each is not None:
+            args[spec.name] = tuple(args[spec.name] or spec.default)
     # Absolute: paths below it are handed to Docker as bind mounts (the trust bundle), which must be.
     args["data_dir"] = args["data_dir"].absolute()
     return OrchestratorConfig(**args), demo

@@ -6,8 +6,10 @@ import contextlib
 import os
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from common.constants import MiB
 
@@ -27,11 +29,25 @@ class Option:
 
     help: str = ""
     choices: tuple[str, ...] | None = None
+    # A repeatable option (a tuple field): each occurrence parsed by this, the values collected in order.
+    each: Callable[[str], Any] | None = None
+    metavar: str | None = None
 
 
-def option(help: str = "", *, choices: tuple[str, ...] | None = None) -> dict[str, Option]:
+def option(
+    help: str = "", *, choices: tuple[str, ...] | None = None, each: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+) -> dict[str, Option]:
     """A field's metadata making it a command-line option (`field(default=..., metadata=option(...))`)."""
-    return {OPTION: Option(help, choices)}
+    return {OPTION: Option(help, choices, each, metavar)}
+
+
+def hot_pool_entry(text: str) -> tuple[str, int]:
+    """`TEMPLATE=K` of --hot-pool as (template, K). Raises ValueError."""
+    template, equals, count = text.partition("=")
+    if not template or not equals or not count.isdigit():
+        raise ValueError(f"{text!r} is not TEMPLATE=K (a template name and a count, e.g. node-basic=1)")
+    return template, int(count)
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,17 @@ class OrchestratorConfig:
             f"started workspaces kept ready for new sessions, within --max-sessions (0: off; default {WARM_POOL_DEFAULT})"
         ),
     )
+    # Hot pools: per template, workspaces kept READY (template injected, installed, dev server answering) for
+    # new sessions of it; they count against max_sessions too. A template.json's `hot_pool` asks for one as well;
+    # an entry here overrides it (0 turns it off).
+    hot_pool: tuple[tuple[str, int], ...] = field(
+        default=(),
+        metadata=option(
+            "keep K workspaces of TEMPLATE READY for new sessions, within --max-sessions (repeatable; overrides"
+            " the template's hot_pool)",
+            each=hot_pool_entry, metavar="TEMPLATE=K",
+        ),
+    )  # fmt: skip
     agent_health_timeout_s: float = 30.0
     install_timeout_s: float = field(default=600.0, metadata=option())
     # Reaper: stop sessions idle this long or alive this long (0 disables either); check every interval.
@@ -99,6 +126,12 @@ class OrchestratorConfig:
     install_cache_unlocked_max_age_s: float = 24 * 3600.0
     # Output lines kept per session for late watchers and failure reports.
     output_history_lines: int = 200
+
+    def hot_pool_sizes(self, declared: dict[str, int]) -> dict[str, int]:
+        """The hot pool of each template: `declared` (the templates' own hot_pool) overridden by --hot-pool,
+        the ones of size 0 left out."""
+        sizes = {**declared, **dict(self.hot_pool)}
+        return {template: size for template, size in sizes.items() if size > 0}
 
     @property
     def state_db(self) -> Path:

@@ -15,6 +15,7 @@ import grpc
 from orchestrator.agent_client import AgentClient
 from orchestrator.errors import OrchestratorError
 from orchestrator.runtime import Runtime, Workspace
+from orchestrator.runtime.base import POOL_KEY_LABEL
 from orchestrator.templates import ResourceHints
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,18 @@ class Member:
     workspace: Workspace
     agent: AgentClient
     credential: str
+    # A hot pool entry's key (see HotPool): what it was made from; "" for a warm member.
+    key: str = ""
 
 
 class WarmPool:
     """Keeps `size` members ready, as far as `room()` (how many more workspaces max_sessions allows now, the
-    members counted in) lets it. take() hands one out at once or says there is none; never waits for a fill."""
+    members counted in) lets it. take() hands one out at once or says there is none; never waits for a fill.
+    A subclass (HotPool) labels and prepares its members further through `_labels` and `_prepare`."""
+
+    kind = POOL_KIND
+    fill_at_once = FILL_AT_ONCE
+    retry_after_s = RETRY_AFTER_S
 
     def __init__(self, runtime: Runtime, size: int, *, room: Callable[[], int], health_timeout_s: float) -> None:
         self._runtime = runtime
@@ -70,16 +78,17 @@ class WarmPool:
         """Workspaces the pool holds or is starting: they count against max_sessions like sessions do."""
         return len(self._ready) + self._starting
 
-    async def start(self) -> None:
-        """Removes the unclaimed members an earlier orchestrator left (their credentials died with it), then
-        fills in the background and drops members whose workspace stops. Raises EngineUnavailable."""
+    async def start(self, *, remove_leftovers: bool = True) -> None:
+        """Removes the unclaimed members an earlier orchestrator left (their credentials died with it; of every
+        pool: the first pool started does it), then fills in the background and drops members whose workspace
+        stops. Raises EngineUnavailable."""
         exits = self._runtime.exits()
-        for workspace in await self._runtime.list():
+        for workspace in await self._runtime.list() if remove_leftovers else ():
             if workspace.pool_id:
                 log.info("removing pool member %s left by an earlier orchestrator", workspace.pool_id)
                 await self._runtime.discard(workspace.pool_id)
-        self._following = asyncio.create_task(self._follow_exits(exits), name="warm pool exits")
-        self._filling = asyncio.create_task(self._fill(), name="warm pool fill")
+        self._following = asyncio.create_task(self._follow_exits(exits), name=f"{self.kind} pool exits")
+        self._filling = asyncio.create_task(self._fill(), name=f"{self.kind} pool fill")
         self.refill()
 
     async def wait_full(self, timeout: float) -> bool:
@@ -106,7 +115,7 @@ class WarmPool:
             member = self._ready.pop(0)
             if await member.agent.healthy(TAKE_HEALTH_TIMEOUT_S):
                 return member
-            log.warning("warm pool: member %s did not answer; removed", member.workspace.pool_id)
+            log.warning("%s pool: member %s did not answer; removed", self.kind, member.workspace.pool_id)
             self._spawn(self._discard(member))
         return None
 
@@ -144,7 +153,7 @@ class WarmPool:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            wanted = min(self._size - self.held, self._room() - self.held, FILL_AT_ONCE - self._starting)
+            wanted = min(self._size - self.held, self._room() - self.held, self.fill_at_once - self._starting)
             for _ in range(max(wanted, 0)):
                 self._starting += 1
                 self._spawn(self._add_member())
@@ -153,16 +162,26 @@ class WarmPool:
         pool_id = secrets.token_hex(6)
         credential = secrets.token_urlsafe(24)
         agent: AgentClient | None = None
+        starting: asyncio.Future[Workspace] | None = None
         failed = False
         try:
-            workspace = await self._runtime.start_pooled(pool_id, credential, kind=POOL_KIND)
+            labels = await self._labels()
+            # Shielded: a cancelled start would go on in its thread and create the container after the discard.
+            starting = asyncio.ensure_future(
+                self._runtime.start_pooled(pool_id, credential, kind=self.kind, labels=labels)
+            )
+            workspace = await asyncio.shield(starting)
             agent = AgentClient(workspace.agent_endpoint, credential)
             await agent.wait_healthy(self._health_timeout_s)
-            self._ready.append(Member(workspace, agent, credential))
-            log.info("warm pool: member %s ready (%d of %d)", pool_id, len(self._ready), self._size)
+            member = Member(workspace, agent, credential, labels.get(POOL_KEY_LABEL, ""))
+            await self._prepare(member)
+            self._ready.append(member)
+            log.info("%s pool: member %s ready (%d of %d)", self.kind, pool_id, len(self._ready), self._size)
         except (OrchestratorError, grpc.aio.AioRpcError) as error:
             failed = True
-            log.warning("warm pool: could not start a member (%s); trying again in %g s", error, RETRY_AFTER_S)
+            log.warning(
+                "%s pool: could not start a member (%s); trying again in %g s", self.kind, error, self.retry_after_s
+            )
             if agent is not None:
                 await agent.close()
             with contextlib.suppress(OrchestratorError):
@@ -171,19 +190,35 @@ class WarmPool:
             if agent is not None:
                 await agent.close()
             with contextlib.suppress(OrchestratorError):
-                await asyncio.shield(self._runtime.discard(pool_id))
+                await asyncio.shield(self._discard_started(starting, pool_id))
             raise
         finally:
             if failed:  # the slot stays taken meanwhile: no other start replaces this one at once
-                await asyncio.sleep(RETRY_AFTER_S)
+                await asyncio.sleep(self.retry_after_s)
             self._starting -= 1
         self.refill()
+
+    async def _discard_started(self, starting: asyncio.Future[Workspace] | None, pool_id: str) -> None:
+        """Removes a member whose start may still be under way, once that start has ended."""
+        if starting is not None:
+            await asyncio.wait({starting})
+            if not starting.cancelled():
+                starting.exception()  # retrieved: a failed start has nothing to remove, and is no news
+        await self._runtime.discard(pool_id)
+
+    async def _labels(self) -> dict[str, str]:
+        """The labels of the next member besides the runtime's (POOL_KEY_LABEL becomes its key)."""
+        return {}
+
+    async def _prepare(self, member: Member) -> None:
+        """Takes a started member with a healthy agent further before it is handed out (nothing, here).
+        Raises OrchestratorError: the member is removed."""
 
     async def _follow_exits(self, exits) -> None:
         async for exit in exits:
             member = next((m for m in self._ready if m.workspace.handle == exit.handle), None)
             if member is not None:
-                log.warning("warm pool: member %s stopped (%s); removed", member.workspace.pool_id, exit.reason)
+                log.warning("%s pool: member %s stopped (%s); removed", self.kind, member.workspace.pool_id, exit.reason)
                 self._ready.remove(member)
                 self._spawn(self._discard(member))
                 self.refill()
@@ -193,7 +228,7 @@ class WarmPool:
         try:
             await self._runtime.discard(member.workspace.pool_id)
         except OrchestratorError as error:
-            log.warning("warm pool: could not remove member %s: %s", member.workspace.pool_id, error)
+            log.warning("%s pool: could not remove member %s: %s", self.kind, member.workspace.pool_id, error)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)
@@ -202,13 +237,16 @@ class WarmPool:
 
 
 
-def pool_size_problem(size: int, max_sessions: int) -> str:
-    """Why a pool of `size` cannot be run beside `max_sessions` ("" when it can)."""
+def pool_size_problem(size: int, max_sessions: int, hot: dict[str, int] | None = None) -> str:
+    """Why a warm pool of `size` and the hot pools `hot` (per template) cannot be run beside `max_sessions`
+    ("" when they can)."""
     if size < 0:
         return f"--warm-pool {size}: the pool size is 0 (off) or more"
-    if size > max_sessions:
+    held = size + sum((hot or {}).values())
+    if held > max_sessions:
+        asked = f"--warm-pool {size}" + "".join(f" --hot-pool {name}={k}" for name, k in (hot or {}).items())
         return (
-            f"--warm-pool {size} is more than --max-sessions {max_sessions} allows (pool members count against it):"
-            " lower --warm-pool or raise --max-sessions"
+            f"{asked} hold {held} workspaces, more than --max-sessions {max_sessions} allows (pool members count"
+            " against it): lower the pools or raise --max-sessions"
         )
     return ""

@@ -17,7 +17,7 @@ from common.startup import StartupError, check_bindable, unbindable, writable_di
 from orchestrator import demo
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
-from orchestrator.errors import STATUS_CODES
+from orchestrator.errors import STATUS_CODES, OrchestratorError
 from orchestrator.pool import pool_size_problem
 from orchestrator.runtime import Runtime, make_runtime
 from orchestrator.service import OrchestratorServicer
@@ -66,7 +66,7 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
     """The orchestrator bound to `config.listen`, not yet started. Raises StartupError when the address
     cannot be bound, the data directory is not writable or the templates folder is missing, InvalidArgument
     for an unknown runtime or unreadable CA bundle."""
-    if problem := pool_size_problem(config.warm_pool, config.max_sessions):
+    if problem := pool_size_problem(config.warm_pool, config.max_sessions, dict(config.hot_pool)):
         raise StartupError(problem)
     writable_directory(config.data_dir, "the data directory", "--data-dir")
     if not config.templates_dir.is_dir():
@@ -74,6 +74,11 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
     store = Store(config.state_db)
     archives = ArchiveStore(config.archives_dir, store, config.max_archive_bytes)
     catalog = TemplateCatalog(config.templates_dir, config.template_cache_dir)
+    for template, _ in config.hot_pool:
+        try:
+            catalog.get(template)
+        except OrchestratorError as error:
+            raise StartupError(f"--hot-pool {template}: {error}") from error
     runtime = make_runtime(config.runtime, config)
     sessions = SessionManager(config, store, archives, catalog, runtime)
 

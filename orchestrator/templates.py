@@ -67,6 +67,8 @@ class TemplateSpec:
     # template.json is the orchestrator's metadata, left out of the archive (and /app) unless the author opts in.
     archive_template_json: bool = False
     resources: ResourceHints = ResourceHints()
+    # Workspaces kept READY for new sessions of this template (the orchestrator's --hot-pool overrides it).
+    hot_pool: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,16 @@ class TemplateArchive:
         with open(self.path, "rb") as file:
             while chunk := await asyncio.to_thread(file.read, chunk_size):
                 yield chunk
+
+
+@dataclass(frozen=True)
+class PinnedTemplate:
+    """A template at one content hash: what a hot pool entry was made from, and what a session claiming one
+    must ask for (TemplateCatalog.pinned)."""
+
+    spec: TemplateSpec
+    archive: TemplateArchive
+    content_hash: str  # hex sha256 of the metadata and the archive
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,15 @@ class TemplateCatalog:
                 self._built[key] = cached
             return cached
 
+    async def pinned(self, name: str) -> PinnedTemplate:
+        """The template as it is now: its metadata, its archive and a hash of both (any edit of template.json or
+        of a file changes it). Cheap when the archive is cached: the files are read and hashed, not packed.
+        Raises as archive()."""
+        spec = await asyncio.to_thread(self.get, name)
+        built = await self.archive(name)
+        digest = hashlib.sha256(f"{replace(spec, hot_pool=0)!r}\0{built.sha256}".encode()).hexdigest()
+        return PinnedTemplate(spec, built, digest)
+
     def _members(self, name: str) -> list[_Member]:
         spec = self.get(name)
         try:
@@ -210,6 +231,7 @@ class TemplateCatalog:
             env=dict(document.get("env", {})),
             archive_excludes=tuple(document.get("archive_excludes", ())),
             archive_template_json=document.get("archive_template_json", False),
+            hot_pool=document.get("hot_pool", 0),
             resources=ResourceHints(
                 memory_mb=resources.get("memory_mb", 1024),
                 cpus=float(resources.get("cpus", 1.0)),

@@ -237,14 +237,15 @@ class Orchestrator:
         finally:
             self.delete(session.id)
 
-    def pooled(self) -> list[str]:
-        """Its running containers labelled as pooled. A label cannot change once a container exists, so one a
-        session took may still carry it: this is asked only while no session of the run is live."""
+    def pooled(self, kind: str) -> list[str]:
+        """Its running containers labelled as pooled, of `kind` ("warm", "hot"). A label cannot change once a
+        container exists, so one a session took may still carry it: this is asked only while no session of the
+        run is live."""
         return docker(
             "ps",
             "--quiet",
             "--filter",
-            f"label={POOL_LABEL}",
+            f"label={POOL_LABEL}={kind}",
             "--filter",
             f"label={ORCHESTRATOR_LABEL}={self.instance_id}",
         ).split()
@@ -287,7 +288,8 @@ class Pool:
         started = time.monotonic()
         seen = False
         while time.monotonic() - started < timeout:
-            pooled = orchestrator.pooled()
+            # The label's value: a hot row's orchestrator keeps its default warm pool too, whose members serve no page.
+            pooled = orchestrator.pooled(self.kind.split()[0])
             seen = seen or bool(pooled)
             if len(pooled) >= self.size and all(self._answers(c) for c in pooled):
                 return

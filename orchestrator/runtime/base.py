@@ -29,6 +29,9 @@ MANAGED_LABEL = "workspace-core.managed"
 # Pool members (started ahead of any session) carry this instead of SESSION_LABEL, with the pool's kind
 # ("warm"); labels cannot change after creation, so a claimed member's session is in its name (see claim()).
 POOL_LABEL = "workspace-core.pool"
+# A hot pool entry's template, and what it was made from: `<template content hash>:<image id>` (both short).
+POOL_TEMPLATE_LABEL = "workspace-core.pool.template"
+POOL_KEY_LABEL = "workspace-core.pool.key"
 
 # The OpenTelemetry service name of every workspace's agent.
 AGENT_SERVICE_NAME = "workspace-agent"
@@ -93,10 +96,17 @@ class Runtime(Protocol):
         """Removes the workspace and everything running in it; stopping an unknown one is not an error."""
         ...
 
-    async def start_pooled(self, pool_id: str, credential: str, *, kind: str = "warm") -> Workspace:
+    async def start_pooled(
+        self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
+    ) -> Workspace:
         """Creates and starts a pool member: a workspace of no session, with the default resources, its agent
-        holding `credential` (delivered like a session's token); does not wait for the agent.
-        Raises EngineUnavailable, ImageMissing, InvalidArgument (bad pool id)."""
+        holding `credential` (delivered like a session's token) and `labels` besides ours; does not wait for
+        the agent. Raises EngineUnavailable, ImageMissing, InvalidArgument (bad pool id)."""
+        ...
+
+    async def image_id(self) -> str:
+        """The id of the image a workspace started now runs (it changes when the core image is rebuilt).
+        Raises EngineUnavailable, ImageMissing."""
         ...
 
     async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
@@ -140,9 +150,9 @@ def workspace_labels(instance_id: str, session_id: str, extra: dict[str, str]) -
     return {**extra, MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: instance_id, SESSION_LABEL: session_id}
 
 
-def pool_labels(instance_id: str, kind: str) -> dict[str, str]:
-    """The labels of a pool member: ours, and the pool's kind instead of a session."""
-    return {MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: instance_id, POOL_LABEL: kind}
+def pool_labels(instance_id: str, kind: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The labels of a pool member: `extra`, ours, and the pool's kind instead of a session."""
+    return {**(extra or {}), MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: instance_id, POOL_LABEL: kind}
 
 
 def trust_env(bundle: str) -> dict[str, str]:

@@ -132,16 +132,23 @@ class DockerRuntime:
             "start the workspace container", self._start, name, all_labels, token, resources, environment
         )
 
-    async def start_pooled(self, pool_id: str, credential: str, *, kind: str = "warm") -> Workspace:
+    async def start_pooled(
+        self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
+    ) -> Workspace:
         """Creates and starts a pool member `workspace-core-pool-<pool_id>` with the default resources (a claim
         sets the template's); does not wait for its agent. Raises EngineUnavailable, ImageMissing,
         FailedPrecondition (the engine refused), InvalidArgument (bad pool id)."""
         check_session_id(pool_id)
         environment = workspace_agent_env(f"pool-{pool_id}")
         return await self._call(
-            "start a pool container", self._start, f"{POOL_PREFIX}{pool_id}", pool_labels(self.instance_id, kind),
+            "start a pool container", self._start, f"{POOL_PREFIX}{pool_id}", pool_labels(self.instance_id, kind, labels),
             credential, ResourceHints(), environment,
         )  # fmt: skip
+
+    async def image_id(self) -> str:
+        """The id of the image `image` names now (a rebuild moves the tag to a new id). Raises EngineUnavailable,
+        ImageMissing."""
+        return await self._call("look up the core image", lambda: self._docker().images.get(self.image).id)
 
     async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
         """Renames the pool member to `workspace-core-<session_id>` (the engine's names are unique: of two

@@ -92,7 +92,9 @@ class LocalRuntime:
         labels = workspace_labels(self.instance_id, session_id, labels)
         return await self._launch(session_id, session_id, token, {**workspace_agent_env(session_id), **env}, labels)
 
-    async def start_pooled(self, pool_id: str, credential: str, *, kind: str = "warm") -> Workspace:
+    async def start_pooled(
+        self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
+    ) -> Workspace:
         """Starts a pool member's agent under `pool-<pool_id>/`. Raises InvalidArgument (bad id),
         FailedPrecondition (that member runs already)."""
         check_session_id(pool_id)
@@ -100,7 +102,11 @@ class LocalRuntime:
         if await asyncio.to_thread(self._running, self.directory / name):
             raise FailedPrecondition(f"a local pool member {pool_id} is already running")
         environment = workspace_agent_env(name)
-        return await self._launch(name, "", credential, environment, pool_labels(self.instance_id, kind))
+        return await self._launch(name, "", credential, environment, pool_labels(self.instance_id, kind, labels))
+
+    async def image_id(self) -> str:
+        """This Python and its agent: there is no image to rebuild."""
+        return LOCAL_IMAGE
 
     async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
         """Records `session_id` in the member's workspace.json (an atomic replace, under a lock: a member is

@@ -19,8 +19,9 @@ from orchestrator.install_cache import HIT_ENV, CacheKey, Injected, InstallCache
 from orchestrator.pool import FROM_POOL, WarmPool
 from orchestrator.readiness import wait_until_ready
 from orchestrator.runtime import Runtime, Workspace
+from orchestrator.sessions.hot_pool import FROM_HOT_POOL, HOT_DETAIL, HotPool
 from orchestrator.sessions.live import READY, STARTING, LiveSession, reason_of, timestamp_now
-from orchestrator.templates import SKIP, TemplateCatalog, TemplateSpec
+from orchestrator.templates import SKIP, TemplateArchive, TemplateCatalog, TemplateSpec
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,13 @@ class Initialization:
         install_cache: InstallCache | None,
         pool: WarmPool | None = None,
         steps: Sequence[tuple[pb.Phase.ValueType, Step]] | None = None,
+        hot_pool: HotPool | None = None,
+        hot_key: str = "",
+        template_archive: TemplateArchive | None = None,
     ) -> None:
+        """`hot_pool` and `hot_key`: the template's hot pool, and the key (content hash, image) an entry must
+        have for this session (computed when it was created). `template_archive`: the template's archive to
+        inject (pinned with `template`; else the catalog's at the injection)."""
         self.live = live
         self.template = template
         self.archive = archive
@@ -69,6 +76,11 @@ class Initialization:
         self._archives = archives
         self._install_cache = install_cache
         self._pool = pool
+        self._hot_pool = hot_pool
+        self._hot_key = hot_key
+        self._template_archive = template_archive
+        # Whether the workspace is a hot entry: the later phases were done by its fill.
+        self._from_hot = False
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
         self.container_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._follow_dev: asyncio.Task[None] | None = None
@@ -85,7 +97,10 @@ class Initialization:
         try:
             for phase, step in self.steps:
                 async with self._phase(phase) as status:
-                    await step(self, status)
+                    if self._from_hot:
+                        status.detail = HOT_DETAIL
+                    else:
+                        await step(self, status)
         except asyncio.CancelledError:
             if live.exited is None:
                 raise
@@ -94,8 +109,9 @@ class Initialization:
             self._recorder.fail(live, error)
             return
         finally:
-            if self._pool is not None:
-                self._pool.refill()  # settled: a member started now no longer competes with this session
+            for pool in (self._pool, self._hot_pool):
+                if pool is not None:
+                    pool.refill()  # settled: a member started now no longer competes with this session
             # Following after READY would hold a stream open on the agent: the reaper would see it as busy.
             if self._follow_dev is not None:
                 self._follow_dev.cancel()
@@ -147,9 +163,10 @@ class Initialization:
     # ------------------------------------------------------------------ the steps
 
     async def start_container(self, status: pb.PhaseStatus) -> None:
-        """Claims a member of the warm pool (its agent is up: the next step takes no time), or, with the pool
-        empty or the claim failed, starts a container (never waits for a refill)."""
-        if await self._claim_from_pool(status):
+        """Claims an entry of the template's hot pool at the session's key (READY already: the later phases are
+        instant), else a member of the warm pool (its agent is up: the next step takes no time), or, with the
+        pools empty or the claim failed, starts a container (never waits for a refill)."""
+        if await self._claim_from_hot_pool(status) or await self._claim_from_pool(status):
             return
         session = self.live.session
         try:
@@ -185,6 +202,26 @@ class Initialization:
         status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image} {FROM_POOL}"
         return True
 
+    async def _claim_from_hot_pool(self, status: pb.PhaseStatus) -> bool:
+        """Whether the session got a hot entry made from exactly its template content and image."""
+        hot = self._hot_pool
+        member = await hot.take_matching(self._hot_key) if hot is not None and self._hot_key else None
+        if member is None:
+            return False
+        session, template = self.live.session, self.template
+        try:
+            workspace, agent = await hot.claim(
+                member, session.id, session.agent_token, resources=template.resources, env=dict(template.env)
+            )
+        except OrchestratorError as error:  # the entry is removed; a warm or cold start gives the same result
+            log.warning("session %s: claiming a hot entry failed (%s); starting otherwise", session.id, reason_of(error))
+            return False
+        self._from_hot = True
+        self.container_started.set_result(None)
+        self._recorder.attach(self.live, workspace, agent)
+        status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image} {FROM_HOT_POOL}"
+        return True
+
     async def wait_agent_healthy(self, status: pb.PhaseStatus) -> None:
         await self.live.agent.wait_healthy(self._config.agent_health_timeout_s)
 
@@ -194,7 +231,7 @@ class Initialization:
             await agent.extract_archive(self._archives.read(archive.id), archive.sha256)
             status.detail = f"archive {archive.id}: {archive.files} files, {archive.size} bytes"
         else:
-            built = await self._catalog.archive(template.name)
+            built = self._template_archive or await self._catalog.archive(template.name)
             await agent.extract_archive(built.chunks(), built.sha256)
             status.detail = f"template {template.name}: {built.files} files, {built.size} bytes"
 

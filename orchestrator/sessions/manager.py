@@ -24,6 +24,7 @@ from orchestrator.errors import (
 from orchestrator.install_cache import InstallCache
 from orchestrator.pool import WarmPool
 from orchestrator.runtime import Runtime, Workspace
+from orchestrator.sessions.hot_pool import HotPool
 from orchestrator.sessions.initialization import Initialization
 from orchestrator.sessions.live import (
     FAILED,
@@ -74,15 +75,46 @@ class SessionManager:
             if config.install_cache
             else None
         )
-        # Its members count against max_sessions with the sessions (each holds a workspace, FAILED ones too).
+        # Pool members count against max_sessions with the sessions (each holds a workspace, FAILED ones too),
+        # and each pool's with the other pools'.
         self.pool = (
             WarmPool(
                 runtime, config.warm_pool,
-                room=lambda: config.max_sessions - len(self._live), health_timeout_s=config.agent_health_timeout_s,
+                room=lambda: self._room_for(self.pool), health_timeout_s=config.agent_health_timeout_s,
             )
             if config.warm_pool
             else None
         )  # fmt: skip
+        declared = {spec.name: spec.hot_pool for spec in catalog.list() if spec.valid and spec.hot_pool}
+        self.hot_pools: dict[str, HotPool] = {
+            template: self._hot_pool(template, size) for template, size in config.hot_pool_sizes(declared).items()
+        }
+
+    def _hot_pool(self, template: str, size: int) -> HotPool:
+        def fill(live: LiveSession, pinned, recorder) -> Initialization:
+            # The session's own steps after a healthy agent: archive, install (with the cache), dev server, ready.
+            return Initialization(
+                live, pinned.spec, None, recorder=recorder, config=self.config, runtime=self._runtime,
+                catalog=self._catalog, archives=self._archives, install_cache=self._install_cache,
+                steps=Initialization.STEPS[2:], template_archive=pinned.archive,
+            )  # fmt: skip
+
+        pool = HotPool(
+            self._runtime, size, template,
+            room=lambda: self._room_for(pool), health_timeout_s=self.config.agent_health_timeout_s,
+            pinned=self._catalog.pinned, initialization=fill, output_history_lines=self.config.output_history_lines,
+        )  # fmt: skip
+        return pool
+
+    @property
+    def pools(self) -> list[WarmPool]:
+        """The warm pool (if on) and the hot pools."""
+        return [pool for pool in (self.pool, *self.hot_pools.values()) if pool is not None]
+
+    def _room_for(self, pool: WarmPool | None) -> int:
+        """How many workspaces `pool` may hold: what max_sessions leaves of the sessions and the other pools."""
+        others = sum(other.held for other in self.pools if other is not pool)
+        return self.config.max_sessions - len(self._live) - others
 
     # ------------------------------------------------------------------ queries
 
@@ -155,6 +187,11 @@ class SessionManager:
         if not template:
             raise InvalidArgument("name a template or an archive_id to create the session from")
         spec = self._catalog.get(template)
+        # A hot entry is made from the template's content as it is now: restores never take one.
+        hot = self.hot_pools.get(spec.name) if archive is None else None
+        hot_key, pinned = await hot.current() if hot is not None else ("", None)
+        if pinned is not None:
+            spec = pinned.spec  # the session runs exactly this content, from a hot entry or not
         if sum(live.session.state != FAILED for live in self._live.values()) >= self.config.max_sessions:
             raise LimitExceeded(
                 f"{self.config.max_sessions} sessions are running: delete one (DeleteSession) or raise --max-sessions"
@@ -184,6 +221,9 @@ class SessionManager:
             archives=self._archives,
             install_cache=self._install_cache,
             pool=self.pool,
+            hot_pool=hot,
+            hot_key=hot_key,
+            template_archive=pinned.archive if pinned is not None else None,
         )
         container_started = initialization.container_started
         live.initialization = asyncio.create_task(initialization.run(), name=f"initialize {session.id}")
@@ -323,8 +363,8 @@ class SessionManager:
 
     def _room_freed(self) -> None:
         """A session let go of its workspace: a pool kept small by max_sessions may grow again."""
-        if self.pool is not None:
-            self.pool.refill()
+        for pool in self.pools:
+            pool.refill()
 
     # ------------------------------------------------------------------ restart
 
@@ -339,14 +379,14 @@ class SessionManager:
         record is left alone with a warning: it may be another orchestrator's started with the same
         --instance-id on another data directory, and removing it would destroy that one's live workspace."""
         await self._reconciler.reconcile()
-        if self.pool is not None:
-            await self.pool.start()  # after the adoptions: they count against max_sessions
+        for first, pool in enumerate(self.pools):  # after the adoptions: they count against max_sessions
+            await pool.start(remove_leftovers=not first)
 
     async def close(self) -> None:
         """Lets go of the sessions without stopping them: a later orchestrator adopts them. Removes the pool's
         unclaimed members (their credentials live in this process only)."""
-        if self.pool is not None:
-            await self.pool.close()
+        for pool in self.pools:
+            await pool.close()
         await self._reconciler.close()
         if self._install_cache is not None:
             await self._install_cache.close()

@@ -1,0 +1,278 @@
+"""Sessions from a hot pool, through the real gRPC server: READY at once with the phases of a cold start, the
+content hash the session was created for even if the template is edited mid-claim, stale and dead entries
+never handed out, restores never from it, and entries counted within max_sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import docker
+import grpc
+import pytest
+from grpc import aio
+
+from orchestrator.config import OrchestratorConfig
+from orchestrator.runtime.base import POOL_KEY_LABEL, POOL_LABEL, POOL_TEMPLATE_LABEL
+from orchestrator.sessions.hot_pool import FROM_HOT_POOL, HOT_DETAIL, KEY_CHECK_S
+from tests.conftest import REPO
+from tests.live_orchestrator import free_port
+from tests.orchestrator.conftest import (
+    OrchestratorUnderTest,
+    derive_template,
+    http_get,
+    start_orchestrator,
+    stop_all_workspaces,
+)
+from tests.orchestrator.test_warm_pool import FILL_TIMEOUT_S, bearer, refused, until
+from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
+
+BOTH_RUNTIMES = pytest.mark.parametrize("runtime_kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+
+
+@pytest.fixture
+def max_sessions() -> int:
+    return 100
+
+
+@pytest.fixture
+async def hot(orchestrator_config: OrchestratorConfig, max_sessions: int) -> AsyncIterator[OrchestratorUnderTest]:
+    config = dataclasses.replace(orchestrator_config, hot_pool=(("node-basic", 1),), max_sessions=max_sessions)
+    running = await start_orchestrator(config)
+    try:
+        assert await pool_of(running).wait_full(FILL_TIMEOUT_S)
+        yield running
+    finally:
+        await running.close()
+        await stop_all_workspaces(config)
+
+
+async def create_ready(o: OrchestratorUnderTest, **source) -> pb.Session:
+    """The session once WatchSession's stream ends (a session READY at once has its snapshot only: the session,
+    then its phases)."""
+    created = await o.stub.CreateSession(pb.CreateSessionRequest(**source))
+    async with asyncio.timeout(60):
+        async for _ in o.stub.WatchSession(pb.WatchSessionRequest(id=created.session.id)):
+            pass
+    session = (await o.stub.GetSession(pb.GetSessionRequest(id=created.session.id))).session
+    assert session.state == pb.SESSION_STATE_READY, session.failure
+    return session
+
+
+def pool_of(o: OrchestratorUnderTest):
+    return o.orchestrator.sessions.hot_pools["node-basic"]
+
+
+def from_hot_pool(session: pb.Session) -> bool:
+    return session.phases[0].detail.endswith(FROM_HOT_POOL)
+
+
+def edit_page(o: OrchestratorUnderTest, text: str) -> None:
+    (o.config.templates_dir / "node-basic" / "src" / "index.html").write_text(f"<h1>{text}</h1>\n")
+
+
+async def page(session: pb.Session) -> str:
+    return (await http_get(session.preview_url))[1]
+
+
+@BOTH_RUNTIMES
+async def test_a_session_from_the_hot_pool_is_ready_with_the_phases_of_a_cold_start(
+    hot: OrchestratorUnderTest, orchestrator_config: OrchestratorConfig
+) -> None:
+    entry = pool_of(hot).members[0]
+    assert entry.workspace.labels[POOL_LABEL] == "hot" and entry.workspace.labels[POOL_TEMPLATE_LABEL] == "node-basic"
+    session = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(session), session.phases[0]
+    assert [p.phase for p in session.phases] == [
+        pb.PHASE_CONTAINER_STARTED, pb.PHASE_AGENT_HEALTHY, pb.PHASE_ARCHIVE_INJECTED,
+        pb.PHASE_INSTALL, pb.PHASE_DEV_SERVER_STARTED, pb.PHASE_READY,
+    ]  # fmt: skip
+    assert all(p.detail == HOT_DETAIL for p in session.phases[1:])
+    assert (await http_get(session.preview_url))[0] == 200
+    # The dev server is the session's `dev` process, under the session's token; the pool credential is refused.
+    async with aio.insecure_channel(session.agent_endpoint) as channel:
+        listed = await agent_pb2_grpc.AgentServiceStub(channel).ListProcesses(
+            agent_pb2.ListProcessesRequest(), metadata=bearer(session.agent_token)
+        )
+    assert [(p.name, p.running) for p in listed.processes] == [("dev", True)]
+    assert await refused(session, entry.credential) == grpc.StatusCode.UNAUTHENTICATED
+    # The pool refills with an entry of the same key.
+    assert await pool_of(hot).wait_full(FILL_TIMEOUT_S)
+    assert pool_of(hot).members[0].key == entry.key
+
+
+@BOTH_RUNTIMES
+async def test_a_template_edited_during_the_claim_leaves_the_session_on_the_content_it_was_created_for(
+    hot: OrchestratorUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = pool_of(hot).members[0]
+    runtime = hot.orchestrator.runtime
+    claim = runtime.claim
+
+    async def edited_then_claimed(*args, **kwargs):
+        edit_page(hot, "edited during the claim")
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "claim", edited_then_claimed)
+    session = await create_ready(hot, template="node-basic")
+    monkeypatch.undo()
+    assert from_hot_pool(session)
+    assert "edited during the claim" not in await page(session)
+    # The refill is made from the edited template; an entry of the old content is retired, never handed out.
+    await until(lambda: _has_entry_other_than(hot, before.key), FILL_TIMEOUT_S + KEY_CHECK_S)
+    later = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(later) and "edited during the claim" in await page(later)
+
+
+async def _has_entry_other_than(o: OrchestratorUnderTest, key: str) -> bool:
+    members = pool_of(o).members
+    return bool(members) and all(m.key != key for m in members)
+
+
+@BOTH_RUNTIMES
+async def test_an_edited_template_retires_the_stale_entry_and_refills(hot: OrchestratorUnderTest) -> None:
+    stale = pool_of(hot).members[0]
+    edit_page(hot, "the new content")
+    await until(lambda: _has_entry_other_than(hot, stale.key), FILL_TIMEOUT_S + KEY_CHECK_S)
+    assert stale.workspace.pool_id not in {w.pool_id for w in await hot.orchestrator.runtime.list()}
+    session = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(session) and "the new content" in await page(session)
+
+
+async def test_an_edit_not_yet_seen_by_the_pool_is_never_served_from_a_stale_entry(hot: OrchestratorUnderTest) -> None:
+    edit_page(hot, "edited just now")
+    session = await create_ready(hot, template="node-basic")
+    # The key is computed at CreateSession: the stale entry is retired, the session starts cold with the edit.
+    assert not from_hot_pool(session) and "edited just now" in await page(session)
+
+
+@BOTH_RUNTIMES
+async def test_a_dead_entry_is_never_handed_out(hot: OrchestratorUnderTest, request: pytest.FixtureRequest) -> None:
+    dead = pool_of(hot).members[0]
+    if hot.config.runtime == "docker":
+        request.getfixturevalue("docker_client").containers.get(dead.workspace.handle).kill()
+    else:
+        os.killpg(int(dead.workspace.handle), signal.SIGKILL)
+    session = await create_ready(hot, template="node-basic")
+    assert not from_hot_pool(session)
+    listed = {w.session_id: w.handle for w in await hot.orchestrator.runtime.list()}
+    assert listed[session.id] != dead.workspace.handle
+
+
+@BOTH_RUNTIMES
+async def test_a_dev_server_that_died_in_an_entry_is_never_handed_out(hot: OrchestratorUnderTest) -> None:
+    entry = pool_of(hot).members[0]
+    await entry.agent.stop_process("dev")
+    session = await create_ready(hot, template="node-basic")
+    assert not from_hot_pool(session)
+
+
+@BOTH_RUNTIMES
+async def test_a_restore_never_takes_a_hot_entry(hot: OrchestratorUnderTest) -> None:
+    session = await create_ready(hot, template="node-basic")
+    archive = (await hot.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id, save=True))).archive
+    assert await pool_of(hot).wait_full(FILL_TIMEOUT_S)
+    restored = await create_ready(hot, archive_id=archive.id)
+    assert not from_hot_pool(restored)
+    assert len(pool_of(hot).members) == 1
+
+
+@BOTH_RUNTIMES
+@pytest.mark.parametrize("max_sessions", [1])
+async def test_hot_entries_count_within_max_sessions(hot: OrchestratorUnderTest) -> None:
+    session = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(session)
+    # The one slot is the session's: no refill, and a second session is refused.
+    assert pool_of(hot).held == 0
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await hot.stub.CreateSession(pb.CreateSessionRequest(template="node-basic"))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await hot.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id))
+    assert await pool_of(hot).wait_full(FILL_TIMEOUT_S)
+
+
+def test_the_key_label_names_the_content_hash_and_the_image() -> None:
+    from orchestrator.sessions.hot_pool import entry_key
+    from orchestrator.templates import PinnedTemplate
+
+    pinned = PinnedTemplate(spec=None, archive=None, content_hash="ab" * 32)  # type: ignore[arg-type]
+    assert entry_key(pinned, "sha256:" + "cd" * 32) == f"{'ab' * 8}:{'cd' * 6}"
+    assert POOL_KEY_LABEL == "workspace-core.pool.key"
+
+
+@pytest.mark.parametrize("runtime_kind", [pytest.param("docker", marks=pytest.mark.docker)])
+async def test_a_rebuilt_image_retires_the_entries_made_on_the_old_one(
+    orchestrator_config: OrchestratorConfig, request: pytest.FixtureRequest
+) -> None:
+    client = request.getfixturevalue("docker_client")
+    # A tag of this test's own, moved to a new image as a rebuild moves the orchestrator's.
+    repository, tag = "workspace-core-hotpool-test", orchestrator_config.instance_id
+    client.images.get(orchestrator_config.image).tag(repository, tag)
+    config = dataclasses.replace(orchestrator_config, image=f"{repository}:{tag}", hot_pool=(("node-basic", 1),))
+    running = await start_orchestrator(config)
+    rebuilt = None
+    try:
+        assert await pool_of(running).wait_full(FILL_TIMEOUT_S)
+        old = pool_of(running).members[0]
+        dockerfile = io.BytesIO(f"FROM {orchestrator_config.image}\nLABEL rebuilt={tag}\n".encode())
+        rebuilt, _ = await asyncio.to_thread(
+            client.images.build, fileobj=dockerfile, tag=f"{repository}:{tag}", rm=True
+        )
+        assert old.key.split(":")[1] != rebuilt.id.removeprefix("sha256:")[:12]
+        await until(lambda: _has_entry_other_than(running, old.key), FILL_TIMEOUT_S + KEY_CHECK_S)
+        assert pool_of(running).members[0].key.split(":")[1] == rebuilt.id.removeprefix("sha256:")[:12]
+        session = await create_ready(running, template="node-basic")
+        assert from_hot_pool(session)
+        container = client.containers.get(f"workspace-core-{session.id}")
+        assert container.image.id == rebuilt.id
+    finally:
+        await running.close()
+        await stop_all_workspaces(config)
+        client.images.remove(f"{repository}:{tag}")  # the rebuilt image goes with its only tag
+        if rebuilt is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.images.remove(rebuilt.id)
+
+
+async def test_a_templates_own_hot_pool_is_kept_unless_the_flag_turns_it_off(
+    orchestrator_config: OrchestratorConfig, templates: Path
+) -> None:
+    derive_template(templates, "kept-hot", hot_pool=1)
+    derive_template(templates, "turned-off", hot_pool=1)
+    config = dataclasses.replace(orchestrator_config, hot_pool=(("turned-off", 0),))
+    running = await start_orchestrator(config)
+    try:
+        assert set(running.orchestrator.sessions.hot_pools) == {"kept-hot"}
+        assert await running.orchestrator.sessions.hot_pools["kept-hot"].wait_full(FILL_TIMEOUT_S)
+        session = await create_ready(running, template="kept-hot")
+        assert from_hot_pool(session)
+    finally:
+        await running.close()
+        await stop_all_workspaces(config)
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--hot-pool", "no-such-template=1"], "--hot-pool no-such-template: no template 'no-such-template'"),
+        (["--hot-pool", "node-basic=2", "--max-sessions", "2"], "--max-sessions 2"),
+        (["--hot-pool", "node-basic"], "is not TEMPLATE=K"),
+    ],
+)
+def test_a_hot_pool_that_cannot_be_kept_is_refused_at_start(tmp_path: Path, flags: list[str], said: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "--runtime", "local", "--data-dir", str(tmp_path),
+         "--listen", f"127.0.0.1:{free_port()}", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert said in result.stderr, result.stderr
