@@ -35,7 +35,10 @@ class Option:
 
 
 def option(
-    help: str = "", *, choices: tuple[str, ...] | None = None, each: Callable[[str], Any] | None = None,
+    help: str = "",
+    *,
+    choices: tuple[str, ...] | None = None,
+    each: Callable[[str], Any] | None = None,
     metavar: str | None = None,
 ) -> dict[str, Option]:
     """A field's metadata making it a command-line option (`field(default=..., metadata=option(...))`)."""
@@ -78,7 +81,9 @@ class OrchestratorConfig:
     # own id (see resolved_instance_id).
     instance_id: str = field(
         default="",
-        metadata=option("label separating orchestrators on one engine (default: an id kept in the data dir, unique to it)"),
+        metadata=option(
+            "label separating orchestrators on one engine (default: an id kept in the data dir, unique to it)"
+        ),
     )
     # Sessions: at most this many not STOPPED/FAILED at once (RESOURCE_EXHAUSTED beyond).
     max_sessions: int = field(default=100, metadata=option())

@@ -218,7 +218,9 @@ class WarmPool:
         async for exit in exits:
             member = next((m for m in self._ready if m.workspace.handle == exit.handle), None)
             if member is not None:
-                log.warning("%s pool: member %s stopped (%s); removed", self.kind, member.workspace.pool_id, exit.reason)
+                log.warning(
+                    "%s pool: member %s stopped (%s); removed", self.kind, member.workspace.pool_id, exit.reason
+                )
                 self._ready.remove(member)
                 self._spawn(self._discard(member))
                 self.refill()
@@ -234,7 +236,6 @@ class WarmPool:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
 
 
 def pool_size_problem(size: int, max_sessions: int, hot: dict[str, int] | None = None) -> str:

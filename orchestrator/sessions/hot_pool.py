@@ -42,7 +42,11 @@ TAKE_PROBE_TIMEOUT_S = 1.0
 
 def entry_key(pinned: PinnedTemplate, image_id: str) -> str:
     """`<template content hash>:<image id>`, both shortened (a Docker label value)."""
-    image = image_id.removeprefix("sha256:") if image_id.startswith("sha256:") else hashlib.sha256(image_id.encode()).hexdigest()
+    image = (
+        image_id.removeprefix("sha256:")
+        if image_id.startswith("sha256:")
+        else hashlib.sha256(image_id.encode()).hexdigest()
+    )
     return f"{pinned.content_hash[:16]}:{image[:12]}"
 
 

@@ -142,7 +142,9 @@ class Initialization:
             except asyncio.CancelledError:
                 status.outcome = pb.PHASE_OUTCOME_FAILED
                 status.detail = (
-                    live.exited.reason if live.exited else "cancelled: the session was stopped or the orchestrator shut down"
+                    live.exited.reason
+                    if live.exited
+                    else "cancelled: the session was stopped or the orchestrator shut down"
                 )
                 raise
             except Exception as error:
@@ -156,7 +158,10 @@ class Initialization:
                 status.ended_at.GetCurrentTime()
                 status.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
                 span.set_attributes(
-                    {"workspace.phase.outcome": pb.PhaseOutcome.Name(status.outcome), "workspace.phase.detail": status.detail}
+                    {
+                        "workspace.phase.outcome": pb.PhaseOutcome.Name(status.outcome),
+                        "workspace.phase.detail": status.detail,
+                    }
                 )
                 self._recorder.record(live, pb.WatchSessionResponse(phase=status))
 
@@ -214,7 +219,9 @@ class Initialization:
                 member, session.id, session.agent_token, resources=template.resources, env=dict(template.env)
             )
         except OrchestratorError as error:  # the entry is removed; a warm or cold start gives the same result
-            log.warning("session %s: claiming a hot entry failed (%s); starting otherwise", session.id, reason_of(error))
+            log.warning(
+                "session %s: claiming a hot entry failed (%s); starting otherwise", session.id, reason_of(error)
+            )
             return False
         self._from_hot = True
         self.container_started.set_result(None)
