@@ -96,7 +96,9 @@ class AgentClient:
                 return
             last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             await asyncio.sleep(0.05)
-        raise FailedPrecondition(f"the workspace agent at {self.endpoint} was not healthy within {timeout:g} s ({last})")
+        raise FailedPrecondition(
+            f"the workspace agent at {self.endpoint} was not healthy within {timeout:g} s ({last})"
+        )
 
     async def healthy(self, timeout: float) -> bool:
         """Whether the agent answers one health check SERVING within `timeout` seconds (no waiting for a
@@ -246,7 +248,10 @@ class AgentClient:
         (gitignore-style) and, unless `no_default_excludes`, `node_modules`. Iterate the returned stream for
         the bytes; its `summary` is set at the end."""
         request = pb.CreateArchiveRequest(
-            path=path, format=pb.ARCHIVE_FORMAT_TAR_GZIP, excludes=list(excludes), no_default_excludes=no_default_excludes
+            path=path,
+            format=pb.ARCHIVE_FORMAT_TAR_GZIP,
+            excludes=list(excludes),
+            no_default_excludes=no_default_excludes,
         )
         call = self._stub.CreateArchive(request, metadata=self._metadata)
         return ArchiveStream(call, self.endpoint)
@@ -329,7 +334,9 @@ class ArchiveStream:
                         summary = response.summary
                         break
                 else:
-                    raise FailedPrecondition(f"the workspace agent at {self._endpoint} ended an archive without its summary")
+                    raise FailedPrecondition(
+                        f"the workspace agent at {self._endpoint} ended an archive without its summary"
+                    )
         finally:
             self._call.cancel()
         if (digest.hexdigest(), size) != (summary.sha256, summary.size):

@@ -483,7 +483,12 @@ def edit(
 
 
 def _edit(
-    ctx: typer.Context, session_id: str, operation: agent_pb2.EditOperation, *, dry_run: bool = False, show_diff: bool = True
+    ctx: typer.Context,
+    session_id: str,
+    operation: agent_pb2.EditOperation,
+    *,
+    dry_run: bool = False,
+    show_diff: bool = True,
 ) -> None:
     response = _with_agent(ctx, session_id, lambda agent: agent.edit([operation], dry_run=dry_run))
     if show_diff:
@@ -496,7 +501,9 @@ def _edit(
 def logs(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(metavar="SESSION")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output until the process exits.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output until the process exits.")
+    ] = False,
     name: Annotated[str, typer.Option(help="The named process: the dev server is `dev`.")] = "dev",
 ) -> None:
     """Prints the dev server's output (stdout and stderr as they were written) held by the agent; with -f,
@@ -511,7 +518,9 @@ def logs(
                 if kind == "attached":
                     process = event.attached.process
                     if event.attached.missed_chunks:
-                        _err().print(f"[dim]({event.attached.missed_chunks} earlier chunks are no longer buffered)[/dim]")
+                        _err().print(
+                            f"[dim]({event.attached.missed_chunks} earlier chunks are no longer buffered)[/dim]"
+                        )
                     if not follow and process.next_sequence <= process.first_buffered_sequence:
                         break  # nothing buffered
                 elif kind == "output":
@@ -566,7 +575,12 @@ def search(
 ) -> None:
     """Searches the workspace's files; prints PATH:LINE:TEXT per match. Exits 1 when nothing matches."""
     request = agent_pb2.SearchRequest(
-        path=path, pattern=pattern, regex=regex, ignore_case=ignore_case, include_globs=glob or [], max_results=max_results
+        path=path,
+        pattern=pattern,
+        regex=regex,
+        ignore_case=ignore_case,
+        include_globs=glob or [],
+        max_results=max_results,
     )
     out = _out()
 
@@ -576,7 +590,9 @@ def search(
             for hit in response.hits:
                 if hit.WhichOneof("hit") == "match":
                     line = escape(hit.match.line.rstrip("\r\n"))
-                    out.print(f"[magenta]{escape(hit.match.path)}[/magenta]:{hit.match.line_number}:{line}", soft_wrap=True)
+                    out.print(
+                        f"[magenta]{escape(hit.match.path)}[/magenta]:{hit.match.line_number}:{line}", soft_wrap=True
+                    )
             if response.HasField("summary"):
                 summary = response.summary
         return summary

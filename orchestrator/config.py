@@ -62,7 +62,9 @@ class OrchestratorConfig:
     # own id (see resolved_instance_id).
     instance_id: str = field(
         default="",
-        metadata=option("label separating orchestrators on one engine (default: an id kept in the data dir, unique to it)"),
+        metadata=option(
+            "label separating orchestrators on one engine (default: an id kept in the data dir, unique to it)"
+        ),
     )
     # Sessions: at most this many not STOPPED/FAILED at once (RESOURCE_EXHAUSTED beyond).
     max_sessions: int = field(default=100, metadata=option())

@@ -264,7 +264,6 @@ class InstallCache:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-
 class _Stored:
     """Turns the agent's gzip stream (level 6) into a stored one (level 0, no compression), chunk by chunk.
     Restoring is what a session waits for, and inflating there cost more than the smaller entry saved on the

@@ -201,7 +201,6 @@ class WarmPool:
         task.add_done_callback(self._tasks.discard)
 
 
-
 def pool_size_problem(size: int, max_sessions: int) -> str:
     """Why a pool of `size` cannot be run beside `max_sessions` ("" when it can)."""
     if size < 0:

@@ -70,7 +70,9 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
         raise StartupError(problem)
     writable_directory(config.data_dir, "the data directory", "--data-dir")
     if not config.templates_dir.is_dir():
-        raise StartupError(f"the templates folder {config.templates_dir} is not a directory: pick one with --templates-dir")
+        raise StartupError(
+            f"the templates folder {config.templates_dir} is not a directory: pick one with --templates-dir"
+        )
     store = Store(config.state_db)
     archives = ArchiveStore(config.archives_dir, store, config.max_archive_bytes)
     catalog = TemplateCatalog(config.templates_dir, config.template_cache_dir)

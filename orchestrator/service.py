@@ -22,7 +22,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._archives = archives
         self._catalog = catalog
 
-    async def CreateSession(self, request: pb.CreateSessionRequest, context: aio.ServicerContext) -> pb.CreateSessionResponse:
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: aio.ServicerContext
+    ) -> pb.CreateSessionResponse:
         session = await self._sessions.create(
             template=request.template, archive_id=request.archive_id, labels=request.labels
         )
@@ -31,7 +33,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
         return pb.GetSessionResponse(session=self._sessions.get(request.id))
 
-    async def ListSessions(self, request: pb.ListSessionsRequest, context: aio.ServicerContext) -> pb.ListSessionsResponse:
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
         sessions, next_page_token = self._sessions.list(
             states=request.states,
             template=request.template,
@@ -47,17 +51,23 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         async for event in self._sessions.watch(request.id):
             yield event
 
-    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: aio.ServicerContext) -> pb.DeleteSessionResponse:
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: aio.ServicerContext
+    ) -> pb.DeleteSessionResponse:
         archive = await self._sessions.delete(request.id, save=request.save)
         return pb.DeleteSessionResponse(archive=archive)
 
     async def SaveSession(self, request: pb.SaveSessionRequest, context: aio.ServicerContext) -> pb.SaveSessionResponse:
         return pb.SaveSessionResponse(archive=await self._sessions.save(request.id, request.name))
 
-    async def ListArchives(self, request: pb.ListArchivesRequest, context: aio.ServicerContext) -> pb.ListArchivesResponse:
+    async def ListArchives(
+        self, request: pb.ListArchivesRequest, context: aio.ServicerContext
+    ) -> pb.ListArchivesResponse:
         return pb.ListArchivesResponse(archives=self._archives.list(request.session_id))
 
-    async def DeleteArchive(self, request: pb.DeleteArchiveRequest, context: aio.ServicerContext) -> pb.DeleteArchiveResponse:
+    async def DeleteArchive(
+        self, request: pb.DeleteArchiveRequest, context: aio.ServicerContext
+    ) -> pb.DeleteArchiveResponse:
         await self._archives.delete(request.id)
         return pb.DeleteArchiveResponse()
 
@@ -74,7 +84,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         archive = await self._archives.write(origin, _chunks(requests), expected=Expected(spec.expected_sha256))
         return pb.UploadArchiveResponse(archive=archive)
 
-    async def ListTemplates(self, request: pb.ListTemplatesRequest, context: aio.ServicerContext) -> pb.ListTemplatesResponse:
+    async def ListTemplates(
+        self, request: pb.ListTemplatesRequest, context: aio.ServicerContext
+    ) -> pb.ListTemplatesResponse:
         return pb.ListTemplatesResponse(
             templates=[_template_message(spec, archive) for spec, archive in await self._catalog.listing()]
         )
@@ -84,7 +96,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> AsyncIterator[pb.GetTemplateArchiveResponse]:
         archive = await self._catalog.archive(request.name)
         yield pb.GetTemplateArchiveResponse(
-            info=pb.TemplateArchiveInfo(name=archive.name, sha256=archive.sha256, size=archive.size, files=archive.files)
+            info=pb.TemplateArchiveInfo(
+                name=archive.name, sha256=archive.sha256, size=archive.size, files=archive.files
+            )
         )
         async for chunk in archive.chunks():
             yield pb.GetTemplateArchiveResponse(chunk=chunk)

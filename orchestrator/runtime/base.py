@@ -173,5 +173,7 @@ def write_trust_bundle(extra_ca: Path, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     bundle = directory / "ca-bundle.pem"
     # Readable by the workspace user (uid 1000 in the container), which does not own the file.
-    write_atomically(bundle, Path(certifi.where()).read_text() + f"\n# Extra CA bundle from {extra_ca}\n{extra}", mode=0o644)
+    write_atomically(
+        bundle, Path(certifi.where()).read_text() + f"\n# Extra CA bundle from {extra_ca}\n{extra}", mode=0o644
+    )
     return bundle

@@ -169,6 +169,7 @@ class DockerRuntime:
         """Removes this instance's workspace network and its host firewall rule (for tests and uninstalling;
         the orchestrator itself keeps both). Raises EngineUnavailable, FailedPrecondition (containers use it)."""
         await self._call("remove the workspace network", self._remove_network)
+
     def exits(self) -> AsyncIterator[WorkspaceExit]:
         """This instance's containers that die or are removed other than through stop(), from the engine's
         events (replayed from the moment of this call, and from the last one seen after a lost connection),
@@ -319,7 +320,9 @@ class DockerRuntime:
         with DockerRuntime._claiming:
             container = self._docker().containers.get(container_id)
             if not container.name.startswith(POOL_PREFIX) or container.status != "running":
-                raise FailedPrecondition(f"the pool container {container.name} is {container.status} or claimed already")
+                raise FailedPrecondition(
+                    f"the pool container {container.name} is {container.status} or claimed already"
+                )
             # Renamed by its pool name, not its id: once renamed, that name finds nothing (404), so a late claim
             # fails; the new name fails with 409 when a container has it. The engine re-reads a container's
             # name under its own lock, so only the lock above makes look-up and rename one step (in this
@@ -331,7 +334,12 @@ class DockerRuntime:
         api = self._docker().api
         response = api._post_json(
             api._url("/containers/{0}/update", container.id),
-            data={"Memory": memory, "MemorySwap": memory, "NanoCpus": int(resources.cpus * 1e9), "PidsLimit": resources.pids},
+            data={
+                "Memory": memory,
+                "MemorySwap": memory,
+                "NanoCpus": int(resources.cpus * 1e9),
+                "PidsLimit": resources.pids,
+            },
         )
         api._raise_for_status(response)
         container.reload()
@@ -448,7 +456,9 @@ class DockerRuntime:
                         oom = oom_at.pop(container_id, None)
                         oomed = oom is not None and (deadline - DESTROY_GRACE_S) - oom < OOM_WINDOW_S
                         yield WorkspaceExit(
-                            _session_of(attributes.get("name", ""), attributes), container_id, _die_reason(attributes, oomed)
+                            _session_of(attributes.get("name", ""), attributes),
+                            container_id,
+                            _die_reason(attributes, oomed),
                         )
         finally:
             stop.set()
@@ -457,7 +467,12 @@ class DockerRuntime:
                     stream.close()
 
     def _read_events(
-        self, since_ns: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, stop: threading.Event, streams: list
+        self,
+        since_ns: int,
+        loop: asyncio.AbstractEventLoop,
+        events: asyncio.Queue,
+        stop: threading.Event,
+        streams: list,
     ) -> None:
         """Runs in a thread: the engine's events for our containers into `events`, re-subscribing (from the
         last event seen) whenever the connection is lost, until `stop` is set."""
@@ -529,6 +544,8 @@ def deliver_token(container: Container, token: str, *, path: str = TOKEN_PATH, u
         tar.addfile(info, io.BytesIO(data))
     if not container.put_archive(directory, buffer.getvalue()):
         raise FailedPrecondition(f"the Docker engine did not write the agent's token to {path}")
+
+
 def _session_of(name: str, labels: dict[str, str]) -> str:
     """The session a container (or a container's event) belongs to: its label, or for a pool member, its
     name once a claim renamed it ("" for an unclaimed member)."""

@@ -242,7 +242,9 @@ class LocalRuntime:
             if state is None or state["labels"].get(ORCHESTRATOR_LABEL) != self.instance_id:
                 continue
             name = path.parent.name
-            workspaces.append((name, self._workspace(state, name, running=_is_agent(state["pid"], path.parent / "app"))))
+            workspaces.append(
+                (name, self._workspace(state, name, running=_is_agent(state["pid"], path.parent / "app")))
+            )
         return workspaces
 
     def _session_dir(self, session_id: str) -> Path | None:

@@ -126,7 +126,9 @@ class Initialization:
             except asyncio.CancelledError:
                 status.outcome = pb.PHASE_OUTCOME_FAILED
                 status.detail = (
-                    live.exited.reason if live.exited else "cancelled: the session was stopped or the orchestrator shut down"
+                    live.exited.reason
+                    if live.exited
+                    else "cancelled: the session was stopped or the orchestrator shut down"
                 )
                 raise
             except Exception as error:
@@ -140,7 +142,10 @@ class Initialization:
                 status.ended_at.GetCurrentTime()
                 status.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
                 span.set_attributes(
-                    {"workspace.phase.outcome": pb.PhaseOutcome.Name(status.outcome), "workspace.phase.detail": status.detail}
+                    {
+                        "workspace.phase.outcome": pb.PhaseOutcome.Name(status.outcome),
+                        "workspace.phase.detail": status.detail,
+                    }
                 )
                 self._recorder.record(live, pb.WatchSessionResponse(phase=status))
 

@@ -70,7 +70,9 @@ class SessionManager:
         self._live: dict[str, LiveSession] = {}
         self._reconciler = Reconciler(self, config, store, catalog, runtime)
         self._install_cache = (
-            InstallCache(config.install_cache_dir, config.max_install_cache_bytes, config.install_cache_unlocked_max_age_s)
+            InstallCache(
+                config.install_cache_dir, config.max_install_cache_bytes, config.install_cache_unlocked_max_age_s
+            )
             if config.install_cache
             else None
         )
@@ -205,7 +207,9 @@ class SessionManager:
 
     def running(self) -> list[LiveSession]:
         """Sessions whose initialization is over and whose workspace runs (READY or FAILED)."""
-        return [live for live in self._live.values() if live.agent is not None and live.session.state in (READY, FAILED)]
+        return [
+            live for live in self._live.values() if live.agent is not None and live.session.state in (READY, FAILED)
+        ]
 
     def hold(self, live: LiveSession) -> None:
         """Registers a session whose workspace this orchestrator now holds (an adopted one)."""

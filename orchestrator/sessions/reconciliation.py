@@ -63,7 +63,9 @@ class Reconciler:
         # Subscribed before listing: an exit between the listing and the adoption is not missed.
         exits = self._runtime.exits()
         # Unclaimed pool members are the pool's (WarmPool.start removes an earlier orchestrator's).
-        workspaces = {workspace.session_id: workspace for workspace in await self._runtime.list() if not workspace.pool_id}
+        workspaces = {
+            workspace.session_id: workspace for workspace in await self._runtime.list() if not workspace.pool_id
+        }
         for session in self._store.sessions_in(LIVE_STATES):
             workspace = workspaces.pop(session.id, None)
             live = LiveSession(session, None, self._config.output_history_lines)
