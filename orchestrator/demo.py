@@ -16,7 +16,6 @@ from orchestrator.pool import FROM_POOL
 from orchestrator.sessions import READY, SessionManager
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
-
 # How long the demo waits for the warm pool to fill before its session starts cold instead.
 POOL_FILL_TIMEOUT_S = 60.0
 

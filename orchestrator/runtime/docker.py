@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import docker
 import requests
@@ -37,7 +37,6 @@ from orchestrator.runtime.base import (
     workspace_agent_env,
     workspace_labels,
 )
-
 from orchestrator.templates import ResourceHints
 
 T = TypeVar("T")

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
@@ -274,7 +274,7 @@ class SessionManager:
         session = live.session
         excludes = list(live.template.archive_excludes) if live.template else []
         stream = await live.agent.create_archive(excludes)
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         origin = ArchiveOrigin(
             name=name or f"{session.id} {stamp}",
             source=pb.ARCHIVE_SOURCE_SAVED,
