@@ -36,7 +36,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         # The metavar argparse would derive from the flag (not from the field's name), or the choices.
         metavar = None if declared.choices else flag.removeprefix("--").replace("-", "_").upper()
         parser.add_argument(
-            flag, dest=spec.name, metavar=metavar, type=None if kind is str else kind,
+            flag, dest=spec.name, metavar=metavar, type=kind,
             choices=declared.choices, default=spec.default, help=help_text,
         )  # fmt: skip
 

@@ -36,7 +36,8 @@ async def run(sessions: SessionManager, template: str, address: str, stopping: a
 
 def _unstopped(sessions: SessionManager) -> set[str]:
     """The ids of every session not STOPPED."""
-    ids, token = set(), ""
+    ids: set[str] = set()
+    token = ""
     while True:
         page, token = sessions.list(page_size=500, page_token=token)
         ids.update(session.id for session in page if session.state != pb.SESSION_STATE_STOPPED)

@@ -4,6 +4,7 @@ the Docker SDK: blocking calls run in threads, every container is labelled, SDK 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import io
 import logging
 import signal
@@ -372,10 +373,10 @@ class DockerRuntime:
         with suppress(NotFound):
             container.remove(force=True, v=True)
 
-    def _list(self) -> list[Workspace]:
+    def _list(self) -> builtins.list[Workspace]:
         return [self._workspace(container) for container in self._containers()]
 
-    def _containers(self, *label_filters: str) -> list[Container]:
+    def _containers(self, *label_filters: str) -> builtins.list[Container]:
         labels = [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}", *label_filters]
         return self._docker().containers.list(all=True, filters={"label": labels}, ignore_removed=True)
 
@@ -471,7 +472,7 @@ class DockerRuntime:
         loop: asyncio.AbstractEventLoop,
         events: asyncio.Queue,
         stop: threading.Event,
-        streams: list,
+        streams: builtins.list,
     ) -> None:
         """Runs in a thread: the engine's events for our containers into `events`, re-subscribing (from the
         last event seen) whenever the connection is lost, until `stop` is set."""
