@@ -43,7 +43,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         # The metavar argparse would derive from the flag (not from the field's name), or the choices.
         metavar = None if declared.choices else flag.removeprefix("--").replace("-", "_").upper()
         parser.add_argument(
-            flag, dest=spec.name, metavar=metavar, type=None if kind is str else kind,
+            flag, dest=spec.name, metavar=metavar, type=kind,
             choices=declared.choices, default=spec.default, help=help_text,
         )  # fmt: skip
 
@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[OrchestratorConfig, str]:
         args["idle_ttl_s"] = 0.0 if demo else OrchestratorConfig.idle_ttl_s
     for spec in dataclasses.fields(OrchestratorConfig):
         if (declared := spec.metadata.get(OPTION)) is not None and declared.each is not None:
-            args[spec.name] = tuple(args[spec.name] or spec.default)
+            default = spec.default if isinstance(spec.default, tuple) else ()
+            args[spec.name] = tuple(args[spec.name] or default)
     # Absolute: paths below it are handed to Docker as bind mounts (the trust bundle), which must be.
     args["data_dir"] = args["data_dir"].absolute()
     return OrchestratorConfig(**args), demo

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 
 import grpc
@@ -144,7 +144,7 @@ class AgentClient:
 
     async def exec_events(
         self, argv: list[str], *, cwd: str = "", timeout: float | None = None
-    ) -> AsyncIterator[pb.ExecResponse]:
+    ) -> AsyncGenerator[pb.ExecResponse, None]:
         """Runs `argv` (no shell) in the workspace and yields the agent's events as they come: `started`, the
         output chunks as written, and `exited` (the agent kills it past `timeout` seconds). Raises NotFound /
         InvalidArgument for a bad command or cwd."""
@@ -175,7 +175,7 @@ class AgentClient:
             call.cancel()
         raise FailedPrecondition(f"the workspace agent at {self.endpoint} did not start process {name!r}")
 
-    async def attach(self, name: str, *, from_sequence: int = 0) -> AsyncIterator[pb.AttachProcessResponse]:
+    async def attach(self, name: str, *, from_sequence: int = 0) -> AsyncGenerator[pb.AttachProcessResponse, None]:
         """Attaches to the named process and yields the agent's events: `attached` (what is buffered), its
         output from `from_sequence` on, and `exited`; following stops (the process keeps running) when the
         caller stops iterating and closes the iterator. Raises NotFound for an unknown name."""

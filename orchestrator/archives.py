@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +89,7 @@ class ArchiveStore:
     async def write(
         self,
         origin: ArchiveOrigin,
-        chunks: AsyncIterator[bytes],
+        chunks: AsyncIterable[bytes],
         expected: Expected | Callable[[], Expected] = Expected(),
     ) -> pb.Archive:
         """Stores the bytes of `chunks` as a new archive and records it.

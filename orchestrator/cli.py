@@ -11,7 +11,7 @@ import functools
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -164,7 +164,7 @@ def _phase(value: int) -> str:
 def _when(stamp: Timestamp) -> str:
     if not stamp.seconds and not stamp.nanos:
         return ""
-    return stamp.ToDatetime(tzinfo=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return stamp.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _size(count: int) -> str:

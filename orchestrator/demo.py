@@ -16,7 +16,6 @@ from orchestrator.pool import FROM_POOL
 from orchestrator.sessions import READY, SessionManager
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
-
 # How long the demo waits for the warm pool to fill before its session starts cold instead.
 POOL_FILL_TIMEOUT_S = 60.0
 
@@ -37,7 +36,8 @@ async def run(sessions: SessionManager, template: str, address: str, stopping: a
 
 def _unstopped(sessions: SessionManager) -> set[str]:
     """The ids of every session not STOPPED."""
-    ids, token = set(), ""
+    ids: set[str] = set()
+    token = ""
     while True:
         page, token = sessions.list(page_size=500, page_token=token)
         ids.update(session.id for session in page if session.state != pb.SESSION_STATE_STOPPED)

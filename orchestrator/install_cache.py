@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from orchestrator.agent_client import AgentClient
 from common.durable import file_chunks, flush_to_disk, publish
+from orchestrator.agent_client import AgentClient
 from orchestrator.archives import TEMP_PREFIX
 from orchestrator.errors import ChecksumMismatch, InvalidArgument, NotFound, OrchestratorError
 

@@ -4,6 +4,7 @@ templates/template.schema.json, and their byte-for-byte reproducible tar.gz arch
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import io
 import json
@@ -126,7 +127,7 @@ class TemplateCatalog:
         folders = (p for p in self._directory.iterdir() if p.is_dir() and not p.name.startswith("."))
         return [self._load(folder) for folder in sorted(folders, key=lambda p: p.name)]
 
-    async def listing(self) -> list[tuple[TemplateSpec, TemplateArchive | None]]:
+    async def listing(self) -> builtins.list[tuple[TemplateSpec, TemplateArchive | None]]:
         """list() with each valid template's archive. A template that changed into an invalid one between the
         check and the build is listed as invalid with the reason."""
         listed: list[tuple[TemplateSpec, TemplateArchive | None]] = []
@@ -170,7 +171,7 @@ class TemplateCatalog:
         digest = hashlib.sha256(f"{replace(spec, hot_pool=0)!r}\0{built.sha256}".encode()).hexdigest()
         return PinnedTemplate(spec, built, digest)
 
-    def _members(self, name: str) -> list[_Member]:
+    def _members(self, name: str) -> builtins.list[_Member]:
         spec = self.get(name)
         try:
             return _read_members(self._folder(name), spec.archive_excludes, with_metadata=spec.archive_template_json)
@@ -239,7 +240,7 @@ class TemplateCatalog:
             ),
         )
 
-    def _build(self, name: str, key: str, members: list[_Member]) -> TemplateArchive:
+    def _build(self, name: str, key: str, members: builtins.list[_Member]) -> TemplateArchive:
         path = self._cache_dir / f"{name}-{key[:32]}.tar.gz"
         files = sum(1 for m in members if not m.is_dir)
         if path.exists():  # built by an earlier run of the orchestrator

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import certifi
 from opentelemetry.sdk.environment_variables import OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME
 
-from common.telemetry import SESSION_ATTRIBUTE, tracing_requested
 from common.durable import write_atomically
-
+from common.telemetry import SESSION_ATTRIBUTE, tracing_requested
 from orchestrator.errors import InvalidArgument
 
 if TYPE_CHECKING:

@@ -4,6 +4,7 @@ the Docker SDK: blocking calls run in threads, every container is labelled, SDK 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import io
 import logging
 import signal
@@ -13,14 +14,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 import docker
 import requests
 from docker.errors import APIError, ContainerError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.models.networks import Network
-from docker.types import Mount
+from docker.types import CancellableStream, Mount
 
 from common.constants import AGENT_PORT, DEV_PORT
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
@@ -37,7 +38,6 @@ from orchestrator.runtime.base import (
     workspace_agent_env,
     workspace_labels,
 )
-
 from orchestrator.templates import ResourceHints
 
 T = TypeVar("T")
@@ -148,7 +148,13 @@ class DockerRuntime:
     async def image_id(self) -> str:
         """The id of the image `image` names now (a rebuild moves the tag to a new id). Raises EngineUnavailable,
         ImageMissing."""
-        return await self._call("look up the core image", lambda: self._docker().images.get(self.image).id)
+        return await self._call("look up the core image", self._image_id)
+
+    def _image_id(self) -> str:
+        image_id = self._docker().images.get(self.image).id
+        if image_id is None:
+            raise EngineUnavailable(f"the Docker engine gave no id for the image {self.image}")
+        return image_id
 
     async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
         """Renames the pool member to `workspace-core-<session_id>` (the engine's names are unique: of two
@@ -211,7 +217,8 @@ class DockerRuntime:
             command=["--token-file", TOKEN_PATH],
             environment=environment,
             # Published on the host's loopback address only; docker picks free host ports, read back below.
-            ports={f"{AGENT_PORT}/tcp": (self.host_address, None), f"{DEV_PORT}/tcp": (self.host_address, None)},
+            # (The stubs want a host port; docker-py passes None on to the engine, which then picks one.)
+            ports={f"{AGENT_PORT}/tcp": (self.host_address, None), f"{DEV_PORT}/tcp": (self.host_address, None)},  # type: ignore[dict-item]
             mem_limit=memory,
             memswap_limit=memory,  # no swap beyond the memory limit
             nano_cpus=int(resources.cpus * 1e9),
@@ -281,7 +288,7 @@ class DockerRuntime:
         The rule goes in the host's INPUT chain through a one-off container on the host's network stack, from
         the core image (which has iptables): so it lands on the engine's host whatever machine and user the
         orchestrator runs as. Raises FailedPrecondition when the engine does not allow it."""
-        interface = network.attrs["Options"].get("com.docker.network.bridge.name") or f"br-{network.id[:12]}"
+        interface = network.attrs["Options"].get("com.docker.network.bridge.name") or f"br-{network.short_id}"
         rule = f"INPUT -i {interface} -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP"
         if action == "-I":
             script = f"iptables -w -C {rule} 2>/dev/null || iptables -w -I {rule}"
@@ -302,7 +309,8 @@ class DockerRuntime:
                 remove=True,
             )
         except ContainerError as error:
-            output = (error.stderr or b"").decode(errors="replace").strip()
+            stderr = error.stderr or b""  # bytes from containers.run; the stubs allow str too
+            output = (stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr).strip()
             if error.exit_status == 127:  # sh: command not found
                 raise FailedPrecondition(
                     f"the core image {self.image} has no iptables (an older build): rebuild it with `{BUILD_COMMAND}`"
@@ -326,21 +334,21 @@ class DockerRuntime:
     def _claim(self, container_id: str, session_id: str, resources: ResourceHints) -> Workspace:
         with DockerRuntime._claiming:
             container = self._docker().containers.get(container_id)
-            if not container.name.startswith(POOL_PREFIX) or container.status != "running":
-                raise FailedPrecondition(
-                    f"the pool container {container.name} is {container.status} or claimed already"
-                )
+            name = _name_of(container)
+            if not name.startswith(POOL_PREFIX) or container.status != "running":
+                raise FailedPrecondition(f"the pool container {name} is {container.status} or claimed already")
             # Renamed by its pool name, not its id: once renamed, that name finds nothing (404), so a late claim
             # fails; the new name fails with 409 when a container has it. The engine re-reads a container's
             # name under its own lock, so only the lock above makes look-up and rename one step (in this
             # process; another process could not claim the agent anyway: its credential is in ours only).
-            self._docker().api.rename(container.name, f"{CONTAINER_PREFIX}{session_id}")
+            self._docker().api.rename(name, f"{CONTAINER_PREFIX}{session_id}")
         memory = resources.memory_mb * 1024 * 1024
         # docker-py's update() knows neither NanoCpus nor PidsLimit: the engine's endpoint, with the very
-        # fields create sets, so a claimed container is limited exactly as a cold-started one.
+        # fields create sets, so a claimed container is limited exactly as a cold-started one. (APIClient's
+        # request helpers are private: not in the stubs.)
         api = self._docker().api
-        response = api._post_json(
-            api._url("/containers/{0}/update", container.id),
+        response = api._post_json(  # type: ignore[attr-defined]
+            api._url("/containers/{0}/update", _id_of(container)),  # type: ignore[attr-defined]
             data={
                 "Memory": memory,
                 "MemorySwap": memory,
@@ -348,7 +356,7 @@ class DockerRuntime:
                 "PidsLimit": resources.pids,
             },
         )
-        api._raise_for_status(response)
+        api._raise_for_status(response)  # type: ignore[attr-defined]
         container.reload()
         return self._workspace(container)
 
@@ -364,7 +372,7 @@ class DockerRuntime:
         # A claimed pool member: its session is in its name.
         with suppress(NotFound):
             container = self._docker().containers.get(f"{CONTAINER_PREFIX}{session_id}")
-            if self._ours(container) and _session_of(container.name, container.labels) == session_id:
+            if self._ours(container) and _session_of(_name_of(container), container.labels) == session_id:
                 self._remove(container)
 
     def _ours(self, container: Container) -> bool:
@@ -376,14 +384,14 @@ class DockerRuntime:
         with self._removed_lock:
             for old in [key for key, when in self._removed.items() if now - when > REMOVED_MEMORY_S]:
                 del self._removed[old]
-            self._removed[container.id] = now
+            self._removed[_id_of(container)] = now
         with suppress(NotFound):
             container.remove(force=True, v=True)
 
-    def _list(self) -> list[Workspace]:
+    def _list(self) -> builtins.list[Workspace]:
         return [self._workspace(container) for container in self._containers()]
 
-    def _containers(self, *label_filters: str) -> list[Container]:
+    def _containers(self, *label_filters: str) -> builtins.list[Container]:
         labels = [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}", *label_filters]
         return self._docker().containers.list(all=True, filters={"label": labels}, ignore_removed=True)
 
@@ -391,19 +399,20 @@ class DockerRuntime:
         running = container.status == "running"
         agent_host, agent_port = _published(container, AGENT_PORT)
         preview_host, preview_port = _published(container, DEV_PORT)
-        session_id = _session_of(container.name, container.labels)
-        pooled = not session_id and container.name.startswith(POOL_PREFIX)
+        name = _name_of(container)
+        session_id = _session_of(name, container.labels)
+        pooled = not session_id and name.startswith(POOL_PREFIX)
         return Workspace(
             session_id=session_id,
             runtime=self.name,
-            handle=container.id,
+            handle=_id_of(container),
             agent_endpoint=f"{agent_host}:{agent_port}" if running else "",
             preview_port=preview_port if running else 0,
             preview_url=f"http://{preview_host}:{preview_port}/" if running else "",
             image=_exact_image(container),
             running=running,
             labels=dict(container.labels),
-            pool_id=container.name.removeprefix(POOL_PREFIX) if pooled else "",
+            pool_id=name.removeprefix(POOL_PREFIX) if pooled else "",
         )
 
     def _docker(self) -> docker.DockerClient:
@@ -419,7 +428,7 @@ class DockerRuntime:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
         stop = threading.Event()
-        streams: list[object] = []  # the reader's current stream, closed to end it
+        streams: list[CancellableStream[dict[str, Any]]] = []  # the reader's current stream, closed to end it
         reader = threading.Thread(
             target=self._read_events, args=(since_ns, loop, events, stop, streams), name="docker events", daemon=True
         )
@@ -479,7 +488,7 @@ class DockerRuntime:
         loop: asyncio.AbstractEventLoop,
         events: asyncio.Queue,
         stop: threading.Event,
-        streams: list,
+        streams: builtins.list[CancellableStream[dict[str, Any]]],
     ) -> None:
         """Runs in a thread: the engine's events for our containers into `events`, re-subscribing (from the
         last event seen) whenever the connection is lost, until `stop` is set."""
@@ -490,7 +499,9 @@ class DockerRuntime:
             try:
                 # A client of its own: the stream holds its connection for as long as it runs.
                 client = docker.from_env(timeout=API_TIMEOUT)
-                stream = client.api.events(
+                # `since` to the nanosecond, as the engine takes it ("seconds.nanos"); the stubs allow only an
+                # int or a datetime, which docker-py would round to the second.
+                stream = client.api.events(  # type: ignore[call-overload]
                     decode=True, filters=filters, since=f"{since_ns // 10**9}.{since_ns % 10**9:09d}"
                 )
                 streams[:] = [stream]
@@ -580,11 +591,26 @@ def _exact_image(container: Container) -> str:
     """The image a container runs, pinned: its content-derived tag (`python -m core_image.build` tags every
     build `workspace-core:<digest>` besides `:latest`), else its image id."""
     try:
-        tags = sorted(container.image.tags)
+        image = container.image
+        tags = sorted(image.tags) if image is not None else []
     except NotFound:  # the image was removed under a container that still runs
         return container.attrs.get("Image", "")
     pinned = [tag for tag in tags if not tag.endswith(":latest")]
     return (pinned or tags or [container.attrs.get("Image", "")])[0]
+
+
+def _name_of(container: Container) -> str:
+    """The container's name; the stubs allow None (a model not loaded), the engine always gives one."""
+    if container.name is None:
+        raise EngineUnavailable(f"the Docker engine described container {container.short_id} without a name")
+    return container.name
+
+
+def _id_of(container: Container) -> str:
+    """The container's id; the stubs allow None (a model not loaded), the engine always gives one."""
+    if container.id is None:
+        raise EngineUnavailable(f"the Docker engine described a container {container.attrs.get('Name')} without an id")
+    return container.id
 
 
 def _published(container: Container, port: int) -> tuple[str, int]:

@@ -5,6 +5,7 @@ orchestrator's user, with its files, network and environment, and no resource li
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import os
 import shutil
@@ -237,10 +238,10 @@ class LocalRuntime:
         """Leaves the agents running: a restarted orchestrator adopts them from their state files."""
         self._children.clear()
 
-    def _list(self) -> list[Workspace]:
+    def _list(self) -> builtins.list[Workspace]:
         return [workspace for _, workspace in self._listed()]
 
-    def _listed(self) -> list[tuple[str, Workspace]]:
+    def _listed(self) -> builtins.list[tuple[str, Workspace]]:
         """This instance's workspaces with their directory names."""
         workspaces = []
         for path in sorted(self.directory.glob(f"*/{STATE_FILE}")):

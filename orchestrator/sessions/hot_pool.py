@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from orchestrator.agent_client import AgentClient
@@ -85,7 +86,7 @@ class HotPool(WarmPool):
         *,
         room: Callable[[], int],
         health_timeout_s: float,
-        pinned: Callable[[str], object],
+        pinned: Callable[[str], Awaitable[PinnedTemplate]],
         initialization: Callable[[LiveSession, PinnedTemplate, _PoolRecorder], Initialization],
         output_history_lines: int,
     ) -> None:
@@ -169,7 +170,7 @@ class HotPool(WarmPool):
             except OrchestratorError as error:  # removed or broken: no entry matches what a session would get
                 key = ""
                 log.warning("hot pool %s: %s", self.template, reason_of(error))
-            if self._retire(lambda member: member.key != key, "the template or the core image changed"):
+            if self._retire(functools.partial(_stale, key=key), "the template or the core image changed"):
                 self.refill()
 
     def _retire(self, stale: Callable[[Member], bool], why: str) -> int:
@@ -186,3 +187,8 @@ class HotPool(WarmPool):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checking
         await super().close()
+
+
+def _stale(member: Member, *, key: str) -> bool:
+    """Whether a hot entry was made from other content or another image than `key` names."""
+    return member.key != key

@@ -83,7 +83,7 @@ class Initialization:
         self._from_hot = False
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
         self.container_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._follow_dev: asyncio.Task[None] | None = None
+        self._follow_dev: asyncio.Task[int] | None = None
         self._install_key = CacheKey("")
 
     async def run(self) -> None:
@@ -120,9 +120,9 @@ class Initialization:
         session.state = READY
         session.ready_at.GetCurrentTime()
         self._recorder.record(live, pb.WatchSessionResponse(session=session))
-        if self._install_key:
+        if self._install_key and self._install_cache is not None:
             # After READY: keeping node_modules for later sessions must not delay this one.
-            live.install_store = self._install_cache.store_in_background(live.agent, self._install_key)
+            live.install_store = self._install_cache.store_in_background(live.connected_agent, self._install_key)
 
     @contextlib.asynccontextmanager
     async def _phase(self, phase: pb.Phase.ValueType) -> AsyncIterator[pb.PhaseStatus]:
@@ -191,7 +191,9 @@ class Initialization:
 
     async def _claim_from_pool(self, status: pb.PhaseStatus) -> bool:
         """Whether the session got a pool member, bound to it with the template's limits and env."""
-        member = await self._pool.take() if self._pool is not None else None
+        if self._pool is None:
+            return False
+        member = await self._pool.take()
         if member is None:
             return False
         session, template = self.live.session, self.template
@@ -210,7 +212,9 @@ class Initialization:
     async def _claim_from_hot_pool(self, status: pb.PhaseStatus) -> bool:
         """Whether the session got a hot entry made from exactly its template content and image."""
         hot = self._hot_pool
-        member = await hot.take_matching(self._hot_key) if hot is not None and self._hot_key else None
+        if hot is None or not self._hot_key:
+            return False
+        member = await hot.take_matching(self._hot_key)
         if member is None:
             return False
         session, template = self.live.session, self.template
@@ -230,10 +234,10 @@ class Initialization:
         return True
 
     async def wait_agent_healthy(self, status: pb.PhaseStatus) -> None:
-        await self.live.agent.wait_healthy(self._config.agent_health_timeout_s)
+        await self.live.connected_agent.wait_healthy(self._config.agent_health_timeout_s)
 
     async def inject_archive(self, status: pb.PhaseStatus) -> None:
-        agent, archive, template = self.live.agent, self.archive, self.template
+        agent, archive, template = self.live.connected_agent, self.archive, self.template
         if archive is not None:
             await agent.extract_archive(self._archives.read(archive.id), archive.sha256)
             status.detail = f"archive {archive.id}: {archive.files} files, {archive.size} bytes"
@@ -259,7 +263,7 @@ class Initialization:
             return
         # The template's own settings win over the hit's defaults.
         env = {**HIT_ENV, **template.env} if injected.hit else dict(template.env)
-        exit_code = await self.live.agent.run(
+        exit_code = await self.live.connected_agent.run(
             template.install_command,
             env=env,
             on_line=self.live.line_sink(pb.PHASE_INSTALL),
@@ -269,7 +273,7 @@ class Initialization:
             raise InitializationFailed(f"`{template.install_command}` exited with code {exit_code}")
 
     async def start_dev_server(self, status: pb.PhaseStatus) -> None:
-        agent, template = self.live.agent, self.template
+        agent, template = self.live.connected_agent, self.template
         await agent.start_process(DEV_PROCESS, template.dev_command, env=dict(template.env))
         # Following the dev server's output shows it to watchers and tells when it dies early.
         self._follow_dev = asyncio.create_task(
@@ -290,7 +294,7 @@ class Initialization:
     async def _from_install_cache(self) -> tuple[CacheKey, Injected]:
         """Puts the cached node_modules for the workspace's install in place, if there is one. Returns the
         install's cache key (empty = not cacheable, or no cache) and what was injected."""
-        template, agent = self.template, self.live.agent
+        template, agent = self.template, self.live.connected_agent
         if self._install_cache is None:
             return CacheKey(""), Injected(False, "install cache off")
         key = await self._install_cache.key(agent, template.install_command, self.live.session.image)

@@ -11,6 +11,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator.agent_client import AgentClient
+from orchestrator.errors import FailedPrecondition
 from orchestrator.runtime import Workspace
 from orchestrator.runtime.base import WorkspaceExit
 from orchestrator.templates import TemplateSpec
@@ -68,6 +69,13 @@ class LiveSession:
         self.exited: WorkspaceExit | None = None
         # Serializes save, delete and reaping of this session.
         self.lock = asyncio.Lock()
+
+    @property
+    def connected_agent(self) -> AgentClient:
+        """The agent client, for the steps that come after the workspace started (raises before that)."""
+        if self.agent is None:
+            raise FailedPrecondition(f"session {self.session.id} has no workspace agent yet")
+        return self.agent
 
     def publish(self, event: pb.WatchSessionResponse) -> None:
         for queue in self.watchers:

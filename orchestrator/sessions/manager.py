@@ -4,16 +4,18 @@ save, delete), with the record/fail/attach steps the initialization, reconciler 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import (
+    ChecksumMismatch,
     EngineUnavailable,
     FailedPrecondition,
     ImageMissing,
@@ -157,14 +159,14 @@ class SessionManager:
             if live.session.state in SETTLED:
                 return
             while True:
-                event = await queue.get()
-                if isinstance(event, Lagged):
+                queued = await queue.get()
+                if isinstance(queued, Lagged):
                     yield pb.WatchSessionResponse(session=copied(live.session))
                     if live.session.state in SETTLED:
                         return
                     continue
-                yield event
-                if event.HasField("session") and event.session.state in SETTLED:
+                yield queued
+                if queued.HasField("session") and queued.session.state in SETTLED:
                     return
         finally:
             live.watchers.discard(queue)
@@ -245,7 +247,7 @@ class SessionManager:
         """The session, if this orchestrator holds a workspace for it."""
         return self._live.get(session_id)
 
-    def running(self) -> list[LiveSession]:
+    def running(self) -> builtins.list[LiveSession]:
         """Sessions whose initialization is over and whose workspace runs (READY or FAILED)."""
         return [
             live for live in self._live.values() if live.agent is not None and live.session.state in (READY, FAILED)
@@ -313,17 +315,21 @@ class SessionManager:
         LimitExceeded, and what the agent call raises."""
         session = live.session
         excludes = list(live.template.archive_excludes) if live.template else []
-        stream = await live.agent.create_archive(excludes)
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stream = await live.connected_agent.create_archive(excludes)
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         origin = ArchiveOrigin(
             name=name or f"{session.id} {stamp}",
             source=pb.ARCHIVE_SOURCE_SAVED,
             template=session.template,
             session_id=session.id,
         )
-        return await self._archives.write(
-            origin, stream, expected=lambda: Expected(stream.summary.sha256, stream.summary.files)
-        )
+
+        def expected() -> Expected:  # asked once the stream ended, which it does only with a summary
+            if stream.summary is None:
+                raise ChecksumMismatch(f"session {session.id}: the archive ended without the agent's summary")
+            return Expected(stream.summary.sha256, stream.summary.files)
+
+        return await self._archives.write(origin, stream, expected=expected)
 
     async def delete(self, session_id: str, *, save: bool = False, reason: str = "deleted") -> pb.Archive | None:
         """Stops the session's workspace (saving it first if asked) and keeps its record as STOPPED; a
@@ -353,7 +359,7 @@ class SessionManager:
                 await live.initialization
         session.state = STOPPING
         self.record(live, pb.WatchSessionResponse(session=session))
-        if live.install_store is not None:
+        if live.install_store is not None and self._install_cache is not None:
             # The entry is being written from this workspace: stopping it now would lose the entry.
             await self._install_cache.finish(live.install_store)
         if live.agent is not None:

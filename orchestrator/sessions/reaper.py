@@ -56,7 +56,7 @@ class SessionReaper:
         if config.max_lifetime_s and age > config.max_lifetime_s:
             reason = f"max lifetime of {config.max_lifetime_s:g}s reached"
         elif config.idle_ttl_s:
-            activity = await live.agent.activity()
+            activity = await live.connected_agent.activity()
             session.last_activity_at.CopyFrom(activity.last_activity)
             manager.persist(live)
             # Named processes (the dev server) run forever; a build or an open stream means someone works.

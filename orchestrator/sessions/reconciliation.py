@@ -156,10 +156,11 @@ class Reconciler:
 
     async def _adopt(self, live: LiveSession, workspace: Workspace) -> None:
         self._manager.attach(live, workspace)
+        agent = live.connected_agent
         try:
-            await live.agent.wait_healthy(ADOPT_HEALTH_TIMEOUT_S)
+            await agent.wait_healthy(ADOPT_HEALTH_TIMEOUT_S)
         except BaseException:
-            await live.agent.close()
+            await agent.close()
             raise
         with contextlib.suppress(OrchestratorError):
             live.template = self._catalog.get(live.session.template)
@@ -169,5 +170,6 @@ class Reconciler:
 
 
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("no longer following workspace exits: %s", reason_of(task.exception()), exc_info=task.exception())
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        log.error("no longer following workspace exits: %s", reason_of(error), exc_info=error)
