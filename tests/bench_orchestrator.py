@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -39,8 +40,10 @@ sys.path[:0] = [str(REPO), str(REPO / "protos")]
 
 from core_image.build import ensure_image  # noqa: E402
 from orchestrator.agent_client import CHANNEL_OPTIONS  # noqa: E402
+from orchestrator.errors import OrchestratorError  # noqa: E402
 from orchestrator.readiness import http_status  # noqa: E402
 from orchestrator.runtime.base import ORCHESTRATOR_LABEL, SESSION_LABEL  # noqa: E402
+from orchestrator.runtime.docker import DockerRuntime  # noqa: E402
 from orchestrator.templates import TemplateCatalog, TemplateSpec  # noqa: E402
 from tests.bench_fleet import (  # noqa: E402
     OldWay,
@@ -444,6 +447,10 @@ class NewWay:
             ids = docker("ps", "--all", "--quiet", "--filter", f"label={ORCHESTRATOR_LABEL}={instance_id}").split()
             if ids:
                 subprocess.run(["docker", "rm", "--force", "--volumes", *ids], capture_output=True)
+            # An orchestrator keeps its workspace network and host firewall rule for its next start; these
+            # instances end with the run.
+            with contextlib.suppress(OrchestratorError):
+                asyncio.run(DockerRuntime(image=self.image, instance_id=instance_id).remove_network())
 
 
 def new_way(
