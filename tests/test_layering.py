@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.syntax import syntax_tree
 
 # Each package, and the top-level packages its modules must not import.
 FORBIDDEN = {
@@ -21,7 +22,7 @@ FORBIDDEN = {
 def imported_packages(path: Path) -> list[tuple[int, str]]:
     """(line, top-level package) for every import statement in the module at `path`, nested ones included."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(syntax_tree(path)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name.partition(".")[0]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

@@ -6,13 +6,14 @@ import ast
 from pathlib import Path
 
 import agent
+from tests.syntax import syntax_tree
 
 AGENT = Path(agent.__file__).parent
 
 
 def imported_modules(path: Path) -> set[str]:
     modules: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(syntax_tree(path)):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
