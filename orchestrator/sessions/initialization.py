@@ -285,9 +285,13 @@ class Initialization:
         url = self.live.session.preview_url.rstrip("/") + template.readiness_path
         probe = asyncio.create_task(wait_until_ready(url, template.readiness_timeout_s))
         waited = {probe} if self._follow_dev is None else {probe, self._follow_dev}
-        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-        if not probe.done():
-            probe.cancel()
+        try:
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the session is stopped meanwhile: the probe must not outlive the phase
+            answered = probe.done()
+            if not answered:
+                probe.cancel()
+        if not answered:
             raise InitializationFailed(f"the dev server (`{template.dev_command}`) exited before answering on {url}")
         status.detail = f"{url} answered HTTP {probe.result()}"
 
