@@ -11,12 +11,12 @@ import os
 import stat
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pathspec
 
 from agent.config import AgentConfig
-from agent.errors import InvalidArgument, LimitExceeded, NotFound, PreconditionFailed
+from agent.errors import InvalidArgument, LimitExceeded, PreconditionFailed
 from agent.fs.channel import ByteChannel, run_in_own_thread
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.staging import STAGING_DIR_NAME
@@ -71,18 +71,9 @@ class ArchiveStream:
         self.summary: ArchiveSummary | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        # Opened beneath the root in one step; everything below is opened from it with no link
-        # followed, so a directory swapped for a symlink cannot pull outside files into the archive.
-        fd = self._root.open(self._path, os.O_PATH)
-        try:
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise InvalidArgument(f"{self._path or '.'} is not a directory")
-            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        finally:
-            os.close(fd)
-        if not self._root.contains(real):
-            raise NotFound(f"{self._path}: no such directory")  # moved out meanwhile
-        directory = PurePosixPath(self._root.relative(real))
+        # Everything below the directory is opened from it with no link followed, so a directory swapped for
+        # a symlink cannot pull outside files into the archive.
+        directory = PurePosixPath(self._root.directory(self._path, f"{self._path or '.'} is not a directory"))
         if self._root.is_agent_path(directory):
             raise InvalidArgument(f"{self._path!r} is the agent's staging area, which is never archived")
         plan = _ArchivePlan(self._root, self._patterns, skip_staging=directory == PurePosixPath("."))

@@ -263,6 +263,21 @@ class WorkspaceRoot:
         real = Path(os.readlink(f"/proc/self/fd/{fd}"))
         return WorkingDirectory(fd, self.relative(real) if self.contains(real) else relative or ".")
 
+    def directory(self, relative: str, not_a_directory: str) -> str:
+        """The real, root-relative path of the directory `relative` names, opened beneath the root in one step
+        (a directory swapped for a symlink cannot lead outside). Raises as `open` does, InvalidArgument
+        (`not_a_directory`) for anything but a directory, and NotFound when it moved out of the root meanwhile."""
+        fd = self.open(relative, os.O_PATH)
+        try:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise InvalidArgument(not_a_directory)
+            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        finally:
+            os.close(fd)
+        if not self.contains(real):
+            raise NotFound(f"{relative}: no such directory")
+        return self.relative(real)
+
     # ------------------------------------------------------------ paths
 
     def resolve(self, relative: str, *, must_exist: bool = False, follow_symlinks: bool = True) -> Path:

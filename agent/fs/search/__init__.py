@@ -5,14 +5,11 @@ does (with RE2, which like ripgrep's regex runs in linear time)."""
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 import time
 from collections.abc import AsyncGenerator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.errors import InvalidArgument, NotFound
+from agent.errors import InvalidArgument
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.search.query import (
     BATCH_BYTES,
@@ -129,18 +126,9 @@ class Searcher:
         return query.max_results or self.default_max_results
 
     def _directory(self, path: str) -> str:
-        # Opened beneath the root in one step; the engines then open everything below it without
-        # following any symlink, so a directory swapped for a link cannot lead the search outside.
-        fd = self.root.open(path, os.O_PATH)
-        try:
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise InvalidArgument(f"{path}: is not a directory; Search takes a directory")
-            real = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        finally:
-            os.close(fd)
-        if not self.root.contains(real):
-            raise NotFound(f"{path}: no such directory")  # moved out meanwhile
-        relative = self.root.relative(real)
+        # The engines open everything below it without following any symlink, so a directory swapped for a
+        # link cannot lead the search outside.
+        relative = self.root.directory(path, f"{path}: is not a directory; Search takes a directory")
         if self.root.is_agent_path(relative):
             raise InvalidArgument(f"{path}: is the agent's own working directory, which is never searched")
         return relative
