@@ -17,6 +17,7 @@ import pytest
 from grpc import aio
 
 from orchestrator.config import OrchestratorConfig
+from orchestrator.runtime.docker import DockerRuntime
 from orchestrator.server import Orchestrator, create_server
 from tests.conftest import REPO
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -128,6 +129,21 @@ async def watch_until_settled(
             events.append(event)
     assert events[-1].session.state in SETTLED, events[-1]
     return events
+
+
+@pytest.fixture
+async def docker_runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
+    """A Docker runtime of an instance of its own; what it started (pool members too) and its network are
+    removed afterwards."""
+    runtime = DockerRuntime(image=core_image, instance_id=f"test-{secrets.token_hex(4)}")
+    yield runtime
+    for workspace in await runtime.list():
+        if workspace.pool_id:
+            await runtime.discard(workspace.pool_id)
+        else:
+            await runtime.stop(workspace.session_id)
+    await runtime.remove_network()
+    await runtime.close()
 
 
 async def http_get(url: str) -> tuple[int, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import docker
 import pytest
@@ -33,13 +33,8 @@ for target in sys.argv[1:]:
 
 
 @pytest.fixture
-async def runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
-    runtime = DockerRuntime(image=core_image, instance_id=f"test-{secrets.token_hex(4)}")
-    yield runtime
-    for workspace in await runtime.list():
-        await runtime.stop(workspace.session_id)
-    await runtime.remove_network()
-    await runtime.close()
+def runtime(docker_runtime: DockerRuntime) -> DockerRuntime:
+    return docker_runtime
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ with the template's limits applied to the running container, and known by their 
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import docker
 import pytest
@@ -22,16 +21,8 @@ HINTS = ResourceHints(memory_mb=384, cpus=0.5, pids=200)
 
 
 @pytest.fixture
-async def runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
-    runtime = DockerRuntime(image=core_image, instance_id=f"test-{secrets.token_hex(4)}")
-    yield runtime
-    for workspace in await runtime.list():
-        if workspace.pool_id:
-            await runtime.discard(workspace.pool_id)
-        else:
-            await runtime.stop(workspace.session_id)
-    await runtime.remove_network()
-    await runtime.close()
+def runtime(docker_runtime: DockerRuntime) -> DockerRuntime:
+    return docker_runtime
 
 
 async def test_a_claimed_member_is_the_sessions_with_its_limits(

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import secrets
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import docker
@@ -25,13 +24,8 @@ HINTS = ResourceHints(memory_mb=512, cpus=0.5, pids=200)
 
 
 @pytest.fixture
-async def runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
-    runtime = DockerRuntime(image=core_image, instance_id=f"test-{secrets.token_hex(4)}")
-    yield runtime
-    for workspace in await runtime.list():
-        await runtime.stop(workspace.session_id)
-    await runtime.remove_network()
-    await runtime.close()
+def runtime(docker_runtime: DockerRuntime) -> DockerRuntime:
+    return docker_runtime
 
 
 async def output_of(client: AgentClient, shell: str) -> list[str]:

@@ -67,16 +67,6 @@ async def assert_the_token_is_refused_when_wrong(endpoint: str) -> None:
 # ---------------------------------------------------------------- Docker
 
 
-@pytest.fixture
-async def docker_runtime(core_image: str) -> AsyncIterator[DockerRuntime]:
-    runtime = DockerRuntime(image=core_image, instance_id=f"test-{secrets.token_hex(4)}")
-    yield runtime
-    for workspace in await runtime.list():
-        await runtime.stop(workspace.session_id)
-    await runtime.remove_network()
-    await runtime.close()
-
-
 @pytest.mark.docker
 async def test_no_process_in_the_container_can_read_the_token(
     docker_runtime: DockerRuntime, docker_client: docker.DockerClient
