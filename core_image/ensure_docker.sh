@@ -24,7 +24,9 @@ fi
 
 echo "ensure_docker: starting dockerd (log: $log)" >&2
 # Its own session, so an interrupt of the caller (make, pytest) does not take the engine down with it.
-setsid nohup dockerd >>"$log" 2>&1 </dev/null &
+# DOCKER_SERVICE_PREFER_OFFLINE_IMAGE: Swarm tasks use the local core image instead of pulling it first (there is
+# no registry to pull from; the swarm runtime creates services without resolving the image).
+DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 setsid nohup dockerd >>"$log" 2>&1 </dev/null &
 for _ in $(seq 1 120); do
     if docker info >/dev/null 2>&1; then
         exit 0
