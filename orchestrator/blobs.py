@@ -205,7 +205,12 @@ class S3Blobs:
 
     def check(self) -> None:
         """Raises ArchiveStoreUnavailable or FailedPrecondition when the bucket cannot be used."""
-        self._call("HeadBucket", self._client.head_bucket, Bucket=self.bucket)
+        try:
+            self._call("HeadBucket", self._client.head_bucket, Bucket=self.bucket)
+        except NotFound:
+            raise FailedPrecondition(
+                f"the archive store {self.location}: bucket {self.bucket!r} does not exist"
+            ) from None
 
     async def put(self, source: Path, name: str, sha256: str) -> None:
         try:
