@@ -245,7 +245,9 @@ class InstallCache:
     async def _evict(self, keep: str) -> None:
         """Removes least recently used entries until all fit in max_bytes."""
         entries = sorted(
-            (blob.modified, blob.size, blob.name) for blob in await self._blobs.entries() if blob.name.endswith(".tar.gz")
+            (blob.modified, blob.size, blob.name)
+            for blob in await self._blobs.entries()
+            if blob.name.endswith(".tar.gz")
         )
         total = sum(size for _, size, _ in entries)
         for _, size, name in entries:
