@@ -56,6 +56,12 @@ class ArchiveStore:
 
     def _sweep(self) -> None:
         """Removes leftovers of a crash: temp files, and blobs whose record was never written."""
+        if self.blobs.shared:
+            # Only abandoned uploads go: an unrecorded object may be another replica's archive on its way to
+            # the record, or one recorded in a database this orchestrator does not see. A crash between
+            # upload and record leaves one such object behind, never a lost archive.
+            self.blobs.sweep(lambda name, _: True)
+            return
         recorded = {_blob_name(archive.id) for archive in self._store.list_archives()}
         self.blobs.sweep(lambda name, _: name in recorded)
 

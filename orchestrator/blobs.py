@@ -58,6 +58,8 @@ class Blobs(Protocol):
 
     location: str
     spool: Path
+    # Whether other orchestrators write here too: then what looks orphaned may be another's write in progress.
+    shared: bool
 
     async def put(self, source: Path, name: str, sha256: str) -> None:
         """Publishes the complete file `source` as `name` (consuming `source`). Raises AlreadyExists when
@@ -102,6 +104,8 @@ def open_blobs(url: str, area: str, spool: Path) -> Blobs:
 
 class LocalBlobs:
     """Files `directory/<name>`; temp files (`.incoming-*`) beside them, so publishing is a link."""
+
+    shared = False
 
     def __init__(self, directory: Path) -> None:
         self.spool = directory
@@ -174,6 +178,8 @@ class S3Blobs:
     one name exactly one succeeds, the other gets AlreadyExists); each object carries its sha256 as
     metadata. A multipart upload that fails is aborted, so no parts are left behind."""
 
+    shared = True
+
     def __init__(
         self,
         bucket: str,
@@ -182,6 +188,7 @@ class S3Blobs:
         *,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
+        orphan_grace_s: float = ORPHAN_GRACE_S,
         client: S3Client | None = None,
     ) -> None:
         if part_size < MIN_PART_SIZE:
@@ -192,6 +199,7 @@ class S3Blobs:
         self.spool = spool
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
+        self.orphan_grace_s = orphan_grace_s
         spool.mkdir(parents=True, exist_ok=True)
         if client is None:
             import boto3  # only when an S3 store is asked for
@@ -325,7 +333,7 @@ class S3Blobs:
     def sweep(self, keep: Callable[[str, set[str]], bool]) -> None:
         for path in self.spool.glob(f"{TEMP_PREFIX}*"):
             path.unlink(missing_ok=True)
-        cutoff = time.time() - ORPHAN_GRACE_S
+        cutoff = time.time() - self.orphan_grace_s
         for name, upload, started in self.uploads():
             if started < cutoff:
                 with contextlib.suppress(NotFound):

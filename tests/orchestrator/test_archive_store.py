@@ -174,3 +174,19 @@ def test_an_archive_store_url_is_s3_or_nothing(tmp_path: Path) -> None:
     for url in ("file:///tmp/x", "s3://", "https://bucket/x"):
         with pytest.raises(InvalidArgument, match="expected s3://BUCKET"):
             open_blobs(url, "archives", tmp_path)
+
+
+async def test_a_start_aborts_abandoned_uploads_and_keeps_unrecorded_archives(
+    tmp_path: Path, store: Store, s3: S3Bucket
+) -> None:
+    # What a crashed replica leaves: parts of an upload never completed, an archive object never recorded.
+    upload = s3.client.create_multipart_upload(Bucket=s3.name, Key="ws/archives/ar-cut.tar.gz")["UploadId"]
+    s3.client.upload_part(
+        Bucket=s3.name, Key="ws/archives/ar-cut.tar.gz", UploadId=upload, PartNumber=1, Body=b"x" * MIN_PART_SIZE
+    )
+    s3.client.put_object(Bucket=s3.name, Key="ws/archives/ar-unrecorded.tar.gz", Body=b"another replica's")
+
+    ArchiveStore(S3Blobs(s3.name, "ws/archives", tmp_path / "spool", orphan_grace_s=0), store, max_bytes=1 << 20)
+    assert s3.uploads() == []
+    # It may be another replica's archive on its way to the record: never removed on a guess.
+    assert s3.keys() == ["ws/archives/ar-unrecorded.tar.gz"]
