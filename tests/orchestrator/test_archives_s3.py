@@ -118,10 +118,7 @@ async def test_a_second_replica_starts_from_the_first_ones_install_cache_entry(
 ) -> None:
     first = await create_ready(orchestrator, template=TEMPLATE)
     assert install_note(first).startswith("install cache miss")
-    async with asyncio.timeout(30):  # written in the background after READY
-        while not (entries := s3.keys(f"{PREFIX}/install-cache/")):
-            await asyncio.sleep(0.1)
-    (entry,) = entries
+    (entry,) = await bucket_entries(s3)
     key = entry.rsplit("/", 1)[1].removesuffix(".tar.gz")
     assert list(orchestrator.config.install_cache_dir.iterdir()) == []  # only in the bucket
 
@@ -137,6 +134,34 @@ async def test_a_second_replica_starts_from_the_first_ones_install_cache_entry(
     finally:
         await other.close()
         await stop_all_workspaces(other_config)
+
+
+async def test_a_replaced_install_cache_entry_is_discarded_and_written_anew(
+    orchestrator: OrchestratorUnderTest, s3: S3Bucket, install_log: Path
+) -> None:
+    await create_ready(orchestrator, template=TEMPLATE)
+    (entry,) = await bucket_entries(s3)
+    recorded = s3.client.head_object(Bucket=s3.name, Key=entry)["Metadata"]["sha256"]
+    # A valid entry of other content, with the metadata of the one it replaces.
+    forged = tar_gz_of({"left-pad/index.js": b'module.exports = "forged";\n'})
+    s3.client.put_object(Bucket=s3.name, Key=entry, Body=forged, Metadata={"sha256": recorded})
+
+    session = await create_ready(orchestrator, template=TEMPLATE)
+    assert "unusable and is discarded" in install_note(session)
+    assert runs(install_log) == ["miss", "miss"]
+    # The session's own install is the entry again (its files' times differ), stored with its own checksum.
+    await bucket_entries(s3)
+    stored = s3.client.get_object(Bucket=s3.name, Key=entry)
+    content = stored["Body"].read()
+    assert content != forged and hashlib.sha256(content).hexdigest() == stored["Metadata"]["sha256"]
+
+
+async def bucket_entries(s3: S3Bucket) -> list[str]:
+    """The install-cache entries in the bucket, once there is one (they are written in the background)."""
+    async with asyncio.timeout(30):
+        while not (entries := s3.keys(f"{PREFIX}/install-cache/")):
+            await asyncio.sleep(0.1)
+    return entries
 
 
 async def test_a_missing_bucket_stops_the_start_in_one_line(orchestrator_config: OrchestratorConfig) -> None:
