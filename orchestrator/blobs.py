@@ -229,6 +229,22 @@ class S3Blobs:
             source.unlink(missing_ok=True)
 
     def _upload(self, source: Path, key: str, sha256: str) -> None:
+        try:
+            self._upload_once(source, key, sha256)
+        except AlreadyExists:
+            # A retried request (botocore retries on a dropped connection) finds its own first attempt
+            # stored: the same bytes under the name are no conflict.
+            if not sha256 or self._stored_sha256(key) != sha256:
+                raise
+
+    def _stored_sha256(self, key: str) -> str:
+        try:
+            head = self._call("HeadObject", self._client.head_object, what=key, Bucket=self.bucket, Key=key)
+        except NotFound:
+            return ""
+        return str(head.get("Metadata", {}).get(SHA256_METADATA, ""))
+
+    def _upload_once(self, source: Path, key: str, sha256: str) -> None:
         metadata = {SHA256_METADATA: sha256} if sha256 else {}
         size = source.stat().st_size
         with open(source, "rb") as file:

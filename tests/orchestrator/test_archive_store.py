@@ -190,3 +190,15 @@ async def test_a_start_aborts_abandoned_uploads_and_keeps_unrecorded_archives(
     assert s3.uploads() == []
     # It may be another replica's archive on its way to the record: never removed on a guess.
     assert s3.keys() == ["ws/archives/ar-unrecorded.tar.gz"]
+
+
+async def test_a_repeated_write_of_the_same_bytes_is_no_conflict(tmp_path: Path, s3: S3Bucket) -> None:
+    """What a retried request sees when its first attempt was stored: its own bytes under the name."""
+    blobs = S3Blobs(s3.name, "ws/archives", tmp_path / "spool")
+    content = os.urandom(1000)
+    for attempt in ("first", "retried"):
+        source = tmp_path / "spool" / f".incoming-{attempt}"
+        source.write_bytes(content)
+        await blobs.put(source, "ar-once.tar.gz", hashlib.sha256(content).hexdigest())
+    assert s3.keys() == ["ws/archives/ar-once.tar.gz"]
+    assert await blobs.read_bytes("ar-once.tar.gz") == content
