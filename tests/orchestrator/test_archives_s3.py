@@ -120,7 +120,10 @@ async def test_a_second_replica_starts_from_the_first_ones_install_cache_entry(
     assert install_note(first).startswith("install cache miss")
     (entry,) = await bucket_entries(s3)
     key = entry.rsplit("/", 1)[1].removesuffix(".tar.gz")
-    assert list(orchestrator.config.install_cache_dir.iterdir()) == []  # only in the bucket
+    # Only in the bucket: the spooled copy goes once the upload returns (just after the object appears).
+    async with asyncio.timeout(30):
+        while list(orchestrator.config.install_cache_dir.iterdir()):
+            await asyncio.sleep(0.05)
 
     # Another orchestrator, with a data dir of its own: only the bucket is shared.
     other_config = dataclasses.replace(
