@@ -231,15 +231,28 @@ class AgentClient:
             mode=pb.EXTRACT_MODE_MERGE if merge else pb.EXTRACT_MODE_REPLACE,
         )
 
+        # gRPC answers a request iterator that raises by cancelling the call: the error of the bytes' source (a
+        # blob failing its checksum, an unreachable store) is kept here and raised in place of the cancellation.
+        source_failed: list[Exception] = []
+
         async def requests() -> AsyncIterator[pb.ExtractArchiveRequest]:
             yield pb.ExtractArchiveRequest(spec=spec)
-            async for chunk in chunks:
-                view = memoryview(chunk)
-                for offset in range(0, len(view), UPLOAD_CHUNK_BYTES):
-                    yield pb.ExtractArchiveRequest(chunk=bytes(view[offset : offset + UPLOAD_CHUNK_BYTES]))
+            try:
+                async for chunk in chunks:
+                    view = memoryview(chunk)
+                    for offset in range(0, len(view), UPLOAD_CHUNK_BYTES):
+                        yield pb.ExtractArchiveRequest(chunk=bytes(view[offset : offset + UPLOAD_CHUNK_BYTES]))
+            except Exception as error:
+                source_failed.append(error)
+                raise
 
-        with _translated("ExtractArchive", self.endpoint):
-            return await self._stub.ExtractArchive(requests(), metadata=self._metadata)
+        try:
+            with _translated("ExtractArchive", self.endpoint):
+                return await self._stub.ExtractArchive(requests(), metadata=self._metadata)
+        except (asyncio.CancelledError, OrchestratorError):
+            if source_failed:
+                raise source_failed[0] from None
+            raise
 
     async def create_archive(
         self, excludes: tuple[str, ...] | list[str] = (), *, path: str = "", no_default_excludes: bool = False

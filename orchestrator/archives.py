@@ -1,7 +1,9 @@
-"""The archive store: saved and uploaded workspaces as tar.gz files under data-dir/archives.
+"""The archive store: saved and uploaded workspaces as tar.gz blobs (orchestrator.blobs: data-dir/archives or
+an S3 bucket), their records in the Store.
 
-A file becomes visible only complete: written to a temp file, fsynced, checksummed, renamed, then
-recorded. A failure anywhere leaves the earlier archives as they were and no partial one behind."""
+A blob becomes visible only complete: written to a temp file, fsynced, checksummed and checked, published
+(never over another), then recorded. A failure anywhere leaves the earlier archives as they were and no
+partial one behind; a read hands out no byte of a blob that does not match its record's sha256."""
 
 from __future__ import annotations
 
@@ -14,14 +16,13 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from common.durable import file_chunks, flush_to_disk, publish
+from common.durable import flush_to_disk
 from common.errors import ArchiveRefused, ArchiveTooLarge
 from common.tarball import check_tar_gz
-from orchestrator.errors import ArchiveNotFound, ChecksumMismatch, InvalidArgument, LimitExceeded
+from orchestrator.blobs import TEMP_PREFIX, Blobs, LocalBlobs
+from orchestrator.errors import ArchiveNotFound, ChecksumMismatch, InvalidArgument, LimitExceeded, NotFound
 from orchestrator.store import Store
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
-
-TEMP_PREFIX = ".incoming-"
 
 
 @dataclass(frozen=True)
@@ -44,24 +45,30 @@ class Expected:
 
 
 class ArchiveStore:
-    """Archive files plus their records in the Store; every write is atomic and checksummed."""
+    """Archive blobs plus their records in the Store; every write is atomic and checksummed. `blobs` is where
+    the bytes go; a directory means local blobs in it."""
 
-    def __init__(self, directory: Path, store: Store, max_bytes: int) -> None:
-        self._dir = directory
+    def __init__(self, blobs: Blobs | Path, store: Store, max_bytes: int) -> None:
+        self.blobs = LocalBlobs(blobs) if isinstance(blobs, Path) else blobs
         self._store = store
         self._max_bytes = max_bytes
-        directory.mkdir(parents=True, exist_ok=True)
         self._sweep()
 
     def _sweep(self) -> None:
-        """Removes leftovers of a crash: temp files, and files whose record was never written."""
-        recorded = {f"{archive.id}.tar.gz" for archive in self._store.list_archives()}
-        for path in self._dir.iterdir():
-            if path.name.startswith(TEMP_PREFIX) or path.name not in recorded:
-                path.unlink(missing_ok=True)
+        """Removes leftovers of a crash: temp files, and blobs whose record was never written."""
+        if self.blobs.shared:
+            # Only abandoned uploads go: an unrecorded object may be another replica's archive on its way to
+            # the record, or one recorded in a database this orchestrator does not see. A crash between
+            # upload and record leaves one such object behind, never a lost archive.
+            self.blobs.sweep(lambda name, _: True)
+            return
+        recorded = {_blob_name(archive.id) for archive in self._store.list_archives()}
+        self.blobs.sweep(lambda name, _: name in recorded)
 
     def path(self, archive_id: str) -> Path:
-        return self._dir / f"{archive_id}.tar.gz"
+        """The archive's file, for local blobs."""
+        assert isinstance(self.blobs, LocalBlobs), "only local archives have a path"
+        return self.blobs.path(_blob_name(archive_id))
 
     def get(self, archive_id: str) -> pb.Archive:
         """The archive's record. Raises ArchiveNotFound."""
@@ -74,17 +81,22 @@ class ArchiveStore:
         return self._store.list_archives(session_id)
 
     async def delete(self, archive_id: str) -> None:
-        """Removes the record, then the file (a crash between the two leaves a file the next start
+        """Removes the record, then the blob (a crash between the two leaves a blob the next start
         sweeps away). Raises ArchiveNotFound."""
         if not self._store.delete_archive(archive_id):
             raise ArchiveNotFound(f"no archive {archive_id!r}: ListArchives shows the stored ones")
-        await asyncio.to_thread(self.path(archive_id).unlink, True)
+        await self.blobs.delete(_blob_name(archive_id))
 
     async def read(self, archive_id: str) -> AsyncIterator[bytes]:
-        """The archive's bytes in chunks. Raises ArchiveNotFound."""
-        self.get(archive_id)
-        async for chunk in file_chunks(self.path(archive_id)):
-            yield chunk
+        """The archive's bytes in chunks, verified against its record: a blob changed or replaced since it was
+        written raises ChecksumMismatch before its last chunk. Raises ArchiveNotFound (also when the record is
+        there but its blob is gone), ArchiveStoreUnavailable."""
+        archive = self.get(archive_id)
+        try:
+            async for chunk in self.blobs.read(_blob_name(archive_id), archive.sha256, archive.size):
+                yield chunk
+        except NotFound as error:
+            raise ArchiveNotFound(f"archive {archive_id!r} is recorded but its bytes are gone: {error}") from None
 
     async def write(
         self,
@@ -99,7 +111,7 @@ class ArchiveStore:
         read back and checked: a readable tar.gz whose members are all safe to extract. Raises LimitExceeded (over the size limit), ChecksumMismatch (the bytes do
         not hash to `expected_sha256`), InvalidArgument (not a readable, safe tar.gz)."""
         archive_id = f"ar-{secrets.token_hex(5)}"
-        temp = self._dir / f"{TEMP_PREFIX}{archive_id}"
+        temp = self.blobs.spool / f"{TEMP_PREFIX}{archive_id}"
         digest = hashlib.sha256()
         size = 0
         try:
@@ -121,8 +133,8 @@ class ArchiveStore:
             files = expected.files
             if files is None:
                 files = await asyncio.to_thread(count_safe_members, temp)
-            final = self.path(archive_id)
-            await asyncio.to_thread(publish, temp, final)
+            # Conditional: a blob of this name (a clash of random ids, or another replica's) is never replaced.
+            await self.blobs.put(temp, _blob_name(archive_id), sha256)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -142,9 +154,13 @@ class ArchiveStore:
         try:
             self._store.put_archive(archive)
         except BaseException:
-            final.unlink(missing_ok=True)
+            await self.blobs.delete(_blob_name(archive_id))
             raise
         return archive
+
+
+def _blob_name(archive_id: str) -> str:
+    return f"{archive_id}.tar.gz"
 
 
 def count_safe_members(path: Path) -> int:

@@ -117,6 +117,16 @@ class OrchestratorConfig:
     max_lifetime_s: float = field(default=0.0, metadata=option("seconds a session may live (0: no limit)"))
     reap_interval_s: float = field(default=30.0, metadata=option("seconds between reaper sweeps"))
     save_before_reap: bool = field(default=False, metadata=option("save a session's workspace before reaping it"))
+    # Where archives and install-cache entries are kept: "" (the data dir's archives/ and install-cache/) or an
+    # S3-compatible bucket shared by replicas, its endpoint and credentials from the standard AWS variables.
+    archive_store: str = field(
+        default="",
+        metadata=option(
+            "s3://BUCKET[/PREFIX]: archives and the install cache in S3 (endpoint, credentials: AWS_ENDPOINT_URL,"
+            " AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION); default: the data dir",
+            metavar="URL",
+        ),
+    )
     # Archives: uploads and saves larger than this are refused.
     max_archive_bytes: int = field(default=2048 * MiB, metadata=option())
     # Install cache: node_modules after an install, reused by sessions with the same package.json, lockfile

@@ -41,6 +41,14 @@ class EngineUnavailable(OrchestratorError):
     """The container engine cannot be reached; the message says what to do."""
 
 
+class ArchiveStoreUnavailable(OrchestratorError):
+    """The S3 archive store cannot be reached or failed a request; the message names it."""
+
+
+class AlreadyExists(OrchestratorError):
+    """An archive or cache entry of that name was written already (by another replica): never replaced."""
+
+
 class InvalidArgument(OrchestratorError):
     """The request is malformed: a bad field, page token, label or archive."""
 
@@ -75,6 +83,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ArchiveStoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

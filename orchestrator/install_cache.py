@@ -1,5 +1,5 @@
 """The install cache: a workspace's node_modules after a successful install, kept as a tar.gz (stored, not
-compressed) under data-dir/install-cache and keyed by what decides it (the core image, the install command,
+compressed) under data-dir/install-cache (or in the S3 archive store, shared by replicas) and keyed by what decides it (the core image, the install command,
 package.json and the lockfile if there is one), so a later session with the same key starts from it and its
 install only verifies (or, on an exact hit, is skipped). The layer cache of the old per-template images, for
 runtime injection."""
@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tarfile
 import time
 import zlib
@@ -21,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from common.durable import file_chunks, flush_to_disk, publish
+from common.durable import flush_to_disk
 from orchestrator.agent_client import AgentClient
-from orchestrator.archives import TEMP_PREFIX
-from orchestrator.errors import ChecksumMismatch, InvalidArgument, NotFound, OrchestratorError
+from orchestrator.blobs import TEMP_PREFIX, Blobs, LocalBlobs
+from orchestrator.errors import AlreadyExists, ChecksumMismatch, InvalidArgument, NotFound, OrchestratorError
 
 log = logging.getLogger(__name__)
 
@@ -79,27 +78,20 @@ class Injected:
 
 
 class InstallCache:
-    """Entries `<key>.tar.gz` in `directory`, at most `max_bytes` in all (least recently used go first). An
-    entry of a workspace without a lockfile has `<key>.json` beside it: when it was made and the lockfile its
-    install wrote; it is used for at most `unlocked_max_age_s`."""
+    """Entries `<key>.tar.gz` in `blobs` (a directory: local blobs in it), at most `max_bytes` in all (least
+    recently used go first; in S3, least recently written). An entry of a workspace without a lockfile has
+    `<key>.json` beside it: when it was made and the lockfile its install wrote; it is used for at most
+    `unlocked_max_age_s`. Entries are written once (two replicas storing one key: the first one's is kept) and
+    read back verified against the sha256 recorded with them."""
 
-    def __init__(self, directory: Path, max_bytes: int, unlocked_max_age_s: float = 24 * 3600.0) -> None:
-        self._dir = directory
+    def __init__(self, blobs: Blobs | Path, max_bytes: int, unlocked_max_age_s: float = 24 * 3600.0) -> None:
+        self._blobs = LocalBlobs(blobs) if isinstance(blobs, Path) else blobs
+        self._dir = self._blobs.spool  # temp files
         self._max_bytes = max_bytes
         self._unlocked_max_age_s = unlocked_max_age_s
         self._writers: dict[str, asyncio.Task[None]] = {}
-        directory.mkdir(parents=True, exist_ok=True)
-        for leftover in directory.glob(f"{TEMP_PREFIX}*"):  # of a crash mid-write
-            leftover.unlink(missing_ok=True)
-        for meta in directory.glob("*.json"):  # written before its entry, which a crash may have cut
-            if not self.path(meta.stem).exists():
-                meta.unlink(missing_ok=True)
-
-    def path(self, key: str) -> Path:
-        return self._dir / f"{key}.tar.gz"
-
-    def _meta_path(self, key: str) -> Path:
-        return self._dir / f"{key}.json"
+        # Temp files of a crash mid-write go, and metadata whose entry a crash cut (it is written first).
+        self._blobs.sweep(lambda name, names: not name.endswith(".json") or _entry(name[: -len(".json")]) in names)
 
     async def key(self, agent: AgentClient, install_command: str, image: str) -> CacheKey:
         """The key of the workspace's install as it is now: the core image `image` (its node and npm, and the
@@ -128,26 +120,27 @@ class InstallCache:
         """Merges the cached node_modules of `key` into the workspace, if there is one (and for an unlocked
         key the lockfile of its install, unless the entry is past its age). An entry that cannot be read or
         extracted is discarded: the install then runs as without a cache."""
-        path = self.path(key.key)
         short = key.key[:12]
         try:
             # Touched on use: eviction goes by least recent use.
-            await asyncio.to_thread(os.utime, path)
-        except FileNotFoundError:
-            return Injected(False, f"install cache miss {short}")
+            if not await self._blobs.touch(_entry(key.key)):
+                return Injected(False, f"install cache miss {short}")
+        except OrchestratorError as error:  # the S3 store is unreachable: as without a cache
+            log.warning("install cache: could not look up %s: %s", short, error)
+            return Injected(False, f"install cache not used: {error}")
         lockfile: tuple[str, bytes] | None = None
         if not key.locked:
             try:
-                meta = json.loads(await asyncio.to_thread(self._meta_path(key.key).read_text))
+                meta = json.loads(await self._blobs.read_bytes(_meta(key.key)))
                 age = time.time() - float(meta["created_at"])
                 if meta.get("lockfile"):
                     lockfile = (str(meta["lockfile"]), str(meta["lockfile_content"]).encode())
-            except (OSError, ValueError, KeyError, TypeError) as error:
+            except (OSError, ValueError, KeyError, TypeError, NotFound, ChecksumMismatch) as error:
                 log.warning("install cache entry %s has no usable metadata, discarded: %s", short, error)
-                await asyncio.to_thread(self._discard, key.key)
+                await self._discard(key.key)
                 return Injected(False, f"install cache entry {short} was unusable and is discarded")
             if age > self._unlocked_max_age_s:
-                await asyncio.to_thread(self._discard, key.key)
+                await self._discard(key.key)
                 return Injected(
                     False,
                     f"install cache entry {short} expired ({age / 3600:.1f} h old; entries without a lockfile"
@@ -155,13 +148,13 @@ class InstallCache:
                 )
         started = time.monotonic()
         try:
-            # No checksum to announce: gzip's own CRC and the agent's checks catch a damaged entry.
-            await agent.extract_archive(file_chunks(path), "", destination=NODE_MODULES, merge=True)
+            # The blob is verified against the sha256 stored with it (the agent sees it fail before its end).
+            await agent.extract_archive(self._blobs.read(_entry(key.key)), "", destination=NODE_MODULES, merge=True)
             if lockfile is not None:
                 await agent.extract_archive(_single_file_chunks(*lockfile), "", merge=True)
-        except (OSError, InvalidArgument, ChecksumMismatch) as error:
+        except (OSError, InvalidArgument, ChecksumMismatch, NotFound) as error:
             log.warning("install cache entry %s is unusable, discarded: %s", short, error)
-            await asyncio.to_thread(self._discard, key.key)
+            await self._discard(key.key)
             return Injected(False, f"install cache entry {short} was unusable and is discarded")
         except OrchestratorError as error:  # e.g. the agent refused it for its size: the install runs as usual
             log.warning("install cache entry %s was not injected: %s", short, error)
@@ -174,7 +167,7 @@ class InstallCache:
         """Archives the workspace's node_modules (and for an unlocked key the lockfile its install wrote) as
         the entry of `key`, unless it exists or is being written. Returns the task writing it, if any: the
         session must not be stopped before it ends (see finish)."""
-        if key.key in self._writers or self.path(key.key).exists():
+        if key.key in self._writers:
             return None
         task = asyncio.create_task(self._store(agent, key), name=f"install cache {key.key[:12]}")
         self._writers[key.key] = task
@@ -198,25 +191,31 @@ class InstallCache:
         temp = self._dir / f"{TEMP_PREFIX}{key.key}"
         temp_meta = self._dir / f"{TEMP_PREFIX}{key.key}.json"
         size = 0
+        digest = hashlib.sha256()
         try:
+            if await self._blobs.touch(_entry(key.key)):
+                return  # stored by an earlier session (or another replica)
             meta = None if key.locked else await self._installed_lockfile(agent)
             stream = await agent.create_archive(RUNTIME_CACHES, path=NODE_MODULES, no_default_excludes=True)
             recode = _Stored()
             with open(temp, "wb") as file:
                 async for chunk in stream:
-                    size += await asyncio.to_thread(_write, file, recode.feed(chunk))
+                    size += await asyncio.to_thread(_write, file, recode.feed(chunk), digest)
                     if size > self._max_bytes:
                         log.info("install cache: node_modules of %s exceeds the cache size, not kept", short)
                         return
-                size += await asyncio.to_thread(_write, file, recode.end())
+                size += await asyncio.to_thread(_write, file, recode.end(), digest)
                 await asyncio.to_thread(flush_to_disk, file)
             if meta is not None:
                 # The metadata first: an entry without it is discarded, metadata without an entry removed.
-                await asyncio.to_thread(_write_durably, temp_meta, json.dumps(meta).encode())
-                await asyncio.to_thread(publish, temp_meta, self._meta_path(key.key))
-            await asyncio.to_thread(publish, temp, self.path(key.key))
-            await asyncio.to_thread(self._evict, keep=self.path(key.key))
+                encoded = json.dumps(meta).encode()
+                await asyncio.to_thread(_write_durably, temp_meta, encoded)
+                await self._blobs.put(temp_meta, _meta(key.key), hashlib.sha256(encoded).hexdigest())
+            await self._blobs.put(temp, _entry(key.key), digest.hexdigest())
+            await self._evict(keep=_entry(key.key))
             log.info("install cache: stored %s (%d bytes)", short, size)
+        except AlreadyExists:  # another replica stored it first: one copy is kept
+            log.info("install cache: %s was stored meanwhile by another writer; theirs is kept", short)
         except asyncio.CancelledError:
             log.warning("install cache: could not store %s: cancelled (shut down, or given up on by a delete)", short)
             raise
@@ -236,24 +235,26 @@ class InstallCache:
                 break
         return meta
 
-    def _discard(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
-        self._meta_path(key).unlink(missing_ok=True)
+    async def _discard(self, key: str) -> None:
+        try:
+            await self._blobs.delete(_entry(key))
+            await self._blobs.delete(_meta(key))
+        except OrchestratorError as error:  # the S3 store is unreachable: the entry stays, and is said so
+            log.warning("install cache: could not discard %s: %s", key[:12], error)
 
-    def _evict(self, keep: Path) -> None:
+    async def _evict(self, keep: str) -> None:
         """Removes least recently used entries until all fit in max_bytes."""
-        entries = []
-        for entry in self._dir.glob("*.tar.gz"):
-            with contextlib.suppress(FileNotFoundError):  # another writer's eviction took it
-                stat = entry.stat()
-                entries.append((stat.st_mtime, stat.st_size, entry))
-        entries.sort()
+        entries = sorted(
+            (blob.modified, blob.size, blob.name)
+            for blob in await self._blobs.entries()
+            if blob.name.endswith(".tar.gz")
+        )
         total = sum(size for _, size, _ in entries)
-        for _, size, entry in entries:
+        for _, size, name in entries:
             if total <= self._max_bytes:
                 break
-            if entry != keep:
-                self._discard(entry.name.removesuffix(".tar.gz"))
+            if name != keep:
+                await self._discard(name.removesuffix(".tar.gz"))
                 total -= size
 
     async def close(self) -> None:
@@ -284,8 +285,17 @@ class _Stored:
         return self._deflate.flush()
 
 
-def _write(file: BinaryIO, data: bytes) -> int:
+def _entry(key: str) -> str:
+    return f"{key}.tar.gz"
+
+
+def _meta(key: str) -> str:
+    return f"{key}.json"
+
+
+def _write(file: BinaryIO, data: bytes, digest: hashlib._Hash) -> int:
     file.write(data)
+    digest.update(data)
     return len(data)
 
 

@@ -16,6 +16,7 @@ from common.serving import add_health_and_reflection, bind, new_server
 from common.startup import StartupError, check_bindable, unbindable, writable_directory
 from orchestrator import demo
 from orchestrator.archives import ArchiveStore
+from orchestrator.blobs import S3Blobs, open_blobs
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import STATUS_CODES, OrchestratorError
 from orchestrator.pool import pool_size_problem
@@ -73,8 +74,14 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
         raise StartupError(
             f"the templates folder {config.templates_dir} is not a directory: pick one with --templates-dir"
         )
+    try:
+        blobs = open_blobs(config.archive_store, "archives", config.archives_dir)
+        if isinstance(blobs, S3Blobs):
+            blobs.check()
+    except OrchestratorError as error:
+        raise StartupError(f"--archive-store {config.archive_store}: {error}") from error
     store = Store(config.state_db)
-    archives = ArchiveStore(config.archives_dir, store, config.max_archive_bytes)
+    archives = ArchiveStore(blobs, store, config.max_archive_bytes)
     catalog = TemplateCatalog(config.templates_dir, config.template_cache_dir)
     for template, _ in config.hot_pool:
         try:

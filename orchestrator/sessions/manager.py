@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
+from orchestrator.blobs import open_blobs
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import (
     ChecksumMismatch,
@@ -74,7 +75,9 @@ class SessionManager:
         self._reconciler = Reconciler(self, config, store, catalog, runtime)
         self._install_cache = (
             InstallCache(
-                config.install_cache_dir, config.max_install_cache_bytes, config.install_cache_unlocked_max_age_s
+                open_blobs(config.archive_store, "install-cache", config.install_cache_dir),
+                config.max_install_cache_bytes,
+                config.install_cache_unlocked_max_age_s,
             )
             if config.install_cache
             else None

@@ -20,6 +20,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.runtime.docker import DockerRuntime
 from orchestrator.server import Orchestrator, create_server
 from tests.conftest import REPO
+from tests.s3_server import s3, s3_server  # noqa: F401 - fixtures: a real S3 server and a bucket per test
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc
 

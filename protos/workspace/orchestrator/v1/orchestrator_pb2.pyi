@@ -7,8 +7,8 @@ install step, starts the dev server, and reports progress; it saves and
 restores workspaces, stops idle ones, and recovers its state after a restart.
 
 Unknown sessions, templates and archives get NOT_FOUND; an invalid template
-FAILED_PRECONDITION; an unreachable container engine UNAVAILABLE (the
-message says what to do); bad fields INVALID_ARGUMENT.
+FAILED_PRECONDITION; an unreachable container engine or S3 archive store
+UNAVAILABLE (the message says what to do); bad fields INVALID_ARGUMENT.
 """
 
 from collections import abc as _abc

@@ -8,8 +8,8 @@
 // restores workspaces, stops idle ones, and recovers its state after a restart.
 //
 // Unknown sessions, templates and archives get NOT_FOUND; an invalid template
-// FAILED_PRECONDITION; an unreachable container engine UNAVAILABLE (the
-// message says what to do); bad fields INVALID_ARGUMENT.
+// FAILED_PRECONDITION; an unreachable container engine or S3 archive store
+// UNAVAILABLE (the message says what to do); bad fields INVALID_ARGUMENT.
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
