@@ -172,7 +172,12 @@ def _stage_context(extra_ca_bundle: Path | None, progress: Callable[[str], None]
     shutil.copy2(HERE / "Dockerfile", context / "Dockerfile")
     shutil.copy2(HERE / "healthcheck.py", context / "healthcheck.py")
     # The cached parts are hard-linked in: staging takes milliseconds when nothing changed.
-    for name, part in (("wheelhouse", _wheelhouse(progress)), ("project", _project_wheel()), ("npm", _npm(progress)), ("node", _node(progress))):
+    for name, part in (
+        ("wheelhouse", _wheelhouse(progress)),
+        ("project", _project_wheel()),
+        ("npm", _npm(progress)),
+        ("node", _node(progress)),
+    ):
         shutil.copytree(part, context / name, symlinks=True, copy_function=os.link)
     (context / "extra-ca").mkdir()
     if extra_ca_bundle is not None:

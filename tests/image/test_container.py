@@ -109,7 +109,14 @@ def test_app_belongs_to_the_workspace_user(container: Container, workspace: Path
         (["node", "--version"], f"v{NODE_VERSION}"),
         # Built with V8's startup snapshot and code cache (Debian's nodejs is not): each node process a session
         # starts (npm, the dev server, node --watch's child) starts 3-4x faster with them.
-        (["node", "-p", "process.config.variables.node_use_node_snapshot && process.config.variables.node_use_node_code_cache"], "true"),
+        (
+            [
+                "node",
+                "-p",
+                "process.config.variables.node_use_node_snapshot && process.config.variables.node_use_node_code_cache",
+            ],
+            "true",
+        ),
         (["npm", "--version"], "10."),
         (["npx", "--version"], "10."),
         (["git", "--version"], "git version "),
