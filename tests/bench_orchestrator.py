@@ -208,6 +208,17 @@ class Orchestrator:
     def delete(self, session_id: str) -> None:
         self.stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
 
+    def expect_file(self, session: pb.Session, path: Path, text: str) -> None:
+        """Raises RuntimeError unless the session's workspace file `path` holds `text` (read through its agent)."""
+        with grpc.insecure_channel(session.agent_endpoint, options=CHANNEL_OPTIONS) as channel:
+            start = agent_pb2.ExecRequest(start=agent_pb2.ExecStart(argv=["grep", "-qF", "--", text, str(path)]))
+            responses = agent_pb2_grpc.AgentServiceStub(channel).Exec(
+                iter([start]), metadata=(("authorization", f"Bearer {session.agent_token}"),), timeout=READY_TIMEOUT_S
+            )
+            exit_code = next(r.exited.exit_code for r in responses if r.WhichOneof("event") == "exited")
+        if exit_code != 0:
+            raise RuntimeError(f"session {session.id} does not hold the edit of {path} it was created after")
+
     def create_and_delete(self, template: str, keep_until: Callable[[], None] = lambda: None) -> Created:
         created = self.create(template)
         try:
@@ -494,8 +505,16 @@ def new_way(
                     samples.add_created(("ready", name, "c", mode), orchestrator.create_and_delete(name))
                 for run in range(runs):
                     pool.wait_full(orchestrator)
-                    edit_source(new.templates_dir / name, f"bench edit {new.run_label} {mode} {run}")
-                    samples.add_created(("ready", name, "b", mode), orchestrator.create_and_delete(name))
+                    note_text = f"bench edit {new.run_label} {mode} {run}"
+                    edited = edit_source(new.templates_dir / name, note_text)
+                    created = orchestrator.create(name)
+                    try:  # timed up to READY; then checked: the session got the edit, never an entry made before it
+                        orchestrator.expect_file(
+                            created.session, edited.relative_to(new.templates_dir / name), note_text
+                        )
+                    finally:
+                        orchestrator.delete(created.session.id)
+                    samples.add_created(("ready", name, "b", mode), created)
             for _ in range(runs):
                 pool.wait_full(orchestrator)
                 samples.add(("exec", mode), orchestrator.first_exec("node-basic"))
