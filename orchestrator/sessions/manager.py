@@ -98,12 +98,14 @@ class SessionManager:
         }
 
     def _hot_pool(self, template: str, size: int) -> HotPool:
-        def fill(live: LiveSession, pinned, recorder) -> Initialization:
-            # The session's own steps after a healthy agent: archive, install (with the cache), dev server, ready.
+        def fill(live: LiveSession, pinned, recorder, first: pb.Phase.ValueType) -> Initialization:
+            # The session's own steps from `first` on: after a healthy agent (archive, install with the cache, dev
+            # server, ready) for a fill, or the dev server's start and readiness for a refresh in place.
+            phases = [phase for phase, _ in Initialization.STEPS]
             return Initialization(
                 live, pinned.spec, None, recorder=recorder, config=self.config, runtime=self._runtime,
                 catalog=self._catalog, archives=self._archives, install_cache=self._install_cache,
-                steps=Initialization.STEPS[2:], template_archive=pinned.archive,
+                steps=Initialization.STEPS[phases.index(first):], template_archive=pinned.archive,
             )  # fmt: skip
 
         pool = HotPool(

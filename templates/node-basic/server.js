@@ -1,5 +1,6 @@
 // A dependency-free dev server: serves the files under src/, read on every request so an edit shows at once.
-// `npm run dev` restarts it (node --watch) when this file or anything under src/ changes.
+// `npm run dev` restarts it (node --watch) when this file changes; an edit under src/ needs no restart (one
+// would refuse requests while the server starts again).
 import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { extname, join, normalize } from "node:path";

@@ -43,7 +43,7 @@ async def test_templates_list_shows_valid_and_invalid_templates(orchestrator: Or
 
     assert result.exit_code == 0, result.output
     node_basic = table_row(result.stdout, "node-basic")
-    assert "node --watch-path=server.js --watch-path=src server.js" in node_basic
+    assert "node --watch-path=server.js server.js" in node_basic
     assert re.search(r"\b[0-9a-f]{12}\b", node_basic), node_basic
     assert "$.dev_port: 4321 was expected" in table_row(result.stdout, "invalid")
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import signal
 import subprocess
@@ -138,21 +139,80 @@ async def _has_entry_other_than(o: OrchestratorUnderTest, key: str) -> bool:
     return bool(members) and all(m.key != key for m in members)
 
 
+async def _refreshed(o: OrchestratorUnderTest, pool_id: str, key: str) -> bool:
+    """Whether the pool holds its entry `pool_id` again, under another key than `key` (brought up to an edit)."""
+    return any(m.workspace.pool_id == pool_id and m.key != key for m in pool_of(o).members)
+
+
+async def _handle_of(o: OrchestratorUnderTest, session: pb.Session) -> str:
+    return {w.session_id: w.handle for w in await o.orchestrator.runtime.list()}[session.id]
+
+
 @BOTH_RUNTIMES
-async def test_an_edited_template_retires_the_stale_entry_and_refills(hot: OrchestratorUnderTest) -> None:
-    stale = pool_of(hot).members[0]
+async def test_a_source_edit_brings_the_unclaimed_entry_up_to_the_new_content_in_place(
+    hot: OrchestratorUnderTest,
+) -> None:
+    entry = pool_of(hot).members[0]
+    pool_id, key = entry.workspace.pool_id, entry.key
     edit_page(hot, "the new content")
+    # server.js too, which only a restarted dev server serves: the page below proves the restart happened.
+    server = hot.config.templates_dir / "node-basic" / "server.js"
+    server.write_text(
+        server.read_text().replace("response.end(body);", 'response.end(body + "<!-- edited server -->");')
+    )
+    await until(lambda: _refreshed(hot, pool_id, key), KEY_CHECK_S + 60)
+    session = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(session) and await _handle_of(hot, session) == entry.workspace.handle
+    served = await page(session)
+    assert "the new content" in served and "<!-- edited server -->" in served
+
+
+@BOTH_RUNTIMES
+async def test_files_added_and_deleted_by_edits_are_added_and_deleted_in_the_entry(hot: OrchestratorUnderTest) -> None:
+    extra = hot.config.templates_dir / "node-basic" / "src" / "extra.txt"
+    handle = pool_of(hot).members[0].workspace.handle
+    extra.write_text("added by an edit\n")
+    session = await create_ready(hot, template="node-basic")  # the edit is not seen by the key check yet
+    assert from_hot_pool(session) and await _handle_of(hot, session) == handle
+    assert await http_get(session.preview_url + "extra.txt") == (200, "added by an edit\n")
+    await hot.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id))
+    assert await pool_of(hot).wait_full(FILL_TIMEOUT_S)
+    handle = pool_of(hot).members[0].workspace.handle
+    extra.unlink()
+    later = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(later) and await _handle_of(hot, later) == handle
+    assert (await http_get(later.preview_url + "extra.txt"))[0] == 404
+
+
+@BOTH_RUNTIMES
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda folder: _edit_json(folder / "package.json", description="edited"), id="package.json"),
+        pytest.param(lambda folder: _edit_json(folder / "template.json", env={"EDITED": "1"}), id="env"),
+        pytest.param(lambda folder: _edit_json(folder / "template.json", resources={"memory_mb": 384}), id="limits"),
+    ],
+)
+async def test_an_edit_of_the_install_inputs_retires_the_entry_and_refills(hot: OrchestratorUnderTest, edit) -> None:
+    stale = pool_of(hot).members[0]
+    edit(hot.config.templates_dir / "node-basic")
     await until(lambda: _has_entry_other_than(hot, stale.key), FILL_TIMEOUT_S + KEY_CHECK_S)
     assert stale.workspace.pool_id not in {w.pool_id for w in await hot.orchestrator.runtime.list()}
     session = await create_ready(hot, template="node-basic")
-    assert from_hot_pool(session) and "the new content" in await page(session)
+    assert from_hot_pool(session) and await _handle_of(hot, session) != stale.workspace.handle
+
+
+def _edit_json(path: Path, **fields) -> None:
+    document = json.loads(path.read_text())
+    document.update(fields)
+    path.write_text(json.dumps(document))
 
 
 async def test_an_edit_not_yet_seen_by_the_pool_is_never_served_from_a_stale_entry(hot: OrchestratorUnderTest) -> None:
     edit_page(hot, "edited just now")
     session = await create_ready(hot, template="node-basic")
-    # The key is computed at CreateSession: the stale entry is retired, the session starts cold with the edit.
-    assert not from_hot_pool(session) and "edited just now" in await page(session)
+    # The key is computed at CreateSession: the entry is brought up to the edit before it is handed out.
+    assert from_hot_pool(session) and "edited just now" in await page(session)
 
 
 @BOTH_RUNTIMES

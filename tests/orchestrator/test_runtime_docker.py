@@ -13,6 +13,7 @@ import docker
 import docker.errors
 import pytest
 
+from core_image.build import NODE_VERSION
 from orchestrator.agent_client import AgentClient
 from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, write_trust_bundle
@@ -175,7 +176,7 @@ async def test_the_root_filesystem_is_read_only_but_app_home_and_tmp_are_writabl
         assert await client.run("touch /var/tmp/x /etc/x", on_line=lambda text, _: lines.append(text)) != 0
         assert lines == ["touch: cannot touch '/etc/x': Read-only file system"]  # /var/tmp is a tmpfs
         version, *rest = await output_of(client, WORKSPACE_CHORES)
-        assert version.startswith("v20.") and rest == ["first", "cached", "scratch"]
+        assert version == f"v{NODE_VERSION}" and rest == ["first", "cached", "scratch"]
     finally:
         await client.close()
 
