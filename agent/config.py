@@ -43,7 +43,7 @@ class AgentConfig:
     watch_journal_changes: int = 10_000
     watch_journal_bytes: int = 4 * MiB
     # Changes to one path are coalesced until it has been quiet this long, but are sent this long after the first.
-    watch_coalesce_seconds: float = 0.05
+    watch_coalesce_seconds: float = 0.1
     watch_max_delay_seconds: float = 1.0
     # The watcher stays this long after its last stream ended, so a caller that reconnects misses nothing.
     watch_linger_seconds: float = 300.0

@@ -2420,7 +2420,8 @@ export const AgentService: GenService<{
    * size after it. The ignore rules are Search's defaults: `.gitignore`,
    * `.ignore` and `.rgignore`, `node_modules`, `.git` and hidden files are left
    * out. Changes to one path within a short window are coalesced (a burst of
-   * writes is one modify, an editor's save through a temp file is one modify).
+   * writes is one modify, and so is a file replaced by renaming another onto
+   * it, as editors and Edit save).
    * Every change carries a sequence number; a caller that comes back with
    * `since_sequence` first gets the changes it missed from the agent's bounded
    * journal, then `ready`, then live changes. When the journal no longer
