@@ -295,7 +295,7 @@ class AgentClient:
         finally:
             call.cancel()
 
-    async def watch_files(self, path: str = "", *, since: int = 0) -> AsyncIterator[pb.WatchFilesResponse]:
+    async def watch_files(self, path: str = "", *, since: int = 0) -> AsyncGenerator[pb.WatchFilesResponse, None]:
         """The workspace's file changes below `path` as they come: those after sequence number `since` first (or
         one resync change when the agent's journal no longer has them), then `ready`, then live ones. Raises
         InvalidArgument (a bad, ignored or escaping path), NotFound, LimitExceeded (inotify's limits)."""
