@@ -257,8 +257,8 @@ class Watcher:
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise LimitExceeded(
-                    f"the kernel's inotify watch limit is reached (fs.inotify.max_user_watches = {_sysctl('max_user_watches')},"
-                    " shared by every process of this user on the host); raise it, or watch less"
+                    f"the kernel's inotify watch limit is reached ({_limit('watches')} watches, shared by every process"
+                    " of this user on the host: sysctl fs.inotify.max_user_watches); raise it, or watch less"
                 ) from None
             return False
         finally:
@@ -551,18 +551,19 @@ def _new_inotify() -> INotify:
     except OSError as error:
         if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
             raise LimitExceeded(
-                "no inotify instance can be had (fs.inotify.max_user_instances = "
-                f"{_sysctl('max_user_instances')}, shared by every process of this user on the host)"
+                f"no inotify instance can be had (the limit is {_limit('instances')}, shared by every process of this"
+                " user on the host: sysctl fs.inotify.max_user_instances)"
             ) from None
         raise FilesystemFailure(f"inotify is not available: {error.strerror}") from None
 
 
-def _sysctl(name: str) -> str:
+def _limit(what: str) -> str:
+    """inotify's per-user limit on watches or instances, as it applies to this process's user namespace."""
     try:
-        with open(f"/proc/sys/fs/inotify/{name}") as file:
+        with open(f"/proc/sys/user/max_inotify_{what}") as file:
             return file.read().strip()
     except OSError:
-        return "unknown"
+        return "an unknown number of"
 
 
 class FileWatch:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import shlex
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -12,9 +15,11 @@ import grpc
 import pytest
 from grpc import aio
 
+from common.constants import TOKEN_ENV
 from tests.agent.helpers import status_of_stream
-from tests.conftest import AgentTarget, start_container_agent, start_inprocess_agent
+from tests.conftest import REPO, AgentTarget, start_container_agent, start_inprocess_agent
 from workspace.agent.v1 import agent_pb2 as pb
+from workspace.agent.v1 import agent_pb2_grpc
 
 # A guard against a hang, never a measure: every wait ends as soon as what it waits for arrives.
 PATIENCE = 60.0
@@ -424,3 +429,73 @@ async def test_edits_through_the_agent_are_the_changes_they_make(agent: AgentTar
     assert seen(created) == [("CREATE", "src/new.js", "", 3, False)]
     assert seen(moved) == [("MOVE", "src/moved.js", "src/new.js", 3, False)]
     assert seen(deleted) == [("DELETE", "src/moved.js", "", 0, False)]
+
+
+async def test_the_kernels_watch_limit_is_refused_with_resource_exhausted_and_the_agent_serves_on(
+    tmp_path: Path,
+) -> None:
+    """The agent in a user namespace of its own whose inotify limit is 3 watches (the limit is per user namespace,
+    so nobody else's watches are affected), asked to watch a tree of 5 directories."""
+    root = tmp_path / "app"
+    for index in range(4):
+        (root / f"d{index}").mkdir(parents=True)
+    put(root, "a.txt", "a")
+    port_file = tmp_path / "port"
+    token = secrets.token_urlsafe(16)
+    script = (
+        "echo 3 > /proc/sys/user/max_inotify_watches && "
+        f"exec {shlex.quote(sys.executable)} -m agent --root {shlex.quote(str(root))} --listen 127.0.0.1:0 "
+        f"--port-file {shlex.quote(str(port_file))}"
+    )
+    agent_process = await asyncio.create_subprocess_exec(
+        "unshare", "--user", "--map-root-user", "sh", "-c", script, cwd=REPO, env={**os.environ, TOKEN_ENV: token}
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PATIENCE
+        while not port_file.exists() and agent_process.returncode is None and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert port_file.exists(), f"the agent did not start (exit status {agent_process.returncode})"
+        async with aio.insecure_channel(f"127.0.0.1:{port_file.read_text().strip()}") as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            metadata = (("authorization", f"Bearer {token}"),)
+            code, details = await status_of_stream(stub.WatchFiles(pb.WatchFilesRequest(), metadata=metadata))
+            read = [r async for r in stub.Read(pb.ReadRequest(path="a.txt"), metadata=metadata)]
+    finally:
+        if agent_process.returncode is None:
+            agent_process.terminate()
+        await agent_process.wait()
+
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "inotify watch limit is reached (3 watches" in details, details
+    assert read[-1].chunk.data == b"a"
+
+
+async def test_a_directory_moved_in_brings_its_files_and_one_moved_out_is_deleted(
+    agent: AgentTarget, tmp_path: Path
+) -> None:
+    root = agent.root
+    # Outside the watched tree but on the same filesystem (a rename, not a copy): an ignored directory.
+    put(root, "node_modules/pkg/index.js", "module")
+    put(root, "node_modules/pkg/lib/util.js", "u")
+    put(root, "gone/a.txt", "a")
+    watch = await watching(agent)
+    try:
+        os.rename(root / "node_modules/pkg", root / "vendored")
+        arrived = await watch.until(at("vendored/lib/util.js"))
+        os.rename(root / "gone", root / "node_modules/gone")
+        left = await watch.until(at("gone"))
+        put(root, "node_modules/gone/b.txt", "not watched any more")
+        put(root, "vendored/lib/util.js", "still watched")
+        after = await watch.until(at("vendored/lib/util.js"))
+    finally:
+        watch.close()
+
+    assert set(seen(arrived)) == {
+        ("CREATE", "vendored", "", 0, True),
+        ("CREATE", "vendored/index.js", "", 6, False),
+        ("CREATE", "vendored/lib", "", 0, True),
+        ("CREATE", "vendored/lib/util.js", "", 1, False),
+    }
+    assert seen(left) == [("DELETE", "gone", "", 0, True)]
+    assert seen(after) == [("MODIFY", "vendored/lib/util.js", "", 13, False)]
