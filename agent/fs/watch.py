@@ -126,7 +126,8 @@ def _parent(path: str) -> str:
 
 
 def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top + "/")
+    """Whether `path` is the directory `top` or below it ("" or "." being the root)."""
+    return top in ("", ".") or path == top or path.startswith(top + "/")
 
 
 class Watcher:
@@ -144,9 +145,10 @@ class Watcher:
         self.max_directories = max_directories
         self.dirs: dict[str, _Directory] = {}  # watched directory ("" the root) -> its watch
         self.paths: dict[int, str] = {}  # watch descriptor -> directory
-        # The files watched (what is not a directory): a file renamed onto one of them (an editor's save, every Edit
-        # of the agent's) replaced it, which inotify reports as a bare IN_MOVED_TO. About 100 bytes a file.
-        self.files: set[str] = set()
+        # The files watched (what is not a directory), by directory: a file renamed onto one of them (an editor's
+        # save, every Edit of the agent's) replaced it, which inotify reports as a bare IN_MOVED_TO. About 100 bytes a
+        # file; by directory, so that a directory's move or delete costs its directories, not its files.
+        self.files = _Files()
         self.pending: dict[str, _Pending] = {}  # path -> its change since the last flush, in first-touched order
         self.moved_from: dict[int, tuple[str, bool, bool]] = {}  # cookie -> (path, directory, visible)
         self.failure: AgentError | None = None
@@ -427,7 +429,7 @@ class Watcher:
         self.journal.append("resync")
         self._wake()
         self._forget("")
-        self.files.clear()
+        self.files = _Files()
         self._scan("", emit=False)
 
     # ------------------------------------------------------------ coalescing
@@ -482,11 +484,7 @@ class Watcher:
 
     def _files_under(self, old: str, new: str | None) -> None:
         """The files below the directory `old` are now below `new`, or gone (None)."""
-        prefix = old + "/"
-        for path in [p for p in self.files if p.startswith(prefix)]:
-            self.files.discard(path)
-            if new is not None:
-                self.files.add(new + path[len(old) :])
+        self.files.move(old, new)
 
     def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
@@ -529,9 +527,39 @@ class Watcher:
             os.close(fd)
 
 
+class _Files:
+    """A set of root-relative file paths, kept by directory."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, set[str]] = {}
+
+    def __contains__(self, path: str) -> bool:
+        directory, _, name = path.rpartition("/")
+        return name in self.names.get(directory, ())
+
+    def add(self, path: str) -> None:
+        directory, _, name = path.rpartition("/")
+        self.names.setdefault(directory, set()).add(name)
+
+    def discard(self, path: str) -> None:
+        directory, _, name = path.rpartition("/")
+        names = self.names.get(directory)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self.names[directory]
+
+    def move(self, old: str, new: str | None) -> None:
+        """The files below the directory `old` are now below `new`, or gone (None)."""
+        for directory in [d for d in self.names if _under(d, old)]:
+            names = self.names.pop(directory)
+            if new is not None:
+                self.names[new + directory[len(old) :]] = names
+
+
 def _scoped(change: Change, directory: str) -> Change | None:
     """`change` as a stream of `directory` sees it: a move across its edge is a create or a delete."""
-    if directory == "." or change.kind == "resync":
+    if change.kind == "resync":
         return change
     if change.kind != "move":
         return change if _under(change.path, directory) else None

@@ -146,8 +146,9 @@ async def test_what_search_ignores_produces_no_change(agent: AgentTarget) -> Non
         put(root, ".workspace-agent/journal", "x")
         put(root, "src/kept.js", "x")
         changes = await watch.until(at("src/kept.js"))
-        # An ignore file's change counts from then on: the next log file is seen.
-        put(root, ".gitignore", "dist/\n")
+        # An ignore file's change counts from then on, in every directory below it: logs are seen, .tmp files not.
+        put(root, ".gitignore", "dist/\n*.tmp\n")
+        put(root, "src/scratch.tmp", "x")
         put(root, "debug2.log", "x")
         changes += await watch.until(at("debug2.log"))
     finally:
