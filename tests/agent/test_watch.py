@@ -500,3 +500,28 @@ async def test_a_directory_moved_in_brings_its_files_and_one_moved_out_is_delete
     }
     assert seen(left) == [("DELETE", "gone", "", 0, True)]
     assert seen(after) == [("MODIFY", "vendored/lib/util.js", "", 13, False)]
+
+
+async def test_when_the_kernels_queue_overflows_every_stream_gets_one_resync_and_follows_on(tmp_path: Path) -> None:
+    """More changes than the kernel queues for one inotify instance (fs.inotify.max_queued_events), made while the
+    agent cannot read them: its event loop is this test's, busy creating the files."""
+    root = tmp_path / "app"
+    (root / "many").mkdir(parents=True)
+    queued = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    server, agent = await start_inprocess_agent(root)
+    try:
+        watch = await watching(agent)
+        for index in range(queued + 100):
+            (root / "many" / str(index)).touch()
+        changes = await watch.until(lambda change: change.kind == K.FILE_CHANGE_KIND_RESYNC)
+        put(root, "after", "1")
+        changes += await watch.until(at("after"))
+        put(root, "many/0", "now known")  # the files are watched again after the overflow
+        again = await watch.until(at("many/0"))
+        watch.close()
+    finally:
+        await agent.channel.close()
+        await server.stop(None)
+
+    assert seen(changes) == [("RESYNC", "", "", 0, False), ("CREATE", "after", "", 1, False)]
+    assert seen(again) == [("MODIFY", "many/0", "", 9, False)]
