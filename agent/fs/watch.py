@@ -247,8 +247,8 @@ class Watcher:
         assert self._inotify is not None
         if len(self.dirs) >= self.max_directories:
             raise LimitExceeded(
-                f"the watch would cover more than {self.max_directories} directories (the agent's limit); "
-                "watch a subdirectory, or ignore generated trees in .gitignore"
+                f"the watch would cover more than {self.max_directories} directories (the agent's limit; one watcher "
+                "covers the whole workspace for every stream): ignore generated trees in .gitignore"
             )
         try:
             fd = self.root.os_open(PurePosixPath(path or "."), os.O_PATH | os.O_DIRECTORY, follow=False)
@@ -260,7 +260,7 @@ class Watcher:
             if error.errno == errno.ENOSPC:
                 raise LimitExceeded(
                     f"the kernel's inotify watch limit is reached ({_limit('watches')} watches, shared by every process"
-                    " of this user on the host: sysctl fs.inotify.max_user_watches); raise it, or watch less"
+                    " of this user on the host: sysctl fs.inotify.max_user_watches): raise it, or ignore generated trees"
                 ) from None
             return False
         finally:
