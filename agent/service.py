@@ -150,16 +150,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if self.file_watch is None:
             from agent.fs.watch import FileWatch
 
-            config = self.config
-            self.file_watch = FileWatch(
-                self.root,
-                journal_changes=config.watch_journal_changes,
-                journal_bytes=config.watch_journal_bytes,
-                window=config.watch_coalesce_seconds,
-                max_delay=config.watch_max_delay_seconds,
-                linger=config.watch_linger_seconds,
-                max_directories=config.watch_max_directories,
-            )
+            self.file_watch = FileWatch(self.root, self.config)
         # Closed with this generator (at the call's end), so the stream stops counting towards the watcher's.
         async with contextlib.aclosing(self.file_watch.watch(request.path, request.since_sequence)) as events:
             async for event in events:

@@ -29,6 +29,7 @@ from typing import Literal
 
 from inotify_simple import INotify, flags
 
+from agent.config import AgentConfig
 from agent.errors import AgentError, FilesystemFailure, InvalidArgument, LimitExceeded
 from agent.fs.paths import WorkspaceRoot
 from agent.fs.search.ignores import Chain, IgnoreRules
@@ -598,24 +599,14 @@ class FileWatch:
     """The WatchFiles service of one root: its watcher starts with the first stream and stays `linger` seconds
     after the last (a caller that reconnects within them resumes from the journal), then it is released."""
 
-    def __init__(
-        self,
-        root: WorkspaceRoot,
-        *,
-        journal_changes: int,
-        journal_bytes: int,
-        window: float,
-        max_delay: float,
-        linger: float,
-        max_directories: int,
-    ) -> None:
+    def __init__(self, root: WorkspaceRoot, config: AgentConfig) -> None:
         self.root = root
-        self.journal_changes = journal_changes
-        self.journal_bytes = journal_bytes
-        self.window = window
-        self.max_delay = max_delay
-        self.linger = linger
-        self.max_directories = max_directories
+        self.journal_changes = config.watch_journal_changes
+        self.journal_bytes = config.watch_journal_bytes
+        self.window = config.watch_coalesce_seconds
+        self.max_delay = config.watch_max_delay_seconds
+        self.linger = config.watch_linger_seconds
+        self.max_directories = config.watch_max_directories
         self._watcher: Watcher | None = None
         self._lock = asyncio.Lock()
         self._streams = 0

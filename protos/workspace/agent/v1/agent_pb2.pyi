@@ -1802,7 +1802,9 @@ class GetActivityResponse(_message.Message):
     running_commands: _builtins.int
     """Commands running now, named processes included."""
     open_streams: _builtins.int
-    """RPC streams open now (Exec, AttachProcess, Read, Search, archives)."""
+    """RPC streams open now (Exec, AttachProcess, Read, Search, archives,
+    WatchFiles).
+    """
     running_named_processes: _builtins.int
     """Named processes running now (e.g. the dev server), a subset of
     `running_commands`.

@@ -1822,7 +1822,8 @@ export type GetActivityResponse = Message<"workspace.agent.v1.GetActivityRespons
   runningCommands: number;
 
   /**
-   * RPC streams open now (Exec, AttachProcess, Read, Search, archives).
+   * RPC streams open now (Exec, AttachProcess, Read, Search, archives,
+   * WatchFiles).
    *
    * @generated from field: uint32 open_streams = 3;
    */
