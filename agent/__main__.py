@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     parser.add_argument("--max-chunk-size", type=int, default=defaults.max_chunk_size)
     parser.add_argument("--max-concurrent-commands", type=int, default=defaults.max_concurrent_commands)
     parser.add_argument("--process-buffer-bytes", type=int, default=defaults.process_buffer_bytes)
+    parser.add_argument("--watch-journal-changes", type=int, default=defaults.watch_journal_changes)
     parser.add_argument("--log-level", default=os.environ.get("WORKSPACE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     telemetry.configure_logging(args.log_level)
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         max_chunk_size=min(args.max_chunk_size, defaults.max_chunk_size),
         max_concurrent_commands=args.max_concurrent_commands,
         process_buffer_bytes=args.process_buffer_bytes,
+        watch_journal_changes=args.watch_journal_changes,
     )
 
 

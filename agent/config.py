@@ -38,3 +38,14 @@ class AgentConfig:
     max_results_limit: int = 100_000
     # Search engine: "ripgrep" or "python"; None picks ripgrep when `rg` is found (common/tools.py).
     search_engine: Engine | None = None
+    # WatchFiles: the journal a returning stream resumes from holds the latest this many changes, and about this many
+    # bytes of them at most (entries of ~200 bytes plus their paths: 10,000 changes with short paths are ~2.5 MB).
+    watch_journal_changes: int = 10_000
+    watch_journal_bytes: int = 4 * MiB
+    # Changes to one path are coalesced until it has been quiet this long, but are sent this long after the first.
+    watch_coalesce_seconds: float = 0.1
+    watch_max_delay_seconds: float = 1.0
+    # The watcher stays this long after its last stream ended, so a caller that reconnects misses nothing.
+    watch_linger_seconds: float = 300.0
+    # Directories one watch may cover (one inotify watch each, from the host's per-user fs.inotify.max_user_watches).
+    watch_max_directories: int = 8192

@@ -22,6 +22,7 @@ from workspace.agent.v1 import agent_pb2 as pb
 if TYPE_CHECKING:  # the archive code (tarfile, gzip, pathspec) is imported on the first archive call
     from agent.fs.archive import ArchiveSummary
     from agent.fs.extract import ExtractionReport, ExtractMode
+    from agent.fs.watch import WatchEvent  # inotify is imported with the first WatchFiles
 
 
 def _seconds(duration: Duration) -> float:
@@ -281,3 +282,28 @@ def attach_response(event: AttachEvent) -> pb.AttachProcessResponse:
 def stop_request(request: pb.StopProcessRequest) -> tuple[int | None, float | None]:
     """The signal (None: the default) and grace period (None: the default) of a StopProcess request."""
     return request.signal or None, _seconds(request.grace_period) if request.HasField("grace_period") else None
+
+
+_CHANGE_KINDS = {
+    "create": pb.FILE_CHANGE_KIND_CREATE,
+    "modify": pb.FILE_CHANGE_KIND_MODIFY,
+    "delete": pb.FILE_CHANGE_KIND_DELETE,
+    "move": pb.FILE_CHANGE_KIND_MOVE,
+    "resync": pb.FILE_CHANGE_KIND_RESYNC,
+}
+
+
+def watch_response(event: WatchEvent) -> pb.WatchFilesResponse:
+    from agent.fs.watch import Ready
+
+    if isinstance(event, Ready):
+        return pb.WatchFilesResponse(ready=pb.WatchReady(sequence=event.sequence, oldest_sequence=event.oldest))
+    change = pb.FileChange(
+        sequence=event.sequence,
+        kind=_CHANGE_KINDS[event.kind],
+        path=event.path,
+        old_path=event.old_path,
+        size=event.size,
+        directory=event.directory,
+    )
+    return pb.WatchFilesResponse(change=change)

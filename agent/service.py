@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from grpc import aio
 
@@ -20,6 +21,9 @@ from agent.fs.staging import remove_leftovers
 from agent.process.manager import ProcessManager
 from workspace.agent.v1 import agent_pb2 as pb
 from workspace.agent.v1 import agent_pb2_grpc
+
+if TYPE_CHECKING:  # the watcher (and inotify) load with the first WatchFiles
+    from agent.fs.watch import FileWatch
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -41,10 +45,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.reader = FileReader(self.root, max_chunk_size=config.max_chunk_size, hash_limit=config.hash_limit)
         # Without auth (no token) there is nothing to claim.
         self.pool_claim = claim or PoolClaim(None)
+        self.file_watch: FileWatch | None = None
 
     async def close(self) -> None:
         """Stops what the servicer started (named processes) on shutdown."""
         await self.processes.close()
+        if self.file_watch is not None:
+            self.file_watch.close()
 
     # ------------------------------------------------------------ Search
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
@@ -135,6 +142,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         summary = archive.summary
         assert summary is not None  # set once the stream is exhausted
         yield pb.CreateArchiveResponse(summary=convert.archive_summary(summary))
+
+    # ------------------------------------------------------------ WatchFiles
+    async def WatchFiles(
+        self, request: pb.WatchFilesRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchFilesResponse]:
+        if self.file_watch is None:
+            from agent.fs.watch import FileWatch
+
+            self.file_watch = FileWatch(self.root, self.config)
+        # Closed with this generator (at the call's end), so the stream stops counting towards the watcher's.
+        async with contextlib.aclosing(self.file_watch.watch(request.path, request.since_sequence)) as events:
+            async for event in events:
+                yield convert.watch_response(event)
 
     # ------------------------------------------------------------ Activity
     async def GetActivity(self, request: pb.GetActivityRequest, context: aio.ServicerContext) -> pb.GetActivityResponse:

@@ -308,6 +308,18 @@ class AgentClient:
         finally:
             call.cancel()
 
+    async def watch_files(self, path: str = "", *, since: int = 0) -> AsyncGenerator[pb.WatchFilesResponse, None]:
+        """The workspace's file changes below `path` as they come: those after sequence number `since` first (or
+        one resync change when the agent's journal no longer has them), then `ready`, then live ones. Raises
+        InvalidArgument (a bad, ignored or escaping path), NotFound, LimitExceeded (inotify's limits)."""
+        call = self._stub.WatchFiles(pb.WatchFilesRequest(path=path, since_sequence=since), metadata=self._metadata)
+        try:
+            with _translated("WatchFiles", self.endpoint):
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
+
     async def activity(self) -> pb.GetActivityResponse:
         """What the workspace has been doing (for idle detection); asking does not count as activity."""
         with _translated("GetActivity", self.endpoint):

@@ -1,6 +1,6 @@
 """wsctl: the orchestrator from a terminal - templates, sessions with live progress, archives, and the
-session's agent (exec, read, write, edit, search, the dev server's logs) called directly with the session's
-endpoint and token."""
+session's agent (exec, read, write, edit, search, file changes, the dev server's logs) called directly with the
+session's endpoint and token."""
 
 from __future__ import annotations
 
@@ -554,11 +554,56 @@ def _write_output(output: agent_pb2.ProcessOutput) -> None:
 def watch(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    path: Annotated[str, typer.Argument(help="With --files: the directory to watch (default: the root).")] = "",
+    files: Annotated[
+        bool, typer.Option("--files", help="Follow the workspace's file changes instead, one line each.")
+    ] = False,
+    since: Annotated[
+        int, typer.Option(help="With --files: first the changes after this sequence number (a line's first field).")
+    ] = 0,
+    follow: Annotated[
+        bool, typer.Option(help="With --files: keep following; --no-follow stops once caught up.")
+    ] = True,
 ) -> None:
     """Shows a session's progress (its history first) until it settles: the preview URL on stdout when it is
-    READY, the failure and exit status 1 otherwise."""
-    _, stub = _orchestrator(ctx)
-    _follow(stub, stub.GetSession(pb.GetSessionRequest(id=session_id)).session)
+    READY, the failure and exit status 1 otherwise. With --files, its file changes instead: `SEQUENCE KIND PATH
+    [SIZE]` per line (a directory's path ends with /, a move is `OLD -> NEW`), until Ctrl-C."""
+    if not files:
+        if path or since:
+            _fail("PATH and --since are for --files")
+        _, stub = _orchestrator(ctx)
+        _follow(stub, stub.GetSession(pb.GetSessionRequest(id=session_id)).session)
+        return
+
+    async def run(agent: AgentClient) -> None:
+        async with contextlib.aclosing(agent.watch_files(path, since=since)) as events:
+            async for event in events:
+                if event.WhichOneof("event") == "ready":
+                    ready = event.ready
+                    _err().print(f"[dim]watching {escape(path or '.')}: resume with --since {ready.sequence}[/dim]")
+                    if not follow:
+                        return
+                    continue
+                change = event.change
+                sys.stdout.write(_change_line(change) + "\n")
+                sys.stdout.flush()
+                if change.kind == agent_pb2.FILE_CHANGE_KIND_RESYNC:
+                    _err().print("[dim](changes were missed: what you know of the tree may be stale)[/dim]")
+
+    try:
+        _with_agent(ctx, session_id, run)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_SIGNALLED_BASE + 2) from None
+
+
+def _change_line(change: agent_pb2.FileChange) -> str:
+    kind = _enum_label(agent_pb2.FileChangeKind, change.kind, "FILE_CHANGE_KIND_")
+    if change.kind == agent_pb2.FILE_CHANGE_KIND_RESYNC:
+        return f"{change.sequence} {kind}"
+    slash = "/" if change.directory else ""
+    where = f"{change.old_path}{slash} -> {change.path}{slash}" if change.old_path else f"{change.path}{slash}"
+    size = "" if change.directory or change.kind == agent_pb2.FILE_CHANGE_KIND_DELETE else f" {change.size}"
+    return f"{change.sequence} {kind} {where}{size}"
 
 
 @app.command()

@@ -38,7 +38,7 @@ def loaded_after_start(root: Path, **env: str) -> set[str]:
     return set(json.loads(result.stdout.splitlines()[-1]))
 
 
-def test_an_idle_agent_loads_no_tracing_archive_or_python_search_code(tmp_path: Path) -> None:
+def test_an_idle_agent_loads_no_tracing_archive_python_search_or_watch_code(tmp_path: Path) -> None:
     loaded = loaded_after_start(tmp_path)
 
     # Tracing is off (no OTEL_TRACES_EXPORTER): nothing of OpenTelemetry.
@@ -47,6 +47,8 @@ def test_an_idle_agent_loads_no_tracing_archive_or_python_search_code(tmp_path: 
     assert not loaded & {"tarfile", "gzip", "common.tarball", "agent.fs.extract", "agent.fs.archive", "pathspec"}
     # The Python search engine (RE2, pathspec) only where there is no rg.
     assert not loaded & {"re2", "agent.fs.search.python_engine"}
+    # File watching: inotify and the watcher arrive with the first WatchFiles.
+    assert not loaded & {"inotify_simple", "agent.fs.watch", "agent.fs.search.ignores"}
 
 
 def test_a_traced_agent_loads_opentelemetry(tmp_path: Path) -> None:

@@ -12,23 +12,15 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 import re2
-from pathspec.patterns.gitwildmatch import GitWildMatchPatternError
 
 from agent.errors import InvalidArgument
 from agent.fs.paths import WorkspaceRoot
-from agent.fs.search.globs import Globs
-from agent.fs.search.query import BATCH_WAIT, IGNORE_FILES, RawLine, SearchQuery, override_globs
+from agent.fs.search.ignores import IgnoreRules, read_beneath
+from agent.fs.search.query import BATCH_WAIT, RawLine, SearchQuery
 
 # The Python engine hands results to the event loop in batches of at most this many files.
 PYTHON_BATCH_FILES = 64
 _Item = TypeVar("_Item")
-
-
-def read_beneath(root: WorkspaceRoot, path: str) -> bytes:
-    """A file's bytes, opened beneath the root without following any link (OSError otherwise)."""
-    fd = root.os_open(PurePosixPath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, follow=False)
-    with os.fdopen(fd, "rb") as file:
-        return file.read()
 
 
 class PythonEngine:
@@ -39,12 +31,7 @@ class PythonEngine:
     def __init__(self, root: WorkspaceRoot, query: SearchQuery) -> None:
         self.root = root
         self.query = query
-        globs = override_globs(query)
-        try:
-            self.overrides = Globs(globs) if globs else None
-        except GitWildMatchPatternError as error:
-            raise InvalidArgument(f"bad glob: {error}") from None
-        self.has_includes = bool(query.include_globs)
+        self.ignores = IgnoreRules(root, query)
         self.regex: re2._Regexp | None = None  # matches one line (bytes)
         self.anywhere: re2._Regexp | None = None  # false when no line of a file (bytes) can match
         if query.pattern:
@@ -82,11 +69,8 @@ class PythonEngine:
 
     def _walk(self, directory: str) -> Iterator[tuple[str, int]]:
         """(root-relative path, size) of every regular file to search, in ripgrep's order."""
-        chain: list[tuple[str, list[Globs | None]]] = []
-        parts = [] if directory == "." else directory.split("/")
-        for depth in range(len(parts)):  # ignore files of the directories above the searched one
-            chain.append(self._ignore_files("/".join(parts[:depth])))
-        yield from self._walk_directory(directory if parts else "", chain)
+        chain = self.ignores.chain_above(directory)  # ignore files of the directories above the searched one
+        yield from self._walk_directory("" if directory == "." else directory, chain)
 
     def _walk_directory(self, prefix: str, chain: list) -> Iterator[tuple[str, int]]:
         # Depth-first with an explicit stack (a tree may be deeper than Python's recursion limit).
@@ -102,7 +86,7 @@ class PythonEngine:
 
     def _listing(self, prefix: str, chain: list) -> Iterator[tuple[str, int] | list[Any]]:
         """A directory's files as (path, size), and its subdirectories to descend into as [path, chain]."""
-        chain = [*chain, self._ignore_files(prefix)]
+        chain = [*chain, self.ignores.ignore_files(prefix)]
         try:
             # Opened beneath the root with no link followed; closed before descending (one fd at a time).
             fd = self.root.os_open(PurePosixPath(prefix), os.O_RDONLY | os.O_DIRECTORY, follow=False)
@@ -129,45 +113,12 @@ class PythonEngine:
             path = f"{prefix}/{name}" if prefix else name
             if not is_dir and not is_file:
                 continue  # symlinks, FIFOs, sockets
-            if self._skipped(path, name, is_dir, chain):
+            if self.ignores.skipped(path, name, is_dir, chain):
                 continue
             if is_dir:
                 yield [path, chain]
             else:
                 yield path, size
-
-    def _ignore_files(self, prefix: str) -> tuple[str, list[Globs | None]]:
-        specs: list[Globs | None] = []
-        for name in IGNORE_FILES:
-            spec = None
-            if not self.query.no_ignore:
-                try:
-                    text = read_beneath(self.root, f"{prefix}/{name}" if prefix else name).decode(errors="replace")
-                    spec = Globs(text.splitlines())
-                except OSError:
-                    pass
-                except GitWildMatchPatternError:
-                    pass  # rg skips a pattern it cannot parse; an unparsable file is dropped whole here
-            specs.append(spec)
-        return prefix, specs
-
-    def _skipped(self, path: str, name: str, is_dir: bool, chain: list) -> bool:
-        probe = path + "/" if is_dir else path
-        if self.overrides is not None:
-            verdict = self.overrides.verdict(probe)
-            if verdict is not None:
-                return not verdict  # a `!glob` excludes, a plain glob whitelists
-            if self.has_includes and not is_dir:
-                return True
-        for category in range(len(IGNORE_FILES)):
-            for prefix, specs in reversed(chain):
-                spec = specs[category]
-                if spec is None:
-                    continue
-                verdict = spec.verdict(probe[len(prefix) + 1 :] if prefix else probe)
-                if verdict is not None:
-                    return verdict  # ignored, or whitelisted by a `!pattern` (hidden or not)
-        return name.startswith(".") and not self.query.hidden
 
     def _match_file(self, path: str, limit: int) -> list[RawLine]:
         assert self.regex is not None and self.anywhere is not None

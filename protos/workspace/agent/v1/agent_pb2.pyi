@@ -131,6 +131,44 @@ other existing files stay.
 """
 Global___ExtractMode: _TypeAlias = ExtractMode  # noqa: Y015
 
+class _FileChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FileChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILE_CHANGE_KIND_UNSPECIFIED: _FileChangeKind.ValueType  # 0
+    FILE_CHANGE_KIND_CREATE: _FileChangeKind.ValueType  # 1
+    FILE_CHANGE_KIND_MODIFY: _FileChangeKind.ValueType  # 2
+    FILE_CHANGE_KIND_DELETE: _FileChangeKind.ValueType  # 3
+    FILE_CHANGE_KIND_MOVE: _FileChangeKind.ValueType  # 4
+    """`old_path` became `path` (a rename within the watched tree; a move in
+    from outside it is a create, a move out a delete).
+    """
+    FILE_CHANGE_KIND_RESYNC: _FileChangeKind.ValueType  # 5
+    """Changes were lost to this caller (its `since_sequence` is older than the
+    journal, or the kernel's event queue overflowed): what it knows of the
+    tree may be stale. No path.
+    """
+
+class FileChangeKind(_FileChangeKind, metaclass=_FileChangeKindEnumTypeWrapper):
+    """FileChangeKind says what happened to a path."""
+
+FILE_CHANGE_KIND_UNSPECIFIED: FileChangeKind.ValueType  # 0
+FILE_CHANGE_KIND_CREATE: FileChangeKind.ValueType  # 1
+FILE_CHANGE_KIND_MODIFY: FileChangeKind.ValueType  # 2
+FILE_CHANGE_KIND_DELETE: FileChangeKind.ValueType  # 3
+FILE_CHANGE_KIND_MOVE: FileChangeKind.ValueType  # 4
+"""`old_path` became `path` (a rename within the watched tree; a move in
+from outside it is a create, a move out a delete).
+"""
+FILE_CHANGE_KIND_RESYNC: FileChangeKind.ValueType  # 5
+"""Changes were lost to this caller (its `since_sequence` is older than the
+journal, or the kernel's event queue overflowed): what it knows of the
+tree may be stale. No path.
+"""
+Global___FileChangeKind: _TypeAlias = FileChangeKind  # noqa: Y015
+
 @_typing.final
 class SearchRequest(_message.Message):
     """---------------------------------------------------------------- Search
@@ -1764,7 +1802,9 @@ class GetActivityResponse(_message.Message):
     running_commands: _builtins.int
     """Commands running now, named processes included."""
     open_streams: _builtins.int
-    """RPC streams open now (Exec, AttachProcess, Read, Search, archives)."""
+    """RPC streams open now (Exec, AttachProcess, Read, Search, archives,
+    WatchFiles).
+    """
     running_named_processes: _builtins.int
     """Named processes running now (e.g. the dev server), a subset of
     `running_commands`.
@@ -1795,6 +1835,141 @@ class GetActivityResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetActivityResponse: _TypeAlias = GetActivityResponse  # noqa: Y015
+
+@_typing.final
+class WatchFilesRequest(_message.Message):
+    """---------------------------------------------------------------- WatchFiles
+
+    WatchFilesRequest says what to watch and from where.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SINCE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Directory to watch, recursively, relative to the root. Empty means the
+    root.
+    """
+    since_sequence: _builtins.int
+    """The last sequence number the caller saw: the journal's changes after it
+    are sent first. 0: only changes from now on.
+    """
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        since_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "since_sequence", b"since_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchFilesRequest: _TypeAlias = WatchFilesRequest  # noqa: Y015
+
+@_typing.final
+class WatchFilesResponse(_message.Message):
+    """WatchFilesResponse is one event of a watch: the replayed changes (if
+    any), then `ready` once, then live changes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___FileChange: ...
+    @_builtins.property
+    def ready(self) -> Global___WatchReady: ...
+    def __init__(
+        self,
+        *,
+        change: Global___FileChange | None = ...,
+        ready: Global___WatchReady | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "ready", b"ready"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["change", "ready"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchFilesResponse: _TypeAlias = WatchFilesResponse  # noqa: Y015
+
+@_typing.final
+class FileChange(_message.Message):
+    """FileChange is one coalesced change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    OLD_PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    DIRECTORY_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Increases with every change of this agent's journal (with gaps between
+    journals: an agent started again continues above the numbers it gave
+    before, so an old number gets a resync, never someone else's changes).
+    """
+    kind: Global___FileChangeKind.ValueType
+    path: _builtins.str
+    """Root-relative path; for a move, the new one."""
+    old_path: _builtins.str
+    """For a move: the path before."""
+    size: _builtins.int
+    """Size in bytes after the change (0 for a delete or a directory)."""
+    directory: _builtins.bool
+    """The path is a directory."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        kind: Global___FileChangeKind.ValueType = ...,
+        path: _builtins.str = ...,
+        old_path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        directory: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory", b"directory", "kind", b"kind", "old_path", b"old_path", "path", b"path", "sequence", b"sequence", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChange: _TypeAlias = FileChange  # noqa: Y015
+
+@_typing.final
+class WatchReady(_message.Message):
+    """WatchReady is sent once per stream, when it follows live changes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    OLDEST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The sequence number of the last change so far: come back with it as
+    `since_sequence` to miss nothing.
+    """
+    oldest_sequence: _builtins.int
+    """The oldest `since_sequence` the journal still covers."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        oldest_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_sequence", b"oldest_sequence", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchReady: _TypeAlias = WatchReady  # noqa: Y015
 
 @_typing.final
 class ClaimRequest(_message.Message):

@@ -91,6 +91,11 @@ class AgentServiceStub:
                 request_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimRequest.SerializeToString,
                 response_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimResponse.FromString,
                 _registered_method=True)
+        self.WatchFiles = channel.unary_stream(
+                '/workspace.agent.v1.AgentService/WatchFiles',
+                request_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.WatchFilesRequest.SerializeToString,
+                response_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.WatchFilesResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -218,6 +223,28 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchFiles(self, request, context):
+        """Watches a directory beneath the root, recursively, and streams its file
+        changes: create, modify, delete and move (old and new path), each with the
+        size after it. The ignore rules are Search's defaults: `.gitignore`,
+        `.ignore` and `.rgignore`, `node_modules`, `.git` and hidden files are left
+        out. Changes to one path within a short window are coalesced (a burst of
+        writes is one modify, and so is a file replaced by renaming another onto
+        it, as editors and Edit save).
+        Every change carries a sequence number; a caller that comes back with
+        `since_sequence` first gets the changes it missed from the agent's bounded
+        journal, then `ready`, then live changes. When the journal no longer
+        covers `since_sequence` (or the kernel dropped events), one `resync` change
+        says so: rescan (Search) and carry on from its sequence. Metadata-only
+        changes (chmod, touch) are not changes. Errors: as Read for the path
+        (INVALID_ARGUMENT, PERMISSION_DENIED for a symlink that leads out,
+        NOT_FOUND), INVALID_ARGUMENT for an ignored directory, RESOURCE_EXHAUSTED
+        when the kernel's inotify limits are reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +302,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Claim,
                     request_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimRequest.FromString,
                     response_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimResponse.SerializeToString,
+            ),
+            'WatchFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchFiles,
+                    request_deserializer=workspace_dot_agent_dot_v1_dot_agent__pb2.WatchFilesRequest.FromString,
+                    response_serializer=workspace_dot_agent_dot_v1_dot_agent__pb2.WatchFilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,6 +608,33 @@ class AgentService:
             '/workspace.agent.v1.AgentService/Claim',
             workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimRequest.SerializeToString,
             workspace_dot_agent_dot_v1_dot_agent__pb2.ClaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/workspace.agent.v1.AgentService/WatchFiles',
+            workspace_dot_agent_dot_v1_dot_agent__pb2.WatchFilesRequest.SerializeToString,
+            workspace_dot_agent_dot_v1_dot_agent__pb2.WatchFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -121,6 +121,24 @@ class AgentServiceStub:
     FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (no token, a bad
     environment variable name).
     """
+    WatchFiles: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchFilesRequest, _agent_pb2.WatchFilesResponse]
+    """Watches a directory beneath the root, recursively, and streams its file
+    changes: create, modify, delete and move (old and new path), each with the
+    size after it. The ignore rules are Search's defaults: `.gitignore`,
+    `.ignore` and `.rgignore`, `node_modules`, `.git` and hidden files are left
+    out. Changes to one path within a short window are coalesced (a burst of
+    writes is one modify, and so is a file replaced by renaming another onto
+    it, as editors and Edit save).
+    Every change carries a sequence number; a caller that comes back with
+    `since_sequence` first gets the changes it missed from the agent's bounded
+    journal, then `ready`, then live changes. When the journal no longer
+    covers `since_sequence` (or the kernel dropped events), one `resync` change
+    says so: rescan (Search) and carry on from its sequence. Metadata-only
+    changes (chmod, touch) are not changes. Errors: as Read for the path
+    (INVALID_ARGUMENT, PERMISSION_DENIED for a symlink that leads out,
+    NOT_FOUND), INVALID_ARGUMENT for an ignored directory, RESOURCE_EXHAUSTED
+    when the kernel's inotify limits are reached.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -203,6 +221,24 @@ class AgentServiceAsyncStub(AgentServiceStub):
     with the pool credential; once only: a second Claim is
     FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (no token, a bad
     environment variable name).
+    """
+    WatchFiles: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchFilesRequest, _agent_pb2.WatchFilesResponse]  # type: ignore[assignment]
+    """Watches a directory beneath the root, recursively, and streams its file
+    changes: create, modify, delete and move (old and new path), each with the
+    size after it. The ignore rules are Search's defaults: `.gitignore`,
+    `.ignore` and `.rgignore`, `node_modules`, `.git` and hidden files are left
+    out. Changes to one path within a short window are coalesced (a burst of
+    writes is one modify, and so is a file replaced by renaming another onto
+    it, as editors and Edit save).
+    Every change carries a sequence number; a caller that comes back with
+    `since_sequence` first gets the changes it missed from the agent's bounded
+    journal, then `ready`, then live changes. When the journal no longer
+    covers `since_sequence` (or the kernel dropped events), one `resync` change
+    says so: rescan (Search) and carry on from its sequence. Metadata-only
+    changes (chmod, touch) are not changes. Errors: as Read for the path
+    (INVALID_ARGUMENT, PERMISSION_DENIED for a symlink that leads out,
+    NOT_FOUND), INVALID_ARGUMENT for an ignored directory, RESOURCE_EXHAUSTED
+    when the kernel's inotify limits are reached.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -349,6 +385,30 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         with the pool credential; once only: a second Claim is
         FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (no token, a bad
         environment variable name).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchFiles(
+        self,
+        request: _agent_pb2.WatchFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.WatchFilesResponse], _abc.AsyncIterator[_agent_pb2.WatchFilesResponse]]:
+        """Watches a directory beneath the root, recursively, and streams its file
+        changes: create, modify, delete and move (old and new path), each with the
+        size after it. The ignore rules are Search's defaults: `.gitignore`,
+        `.ignore` and `.rgignore`, `node_modules`, `.git` and hidden files are left
+        out. Changes to one path within a short window are coalesced (a burst of
+        writes is one modify, and so is a file replaced by renaming another onto
+        it, as editors and Edit save).
+        Every change carries a sequence number; a caller that comes back with
+        `since_sequence` first gets the changes it missed from the agent's bounded
+        journal, then `ready`, then live changes. When the journal no longer
+        covers `since_sequence` (or the kernel dropped events), one `resync` change
+        says so: rescan (Search) and carry on from its sequence. Metadata-only
+        changes (chmod, touch) are not changes. Errors: as Read for the path
+        (INVALID_ARGUMENT, PERMISSION_DENIED for a symlink that leads out,
+        NOT_FOUND), INVALID_ARGUMENT for an ignored directory, RESOURCE_EXHAUSTED
+        when the kernel's inotify limits are reached.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
