@@ -55,7 +55,7 @@ class ArchiveStore:
 
     def _sweep(self) -> None:
         """Removes leftovers of a crash: temp files, and files whose record was never written."""
-        recorded = {f"{archive.id}.tar.gz" for archive in self._store.list_archives()}
+        recorded = {f"{archive_id}.tar.gz" for archive_id in self._store.archive_ids()}
         for path in self._dir.iterdir():
             if path.name.startswith(TEMP_PREFIX) or path.name not in recorded:
                 path.unlink(missing_ok=True)
@@ -63,26 +63,26 @@ class ArchiveStore:
     def path(self, archive_id: str) -> Path:
         return self._dir / f"{archive_id}.tar.gz"
 
-    def get(self, archive_id: str) -> pb.Archive:
+    async def get(self, archive_id: str) -> pb.Archive:
         """The archive's record. Raises ArchiveNotFound."""
-        archive = self._store.get_archive(archive_id)
+        archive = await self._store.get_archive(archive_id)
         if archive is None:
             raise ArchiveNotFound(f"no archive {archive_id!r}: ListArchives shows the stored ones")
         return archive
 
-    def list(self, session_id: str = "") -> list[pb.Archive]:
-        return self._store.list_archives(session_id)
+    async def list(self, session_id: str = "") -> list[pb.Archive]:
+        return await self._store.list_archives(session_id)
 
     async def delete(self, archive_id: str) -> None:
         """Removes the record, then the file (a crash between the two leaves a file the next start
         sweeps away). Raises ArchiveNotFound."""
-        if not self._store.delete_archive(archive_id):
+        if not await self._store.delete_archive(archive_id):
             raise ArchiveNotFound(f"no archive {archive_id!r}: ListArchives shows the stored ones")
         await asyncio.to_thread(self.path(archive_id).unlink, True)
 
     async def read(self, archive_id: str) -> AsyncIterator[bytes]:
         """The archive's bytes in chunks. Raises ArchiveNotFound."""
-        self.get(archive_id)
+        await self.get(archive_id)
         async for chunk in file_chunks(self.path(archive_id)):
             yield chunk
 
@@ -140,7 +140,7 @@ class ArchiveStore:
             created_at=created_at,
         )
         try:
-            self._store.put_archive(archive)
+            await self._store.put_archive(archive)
         except BaseException:
             final.unlink(missing_ok=True)
             raise

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import signal
+import socket
 from dataclasses import dataclass
 
+import sqlalchemy
 from grpc import aio
 
 from common import telemetry
@@ -22,7 +26,7 @@ from orchestrator.pool import pool_size_problem
 from orchestrator.runtime import Runtime, make_runtime
 from orchestrator.service import OrchestratorServicer
 from orchestrator.sessions import SessionManager, SessionReaper
-from orchestrator.store import Store
+from orchestrator.store import Store, database_url
 from orchestrator.templates import TemplateCatalog
 from workspace.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -49,6 +53,7 @@ class Orchestrator:
         await self.sessions.reconcile()
         await self.server.start()
         self._reaping = asyncio.create_task(self.reaper.run(), name="session reaper")
+        self.sessions.cluster.start()
 
     async def stop(self, grace: float | None) -> None:
         """Stops serving. Sessions keep running: the next start adopts them."""
@@ -73,7 +78,10 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
         raise StartupError(
             f"the templates folder {config.templates_dir} is not a directory: pick one with --templates-dir"
         )
-    store = Store(config.state_db)
+    store = open_store(config)
+    if store.shared and not config.instance_id:
+        # The replicas of one database are one instance: they share its workspaces and keep apart from others'.
+        config = dataclasses.replace(config, instance_id=await store.instance_id(f"orch-{secrets.token_hex(6)}"))
     archives = ArchiveStore(config.archives_dir, store, config.max_archive_bytes)
     catalog = TemplateCatalog(config.templates_dir, config.template_cache_dir)
     for template, _ in config.hot_pool:
@@ -95,8 +103,30 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
         port = bind(server, config.listen)
     except RuntimeError as error:
         raise unbindable(config.listen) from error
+    sessions.cluster.address = config.advertise_address or advertised(config.listen, port)
     reaper = SessionReaper(sessions, config.reap_interval_s)
     return Orchestrator(server, port, sessions, reaper, runtime, store)
+
+
+def open_store(config: OrchestratorConfig) -> Store:
+    """The state database, its schema brought up to date. Raises StartupError when it cannot be opened."""
+    try:
+        return Store(config.database or config.state_db, lease_ttl_s=config.lease_ttl_s)
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as error:
+        where = sqlalchemy.engine.make_url(database_url(config.database)) if config.database else config.state_db
+        reason = getattr(error, "orig", None) or error
+        raise StartupError(f"the state database {where!r} cannot be used: {str(reason).strip()}") from error
+
+
+def advertised(listen: str, port: int) -> str:
+    """Where other replicas reach one listening on `listen` (bound to `port`): its host, or this machine's name
+    when it listens on every address."""
+    if listen.startswith("unix:"):
+        return listen
+    host = listen.rpartition(":")[0]
+    if host in ("", "0.0.0.0", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 async def serve(config: OrchestratorConfig, grace: float = 5.0, *, demo_template: str = "") -> None:
