@@ -17,6 +17,8 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -192,6 +194,15 @@ class Store:
         self._loop = asyncio.get_running_loop()
         return await asyncio.wrap_future(self._thread.submit(self._transaction, work))
 
+    def after_writes(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` on the event loop once every write made so far is in the database (now, on SQLite)."""
+        if self._thread is None:
+            callback()
+            return
+        loop = asyncio.get_running_loop()
+        done = self._thread.submit(lambda: None)  # the thread takes calls in order: this one comes after them
+        done.add_done_callback(lambda _: _call_soon(loop, callback))
+
     async def flush(self) -> None:
         """Waits until every write made so far (put_session) is in the database."""
         await self._call(lambda connection: None)
@@ -238,7 +249,7 @@ class Store:
     def _lost(self, session_id: str) -> None:
         log.warning("session %s is owned by another replica now: this one lets go of it", session_id)
         if self.on_lost is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.on_lost, session_id)
+            _call_soon(self._loop, functools.partial(self.on_lost, session_id))
 
     async def get_session(self, session_id: str) -> pb.Session | None:
         query = sa.select(sessions.c.record).where(sessions.c.id == session_id)
@@ -454,6 +465,11 @@ def _sqlite_connected(connection: Any, _record: Any) -> None:
     connection.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode survives process crashes; only an OS crash can lose the last commits.
     connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutting down): no one to tell
+        loop.call_soon_threadsafe(callback)
 
 
 def _log_failed_write(future: concurrent.futures.Future[None]) -> None:

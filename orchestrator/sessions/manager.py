@@ -129,7 +129,7 @@ class SessionManager:
         """The session's record (from the database when another replica owns it). Raises SessionNotFound."""
         live = self._live.get(session_id)
         if live is not None:
-            return copied(live.session)
+            return copied(live.current())
         session = await self._store.get_session(session_id)
         if session is None:
             raise SessionNotFound(f"no session {session_id!r}: ListSessions shows the existing ones")
@@ -164,13 +164,13 @@ class SessionManager:
         try:
             for event in live.snapshot():
                 yield event
-            if live.session.state in SETTLED:
+            if live.current().state in SETTLED:
                 return
             while True:
                 queued = await queue.get()
                 if isinstance(queued, Lagged):
-                    yield pb.WatchSessionResponse(session=copied(live.session))
-                    if live.session.state in SETTLED:
+                    yield pb.WatchSessionResponse(session=copied(live.current()))
+                    if live.current().state in SETTLED:
                         return
                     continue
                 yield queued
@@ -220,7 +220,7 @@ class SessionManager:
             runtime=self._runtime.name,
         )
         live = LiveSession(session, spec, self.config.output_history_lines)
-        self._live[session.id] = live
+        self.hold(live)
         self._store.put_session(session)
         initialization = Initialization(
             live,
@@ -263,7 +263,9 @@ class SessionManager:
         ]
 
     def hold(self, live: LiveSession) -> None:
-        """Registers a session whose workspace this orchestrator now holds (an adopted one)."""
+        """Registers a session whose workspace this orchestrator now holds (a new or adopted one)."""
+        if self._store.shared:
+            live.after_write = self._store.after_writes
         self._live[live.session.id] = live
 
     def release(self, live: LiveSession) -> None:
@@ -282,12 +284,26 @@ class SessionManager:
 
     def persist(self, live: LiveSession) -> None:
         """Persists the session (a change no watcher waits for)."""
-        self._store.put_session(live.session)
+        self._tell(live, None)
 
     def record(self, live: LiveSession, event: pb.WatchSessionResponse) -> None:
         """Persists the session and tells its watchers."""
+        self._tell(live, copy_event(event))
+
+    def _tell(self, live: LiveSession, event: pb.WatchSessionResponse | None) -> None:
         self._store.put_session(live.session)
-        live.publish(copy_event(event))
+        if live.after_write is None:
+            if event is not None:
+                live.publish(event)
+            return
+        written = copied(live.session)
+
+        def told() -> None:  # once written: from now on any replica reads it
+            live.view = written
+            if event is not None:
+                live.publish(event)
+
+        live.after_write(told)
 
     def fail(self, live: LiveSession, error: BaseException) -> None:
         """Marks the session FAILED in its current phase with the error's reason and its last output."""
