@@ -26,7 +26,7 @@ from orchestrator.pool import pool_size_problem
 from orchestrator.runtime import Runtime, make_runtime
 from orchestrator.service import OrchestratorServicer
 from orchestrator.sessions import SessionManager, SessionReaper
-from orchestrator.store import Store, database_url
+from orchestrator.store import Store
 from orchestrator.templates import TemplateCatalog
 from workspace.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -113,9 +113,10 @@ def open_store(config: OrchestratorConfig) -> Store:
     try:
         return Store(config.database or config.state_db, lease_ttl_s=config.lease_ttl_s)
     except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as error:
-        where = sqlalchemy.engine.make_url(database_url(config.database)) if config.database else config.state_db
-        reason = getattr(error, "orig", None) or error
-        raise StartupError(f"the state database {where!r} cannot be used: {str(reason).strip()}") from error
+        # Shown without its password; the driver's reason on one line.
+        where = sqlalchemy.engine.make_url(config.database).render_as_string() if config.database else config.state_db
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())
+        raise StartupError(f"the state database {where} cannot be used: {reason}") from error
 
 
 def advertised(listen: str, port: int) -> str:

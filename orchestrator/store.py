@@ -39,6 +39,8 @@ from orchestrator.errors import InvalidArgument
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 log = logging.getLogger(__name__)
+# Alembic says at INFO which context it runs in at every start: noise in the orchestrator's log.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 # PRAGMA user_version of an SQLite store: 1 was the schema before migrations (kept by hand), 2 is Alembic's head.
 # An older orchestrator refuses a store whose version it does not know, rather than write to it.
@@ -234,10 +236,10 @@ class Store:
             statement = statement.on_conflict_do_update(index_elements=["id"], set_={**update, "owner": excluded.owner})
 
         # RETURNING tells whether a row was written (psycopg's rowcount does not for an upsert).
-        statement = statement.returning(sessions.c.id)
+        returning = statement.returning(sessions.c.id)
 
         def write(connection: Connection) -> None:
-            if connection.execute(statement).first() is None:
+            if connection.execute(returning).first() is None:
                 self._lost(session.id)
 
         if self._thread is None:
@@ -311,7 +313,10 @@ class Store:
 
     def _has_label(self, n: int, key: str, value: str) -> sa.ColumnElement[bool]:
         names = {"key": f"label_key_{n}", "value": f"label_value_{n}"}
-        params = (sa.bindparam(names["key"], key), sa.bindparam(names["value"], value))
+        params: tuple[sa.BindParameter[str], ...] = (
+            sa.bindparam(names["key"], key),
+            sa.bindparam(names["value"], value),
+        )
         if self.shared:
             clause = sa.text(f"CAST(sessions.labels AS jsonb) ->> :{names['key']} = :{names['value']}")
         else:

@@ -92,7 +92,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ forwarding
 
-    async def owner_stub(self, session_id: str) -> orchestrator_pb2_grpc.OrchestratorServiceStub | None:
+    async def owner_stub(self, session_id: str) -> orchestrator_pb2_grpc.OrchestratorServiceAsyncStub | None:
         """A client of the live replica that owns the session, or None when this one is to act: no other replica
         owns it (a session whose owner's lease ran out is taken over here first). Raises ReplicaUnavailable."""
         if not self._store.shared:
@@ -121,7 +121,7 @@ class Cluster:
             raise self._error(session_id, error) from None
 
     async def forward_watch(
-        self, session_id: str, stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+        self, session_id: str, stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
     ) -> AsyncIterator[pb.WatchSessionResponse]:
         """The owner's WatchSession stream, passed through. Raises what the owner answered."""
         try:

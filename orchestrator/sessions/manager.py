@@ -73,6 +73,7 @@ class SessionManager:
         self._runtime = runtime
         self._live: dict[str, LiveSession] = {}
         self.cluster = Cluster(self, store)
+        self._taking: set[str] = set()
         store.on_lost = self._lost
         self._reconciler = Reconciler(self, config, store, catalog, runtime)
         self._install_cache = (
@@ -387,6 +388,10 @@ class SessionManager:
         """Stops the session's initialization and workspace and records it STOPPED with `reason`, the caller
         holding its lock. Raises EngineUnavailable."""
         session = live.session
+        if not await self._store.claim(session.id):
+            # Taken over by another replica while this one was cut off: its workspace is that one's now.
+            self._lost(session.id)
+            return
         if live.initialization is not None and not live.initialization.done():
             live.initialization.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -437,10 +442,15 @@ class SessionManager:
     async def take_over(self, session: pb.Session) -> None:
         """Makes the session this replica's if no live replica owns it (its owner died), adopting its workspace
         as a restart would (see Reconciler.settle); nothing when another replica was first."""
-        if session.id in self._live or not await self._store.claim(session.id):
+        if session.id in self._live or session.id in self._taking:
             return
-        log.info("taking over session %s (%s)", session.id, pb.SessionState.Name(session.state))
-        await self._reconciler.take_over(session)
+        self._taking.add(session.id)  # the heartbeat and a forwarded call may both get here
+        try:
+            if await self._store.claim(session.id):
+                log.info("taking over session %s (%s)", session.id, pb.SessionState.Name(session.state))
+                await self._reconciler.take_over(session)
+        finally:
+            self._taking.discard(session.id)
 
     def _lost(self, session_id: str) -> None:
         """Another replica owns the session now (this one was cut off past its lease): lets go of it here without
