@@ -170,6 +170,7 @@ class Store:
                     if current is None and version == 1:
                         command.stamp(config, LEGACY_REVISION)
                 command.upgrade(config, "head")
+                connection.commit()
                 if not self.shared:
                     connection.exec_driver_sql(f"PRAGMA user_version={SCHEMA_VERSION}")
                     connection.commit()
