@@ -56,13 +56,13 @@ class ArchiveStore:
 
     def _sweep(self) -> None:
         """Removes leftovers of a crash: temp files, and blobs whose record was never written."""
-        if self.blobs.shared:
-            # Only abandoned uploads go: an unrecorded object may be another replica's archive on its way to
-            # the record, or one recorded in a database this orchestrator does not see. A crash between
-            # upload and record leaves one such object behind, never a lost archive.
+        if self.blobs.shared or self._store.shared:
+            # Only abandoned uploads go (in S3, or wherever replicas share one database): an unrecorded blob may
+            # be another replica's archive on its way to the record, or one recorded in a database this
+            # orchestrator does not see. A crash between upload and record leaves one behind, never a lost archive.
             self.blobs.sweep(lambda name, _: True)
             return
-        recorded = {_blob_name(archive.id) for archive in self._store.list_archives()}
+        recorded = {_blob_name(archive_id) for archive_id in self._store.archive_ids()}
         self.blobs.sweep(lambda name, _: name in recorded)
 
     def path(self, archive_id: str) -> Path:
@@ -70,20 +70,20 @@ class ArchiveStore:
         assert isinstance(self.blobs, LocalBlobs), "only local archives have a path"
         return self.blobs.path(_blob_name(archive_id))
 
-    def get(self, archive_id: str) -> pb.Archive:
+    async def get(self, archive_id: str) -> pb.Archive:
         """The archive's record. Raises ArchiveNotFound."""
-        archive = self._store.get_archive(archive_id)
+        archive = await self._store.get_archive(archive_id)
         if archive is None:
             raise ArchiveNotFound(f"no archive {archive_id!r}: ListArchives shows the stored ones")
         return archive
 
-    def list(self, session_id: str = "") -> list[pb.Archive]:
-        return self._store.list_archives(session_id)
+    async def list(self, session_id: str = "") -> list[pb.Archive]:
+        return await self._store.list_archives(session_id)
 
     async def delete(self, archive_id: str) -> None:
         """Removes the record, then the blob (a crash between the two leaves a blob the next start
         sweeps away). Raises ArchiveNotFound."""
-        if not self._store.delete_archive(archive_id):
+        if not await self._store.delete_archive(archive_id):
             raise ArchiveNotFound(f"no archive {archive_id!r}: ListArchives shows the stored ones")
         await self.blobs.delete(_blob_name(archive_id))
 
@@ -91,7 +91,7 @@ class ArchiveStore:
         """The archive's bytes in chunks, verified against its record: a blob changed or replaced since it was
         written raises ChecksumMismatch before its last chunk. Raises ArchiveNotFound (also when the record is
         there but its blob is gone), ArchiveStoreUnavailable."""
-        archive = self.get(archive_id)
+        archive = await self.get(archive_id)
         try:
             async for chunk in self.blobs.read(_blob_name(archive_id), archive.sha256, archive.size):
                 yield chunk
@@ -152,7 +152,7 @@ class ArchiveStore:
             created_at=created_at,
         )
         try:
-            self._store.put_archive(archive)
+            await self._store.put_archive(archive)
         except BaseException:
             await self.blobs.delete(_blob_name(archive_id))
             raise

@@ -61,6 +61,21 @@ class OrchestratorConfig:
     # SQLite state, archives, template cache and the local runtime's workspaces live here.
     data_dir: Path = field(default=Path(".data"), metadata=option("state, archives, caches (default {default})"))
     templates_dir: Path = field(default=REPO_TEMPLATES, metadata=option("template folders (default: the repo's)"))
+    # The state database: "" for SQLite in the data directory, or a postgresql:// URL, which several replicas
+    # (orchestrator processes) can share: see orchestrator/sessions/cluster.py.
+    database: str = field(
+        default="",
+        metadata=option(
+            "postgresql://USER@HOST/DB for state shared by several replicas (default: SQLite in the data dir)"
+        ),
+    )
+    # With a shared database: a replica's leases last this long unless renewed (every third of it); a dead
+    # replica's sessions are taken over within lease_ttl_s and a third.
+    lease_ttl_s: float = field(
+        default=10.0, metadata=option("seconds a replica's leases last unrenewed (default {default:g})")
+    )
+    # Where the other replicas reach this one (HOST:PORT); default: the --listen host and the bound port.
+    advertise_address: str = field(default="", metadata=option("HOST:PORT other replicas forward calls to"))
     # "docker" (containers from the core image) or "local" (the agent as a subprocess; no isolation).
     runtime: str = field(
         default="docker",

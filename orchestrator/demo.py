@@ -25,21 +25,21 @@ async def run(sessions: SessionManager, template: str, address: str, stopping: a
     `stopping`, and deletes it and every other session created meanwhile (`wsctl create`, `wsctl restore`:
     the demo turns reaping off, so nothing else would). Sessions that ran before the demo are left alone.
     Raises what SessionManager.create raises, and DemoFailed."""
-    earlier = _unstopped(sessions)
+    earlier = await _unstopped(sessions)
     try:
         await _demo(sessions, template, address, stopping)
     finally:
-        for session_id in sorted(_unstopped(sessions) - earlier):
+        for session_id in sorted(await _unstopped(sessions) - earlier):
             await sessions.delete(session_id, reason="the demo ended")
             _say(f"demo: session {session_id} deleted")
 
 
-def _unstopped(sessions: SessionManager) -> set[str]:
+async def _unstopped(sessions: SessionManager) -> set[str]:
     """The ids of every session not STOPPED."""
     ids: set[str] = set()
     token = ""
     while True:
-        page, token = sessions.list(page_size=500, page_token=token)
+        page, token = await sessions.list(page_size=500, page_token=token)
         ids.update(session.id for session in page if session.state != pb.SESSION_STATE_STOPPED)
         if not token:
             return ids

@@ -73,6 +73,10 @@ class WorkspaceGone(OrchestratorError):
     """The session's workspace stopped running by itself or was removed behind the orchestrator's back."""
 
 
+class ReplicaUnavailable(OrchestratorError):
+    """The replica that owns the session does not answer (its sessions are taken over once its lease expires)."""
+
+
 class DemoFailed(OrchestratorError):
     """The demo session did not become READY; the message says in which phase and why."""
 
@@ -85,6 +89,7 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     EngineUnavailable: grpc.StatusCode.UNAVAILABLE,
     ArchiveStoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ReplicaUnavailable: grpc.StatusCode.UNAVAILABLE,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -94,3 +99,10 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     WorkspaceGone: grpc.StatusCode.INTERNAL,
     DemoFailed: grpc.StatusCode.INTERNAL,
 }
+
+
+def error_for_status(code: grpc.StatusCode, details: str) -> OrchestratorError:
+    """The domain error that `code` stands for in STATUS_CODES (the first class listed with it), carrying
+    `details`: another replica's answer, passed on as if this one had given it."""
+    kind = next((kind for kind, listed in STATUS_CODES.items() if listed == code), OrchestratorError)
+    return kind(details) if issubclass(kind, OrchestratorError) else OrchestratorError(details)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import secrets
 import signal
+import socket
 from dataclasses import dataclass
 
+import sqlalchemy
 from grpc import aio
 
 from common import telemetry
@@ -50,6 +54,7 @@ class Orchestrator:
         await self.sessions.reconcile()
         await self.server.start()
         self._reaping = asyncio.create_task(self.reaper.run(), name="session reaper")
+        self.sessions.cluster.start()
 
     async def stop(self, grace: float | None) -> None:
         """Stops serving. Sessions keep running: the next start adopts them."""
@@ -74,13 +79,16 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
         raise StartupError(
             f"the templates folder {config.templates_dir} is not a directory: pick one with --templates-dir"
         )
+    store = open_store(config)
+    if store.shared and not config.instance_id:
+        # The replicas of one database are one instance: they share its workspaces and keep apart from others'.
+        config = dataclasses.replace(config, instance_id=await store.instance_id(f"orch-{secrets.token_hex(6)}"))
     try:
         blobs = open_blobs(config.archive_store, "archives", config.archives_dir)
         if isinstance(blobs, S3Blobs):
             blobs.check()
     except OrchestratorError as error:
         raise StartupError(f"--archive-store {config.archive_store}: {error}") from error
-    store = Store(config.state_db)
     archives = ArchiveStore(blobs, store, config.max_archive_bytes)
     catalog = TemplateCatalog(config.templates_dir, config.template_cache_dir)
     for template, _ in config.hot_pool:
@@ -102,8 +110,31 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
         port = bind(server, config.listen)
     except RuntimeError as error:
         raise unbindable(config.listen) from error
+    sessions.cluster.address = config.advertise_address or advertised(config.listen, port)
     reaper = SessionReaper(sessions, config.reap_interval_s)
     return Orchestrator(server, port, sessions, reaper, runtime, store)
+
+
+def open_store(config: OrchestratorConfig) -> Store:
+    """The state database, its schema brought up to date. Raises StartupError when it cannot be opened."""
+    try:
+        return Store(config.database or config.state_db, lease_ttl_s=config.lease_ttl_s)
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as error:
+        # Shown without its password; the driver's reason on one line.
+        where = sqlalchemy.engine.make_url(config.database).render_as_string() if config.database else config.state_db
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())
+        raise StartupError(f"the state database {where} cannot be used: {reason}") from error
+
+
+def advertised(listen: str, port: int) -> str:
+    """Where other replicas reach one listening on `listen` (bound to `port`): its host, or this machine's name
+    when it listens on every address."""
+    if listen.startswith("unix:"):
+        return listen
+    host = listen.rpartition(":")[0]
+    if host in ("", "0.0.0.0", "[::]"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 async def serve(config: OrchestratorConfig, grace: float = 5.0, *, demo_template: str = "") -> None:

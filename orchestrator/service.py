@@ -31,12 +31,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.CreateSessionResponse(session=session)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
-        return pb.GetSessionResponse(session=self._sessions.get(request.id))
+        return pb.GetSessionResponse(session=await self._sessions.get(request.id))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        sessions, next_page_token = self._sessions.list(
+        sessions, next_page_token = await self._sessions.list(
             states=request.states,
             template=request.template,
             labels=request.labels,
@@ -63,7 +63,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def ListArchives(
         self, request: pb.ListArchivesRequest, context: aio.ServicerContext
     ) -> pb.ListArchivesResponse:
-        return pb.ListArchivesResponse(archives=self._archives.list(request.session_id))
+        return pb.ListArchivesResponse(archives=await self._archives.list(request.session_id))
 
     async def DeleteArchive(
         self, request: pb.DeleteArchiveRequest, context: aio.ServicerContext

@@ -89,6 +89,14 @@ def test_an_unreadable_ca_bundle(tmp_path: Path) -> None:
     assert f"extra CA bundle {tmp_path / 'none.pem'}: cannot read it" in line
 
 
+def test_a_database_that_does_not_answer(tmp_path: Path) -> None:
+    database = "postgresql://workspace:secret@127.0.0.1:1/state"  # port 1: nothing listens
+    result = orchestrator(tmp_path, "--listen", "127.0.0.1:0", "--database", database)
+
+    assert_one_line(result, "the state database postgresql://workspace:***@127.0.0.1:", "Connection refused")
+    assert "secret" not in result.stderr
+
+
 def test_agent_with_an_unreadable_token_file(tmp_path: Path) -> None:
     result = start("agent", "--root", str(tmp_path), "--listen", "127.0.0.1:0", "--token-file", str(tmp_path / "none"))
 

@@ -69,6 +69,15 @@ class LiveSession:
         self.exited: WorkspaceExit | None = None
         # Serializes save, delete and reaping of this session.
         self.lock = asyncio.Lock()
+        # Set when the store writes in the background (PostgreSQL): runs a callback once every write made so far
+        # is in. Watchers are then told of a change only once it is written, so what a watcher saw, any replica
+        # reads; `view` is the session as last written and told.
+        self.after_write: Callable[[Callable[[], None]], None] | None = None
+        self.view: pb.Session | None = None
+
+    def current(self) -> pb.Session:
+        """The session as watchers know it: as last written when writes are in the background, else the record."""
+        return self.view if self.view is not None else self.session
 
     @property
     def connected_agent(self) -> AgentClient:
@@ -89,8 +98,9 @@ class LiveSession:
 
     def snapshot(self) -> list[pb.WatchSessionResponse]:
         """The session now, its phases so far, and its recent output lines."""
-        events = [pb.WatchSessionResponse(session=self.session)]
-        events += [pb.WatchSessionResponse(phase=phase) for phase in self.session.phases]
+        session = self.current()
+        events = [pb.WatchSessionResponse(session=session)]
+        events += [pb.WatchSessionResponse(phase=phase) for phase in session.phases]
         events += [pb.WatchSessionResponse(output=line) for line in self.output]
         # Copies: the record keeps changing while the events wait to be sent.
         return [copy_event(event) for event in events]
@@ -100,8 +110,16 @@ class LiveSession:
 
         def on_line(text: str, stderr: bool) -> None:
             line = pb.OutputLine(phase=phase, text=text[:MAX_LINE_CHARS], stderr=stderr)
-            self.output.append(line)
-            self.publish(pb.WatchSessionResponse(output=line))
+
+            def tell() -> None:
+                self.output.append(line)
+                self.publish(pb.WatchSessionResponse(output=line))
+
+            # In order with the phase and state changes around it.
+            if self.after_write is not None:
+                self.after_write(tell)
+            else:
+                tell()
 
         return on_line
 

@@ -27,6 +27,7 @@ from orchestrator.errors import (
 from orchestrator.install_cache import InstallCache
 from orchestrator.pool import WarmPool
 from orchestrator.runtime import Runtime, Workspace
+from orchestrator.sessions.cluster import Cluster
 from orchestrator.sessions.hot_pool import HotPool
 from orchestrator.sessions.initialization import Initialization
 from orchestrator.sessions.live import (
@@ -72,6 +73,9 @@ class SessionManager:
         self._catalog = catalog
         self._runtime = runtime
         self._live: dict[str, LiveSession] = {}
+        self.cluster = Cluster(self, store)
+        self._taking: set[str] = set()
+        store.on_lost = self._lost
         self._reconciler = Reconciler(self, config, store, catalog, runtime)
         self._install_cache = (
             InstallCache(
@@ -127,30 +131,35 @@ class SessionManager:
 
     # ------------------------------------------------------------------ queries
 
-    def get(self, session_id: str) -> pb.Session:
-        """The session's record. Raises SessionNotFound."""
+    async def get(self, session_id: str) -> pb.Session:
+        """The session's record (from the database when another replica owns it). Raises SessionNotFound."""
         live = self._live.get(session_id)
         if live is not None:
-            return copied(live.session)
-        session = self._store.get_session(session_id)
+            return copied(live.current())
+        session = await self._store.get_session(session_id)
         if session is None:
             raise SessionNotFound(f"no session {session_id!r}: ListSessions shows the existing ones")
         return session
 
-    def list(
+    async def list(
         self, *, states=(), template: str = "", labels: Mapping[str, str] | None = None, page_size=0, page_token=""
     ) -> tuple[list[pb.Session], str]:
         """One page of sessions, newest first (see Store.list_sessions). Raises InvalidArgument."""
-        return self._store.list_sessions(
+        return await self._store.list_sessions(
             states=states, template=template, labels=labels, page_size=page_size, page_token=page_token
         )
 
     async def watch(self, session_id: str) -> AsyncIterator[pb.WatchSessionResponse]:
         """The session's snapshot and history, then live events until it is READY, FAILED or STOPPED.
-        Raises SessionNotFound."""
+        Raises SessionNotFound, ReplicaUnavailable (the replica owning it does not answer)."""
         live = self._live.get(session_id)
+        if live is None and (owner := await self.cluster.owner_stub(session_id)) is not None:
+            async for event in self.cluster.forward_watch(session_id, owner):
+                yield event
+            return
+        live = self._live.get(session_id)  # taken over just now, perhaps
         if live is None:
-            session = self.get(session_id)
+            session = await self.get(session_id)
             yield pb.WatchSessionResponse(session=session)
             for phase in session.phases:
                 yield pb.WatchSessionResponse(phase=phase)
@@ -161,13 +170,13 @@ class SessionManager:
         try:
             for event in live.snapshot():
                 yield event
-            if live.session.state in SETTLED:
+            if live.current().state in SETTLED:
                 return
             while True:
                 queued = await queue.get()
                 if isinstance(queued, Lagged):
-                    yield pb.WatchSessionResponse(session=copied(live.session))
-                    if live.session.state in SETTLED:
+                    yield pb.WatchSessionResponse(session=copied(live.current()))
+                    if live.current().state in SETTLED:
                         return
                     continue
                 yield queued
@@ -190,7 +199,7 @@ class SessionManager:
         for key, value in labels.items():
             if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
                 raise InvalidArgument(f"label {key!r}: keys (non-empty) and values are at most 63 characters")
-        archive = self._archives.get(archive_id) if archive_id else None
+        archive = await self._archives.get(archive_id) if archive_id else None
         if archive is not None:
             template = archive.template
         if not template:
@@ -217,7 +226,7 @@ class SessionManager:
             runtime=self._runtime.name,
         )
         live = LiveSession(session, spec, self.config.output_history_lines)
-        self._live[session.id] = live
+        self.hold(live)
         self._store.put_session(session)
         initialization = Initialization(
             live,
@@ -242,8 +251,9 @@ class SessionManager:
             # Nothing was started: the caller gets the engine's problem and no session is left behind.
             await live.initialization
             self._live.pop(session.id, None)
-            self._store.delete_session(session.id)
+            await self._store.delete_session(session.id)
             raise error
+        await self._store.flush()  # written before the caller hears of it: another replica can read it then
         return copied(session)
 
     # ------------------------------------------------------------------ the live sessions' records
@@ -259,7 +269,9 @@ class SessionManager:
         ]
 
     def hold(self, live: LiveSession) -> None:
-        """Registers a session whose workspace this orchestrator now holds (an adopted one)."""
+        """Registers a session whose workspace this orchestrator now holds (a new or adopted one)."""
+        if self._store.shared:
+            live.after_write = self._store.after_writes
         self._live[live.session.id] = live
 
     def release(self, live: LiveSession) -> None:
@@ -278,12 +290,26 @@ class SessionManager:
 
     def persist(self, live: LiveSession) -> None:
         """Persists the session (a change no watcher waits for)."""
-        self._store.put_session(live.session)
+        self._tell(live, None)
 
     def record(self, live: LiveSession, event: pb.WatchSessionResponse) -> None:
         """Persists the session and tells its watchers."""
+        self._tell(live, copy_event(event))
+
+    def _tell(self, live: LiveSession, event: pb.WatchSessionResponse | None) -> None:
         self._store.put_session(live.session)
-        live.publish(copy_event(event))
+        if live.after_write is None:
+            if event is not None:
+                live.publish(event)
+            return
+        written = copied(live.session)
+
+        def told() -> None:  # once written: from now on any replica reads it
+            live.view = written
+            if event is not None:
+                live.publish(event)
+
+        live.after_write(told)
 
     def fail(self, live: LiveSession, error: BaseException) -> None:
         """Marks the session FAILED in its current phase with the error's reason and its last output."""
@@ -301,17 +327,21 @@ class SessionManager:
 
     # ------------------------------------------------------------------ save, delete
 
-    def _running(self, session_id: str) -> LiveSession:
+    async def _running(self, session_id: str) -> LiveSession:
         live = self._live.get(session_id)
         if live is None or live.agent is None or live.session.state not in (READY, FAILED):
-            state = pb.SessionState.Name(self.get(session_id).state)
+            state = pb.SessionState.Name((await self.get(session_id)).state)
             raise FailedPrecondition(f"session {session_id} is {state}: only a READY (or FAILED) running one")
         return live
 
     async def save(self, session_id: str, name: str = "") -> pb.Archive:
         """Saves the workspace (without node_modules and the template's exclusions) as a new archive.
-        Raises SessionNotFound, FailedPrecondition (not running), ChecksumMismatch, LimitExceeded."""
-        live = self._running(session_id)
+        Raises SessionNotFound, FailedPrecondition (not running), ChecksumMismatch, LimitExceeded,
+        ReplicaUnavailable."""
+        if session_id not in self._live and (owner := await self.cluster.owner_stub(session_id)) is not None:
+            request = pb.SaveSessionRequest(id=session_id, name=name)
+            return (await self.cluster.forwarded(session_id, owner.SaveSession(request))).archive
+        live = await self._running(session_id)
         async with live.lock:
             return await self.save_live(live, name)
 
@@ -339,14 +369,19 @@ class SessionManager:
     async def delete(self, session_id: str, *, save: bool = False, reason: str = "deleted") -> pb.Archive | None:
         """Stops the session's workspace (saving it first if asked) and keeps its record as STOPPED; a
         session already stopped loses its record. Returns the saved archive, if any.
-        Raises SessionNotFound, FailedPrecondition (save asked of a session that is not running)."""
+        Raises SessionNotFound, FailedPrecondition (save asked of a session that is not running),
+        ReplicaUnavailable."""
+        if session_id not in self._live and (owner := await self.cluster.owner_stub(session_id)) is not None:
+            request = pb.DeleteSessionRequest(id=session_id, save=save)
+            answer = await self.cluster.forwarded(session_id, owner.DeleteSession(request))
+            return answer.archive if answer.HasField("archive") else None
         live = self._live.get(session_id)
         if live is None:
-            self.get(session_id)
-            self._store.delete_session(session_id)
+            await self.get(session_id)
+            await self._store.delete_session(session_id)
             return None
         if save:
-            self._running(session_id)
+            await self._running(session_id)
         async with live.lock:
             if session_id not in self._live:  # a concurrent delete or the reaper got there first
                 return None
@@ -358,6 +393,10 @@ class SessionManager:
         """Stops the session's initialization and workspace and records it STOPPED with `reason`, the caller
         holding its lock. Raises EngineUnavailable."""
         session = live.session
+        if not await self._store.claim(session.id):
+            # Taken over by another replica while this one was cut off: its workspace is that one's now.
+            self._lost(session.id)
+            return
         if live.initialization is not None and not live.initialization.done():
             live.initialization.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -394,12 +433,47 @@ class SessionManager:
         record is left alone with a warning: it may be another orchestrator's started with the same
         --instance-id on another data directory, and removing it would destroy that one's live workspace."""
         await self._reconciler.reconcile()
-        for first, pool in enumerate(self.pools):  # after the adoptions: they count against max_sessions
-            await pool.start(remove_leftovers=not first)
+        await self.cluster.beat()  # the pools start here if this replica leads (after the adoptions: they count)
+
+    async def lead(self, leading: bool) -> None:
+        """Starts the pools when this replica becomes the leader (one set of pools per cluster), and removes
+        their members when it stops leading."""
+        for first, pool in enumerate(self.pools):
+            if leading:
+                await pool.start(remove_leftovers=not first)
+            else:
+                await pool.close()
+
+    async def take_over(self, session: pb.Session) -> None:
+        """Makes the session this replica's if no live replica owns it (its owner died), adopting its workspace
+        as a restart would (see Reconciler.settle); nothing when another replica was first."""
+        if session.id in self._live or session.id in self._taking:
+            return
+        self._taking.add(session.id)  # the heartbeat and a forwarded call may both get here
+        try:
+            if await self._store.claim(session.id):
+                log.info("taking over session %s (%s)", session.id, pb.SessionState.Name(session.state))
+                await self._reconciler.take_over(session)
+        finally:
+            self._taking.discard(session.id)
+
+    def _lost(self, session_id: str) -> None:
+        """Another replica owns the session now (this one was cut off past its lease): lets go of it here without
+        touching its workspace, which the new owner adopted."""
+        live = self._live.pop(session_id, None)
+        if live is None:
+            return
+        if live.initialization is not None:
+            live.initialization.cancel()
+        if live.agent is not None:
+            asyncio.get_running_loop().create_task(live.agent.close())
+        self._room_freed()
 
     async def close(self) -> None:
         """Lets go of the sessions without stopping them: a later orchestrator adopts them. Removes the pool's
-        unclaimed members (their credentials live in this process only)."""
+        unclaimed members (their credentials live in this process only), and hands the sessions to the other
+        replicas, if any."""
+        await self.cluster.close()
         for pool in self.pools:
             await pool.close()
         await self._reconciler.close()

@@ -59,40 +59,23 @@ class Reconciler:
 
     async def reconcile(self) -> None:
         """See SessionManager.reconcile. Raises EngineUnavailable."""
-        manager = self._manager
         # Subscribed before listing: an exit between the listing and the adoption is not missed.
         exits = self._runtime.exits()
         # Unclaimed pool members are the pool's (WarmPool.start removes an earlier orchestrator's).
         workspaces = {
             workspace.session_id: workspace for workspace in await self._runtime.list() if not workspace.pool_id
         }
-        for session in self._store.sessions_in(LIVE_STATES):
-            workspace = workspaces.pop(session.id, None)
-            live = LiveSession(session, None, self._config.output_history_lines)
-            if workspace is None or not workspace.running:
-                if workspace is not None:  # ours, exited while the orchestrator was away
-                    await self._runtime.stop(session.id)
-                if session.state != FAILED:
-                    session.state = STOPPED
-                    session.stop_reason = "vanished: its workspace was gone when the orchestrator started"
-                    self._store.put_session(session)
-                continue
-            if session.state in (PENDING, STARTING):
-                manager.fail(live, InitializationFailed("the orchestrator restarted during initialization"))
-            if session.state == STOPPING:
-                session.stop_reason = session.stop_reason or "deleted"
-            if session.state in (READY, FAILED):
-                try:
-                    await self._adopt(live, workspace)
-                    continue
-                except (grpc.aio.AioRpcError, OrchestratorError, TimeoutError) as error:
-                    session.stop_reason = f"its agent did not answer after an orchestrator restart: {reason_of(error)}"
-            await self._runtime.stop(session.id)
-            if session.state != FAILED:
-                session.state = STOPPED
-            self._store.put_session(session)
+        # The sessions no live replica owns (with SQLite, every one): this replica's from now on.
+        for session in await self._store.orphans(LIVE_STATES):
+            if await self._store.claim(session.id):
+                await self.settle(session, workspaces.pop(session.id, None))
+            else:
+                workspaces.pop(session.id, None)
         for session_id, workspace in workspaces.items():
-            if self._store.get_session(session_id) is not None:
+            record = await self._store.get_session(session_id)
+            if record is not None and record.state in LIVE_STATES:
+                continue  # another live replica's session
+            if record is not None:
                 # Our record says it ended (STOPPED): its removal was cut short.
                 log.info("removing workspace %s: its session is over", session_id)
                 await self._runtime.stop(session_id)
@@ -104,6 +87,40 @@ class Reconciler:
                 )  # fmt: skip
         self._following = asyncio.create_task(self._follow_exits(exits), name="workspace exits")
         self._following.add_done_callback(_log_unexpected_end)
+
+    async def take_over(self, session: pb.Session) -> None:
+        """Settles a session this replica just claimed from a replica that died (see settle)."""
+        workspace = next((w for w in await self._runtime.list() if w.session_id == session.id and not w.pool_id), None)
+        await self.settle(session, workspace)
+
+    async def settle(self, session: pb.Session, workspace: Workspace | None) -> None:
+        """Matches a session this replica now owns (after a restart, or taken over) with its workspace: a READY
+        or FAILED one whose workspace runs and whose agent answers is adopted; one caught mid-initialization is
+        FAILED; one whose workspace is gone is STOPPED."""
+        manager = self._manager
+        live = LiveSession(session, None, self._config.output_history_lines)
+        if workspace is None or not workspace.running:
+            if workspace is not None:  # ours, exited while the orchestrator was away
+                await self._runtime.stop(session.id)
+            if session.state != FAILED:
+                session.state = STOPPED
+                session.stop_reason = "vanished: its workspace was gone when the orchestrator started"
+                self._store.put_session(session)
+            return
+        if session.state in (PENDING, STARTING):
+            manager.fail(live, InitializationFailed("the orchestrator restarted during initialization"))
+        if session.state == STOPPING:
+            session.stop_reason = session.stop_reason or "deleted"
+        if session.state in (READY, FAILED):
+            try:
+                await self._adopt(live, workspace)
+                return
+            except (grpc.aio.AioRpcError, OrchestratorError, TimeoutError) as error:
+                session.stop_reason = f"its agent did not answer after an orchestrator restart: {reason_of(error)}"
+        await self._runtime.stop(session.id)
+        if session.state != FAILED:
+            session.state = STOPPED
+        self._store.put_session(session)
 
     async def close(self) -> None:
         """Stops following workspace exits."""

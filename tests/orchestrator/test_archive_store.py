@@ -70,11 +70,11 @@ async def test_written_archives_are_read_listed_and_deleted(
     archive = await archives.write(UPLOAD, chunked(data), expected=Expected(hashlib.sha256(data).hexdigest()))
 
     assert b"".join([chunk async for chunk in archives.read(archive.id)]) == data
-    assert [a.id for a in archives.list()] == [archive.id]
+    assert [a.id for a in await archives.list()] == [archive.id]
     assert [blob.name for blob in await archives.blobs.entries()] == [f"{archive.id}.tar.gz"]
 
     await archives.delete(archive.id)
-    assert archives.list() == [] and await archives.blobs.entries() == []
+    assert await archives.list() == [] and await archives.blobs.entries() == []
     with pytest.raises(ArchiveNotFound):
         [chunk async for chunk in archives.read(archive.id)]
 

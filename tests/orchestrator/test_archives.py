@@ -58,14 +58,14 @@ async def test_a_written_archive_is_stored_byte_for_byte(archives: ArchiveStore)
     assert archive.sha256 == hashlib.sha256(data).hexdigest()
     assert archives.path(archive.id).read_bytes() == data
     assert b"".join([chunk async for chunk in archives.read(archive.id)]) == data
-    assert [a.id for a in archives.list()] == [archive.id]
+    assert [a.id for a in (await archives.list())] == [archive.id]
 
 
 async def test_a_checksum_mismatch_stores_nothing(archives: ArchiveStore, tmp_path: Path) -> None:
     kept = await archives.write(UPLOAD, chunked(tar_gz([("a", b"1")])))
     with pytest.raises(ChecksumMismatch):
         await archives.write(UPLOAD, chunked(tar_gz([("b", b"2")])), expected=Expected("0" * 64))
-    assert [a.id for a in archives.list()] == [kept.id]
+    assert [a.id for a in (await archives.list())] == [kept.id]
     assert visible_files(archives, tmp_path) == [f"{kept.id}.tar.gz"]
 
 
@@ -80,7 +80,7 @@ async def test_a_source_failing_midway_leaves_earlier_archives_and_no_partial_fi
 
     with pytest.raises(ConnectionError):
         await archives.write(UPLOAD, broken(), expected=lambda: Expected(files=1))
-    assert [a.id for a in archives.list()] == [kept.id]
+    assert [a.id for a in (await archives.list())] == [kept.id]
     assert visible_files(archives, tmp_path) == [f"{kept.id}.tar.gz"]
     assert archives.path(kept.id).read_bytes() == tar_gz([("a", b"1")])
 
@@ -88,7 +88,7 @@ async def test_a_source_failing_midway_leaves_earlier_archives_and_no_partial_fi
 async def test_over_the_size_limit_is_refused(archives: ArchiveStore, tmp_path: Path) -> None:
     with pytest.raises(LimitExceeded):
         await archives.write(UPLOAD, chunked(b"x" * (64 * 1024 + 1), size=8192))
-    assert archives.list() == [] and visible_files(archives, tmp_path) == []
+    assert (await archives.list()) == [] and visible_files(archives, tmp_path) == []
 
 
 def unsafe(name: str, **fields) -> tarfile.TarInfo:
@@ -116,17 +116,17 @@ async def test_unreadable_or_unsafe_uploads_are_invalid_and_not_stored(
 ) -> None:
     with pytest.raises(InvalidArgument):
         await archives.write(UPLOAD, chunked(data))
-    assert archives.list() == [] and visible_files(archives, tmp_path) == []
+    assert (await archives.list()) == [] and visible_files(archives, tmp_path) == []
 
 
 async def test_delete_removes_record_and_file(archives: ArchiveStore, tmp_path: Path) -> None:
     archive = await archives.write(UPLOAD, chunked(tar_gz([("a", b"1")])))
     await archives.delete(archive.id)
-    assert archives.list() == [] and visible_files(archives, tmp_path) == []
+    assert (await archives.list()) == [] and visible_files(archives, tmp_path) == []
     with pytest.raises(ArchiveNotFound):
         await archives.delete(archive.id)
     with pytest.raises(ArchiveNotFound):
-        archives.get(archive.id)
+        await archives.get(archive.id)
 
 
 async def test_restart_sweeps_leftovers_of_a_crash(tmp_path: Path) -> None:
