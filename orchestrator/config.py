@@ -117,6 +117,12 @@ class OrchestratorConfig:
     max_lifetime_s: float = field(default=0.0, metadata=option("seconds a session may live (0: no limit)"))
     reap_interval_s: float = field(default=30.0, metadata=option("seconds between reaper sweeps"))
     save_before_reap: bool = field(default=False, metadata=option("save a session's workspace before reaping it"))
+    # What the reaper does with a READY session idle past the idle TTL: delete it, or pause it (its files kept,
+    # its CPU and memory released; ResumeSession brings it back). The max lifetime always deletes.
+    idle_action: str = field(
+        default="delete",
+        metadata=option("what happens to an idle READY session (default {default})", choices=("delete", "pause")),
+    )
     # Archives: uploads and saves larger than this are refused.
     max_archive_bytes: int = field(default=2048 * MiB, metadata=option())
     # Install cache: node_modules after an install, reused by sessions with the same package.json, lockfile

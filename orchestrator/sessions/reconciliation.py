@@ -17,7 +17,8 @@ from orchestrator.runtime import Runtime, Workspace
 from orchestrator.runtime.base import WorkspaceExit
 from orchestrator.sessions.live import (
     FAILED,
-    LIVE_STATES,
+    HELD_STATES,
+    PAUSED,
     PENDING,
     READY,
     STARTING,
@@ -66,9 +67,12 @@ class Reconciler:
         workspaces = {
             workspace.session_id: workspace for workspace in await self._runtime.list() if not workspace.pool_id
         }
-        for session in self._store.sessions_in(LIVE_STATES):
+        for session in self._store.sessions_in(HELD_STATES):
             workspace = workspaces.pop(session.id, None)
             live = LiveSession(session, None, self._config.output_history_lines)
+            if session.state == PAUSED:
+                await self._keep_paused(live, workspace)
+                continue
             if workspace is None or not workspace.running:
                 if workspace is not None:  # ours, exited while the orchestrator was away
                     await self._runtime.stop(session.id)
@@ -105,6 +109,19 @@ class Reconciler:
         self._following = asyncio.create_task(self._follow_exits(exits), name="workspace exits")
         self._following.add_done_callback(_log_unexpected_end)
 
+    async def _keep_paused(self, live: LiveSession, workspace: Workspace | None) -> None:
+        """A PAUSED session stays PAUSED: its stopped workspace is kept for ResumeSession (one running again,
+        started behind our back, is stopped again); without one, ResumeSession restores its last save or fails
+        it with the reason."""
+        if workspace is not None:
+            if workspace.running:
+                log.warning("session %s is PAUSED but its workspace runs: stopping it again", live.session.id)
+                await self._runtime.pause(live.session.id)
+            live.workspace = workspace
+        with contextlib.suppress(OrchestratorError):
+            live.template = self._catalog.get(live.session.template)
+        self._manager.hold(live)
+
     async def close(self) -> None:
         """Stops following workspace exits."""
         if self._following is not None:
@@ -129,8 +146,8 @@ class Reconciler:
         manager = self._manager
         session = live.session
         async with live.lock:
-            if manager.live_session(session.id) is not live or session.state in (STOPPING, STOPPED):
-                return  # being stopped on purpose
+            if manager.live_session(session.id) is not live or session.state in (STOPPING, STOPPED, PAUSED):
+                return  # being stopped on purpose (a paused one's workspace is looked for when it resumes)
             live.exited = exit
             failed_before = session.state == FAILED
             if live.initialization is not None and not live.initialization.done():
