@@ -36,6 +36,7 @@ demo: $(VENV)/.installed engine image
 ## Command-line tools the tests call besides the venv's: jq (the README's grpcurl lines pipe into it).
 tools:
 	@command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq; }
+	@command -v curl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; }
 
 ## Start a Docker engine unless one answers (installs docker.io when missing).
 engine:

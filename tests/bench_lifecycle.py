@@ -2,10 +2,13 @@
 (gRPC, in this process). A benchmark, not a test.
 
 Run: python tests/bench_lifecycle.py [--template vite-react] [--runtime docker|local] [--runs N] [--warm-pool N]
+                                    [--extra-ca-bundle PEM]   (npm behind a TLS-intercepting proxy)
 
 Each figure is the time from the call to WatchSession's READY (pause: to PauseSession's answer):
   create          CreateSession of the template (warm pool member or cold; install cache warm after the first)
-  fork            ForkSession of a READY session of it (node_modules reinstalled: the install cache applies)
+  fork            ForkSession of a READY session of it (node_modules reinstalled: the install cache applies; the
+                  first fork of a source whose lockfile its install rewrote misses, and stores the entry the
+                  next forks hit: the median is the steady state with --runs 3 or more)
   save+restore    SaveSession of it, then CreateSession from the archive (the other way to copy a workspace)
   pause / resume  PauseSession, then ResumeSession to READY
   delete+create   DeleteSession, then CreateSession (what pause/resume replaces)
@@ -95,12 +98,13 @@ class Bench:
 
 
 async def copy_node_modules(source: pb.Session, target: pb.Session) -> None:
-    """The source's node_modules into the target's, agent to agent, as a fork copying it would."""
+    """The source's node_modules into the target, agent to agent, as a fork copying it would (beside the
+    target's own node_modules, which the install cache may still be archiving)."""
     source_agent = AgentClient(source.agent_endpoint, source.agent_token)
     target_agent = AgentClient(target.agent_endpoint, target.agent_token)
     try:
         stream = await source_agent.create_archive(path="node_modules", no_default_excludes=True)
-        await target_agent.extract_archive(stream, "", destination="node_modules")
+        await target_agent.extract_archive(stream, "", destination="bench-node_modules-copy")
     finally:
         await source_agent.close()
         await target_agent.close()
@@ -116,6 +120,7 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
     config = OrchestratorConfig(
         listen="127.0.0.1:0", data_dir=scratch / "data", runtime=args.runtime, image=image,
         instance_id=f"bench-{secrets.token_hex(4)}", warm_pool=args.warm_pool, idle_ttl_s=0,
+        extra_ca_bundle=args.extra_ca_bundle,
     )  # fmt: skip
     orchestrator = await create_server(config)
     await orchestrator.start()
@@ -124,7 +129,7 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
     try:
         note(f"warming up: one {args.template} session (fills the install cache)")
         source = await bench.create()
-        await asyncio.sleep(args.settle)  # the install cache entry is written after READY
+        await asyncio.sleep(args.settle * 3)  # the install cache entry is written after READY
         for run_number in range(args.runs):
             note(f"run {run_number + 1}/{args.runs}")
             fresh = await bench.timed("create", bench.create)
@@ -172,6 +177,7 @@ def main() -> int:
     parser.add_argument("--runtime", default="docker", choices=("docker", "local"))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warm-pool", type=int, default=1)
+    parser.add_argument("--extra-ca-bundle", type=Path, help="PEM file workspaces trust (see the README)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between runs (pool refill, cache write)")
     args = parser.parse_args()
     args.template_has_node_modules = (REPO / "templates" / args.template / "package-lock.json").exists()

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import re
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from grpc import aio
 
+from common.tools import ENV_BIN
 from orchestrator.agent_client import AgentClient
 from orchestrator.config import OrchestratorConfig
-from tests.conftest import status_of
+from tests.conftest import REPO, status_of
 from tests.orchestrator.conftest import (
     OrchestratorUnderTest,
     http_get,
@@ -272,3 +275,52 @@ async def test_the_idle_reaper_can_pause_instead_of_delete(pausing_reaper: Orche
     # A paused session is not swept again, and it resumes.
     assert idle.id not in [session_id for session_id, _ in await o.orchestrator.reaper.sweep()]
     await resumed(o, idle.id)
+
+
+def readme_block(title: str) -> list[str]:
+    """The command lines of the README section's shell block, blank lines left out."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(f"## {title}\n") :]
+    (block,) = re.findall(r"```sh\n(.*?)```", section[: section.index("\n## ", 1)], re.S)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+async def run_readme_block(o: OrchestratorUnderTest, title: str) -> tuple[str, str]:
+    """Runs the section's lines as written in one bash (`set -euo pipefail`, each line echoed to stderr), for
+    this environment and against this orchestrator: its stdout and stderr."""
+    lines = readme_block(title)
+    assert lines[:2] == [". .venv/bin/activate", "ORCH=127.0.0.1:50051"]
+    address = f"127.0.0.1:{o.orchestrator.port}"
+    script = ["set -euxo pipefail", f". {ENV_BIN}/activate", f"ORCH={address}", *lines[2:]]
+    env = {**os.environ, "COLUMNS": "250", "WSCTL_SERVER": address}
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", "\n".join(script), cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(180):  # bounds a hang only
+        stdout, stderr = await shell.communicate()
+    assert shell.returncode == 0, stdout.decode() + stderr.decode()
+    return stdout.decode(), stderr.decode()
+
+
+async def test_the_readme_fork_lines_work_as_written(orchestrator: OrchestratorUnderTest) -> None:
+    stdout, stderr = await run_readme_block(orchestrator, "Fork")
+    assert "<h1>Forked from node-basic</h1>" in stdout
+    sessions = (await orchestrator.stub.ListSessions(pb.ListSessionsRequest())).sessions
+    [source] = [s for s in sessions if not s.forked_from]
+    forks = [s for s in sessions if s.forked_from]
+    assert sorted(s.labels["branch"] for s in forks) == ["try", "two"]
+    assert all(s.forked_from == source.id and s.state == STOPPED for s in forks)
+    assert re.search(rf"forked from {source.id}", stdout)  # the sessions list note
+    assert f'"{source.id}"' in stdout  # the grpcurl watch's forked_from
+
+
+async def test_the_readme_pause_lines_work_as_written(orchestrator: OrchestratorUnderTest) -> None:
+    stdout, stderr = await run_readme_block(orchestrator, "Pause and resume")
+    assert "<h1>Paused in node-basic</h1>" in stdout
+    assert re.search(r"^SESSION_STATE_PAUSED\nSESSION_STATE_STARTING\n", stdout, re.M), stdout
+    assert stdout.rstrip().endswith('"SESSION_STATE_READY"'), stdout
+    assert "paused ws-" in stderr and "deleted ws-" in stderr
+    [session] = (await orchestrator.stub.ListSessions(pb.ListSessionsRequest())).sessions
+    [archive] = (await orchestrator.stub.ListArchives(pb.ListArchivesRequest(session_id=session.id))).archives
+    assert session.state == STOPPED and archive.files >= 3
