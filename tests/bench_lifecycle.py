@@ -25,8 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "protos")]
@@ -42,6 +43,7 @@ from workspace.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
 
 READY = pb.SESSION_STATE_READY
+T = TypeVar("T")
 
 
 def note(text: str) -> None:
@@ -54,9 +56,10 @@ class Bench:
         self.template = template
         self.samples: dict[str, list[float]] = {}
 
-    async def timed(self, name: str, work: Callable[[], Awaitable[pb.Session | None]]) -> pb.Session | None:
+    async def timed(self, name: str, work: Awaitable[T]) -> T:
+        """`work` awaited (a coroutine does nothing before), its duration kept under `name`."""
         started = time.perf_counter()
-        result = await work()
+        result = await work
         self.samples.setdefault(name, []).append(time.perf_counter() - started)
         return result
 
@@ -132,14 +135,14 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
         await asyncio.sleep(args.settle * 3)  # the install cache entry is written after READY
         for run_number in range(args.runs):
             note(f"run {run_number + 1}/{args.runs}")
-            fresh = await bench.timed("create", bench.create)
-            fork = await bench.timed("fork", lambda: bench.fork(source))
+            fresh = await bench.timed("create", bench.create())
+            fork = await bench.timed("fork", bench.fork(source))
             if args.template_has_node_modules:
-                await bench.timed("copy node_modules", lambda: copy_node_modules(source, fork))
-            restored = await bench.timed("save+restore", lambda: bench.save_restore(source))
-            await bench.timed("pause", lambda: bench.pause(fresh))
-            fresh = await bench.timed("resume", lambda: bench.resume(fresh))
-            again = await bench.timed("delete+create", lambda: bench.delete_create(fresh))
+                await bench.timed("copy node_modules", copy_node_modules(source, fork))
+            restored = await bench.timed("save+restore", bench.save_restore(source))
+            await bench.timed("pause", bench.pause(fresh))
+            fresh = await bench.timed("resume", bench.resume(fresh))
+            again = await bench.timed("delete+create", bench.delete_create(fresh))
             await bench.delete(fork, restored, again)
             await asyncio.sleep(args.settle)  # let the warm pool refill, as between a person's clicks
         await bench.delete(source)

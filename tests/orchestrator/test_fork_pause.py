@@ -304,7 +304,7 @@ async def run_readme_block(o: OrchestratorUnderTest, title: str) -> tuple[str, s
 
 
 async def test_the_readme_fork_lines_work_as_written(orchestrator: OrchestratorUnderTest) -> None:
-    stdout, stderr = await run_readme_block(orchestrator, "Fork")
+    stdout, _ = await run_readme_block(orchestrator, "Fork")
     assert "<h1>Forked from node-basic</h1>" in stdout
     sessions = (await orchestrator.stub.ListSessions(pb.ListSessionsRequest())).sessions
     [source] = [s for s in sessions if not s.forked_from]
@@ -324,3 +324,28 @@ async def test_the_readme_pause_lines_work_as_written(orchestrator: Orchestrator
     [session] = (await orchestrator.stub.ListSessions(pb.ListSessionsRequest())).sessions
     [archive] = (await orchestrator.stub.ListArchives(pb.ListArchivesRequest(session_id=session.id))).archives
     assert session.state == STOPPED and archive.files >= 3
+
+
+@BOTH_RUNTIMES
+async def test_forks_and_resumes_of_warm_pool_workspaces(orchestrator_config: OrchestratorConfig) -> None:
+    config = dataclasses.replace(orchestrator_config, warm_pool=1)
+    o = await start_orchestrator(config)
+    try:
+        pool = o.orchestrator.sessions.pool
+        assert pool is not None
+        assert await pool.wait_full(60)  # bounds a hang only
+        source = await create_ready(o, template="node-basic")
+        assert source.phases[0].detail.endswith("(from the warm pool)")
+        await write_file(source, "src/index.html", EDITED)
+        assert await pool.wait_full(60)
+        fork = await settled(o, (await o.stub.ForkSession(pb.ForkSessionRequest(id=source.id))).session.id)
+        assert fork.state == READY and fork.phases[0].detail.endswith("(from the warm pool)")
+        assert await http_get(fork.preview_url) == (200, EDITED.decode())
+        # A claimed member's token was handed over by a Claim: a resume delivers it as to any workspace.
+        await paused(o, source.id)
+        back = await resumed(o, source.id)
+        assert await page_showing(back.preview_url, "edited before the fork") == (200, EDITED.decode())
+        assert await read(back, "src/index.html") == EDITED
+    finally:
+        await o.close()
+        await stop_all_workspaces(config)
