@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
@@ -243,7 +244,9 @@ class Initialization:
         from the session's last save (the detail says so), or the phase fails with the reason."""
         session = self.live.session
         try:
-            workspace = await self._runtime.resume(session.id, session.agent_token, env=dict(self.template.env))
+            workspace, agent = await resume_workspace(
+                self._runtime, session, dict(self.template.env), self._config.agent_health_timeout_s
+            )
         except WorkspaceMissing as missing:
             saves = self._archives.list(session.id)
             if not saves:
@@ -264,7 +267,7 @@ class Initialization:
             raise
         self._files_kept = True
         self.container_started.set_result(None)
-        self._recorder.attach(self.live, workspace)
+        self._recorder.attach(self.live, workspace, agent)
         status.detail = f"resumed: {workspace.runtime} {workspace.handle[:12]} started again with its files"
 
     async def wait_agent_healthy(self, status: pb.PhaseStatus) -> None:
@@ -385,6 +388,27 @@ class Initialization:
         (pb.PHASE_CONTAINER_STARTED, resume_container),
         *STEPS[1:],
     )
+
+
+async def resume_workspace(
+    runtime: Runtime, session: pb.Session, env: dict[str, str], health_timeout_s: float
+) -> tuple[Workspace, AgentClient]:
+    """Starts the paused session's workspace again and hands its agent to the session as a pool member's is: the
+    runtime delivers a new one-time credential (the agent removed the last token file when it read it), and the
+    agent's Claim replaces it with the session's token and adds the template's `env` to later commands (a claimed
+    member's agent had them from its first Claim; a restarted one starts without). So the session's token is never
+    written into the workspace again, and what the file held is refused once claimed. Returns the workspace and a
+    client holding the session's token. Raises WorkspaceMissing, and what the runtime or the agent raise."""
+    credential = secrets.token_urlsafe(24)
+    workspace = await runtime.resume(session.id, credential, env=env)
+    agent = AgentClient(workspace.agent_endpoint, credential)
+    try:
+        await agent.wait_healthy(health_timeout_s)
+        await agent.claim(session.agent_token, env, session.id)
+    except BaseException:
+        await agent.close()
+        raise
+    return workspace, agent
 
 
 # One phase's work: given the Initialization and the phase's status (to set its detail or SKIPPED).

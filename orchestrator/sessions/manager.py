@@ -21,6 +21,7 @@ from orchestrator.errors import (
     ImageMissing,
     InvalidArgument,
     LimitExceeded,
+    OrchestratorError,
     SessionNotFound,
     WorkspaceMissing,
 )
@@ -28,7 +29,7 @@ from orchestrator.install_cache import InstallCache
 from orchestrator.pool import WarmPool
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.sessions.hot_pool import HotPool
-from orchestrator.sessions.initialization import Initialization
+from orchestrator.sessions.initialization import Initialization, resume_workspace
 from orchestrator.sessions.live import (
     FAILED,
     PAUSED,
@@ -326,9 +327,10 @@ class SessionManager:
             # Being written from this workspace: stopping it now would lose the entry.
             await self._install_cache.finish(live.install_store)
             live.install_store = None
+        # Stopped first: should the engine fail, the session is READY with its agent as before.
+        await self._runtime.pause(session.id)
         await live.agent.close()
         live.agent = None
-        await self._runtime.pause(session.id)
         session.state = PAUSED
         session.paused_at.GetCurrentTime()
         # Its ports are released with the container: what it had stops answering.
@@ -452,12 +454,17 @@ class SessionManager:
         session = live.session
         template = live.template or self._catalog.get(session.template)
         try:
-            workspace = await self._runtime.resume(session.id, session.agent_token, env=dict(template.env))
+            _, agent = await resume_workspace(
+                self._runtime, session, dict(template.env), self.config.agent_health_timeout_s
+            )
         except WorkspaceMissing as error:
             raise FailedPrecondition(f"session {session.id} is PAUSED and its workspace is gone: {error}") from None
-        live.agent = AgentClient(workspace.agent_endpoint, session.agent_token)
+        except BaseException:
+            with contextlib.suppress(OrchestratorError):  # its agent did not come up: stopped again all the same
+                await self._runtime.pause(session.id)
+            raise
+        live.agent = agent
         try:
-            await live.agent.wait_healthy(self.config.agent_health_timeout_s)
             return await self.save_live(live, name)
         finally:
             await live.agent.close()

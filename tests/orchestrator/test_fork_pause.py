@@ -19,6 +19,7 @@ from orchestrator.config import OrchestratorConfig
 from tests.conftest import REPO, status_of
 from tests.orchestrator.conftest import (
     OrchestratorUnderTest,
+    derive_template,
     http_get,
     page_showing,
     start_orchestrator,
@@ -327,14 +328,15 @@ async def test_the_readme_pause_lines_work_as_written(orchestrator: Orchestrator
 
 
 @BOTH_RUNTIMES
-async def test_forks_and_resumes_of_warm_pool_workspaces(orchestrator_config: OrchestratorConfig) -> None:
+async def test_forks_and_resumes_of_warm_pool_workspaces(orchestrator_config: OrchestratorConfig, templates) -> None:
+    derive_template(templates, "with-env", env={"GREETING": "hello from the template"})
     config = dataclasses.replace(orchestrator_config, warm_pool=1)
     o = await start_orchestrator(config)
     try:
         pool = o.orchestrator.sessions.pool
         assert pool is not None
         assert await pool.wait_full(60)  # bounds a hang only
-        source = await create_ready(o, template="node-basic")
+        source = await create_ready(o, template="with-env")
         assert source.phases[0].detail.endswith("(from the warm pool)")
         await write_file(source, "src/index.html", EDITED)
         assert await pool.wait_full(60)
@@ -346,6 +348,18 @@ async def test_forks_and_resumes_of_warm_pool_workspaces(orchestrator_config: Or
         back = await resumed(o, source.id)
         assert await page_showing(back.preview_url, "edited before the fork") == (200, EDITED.decode())
         assert await read(back, "src/index.html") == EDITED
+        # The template's environment reaches commands again (a member's agent got it with its Claim).
+        assert await printenv(back, "GREETING") == "hello from the template"
     finally:
         await o.close()
         await stop_all_workspaces(config)
+
+
+async def printenv(session: pb.Session, name: str) -> str:
+    client = AgentClient(session.agent_endpoint, session.agent_token)
+    lines: list[str] = []
+    try:
+        assert await client.run(f"printenv {name}", on_line=lambda text, stderr: lines.append(text)) == 0
+    finally:
+        await client.close()
+    return "\n".join(lines)
