@@ -78,8 +78,8 @@ REMOVED_MEMORY_S = 600.0
 # Seconds `docker stop` waits after SIGTERM before SIGKILL: the agent ends its commands (SIGKILL 2 s after their
 # SIGTERM) and then its server (grace 5 s).
 STOP_GRACE_S = 10
-# A die event up to this long after pause() returned is still its own (the engine's clock and ours may differ a
-# little; it sends the event once the container is down, before the API call returns).
+# A die event up to this long after pause() returned is still its own, unless a resume came first (the engine's
+# clock and ours may differ a little; it sends the event once the container is down, before the call returns).
 PAUSE_EVENT_SLACK_NS = 2 * 10**9
 # Seconds between attempts to re-subscribe to the engine's events after losing them.
 EVENTS_RETRY_S = 2.0
@@ -115,9 +115,9 @@ class DockerRuntime:
         # exits. Kept for a while rather than until their destroy event, so every exits() iterator skips them.
         self._removed: dict[str, float] = {}
         self._removed_lock = threading.Lock()  # removals run in several threads at once
-        # Containers pause() stopped, with when it began and ended (ns, None while it runs): a die event in that
-        # window is the pause's, not an exit. By time rather than by id alone: the same container dies for real
-        # after a resume. Guarded by _removed_lock.
+        # Containers pause() stopped, with the window (ns) their die events are the pause's and no exit: from the
+        # stop's start to a little after its end (None while it runs), closed by a resume. By time rather than by
+        # id alone: the same container dies for real after a resume. Guarded by _removed_lock.
         self._paused: dict[str, tuple[int, int | None]] = {}
         # The workspace network once it exists and is shut off from the host (per process: rules are re-checked).
         self._network: Network | None = None
@@ -420,13 +420,16 @@ class DockerRuntime:
             raise WorkspaceMissing(f"session {session_id}'s container was removed while it was being paused") from None
         finally:
             with self._removed_lock:
-                self._paused[_id_of(container)] = (began, time.time_ns())
+                self._paused[_id_of(container)] = (began, time.time_ns() + PAUSE_EVENT_SLACK_NS)
 
     def _resume(self, session_id: str, token: str) -> Workspace:
         container = self._session_container(session_id)
         try:
             if container.status == "running":  # started by hand meanwhile: its agent has no token we know of
                 self._pause(session_id)
+            with self._removed_lock:  # what dies from now on is no longer the pause's
+                if (window := self._paused.get(_id_of(container))) is not None:
+                    self._paused[_id_of(container)] = (window[0], min(window[1] or 0, time.time_ns()))
             deliver_token(container, token)
             container.start()
             container.reload()
@@ -440,8 +443,8 @@ class DockerRuntime:
             window = self._paused.get(container_id)
         if window is None:
             return False
-        began, ended = window
-        return began <= time_ns and (ended is None or time_ns <= ended + PAUSE_EVENT_SLACK_NS)
+        began, until = window
+        return began <= time_ns and (until is None or time_ns <= until)
 
     def _ours(self, container: Container) -> bool:
         labels = container.labels

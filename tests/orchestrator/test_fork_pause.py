@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import signal
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,7 +26,7 @@ from tests.orchestrator.conftest import (
     start_orchestrator,
     stop_all_workspaces,
 )
-from tests.orchestrator.test_sessions import BOTH_RUNTIMES, PHASES, create_ready, write_file
+from tests.orchestrator.test_sessions import BOTH_RUNTIMES, PHASES, create_ready, state_becomes, write_file
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -363,3 +364,23 @@ async def printenv(session: pb.Session, name: str) -> str:
     finally:
         await client.close()
     return "\n".join(lines)
+
+
+@BOTH_RUNTIMES
+async def test_a_pause_is_no_exit_but_a_resumed_workspace_that_dies_fails_its_session(
+    request: pytest.FixtureRequest, orchestrator: OrchestratorUnderTest, runtime_kind: str
+) -> None:
+    session = await create_ready(orchestrator, template="node-basic")
+    await paused(orchestrator, session.id)
+    await resumed(orchestrator, session.id)
+    # The pause's own stop was not taken for an exit, then or since (the watch above ended READY).
+    assert (await get(orchestrator, session.id)).state == READY
+    [workspace] = await orchestrator.orchestrator.runtime.list()
+    if runtime_kind == "docker":
+        await asyncio.to_thread(request.getfixturevalue("docker_client").containers.get(workspace.handle).kill)
+        reason = "the container exited with code 137 (SIGKILL)"
+    else:
+        os.kill(int(workspace.handle), signal.SIGKILL)
+        reason = "the agent process was killed by SIGKILL"
+    failed = await state_becomes(orchestrator, session.id, FAILED)
+    assert failed.failure.reason == reason
