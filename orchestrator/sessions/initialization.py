@@ -1,5 +1,6 @@
 """A session's initialization: an explicit sequence of phase steps (container, agent, archive, install, dev
-server, readiness), each timed, traced and published; pools will start it further along the sequence."""
+server, readiness), each timed, traced and published; pools start it further along the sequence, a resume with
+the container started again."""
 
 from __future__ import annotations
 

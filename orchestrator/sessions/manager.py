@@ -1,5 +1,5 @@
-"""The SessionManager: the registry of live sessions and the operations on them (queries, watch, create,
-save, delete), with the record/fail/attach steps the initialization, reconciler and reaper call."""
+"""The SessionManager: the registry of live sessions and the operations on them (queries, watch, create, fork,
+pause, resume, save, delete), with the record/fail/attach steps the initialization, reconciler and reaper call."""
 
 from __future__ import annotations
 

@@ -158,8 +158,10 @@ class OrchestratorServiceServicer:
 
     def SaveSession(self, request, context):
         """Saves the session's workspace (without `node_modules` and the template's
-        other exclusions) into the archive store, atomically and checksummed.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+        other exclusions) into the archive store, atomically and checksummed. A
+        PAUSED session is saved too (its agent alone is started for it, and it is
+        stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+        neither running nor PAUSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

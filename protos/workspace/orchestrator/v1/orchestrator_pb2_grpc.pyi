@@ -67,8 +67,10 @@ class OrchestratorServiceStub:
     """
     SaveSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SaveSessionRequest, _orchestrator_pb2.SaveSessionResponse]
     """Saves the session's workspace (without `node_modules` and the template's
-    other exclusions) into the archive store, atomically and checksummed.
-    Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+    other exclusions) into the archive store, atomically and checksummed. A
+    PAUSED session is saved too (its agent alone is started for it, and it is
+    stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+    neither running nor PAUSED).
     """
     ListArchives: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListArchivesRequest, _orchestrator_pb2.ListArchivesResponse]
     """Lists saved and uploaded archives, newest first."""
@@ -146,8 +148,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     SaveSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SaveSessionRequest, _orchestrator_pb2.SaveSessionResponse]  # type: ignore[assignment]
     """Saves the session's workspace (without `node_modules` and the template's
-    other exclusions) into the archive store, atomically and checksummed.
-    Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+    other exclusions) into the archive store, atomically and checksummed. A
+    PAUSED session is saved too (its agent alone is started for it, and it is
+    stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+    neither running nor PAUSED).
     """
     ListArchives: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListArchivesRequest, _orchestrator_pb2.ListArchivesResponse]  # type: ignore[assignment]
     """Lists saved and uploaded archives, newest first."""
@@ -258,8 +262,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.SaveSessionResponse, _abc.Awaitable[_orchestrator_pb2.SaveSessionResponse]]:
         """Saves the session's workspace (without `node_modules` and the template's
-        other exclusions) into the archive store, atomically and checksummed.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+        other exclusions) into the archive store, atomically and checksummed. A
+        PAUSED session is saved too (its agent alone is started for it, and it is
+        stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+        neither running nor PAUSED).
         """
 
     @_abc_1.abstractmethod

@@ -1442,8 +1442,10 @@ export const OrchestratorService: GenService<{
   },
   /**
    * Saves the session's workspace (without `node_modules` and the template's
-   * other exclusions) into the archive store, atomically and checksummed.
-   * Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+   * other exclusions) into the archive store, atomically and checksummed. A
+   * PAUSED session is saved too (its agent alone is started for it, and it is
+   * stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+   * neither running nor PAUSED).
    *
    * @generated from rpc workspace.orchestrator.v1.OrchestratorService.SaveSession
    */
