@@ -291,8 +291,8 @@ class Initialization:
 
     async def _inject_fork(self, source: LiveSession, status: pb.PhaseStatus) -> None:
         """Streams the source session's /app from its agent into this workspace's, through this process and no
-        store: without node_modules, which the install step puts back (from the install cache when the source's
-        package.json and lockfile are the template's). Holds the source's lock meanwhile: it is not paused,
+        store: without node_modules, which the install step puts back (from the install cache when an install of
+        the same package.json and lockfile left an entry). Holds the source's lock meanwhile: it is not paused,
         saved or deleted halfway through; it keeps running."""
         async with source.lock:
             state = source.session.state
