@@ -33,11 +33,12 @@ demo: IMAGE_CA_BUNDLE =
 demo: $(VENV)/.installed engine image
 	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) --warm-pool $(DEMO_WARM_POOL) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
 
-## Command-line tools the tests call besides the venv's: jq (the README's grpcurl lines pipe into it) and
+## Command-line tools the tests call besides the venv's: jq and curl (the README's lines use them) and
 ## PostgreSQL's server (the state tests start one on loopback; tests/postgres_support.py).
 tools:
 	@command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq; }
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@command -v curl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; }
 
 ## Start a Docker engine unless one answers (installs docker.io when missing).
 engine:

@@ -319,6 +319,7 @@ def sessions_list(
     table = Table(_key("ID"), "STATE", "TEMPLATE", "PHASE", _key("PREVIEW"), "CREATED", "NOTE")
     for session in _all_sessions(stub, template):
         note = session.failure.reason if session.state == pb.SESSION_STATE_FAILED else session.stop_reason
+        note = note or (f"forked from {session.forked_from}" if session.forked_from else "")
         table.add_row(
             session.id,
             _state(session.state),
@@ -369,6 +370,46 @@ def save(
         archive = stub.SaveSession(pb.SaveSessionRequest(id=session_id, name=name)).archive
     _err().print(f"saved {archive.files} files, {_size(archive.size)}, sha256 {archive.sha256[:12]}")
     _out().print(archive.id, soft_wrap=True)
+
+
+@app.command()
+@reports_rpc_errors
+def fork(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION", help="A READY session.")],
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
+    save: Annotated[bool, typer.Option("--save", help="Also save the source as an archive; fork from it.")] = False,
+    print_id: Annotated[bool, typer.Option("--id", help="Print the fork's id instead of its preview URL.")] = False,
+) -> None:
+    """Creates a session from a READY session's current files (the source keeps running), shows its progress
+    and prints the fork's preview URL."""
+    _, stub = _orchestrator(ctx)
+    response = stub.ForkSession(pb.ForkSessionRequest(id=session_id, labels=_labels(label or []), save=save))
+    if response.HasField("archive"):
+        _err().print(f"saved {session_id} as [bold]{response.archive.id}[/bold]")
+    _follow(stub, response.session, print_id)
+
+
+@app.command()
+@reports_rpc_errors
+def pause(ctx: typer.Context, session_id: Annotated[str, typer.Argument(metavar="SESSION")]) -> None:
+    """Stops a READY session's processes, keeping its files (`wsctl resume` brings it back)."""
+    _, stub = _orchestrator(ctx)
+    with _err().status(f"pausing {session_id}"):
+        stub.PauseSession(pb.PauseSessionRequest(id=session_id))
+    _err().print(f"paused {session_id}")
+
+
+@app.command()
+@reports_rpc_errors
+def resume(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    print_id: Annotated[bool, typer.Option("--id", help="Print the session id instead of the preview URL.")] = False,
+) -> None:
+    """Starts a PAUSED session again, shows its progress and prints its (new) preview URL."""
+    _, stub = _orchestrator(ctx)
+    _follow(stub, stub.ResumeSession(pb.ResumeSessionRequest(id=session_id)).session, print_id)
 
 
 # ---------------------------------------------------------------- archives

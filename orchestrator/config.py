@@ -142,6 +142,12 @@ class OrchestratorConfig:
             metavar="URL",
         ),
     )
+    # What the reaper does with a READY session idle past the idle TTL: delete it, or pause it (its files kept,
+    # its CPU and memory released; ResumeSession brings it back). The max lifetime always deletes.
+    idle_action: str = field(
+        default="delete",
+        metadata=option("what happens to an idle READY session (default {default})", choices=("delete", "pause")),
+    )
     # Archives: uploads and saves larger than this are refused.
     max_archive_bytes: int = field(default=2048 * MiB, metadata=option())
     # Install cache: node_modules after an install, reused by sessions with the same package.json, lockfile

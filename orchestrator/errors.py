@@ -25,6 +25,10 @@ class ArchiveNotFound(NotFound):
     """No archive with that id in the archive store."""
 
 
+class WorkspaceMissing(NotFound):
+    """The session's workspace is not in the runtime any more (e.g. removed while the session was paused)."""
+
+
 class FailedPrecondition(OrchestratorError):
     """The target is not in a state that allows the request (e.g. saving a stopped session)."""
 

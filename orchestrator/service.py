@@ -60,6 +60,20 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def SaveSession(self, request: pb.SaveSessionRequest, context: aio.ServicerContext) -> pb.SaveSessionResponse:
         return pb.SaveSessionResponse(archive=await self._sessions.save(request.id, request.name))
 
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: aio.ServicerContext) -> pb.ForkSessionResponse:
+        session, archive = await self._sessions.fork(request.id, labels=request.labels, save=request.save)
+        return pb.ForkSessionResponse(session=session, archive=archive)
+
+    async def PauseSession(
+        self, request: pb.PauseSessionRequest, context: aio.ServicerContext
+    ) -> pb.PauseSessionResponse:
+        return pb.PauseSessionResponse(session=await self._sessions.pause(request.id))
+
+    async def ResumeSession(
+        self, request: pb.ResumeSessionRequest, context: aio.ServicerContext
+    ) -> pb.ResumeSessionResponse:
+        return pb.ResumeSessionResponse(session=await self._sessions.resume(request.id))
+
     async def ListArchives(
         self, request: pb.ListArchivesRequest, context: aio.ServicerContext
     ) -> pb.ListArchivesResponse:

@@ -95,6 +95,20 @@ class Runtime(Protocol):
         """Removes the workspace and everything running in it; stopping an unknown one is not an error."""
         ...
 
+    async def pause(self, session_id: str) -> None:
+        """Stops everything running in the session's workspace and keeps its files (the container stopped, not
+        removed; the local runtime's directory), for resume(). Its agent's exit is not reported by exits().
+        Raises WorkspaceMissing (no workspace of that session), EngineUnavailable, FailedPrecondition."""
+        ...
+
+    async def resume(self, session_id: str, token: str, *, env: dict[str, str]) -> Workspace:
+        """Starts a paused workspace again with the files it had, its agent given `token` the way start() gives
+        it (the agent removed the token file when it first read it); `env` is the template's, for a runtime
+        that sets the agent's environment at each start. Its ports may differ from before the pause. Does not
+        wait for the agent. Raises WorkspaceMissing (it was removed meanwhile), EngineUnavailable,
+        FailedPrecondition."""
+        ...
+
     async def start_pooled(
         self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
     ) -> Workspace:

@@ -24,7 +24,7 @@ from docker.models.networks import Network
 from docker.types import CancellableStream, Mount
 
 from common.constants import AGENT_PORT, DEV_PORT
-from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing
+from orchestrator.errors import EngineUnavailable, FailedPrecondition, ImageMissing, WorkspaceMissing
 from orchestrator.runtime.base import (
     MANAGED_LABEL,
     ORCHESTRATOR_LABEL,
@@ -75,6 +75,12 @@ DESTROY_GRACE_S = 1.0
 OOM_WINDOW_S = 10.0
 # How long the ids of containers stop() removed are remembered, so their events are not taken for exits.
 REMOVED_MEMORY_S = 600.0
+# Seconds `docker stop` waits after SIGTERM before SIGKILL: the agent ends its commands (SIGKILL 2 s after their
+# SIGTERM) and then its server (grace 5 s).
+STOP_GRACE_S = 10
+# A die event up to this long after pause() returned is still its own, unless a resume came first (the engine's
+# clock and ours may differ a little; it sends the event once the container is down, before the call returns).
+PAUSE_EVENT_SLACK_NS = 2 * 10**9
 # Seconds between attempts to re-subscribe to the engine's events after losing them.
 EVENTS_RETRY_S = 2.0
 # Container names: a session's workspace, and a pool member until a claim renames it to its session's (the
@@ -109,6 +115,10 @@ class DockerRuntime:
         # exits. Kept for a while rather than until their destroy event, so every exits() iterator skips them.
         self._removed: dict[str, float] = {}
         self._removed_lock = threading.Lock()  # removals run in several threads at once
+        # Containers pause() stopped, with the window (ns) their die events are the pause's and no exit: from the
+        # stop's start to a little after its end (None while it runs), closed by a resume. By time rather than by
+        # id alone: the same container dies for real after a resume. Guarded by _removed_lock.
+        self._paused: dict[str, tuple[int, int | None]] = {}
         # The workspace network once it exists and is shut off from the host (per process: rules are re-checked).
         self._network: Network | None = None
         self._network_lock = threading.Lock()
@@ -173,6 +183,20 @@ class DockerRuntime:
         """Removes the session's container (killing what runs in it); no container is not an error.
         Raises EngineUnavailable."""
         await self._call("remove the workspace container", self._stop, session_id)
+
+    async def pause(self, session_id: str) -> None:
+        """Stops the session's container (`docker stop`: SIGTERM to its init, which the agent passes on to its
+        commands; SIGKILL after STOP_GRACE_S): no process left, memory and CPU released; its filesystem (the
+        /app, home and token volumes) stays with the stopped container. Raises WorkspaceMissing,
+        EngineUnavailable, FailedPrecondition."""
+        await self._call("stop the workspace container", self._pause, session_id)
+
+    async def resume(self, session_id: str, token: str, *, env: dict[str, str]) -> Workspace:
+        """Writes `token` into the stopped container again (as start() does: the agent removed the file when it
+        first read it) and starts it; the engine publishes its ports anew (maybe on other host ports). `env` is
+        unused: the container keeps the environment it was created with. Raises WorkspaceMissing,
+        EngineUnavailable, FailedPrecondition."""
+        return await self._call("start the workspace container again", self._resume, session_id, token)
 
     async def list(self) -> list[Workspace]:
         """This instance's containers, running or not. Raises EngineUnavailable."""
@@ -375,6 +399,53 @@ class DockerRuntime:
             if self._ours(container) and _session_of(_name_of(container), container.labels) == session_id:
                 self._remove(container)
 
+    def _session_container(self, session_id: str) -> Container:
+        """The session's container (its own, or the pool member a claim renamed). Raises WorkspaceMissing."""
+        for container in self._containers(f"{SESSION_LABEL}={session_id}"):
+            return container
+        with suppress(NotFound):
+            container = self._docker().containers.get(f"{CONTAINER_PREFIX}{session_id}")
+            if self._ours(container) and _session_of(_name_of(container), container.labels) == session_id:
+                return container
+        raise WorkspaceMissing(f"session {session_id} has no container (removed outside the orchestrator?)")
+
+    def _pause(self, session_id: str) -> None:
+        container = self._session_container(session_id)
+        began = time.time_ns()
+        with self._removed_lock:
+            self._paused[_id_of(container)] = (began, None)
+        try:
+            container.stop(timeout=STOP_GRACE_S)
+        except NotFound:
+            raise WorkspaceMissing(f"session {session_id}'s container was removed while it was being paused") from None
+        finally:
+            with self._removed_lock:
+                self._paused[_id_of(container)] = (began, time.time_ns() + PAUSE_EVENT_SLACK_NS)
+
+    def _resume(self, session_id: str, token: str) -> Workspace:
+        container = self._session_container(session_id)
+        try:
+            if container.status == "running":  # started by hand meanwhile: its agent has no token we know of
+                self._pause(session_id)
+            with self._removed_lock:  # what dies from now on is no longer the pause's
+                if (window := self._paused.get(_id_of(container))) is not None:
+                    self._paused[_id_of(container)] = (window[0], min(window[1] or 0, time.time_ns()))
+            deliver_token(container, token)
+            container.start()
+            container.reload()
+        except NotFound:
+            raise WorkspaceMissing(f"session {session_id}'s container was removed while it was being resumed") from None
+        return self._workspace(container)
+
+    def _pause_died(self, container_id: str, time_ns: int) -> bool:
+        """Whether a die event of `container_id` at `time_ns` came from pause() stopping it."""
+        with self._removed_lock:
+            window = self._paused.get(container_id)
+        if window is None:
+            return False
+        began, until = window
+        return began <= time_ns and (until is None or time_ns <= until)
+
     def _ours(self, container: Container) -> bool:
         labels = container.labels
         return labels.get(MANAGED_LABEL) == "true" and labels.get(ORCHESTRATOR_LABEL) == self.instance_id
@@ -385,6 +456,7 @@ class DockerRuntime:
             for old in [key for key, when in self._removed.items() if now - when > REMOVED_MEMORY_S]:
                 del self._removed[old]
             self._removed[_id_of(container)] = now
+            self._paused.pop(_id_of(container), None)
         with suppress(NotFound):
             container.remove(force=True, v=True)
 
@@ -457,6 +529,8 @@ class DockerRuntime:
                         for old in [key for key, when in oom_at.items() if now - when > OOM_WINDOW_S]:
                             del oom_at[old]
                         oom_at[container_id] = now
+                    elif action == "die" and self._pause_died(container_id, int(event.get("timeNano", 0))):
+                        pass
                     elif action == "die":
                         died[container_id] = (now + DESTROY_GRACE_S, attributes)
                     elif action == "destroy":

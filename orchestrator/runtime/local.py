@@ -22,7 +22,7 @@ import psutil
 
 from common.constants import TOKEN_ENV
 from common.durable import write_atomically
-from orchestrator.errors import FailedPrecondition, InitializationFailed
+from orchestrator.errors import FailedPrecondition, InitializationFailed, WorkspaceMissing
 from orchestrator.runtime.base import (
     ORCHESTRATOR_LABEL,
     SESSION_LABEL,
@@ -183,20 +183,59 @@ class LocalRuntime:
         session_dir = self.directory / name
         self._stopping.add(name)
         try:
-            state = await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
-            child = self._children.pop(name, None)
-            if state is not None and await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
-                pid = state["pid"]
-                groups = await asyncio.to_thread(_descendant_groups, pid)
-                _signal_group(pid, signal.SIGTERM)
-                if not await _exited(pid, child, STOP_GRACE_S):
-                    _signal_group(pid, signal.SIGKILL)
-                    await _exited(pid, child, STOP_GRACE_S)
-                for group in groups:
-                    _signal_group(group, signal.SIGKILL)
+            await self._kill(name, await asyncio.to_thread(_read_json, session_dir / STATE_FILE))
             await asyncio.to_thread(shutil.rmtree, session_dir, ignore_errors=True)
         finally:
             self._stopping.discard(name)
+
+    async def _kill(self, name: str, state: dict | None) -> None:
+        """Ends the agent of the directory `name` and everything it started, the caller marking it stopping."""
+        session_dir = self.directory / name
+        child = self._children.pop(name, None)
+        if state is not None and await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
+            pid = state["pid"]
+            groups = await asyncio.to_thread(_descendant_groups, pid)
+            _signal_group(pid, signal.SIGTERM)
+            if not await _exited(pid, child, STOP_GRACE_S):
+                _signal_group(pid, signal.SIGKILL)
+                await _exited(pid, child, STOP_GRACE_S)
+            for group in groups:
+                _signal_group(group, signal.SIGKILL)
+
+    async def pause(self, session_id: str) -> None:
+        """Ends the session's agent and everything it started as stop() does, keeping the directory; its
+        workspace.json says `paused`, so exits() does not take the agent's end for an exit (also after a restart).
+        Raises WorkspaceMissing."""
+        check_session_id(session_id)
+        session_dir = await asyncio.to_thread(self._session_dir, session_id)
+        state = None if session_dir is None else await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
+        if session_dir is None or state is None:
+            raise WorkspaceMissing(f"session {session_id} has no local workspace")
+        self._stopping.add(session_dir.name)
+        try:
+            state["paused"] = True
+            await asyncio.to_thread(_write_json, session_dir / STATE_FILE, state)
+            await self._kill(session_dir.name, state)
+        finally:
+            self._stopping.discard(session_dir.name)
+
+    async def resume(self, session_id: str, token: str, *, env: dict[str, str]) -> Workspace:
+        """Starts an agent again in the paused session's directory (new ports; `token` in a new token file).
+        Raises WorkspaceMissing (its directory is gone), InitializationFailed (the agent did not serve)."""
+        check_session_id(session_id)
+        session_dir = await asyncio.to_thread(self._session_dir, session_id)
+        state = None if session_dir is None else await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
+        if session_dir is None or state is None or not (session_dir / "app").is_dir():
+            raise WorkspaceMissing(f"session {session_id}'s local workspace is gone")
+        name = session_dir.name
+        self._stopping.add(name)
+        try:
+            await self._kill(name, state)  # in case it runs (started by hand): one agent per root
+        finally:
+            self._stopping.discard(name)
+        environment = {**workspace_agent_env(session_id), **env}
+        # The state file _launch writes has no `paused`: from now on its agent's exit is reported again.
+        return await self._launch(name, state.get("session_id", ""), token, environment, state["labels"])
 
     async def list(self) -> list[Workspace]:
         """This instance's workspaces from their state files; `running` is whether the agent still is."""
@@ -208,11 +247,11 @@ class LocalRuntime:
         reported: set[tuple[str, str]] = set()
         while True:
             listed = await asyncio.to_thread(self._listed)
-            present = {(workspace.session_id, workspace.handle) for _, workspace in listed}
+            present = {(workspace.session_id, workspace.handle) for _, workspace, _ in listed}
             reported &= present
-            for name, workspace in listed:
+            for name, workspace, paused in listed:
                 key = (workspace.session_id, workspace.handle)
-                if workspace.running or key in reported or name in self._stopping:
+                if workspace.running or paused or key in reported or name in self._stopping:
                     continue
                 reported.add(key)
                 yield WorkspaceExit(workspace.session_id, workspace.handle, await self._exit_reason(name, workspace))
@@ -239,26 +278,25 @@ class LocalRuntime:
         self._children.clear()
 
     def _list(self) -> builtins.list[Workspace]:
-        return [workspace for _, workspace in self._listed()]
+        return [workspace for _, workspace, _ in self._listed()]
 
-    def _listed(self) -> builtins.list[tuple[str, Workspace]]:
-        """This instance's workspaces with their directory names."""
+    def _listed(self) -> builtins.list[tuple[str, Workspace, bool]]:
+        """This instance's workspaces with their directory names, and whether each is paused."""
         workspaces = []
         for path in sorted(self.directory.glob(f"*/{STATE_FILE}")):
             state = _read_json(path)
             if state is None or state["labels"].get(ORCHESTRATOR_LABEL) != self.instance_id:
                 continue
             name = path.parent.name
-            workspaces.append(
-                (name, self._workspace(state, name, running=_is_agent(state["pid"], path.parent / "app")))
-            )
+            running = _is_agent(state["pid"], path.parent / "app")
+            workspaces.append((name, self._workspace(state, name, running=running), bool(state.get("paused"))))
         return workspaces
 
     def _session_dir(self, session_id: str) -> Path | None:
         """The directory of the session's workspace: its own, or the pool member a claim gave it."""
         if (self.directory / session_id).exists():
             return self.directory / session_id
-        for name, workspace in self._listed():
+        for name, workspace, _ in self._listed():
             if workspace.session_id == session_id:
                 return self.directory / name
         return None

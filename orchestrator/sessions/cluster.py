@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 
 from orchestrator.errors import ReplicaUnavailable, error_for_status
-from orchestrator.sessions.live import LIVE_STATES, reason_of
+from orchestrator.sessions.live import HELD_STATES, reason_of
 from orchestrator.store import Store
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc
@@ -62,7 +62,7 @@ class Cluster:
             self.leading = leading
             log.info("replica %s %s", self._store.replica_id, "leads now" if leading else "no longer leads")
             await self._manager.lead(leading)
-        for session in await self._store.orphans(LIVE_STATES):
+        for session in await self._store.orphans(HELD_STATES):
             await self._manager.take_over(session)
 
     def start(self) -> None:
@@ -103,7 +103,7 @@ class Cluster:
         replica, address, current = owner
         if not current:
             session = await self._store.get_session(session_id)
-            if session is not None and session.state in LIVE_STATES:
+            if session is not None and session.state in HELD_STATES:
                 await self._manager.take_over(session)
             return None
         if not address:

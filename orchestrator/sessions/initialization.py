@@ -1,11 +1,13 @@
 """A session's initialization: an explicit sequence of phase steps (container, agent, archive, install, dev
-server, readiness), each timed, traced and published; pools will start it further along the sequence."""
+server, readiness), each timed, traced and published; pools start it further along the sequence, a resume with
+the container started again."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
@@ -14,7 +16,7 @@ from common import telemetry
 from orchestrator.agent_client import AgentClient
 from orchestrator.archives import ArchiveStore
 from orchestrator.config import OrchestratorConfig
-from orchestrator.errors import InitializationFailed, OrchestratorError
+from orchestrator.errors import InitializationFailed, OrchestratorError, WorkspaceMissing
 from orchestrator.install_cache import HIT_ENV, CacheKey, Injected, InstallCache
 from orchestrator.pool import FROM_POOL, WarmPool
 from orchestrator.readiness import wait_until_ready
@@ -61,10 +63,12 @@ class Initialization:
         hot_pool: HotPool | None = None,
         hot_key: str = "",
         template_archive: TemplateArchive | None = None,
+        fork_source: LiveSession | None = None,
     ) -> None:
         """`hot_pool` and `hot_key`: the template's hot pool, and the key (content hash, image) an entry must
         have for this session (computed when it was created). `template_archive`: the template's archive to
-        inject (pinned with `template`; else the catalog's at the injection)."""
+        inject (pinned with `template`; else the catalog's at the injection). `fork_source`: the session whose
+        current files are injected instead (a fork)."""
         self.live = live
         self.template = template
         self.archive = archive
@@ -79,6 +83,9 @@ class Initialization:
         self._hot_pool = hot_pool
         self._hot_key = hot_key
         self._template_archive = template_archive
+        self._fork_source = fork_source
+        # A resumed workspace kept its files (and node_modules): injection and install have nothing to do.
+        self._files_kept = False
         # Whether the workspace is a hot entry: the later phases were done by its fill.
         self._from_hot = False
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
@@ -235,12 +242,48 @@ class Initialization:
         status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image} {FROM_HOT_POOL}"
         return True
 
+    async def resume_container(self, status: pb.PhaseStatus) -> None:
+        """Starts the paused session's workspace again with its token; when it is gone, a cold start restored
+        from the session's last save (the detail says so), or the phase fails with the reason."""
+        session = self.live.session
+        try:
+            workspace, agent = await resume_workspace(
+                self._runtime, session, dict(self.template.env), self._config.agent_health_timeout_s
+            )
+        except WorkspaceMissing as missing:
+            saves = await self._archives.list(session.id)
+            if not saves:
+                self.container_started.set_result(None)
+                raise InitializationFailed(
+                    f"cannot resume: {missing}, and the session was never saved, so there is nothing to restore"
+                ) from missing
+            await self._runtime.stop(session.id)  # whatever is left of it
+            self.archive = saves[0]  # the newest
+            await self.start_container(status)
+            status.detail = (
+                f"{status.detail}; the paused workspace was gone ({missing}): restored from its last"
+                f" save {self.archive.id}"
+            )
+            return
+        except Exception as error:
+            self.container_started.set_exception(error)
+            raise
+        self._files_kept = True
+        self.container_started.set_result(None)
+        self._recorder.attach(self.live, workspace, agent)
+        status.detail = f"resumed: {workspace.runtime} {workspace.handle[:12]} started again with its files"
+
     async def wait_agent_healthy(self, status: pb.PhaseStatus) -> None:
         await self.live.connected_agent.wait_healthy(self._config.agent_health_timeout_s)
 
     async def inject_archive(self, status: pb.PhaseStatus) -> None:
         agent, archive, template = self.live.connected_agent, self.archive, self.template
-        if archive is not None:
+        if self._files_kept:
+            status.outcome = pb.PHASE_OUTCOME_SKIPPED
+            status.detail = "resumed: the workspace kept its files"
+        elif self._fork_source is not None:
+            await self._inject_fork(self._fork_source, status)
+        elif archive is not None:
             await agent.extract_archive(self._archives.read(archive.id), archive.sha256)
             status.detail = f"archive {archive.id}: {archive.files} files, {archive.size} bytes"
         else:
@@ -248,8 +291,32 @@ class Initialization:
             await agent.extract_archive(built.chunks(), built.sha256)
             status.detail = f"template {template.name}: {built.files} files, {built.size} bytes"
 
+    async def _inject_fork(self, source: LiveSession, status: pb.PhaseStatus) -> None:
+        """Streams the source session's /app from its agent into this workspace's, through this process and no
+        store: without node_modules, which the install step puts back (from the install cache when an install of
+        the same package.json and lockfile left an entry). Holds the source's lock meanwhile: it is not paused,
+        saved or deleted halfway through; it keeps running."""
+        async with source.lock:
+            state = source.session.state
+            if state != READY or source.agent is None:
+                raise InitializationFailed(f"the source session {source.session.id} is {pb.SessionState.Name(state)}")
+            stream = await source.agent.create_archive()
+            # The stream checks its bytes against the source's summary; the extraction swaps them in only if
+            # every byte arrived, so a cut-off copy leaves nothing behind.
+            extracted = await self.live.connected_agent.extract_archive(stream, "")
+        if stream.summary is None or extracted.sha256 != stream.summary.sha256:
+            raise InitializationFailed(f"the copy of {source.session.id}'s files arrived altered or incomplete")
+        status.detail = (
+            f"forked from {source.session.id}: {extracted.files} files, {stream.summary.size} bytes streamed"
+            " (node_modules left to the install)"
+        )
+
     async def install(self, status: pb.PhaseStatus) -> None:
         template = self.template
+        if self._files_kept:
+            status.outcome = pb.PHASE_OUTCOME_SKIPPED
+            status.detail = "resumed: the workspace kept its node_modules"
+            return
         if not template.install_command:
             status.outcome = pb.PHASE_OUTCOME_SKIPPED
             status.detail = "the template has no install command"
@@ -322,6 +389,33 @@ class Initialization:
         (pb.PHASE_DEV_SERVER_STARTED, start_dev_server),
         (pb.PHASE_READY, wait_ready),
     )
+    # A paused session's way back to READY: the same six phases, the container started again (or, gone, a
+    # cold start from the last save) in place of a new one.
+    RESUME_STEPS: tuple[tuple[pb.Phase.ValueType, Step], ...] = (
+        (pb.PHASE_CONTAINER_STARTED, resume_container),
+        *STEPS[1:],
+    )
+
+
+async def resume_workspace(
+    runtime: Runtime, session: pb.Session, env: dict[str, str], health_timeout_s: float
+) -> tuple[Workspace, AgentClient]:
+    """Starts the paused session's workspace again and hands its agent to the session as a pool member's is: the
+    runtime delivers a new one-time credential (the agent removed the last token file when it read it), and the
+    agent's Claim replaces it with the session's token and adds the template's `env` to later commands (a claimed
+    member's agent had them from its first Claim; a restarted one starts without). So the session's token is never
+    written into the workspace again, and what the file held is refused once claimed. Returns the workspace and a
+    client holding the session's token. Raises WorkspaceMissing, and what the runtime or the agent raise."""
+    credential = secrets.token_urlsafe(24)
+    workspace = await runtime.resume(session.id, credential, env=env)
+    agent = AgentClient(workspace.agent_endpoint, credential)
+    try:
+        await agent.wait_healthy(health_timeout_s)
+        await agent.claim(session.agent_token, env, session.id)
+    except BaseException:
+        await agent.close()
+        raise
+    return workspace, agent
 
 
 # One phase's work: given the Initialization and the phase's status (to set its detail or SKIPPED).

@@ -19,10 +19,14 @@ from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 PENDING, STARTING, READY = pb.SESSION_STATE_PENDING, pb.SESSION_STATE_STARTING, pb.SESSION_STATE_READY
 FAILED, STOPPING, STOPPED = pb.SESSION_STATE_FAILED, pb.SESSION_STATE_STOPPING, pb.SESSION_STATE_STOPPED
+PAUSED = pb.SESSION_STATE_PAUSED
 # A watch ends once the session reaches one of these.
-SETTLED = frozenset({READY, FAILED, STOPPED})
-# Sessions holding a workspace (or about to): they count against max_sessions.
+SETTLED = frozenset({READY, FAILED, STOPPED, PAUSED})
+# Sessions holding a running workspace (or about to): they count against max_sessions.
 LIVE_STATES = (PENDING, STARTING, READY, STOPPING, FAILED)
+# Sessions this orchestrator keeps a record and a workspace of: the live ones and the paused ones (whose stopped
+# workspace holds their files but no CPU or memory, so they do not count against max_sessions).
+HELD_STATES = (*LIVE_STATES, PAUSED)
 
 MAX_LINE_CHARS = 4096
 # A watcher this many events behind is sent a fresh snapshot instead of what it missed.

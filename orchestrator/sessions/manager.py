@@ -1,5 +1,5 @@
-"""The SessionManager: the registry of live sessions and the operations on them (queries, watch, create,
-save, delete), with the record/fail/attach steps the initialization, reconciler and reaper call."""
+"""The SessionManager: the registry of live sessions and the operations on them (queries, watch, create, fork,
+pause, resume, save, delete), with the record/fail/attach steps the initialization, reconciler and reaper call."""
 
 from __future__ import annotations
 
@@ -22,19 +22,23 @@ from orchestrator.errors import (
     ImageMissing,
     InvalidArgument,
     LimitExceeded,
+    OrchestratorError,
     SessionNotFound,
+    WorkspaceMissing,
 )
 from orchestrator.install_cache import InstallCache
 from orchestrator.pool import WarmPool
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.sessions.cluster import Cluster
 from orchestrator.sessions.hot_pool import HotPool
-from orchestrator.sessions.initialization import Initialization
+from orchestrator.sessions.initialization import Initialization, resume_workspace
 from orchestrator.sessions.live import (
     FAILED,
+    PAUSED,
     PENDING,
     READY,
     SETTLED,
+    STARTING,
     STOPPED,
     STOPPING,
     WATCH_QUEUE_EVENTS,
@@ -127,7 +131,8 @@ class SessionManager:
     def _room_for(self, pool: WarmPool | None) -> int:
         """How many workspaces `pool` may hold: what max_sessions leaves of the sessions and the other pools."""
         others = sum(other.held for other in self.pools if other is not pool)
-        return self.config.max_sessions - len(self._live) - others
+        running = sum(live.session.state != PAUSED for live in self._live.values())
+        return self.config.max_sessions - running - others
 
     # ------------------------------------------------------------------ queries
 
@@ -196,9 +201,7 @@ class SessionManager:
         Raises TemplateNotFound, InvalidTemplate, ArchiveNotFound, InvalidArgument (no source, bad labels),
         LimitExceeded (max_sessions), EngineUnavailable, ImageMissing."""
         labels = dict(labels or {})
-        for key, value in labels.items():
-            if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
-                raise InvalidArgument(f"label {key!r}: keys (non-empty) and values are at most 63 characters")
+        _check_labels(labels)
         archive = await self._archives.get(archive_id) if archive_id else None
         if archive is not None:
             template = archive.template
@@ -210,11 +213,7 @@ class SessionManager:
         hot_key, pinned = await hot.current() if hot is not None else ("", None)
         if pinned is not None:
             spec = pinned.spec  # the session runs exactly this content, from a hot entry or not
-        if sum(live.session.state != FAILED for live in self._live.values()) >= self.config.max_sessions:
-            raise LimitExceeded(
-                f"{self.config.max_sessions} sessions are running: delete one (DeleteSession) or raise --max-sessions"
-            )
-
+        self._check_room()
         session = pb.Session(
             id=f"ws-{secrets.token_hex(5)}",
             state=PENDING,
@@ -228,33 +227,172 @@ class SessionManager:
         live = LiveSession(session, spec, self.config.output_history_lines)
         self.hold(live)
         self._store.put_session(session)
-        initialization = Initialization(
-            live,
-            spec,
-            archive,
-            recorder=self,
-            config=self.config,
-            runtime=self._runtime,
-            catalog=self._catalog,
-            archives=self._archives,
-            install_cache=self._install_cache,
-            pool=self.pool,
-            hot_pool=hot,
-            hot_key=hot_key,
-            template_archive=pinned.archive if pinned is not None else None,
+        initialization = self._initialization(
+            live, archive, hot_pool=hot, hot_key=hot_key, template_archive=pinned.archive if pinned else None
         )
+        await self._initialize(live, initialization, new=True)
+        return copied(session)
+
+    def _initialization(self, live: LiveSession, archive: pb.Archive | None, **options) -> Initialization:
+        """The session's initialization with this manager's parts (the warm pool among them), `options` added."""
+        assert live.template is not None
+        return Initialization(
+            live, live.template, archive, recorder=self, config=self.config, runtime=self._runtime,
+            catalog=self._catalog, archives=self._archives, install_cache=self._install_cache, pool=self.pool,
+            **options,
+        )  # fmt: skip
+
+    async def _initialize(self, live: LiveSession, initialization: Initialization, *, new: bool) -> None:
+        """Runs `initialization` in the background and returns once its container is started (or starting it
+        failed), so engine problems reach the caller: then a `new` session is forgotten (nothing was started),
+        and the error raised."""
         container_started = initialization.container_started
-        live.initialization = asyncio.create_task(initialization.run(), name=f"initialize {session.id}")
+        live.initialization = asyncio.create_task(initialization.run(), name=f"initialize {live.session.id}")
         await asyncio.wait({container_started, live.initialization}, return_when=asyncio.FIRST_COMPLETED)
         error = container_started.exception() if container_started.done() else None
         if isinstance(error, (EngineUnavailable, ImageMissing)):
-            # Nothing was started: the caller gets the engine's problem and no session is left behind.
             await live.initialization
-            self._live.pop(session.id, None)
-            await self._store.delete_session(session.id)
+            if new:  # no session is left behind
+                self._live.pop(live.session.id, None)
+                await self._store.delete_session(live.session.id)
+            else:  # a resumption that could not start: the session is as paused as before
+                live.session.state = PAUSED
+                live.session.ClearField("failure")
+                self.record(live, pb.WatchSessionResponse(session=live.session))
             raise error
         await self._store.flush()  # written before the caller hears of it: another replica can read it then
-        return copied(session)
+
+    def _check_room(self) -> None:
+        """Raises LimitExceeded when max_sessions sessions hold a running workspace (FAILED and PAUSED ones
+        do not count)."""
+        if sum(live.session.state not in (FAILED, PAUSED) for live in self._live.values()) >= self.config.max_sessions:
+            raise LimitExceeded(
+                f"{self.config.max_sessions} sessions are running: delete or pause one (DeleteSession,"
+                " PauseSession) or raise --max-sessions"
+            )
+
+    # ------------------------------------------------------------------ fork
+
+    async def fork(
+        self, session_id: str, *, labels: Mapping[str, str] | None = None, save: bool = False
+    ) -> tuple[pb.Session, pb.Archive | None]:
+        """A new session from the READY session's current files: streamed from its agent to the new
+        workspace's (a warm pool member, or a cold start; never a hot entry, which holds the template's files),
+        then the template's install (with the install cache) and dev steps. With `save`, the source is saved
+        first and the fork restored from that archive. The source keeps running. Returns the fork (PENDING)
+        and the archive saved, if any. Raises SessionNotFound, FailedPrecondition (the source is not READY),
+        InvalidArgument (bad labels), LimitExceeded, EngineUnavailable, ImageMissing, ReplicaUnavailable."""
+        if session_id not in self._live and (owner := await self.cluster.owner_stub(session_id)) is not None:
+            # Made by the source's owner: only it holds the source's agent.
+            request = pb.ForkSessionRequest(id=session_id, labels=labels or {}, save=save)
+            answer = await self.cluster.forwarded(session_id, owner.ForkSession(request))
+            return answer.session, answer.archive if answer.HasField("archive") else None
+        source = self._live.get(session_id)
+        state = source.session.state if source is not None else (await self.get(session_id)).state
+        if source is None or state != READY or source.agent is None:
+            raise FailedPrecondition(
+                f"session {session_id} is {pb.SessionState.Name(state)}: only a READY session can be forked"
+            )
+        merged = {**source.session.labels, **(labels or {})}
+        _check_labels(merged)
+        self._check_room()
+        archive = None
+        if save:
+            async with source.lock:
+                archive = await self.save_live(source, f"{session_id} forked")
+        template = source.template or self._catalog.get(source.session.template)
+        session = pb.Session(
+            id=f"ws-{secrets.token_hex(5)}",
+            state=PENDING,
+            template=template.name,
+            archive_id=archive.id if archive else "",
+            agent_token=secrets.token_urlsafe(24),
+            labels=merged,
+            created_at=timestamp_now(),
+            runtime=self._runtime.name,
+            forked_from=session_id,
+        )
+        live = LiveSession(session, template, self.config.output_history_lines)
+        self.hold(live)
+        self._store.put_session(session)
+        initialization = self._initialization(live, archive, fork_source=None if archive else source)
+        await self._initialize(live, initialization, new=True)
+        return copied(session), archive
+
+    # ------------------------------------------------------------------ pause, resume
+
+    async def pause(self, session_id: str) -> pb.Session:
+        """Stops the READY session's workspace, keeping its files, and records it PAUSED; a PAUSED session is
+        returned as it is. Raises SessionNotFound, FailedPrecondition (not READY), EngineUnavailable,
+        ReplicaUnavailable."""
+        if session_id not in self._live and (owner := await self.cluster.owner_stub(session_id)) is not None:
+            request = pb.PauseSessionRequest(id=session_id)
+            return (await self.cluster.forwarded(session_id, owner.PauseSession(request))).session
+        live = self._live.get(session_id)
+        if live is None:
+            state = (await self.get(session_id)).state
+            raise FailedPrecondition(f"session {session_id} is {pb.SessionState.Name(state)}: it cannot be paused")
+        async with live.lock:
+            if self._live.get(session_id) is not live:
+                raise FailedPrecondition(f"session {session_id} stopped meanwhile: it cannot be paused")
+            await self.pause_live(live)
+        return copied(live.session)
+
+    async def pause_live(self, live: LiveSession) -> None:
+        """Pauses the session, the caller holding its lock (see pause)."""
+        session = live.session
+        if session.state == PAUSED:
+            return
+        if session.state != READY or live.agent is None:
+            raise FailedPrecondition(
+                f"session {session.id} is {pb.SessionState.Name(session.state)}: only a READY session can be paused"
+            )
+        if live.install_store is not None and self._install_cache is not None:
+            # Being written from this workspace: stopping it now would lose the entry.
+            await self._install_cache.finish(live.install_store)
+            live.install_store = None
+        # Stopped first: should the engine fail, the session is READY with its agent as before.
+        await self._runtime.pause(session.id)
+        await live.agent.close()
+        live.agent = None
+        session.state = PAUSED
+        session.paused_at.GetCurrentTime()
+        # Its ports are released with the container: what it had stops answering.
+        session.preview_url = session.agent_endpoint = ""
+        self.record(live, pb.WatchSessionResponse(session=session))
+        self._room_freed()
+
+    async def resume(self, session_id: str) -> pb.Session:
+        """Starts the PAUSED session's workspace again (see Initialization.RESUME_STEPS) and returns once its
+        container is started (state STARTING); a STARTING or READY session is returned as it is.
+        Raises SessionNotFound, FailedPrecondition (FAILED, STOPPING or STOPPED), LimitExceeded,
+        EngineUnavailable, ReplicaUnavailable."""
+        if session_id not in self._live and (owner := await self.cluster.owner_stub(session_id)) is not None:
+            request = pb.ResumeSessionRequest(id=session_id)
+            return (await self.cluster.forwarded(session_id, owner.ResumeSession(request))).session
+        live = self._live.get(session_id)
+        state = live.session.state if live is not None else (await self.get(session_id)).state
+        if live is not None and state in (PENDING, STARTING, READY):
+            return copied(live.session)
+        if live is None or state != PAUSED:
+            raise FailedPrecondition(
+                f"session {session_id} is {pb.SessionState.Name(state)}: only a PAUSED one resumes"
+            )
+        async with live.lock:
+            if self._live.get(session_id) is not live or live.session.state != PAUSED:
+                return await self.get(session_id)  # resumed (or deleted) by a concurrent call
+            self._check_room()
+            if live.template is None:
+                live.template = self._catalog.get(live.session.template)
+            session = live.session
+            session.state = STARTING
+            del session.phases[:]  # this run's phases, as a new session's
+            session.ClearField("failure")
+            live.output.clear()
+            self.record(live, pb.WatchSessionResponse(session=session))
+            initialization = self._initialization(live, None, steps=Initialization.RESUME_STEPS)
+            await self._initialize(live, initialization, new=False)
+        return copied(live.session)
 
     # ------------------------------------------------------------------ the live sessions' records
 
@@ -327,23 +465,57 @@ class SessionManager:
 
     # ------------------------------------------------------------------ save, delete
 
-    async def _running(self, session_id: str) -> LiveSession:
+    async def _savable(self, session_id: str) -> LiveSession:
         live = self._live.get(session_id)
-        if live is None or live.agent is None or live.session.state not in (READY, FAILED):
+        paused = live is not None and live.session.state == PAUSED
+        if live is None or (not paused and (live.agent is None or live.session.state not in (READY, FAILED))):
             state = pb.SessionState.Name((await self.get(session_id)).state)
-            raise FailedPrecondition(f"session {session_id} is {state}: only a READY (or FAILED) running one")
+            raise FailedPrecondition(
+                f"session {session_id} is {state}: only a READY (or FAILED) running one, or a PAUSED one"
+            )
         return live
 
     async def save(self, session_id: str, name: str = "") -> pb.Archive:
-        """Saves the workspace (without node_modules and the template's exclusions) as a new archive.
-        Raises SessionNotFound, FailedPrecondition (not running), ChecksumMismatch, LimitExceeded,
-        ReplicaUnavailable."""
+        """Saves the workspace (without node_modules and the template's exclusions) as a new archive; a PAUSED
+        one too (see save_paused). Raises SessionNotFound, FailedPrecondition (not running nor paused),
+        ChecksumMismatch, LimitExceeded, ReplicaUnavailable."""
         if session_id not in self._live and (owner := await self.cluster.owner_stub(session_id)) is not None:
             request = pb.SaveSessionRequest(id=session_id, name=name)
             return (await self.cluster.forwarded(session_id, owner.SaveSession(request))).archive
-        live = await self._running(session_id)
+        live = await self._savable(session_id)
         async with live.lock:
+            return await self._save_held(live, name)
+
+    async def _save_held(self, live: LiveSession, name: str) -> pb.Archive:
+        await self._savable(live.session.id)  # still, now that the caller holds the lock
+        if live.session.state == PAUSED:
+            return await self.save_paused(live, name)
+        return await self.save_live(live, name)
+
+    async def save_paused(self, live: LiveSession, name: str) -> pb.Archive:
+        """Saves a PAUSED session, the caller holding its lock: its workspace is started with the agent alone
+        (no dev server, nothing of the workspace's own runs), the agent archives it exactly as it would a running
+        one (same excludes, same bytes), and it is stopped again; the session stays PAUSED throughout.
+        Raises FailedPrecondition (its workspace is gone), and what save_live raises."""
+        session = live.session
+        template = live.template or self._catalog.get(session.template)
+        try:
+            _, agent = await resume_workspace(
+                self._runtime, session, dict(template.env), self.config.agent_health_timeout_s
+            )
+        except WorkspaceMissing as error:
+            raise FailedPrecondition(f"session {session.id} is PAUSED and its workspace is gone: {error}") from None
+        except BaseException:
+            with contextlib.suppress(OrchestratorError):  # its agent did not come up: stopped again all the same
+                await self._runtime.pause(session.id)
+            raise
+        live.agent = agent
+        try:
             return await self.save_live(live, name)
+        finally:
+            await live.agent.close()
+            live.agent = None
+            await self._runtime.pause(session.id)
 
     async def save_live(self, live: LiveSession, name: str) -> pb.Archive:
         """Saves a running session's workspace, the caller holding its lock. Raises ChecksumMismatch,
@@ -381,11 +553,11 @@ class SessionManager:
             await self._store.delete_session(session_id)
             return None
         if save:
-            await self._running(session_id)
+            await self._savable(session_id)
         async with live.lock:
             if session_id not in self._live:  # a concurrent delete or the reaper got there first
                 return None
-            archive = await self.save_live(live, "") if save else None
+            archive = await self._save_held(live, "") if save else None
             await self.stop_live(live, reason)
         return archive
 
@@ -487,3 +659,10 @@ class SessionManager:
             if live.agent is not None:
                 await live.agent.close()
         self._live.clear()
+
+
+def _check_labels(labels: Mapping[str, str]) -> None:
+    """Raises InvalidArgument for an empty key, or a key or value over MAX_LABEL_CHARS."""
+    for key, value in labels.items():
+        if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+            raise InvalidArgument(f"label {key!r}: keys (non-empty) and values are at most 63 characters")

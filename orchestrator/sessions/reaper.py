@@ -1,4 +1,5 @@
-"""The SessionReaper: stops sessions idle past the idle TTL or alive past their max lifetime."""
+"""The SessionReaper: stops (or, with --idle-action pause, pauses) sessions idle past the idle TTL, and stops
+those alive past their max lifetime."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.sessions.live import READY, LiveSession, reason_of
+from orchestrator.sessions.live import FAILED, READY, LiveSession, reason_of
 
 if TYPE_CHECKING:
     from orchestrator.sessions.manager import SessionManager
@@ -36,7 +37,7 @@ class SessionReaper:
                 log.warning("reaper: skipping session %s this round: %s", live.session.id, reason_of(error))
                 continue
             if reason:
-                log.info("reaper stopped session %s: %s", live.session.id, reason)
+                log.info("reaper: session %s: %s", live.session.id, reason)
                 reaped.append((live.session.id, reason))
         return reaped
 
@@ -52,7 +53,7 @@ class SessionReaper:
         config = manager.config
         session = live.session
         age = now - session.created_at.ToNanoseconds() / 1e9
-        reason = ""
+        reason, idle = "", False
         if config.max_lifetime_s and age > config.max_lifetime_s:
             reason = f"max lifetime of {config.max_lifetime_s:g}s reached"
         elif config.idle_ttl_s:
@@ -63,13 +64,16 @@ class SessionReaper:
             busy = activity.running_commands > activity.running_named_processes or activity.open_streams > 0
             idle_for = now - activity.last_activity.ToNanoseconds() / 1e9
             if not busy and idle_for > config.idle_ttl_s:
-                reason = f"idle for {idle_for:.0f}s (idle TTL {config.idle_ttl_s:g}s)"
+                reason, idle = f"idle for {idle_for:.0f}s (idle TTL {config.idle_ttl_s:g}s)", True
         if not reason:
             return ""
         async with live.lock:
-            if manager.live_session(session.id) is not live:
-                return ""
+            if manager.live_session(session.id) is not live or session.state not in (READY, FAILED):
+                return ""  # deleted, paused or being resumed meanwhile
             if config.save_before_reap and session.state == READY:
                 await manager.save_live(live, f"{session.id} before reaping")
+            if idle and config.idle_action == "pause" and session.state == READY:
+                await manager.pause_live(live)
+                return f"{reason}: paused"
             await manager.stop_live(live, reason)
         return reason

@@ -17,7 +17,8 @@ from orchestrator.runtime import Runtime, Workspace
 from orchestrator.runtime.base import WorkspaceExit
 from orchestrator.sessions.live import (
     FAILED,
-    LIVE_STATES,
+    HELD_STATES,
+    PAUSED,
     PENDING,
     READY,
     STARTING,
@@ -66,14 +67,14 @@ class Reconciler:
             workspace.session_id: workspace for workspace in await self._runtime.list() if not workspace.pool_id
         }
         # The sessions no live replica owns (with SQLite, every one): this replica's from now on.
-        for session in await self._store.orphans(LIVE_STATES):
+        for session in await self._store.orphans(HELD_STATES):
             if await self._store.claim(session.id):
                 await self.settle(session, workspaces.pop(session.id, None))
             else:
                 workspaces.pop(session.id, None)
         for session_id, workspace in workspaces.items():
             record = await self._store.get_session(session_id)
-            if record is not None and record.state in LIVE_STATES:
+            if record is not None and record.state in HELD_STATES:
                 continue  # another live replica's session
             if record is not None:
                 # Our record says it ended (STOPPED): its removal was cut short.
@@ -95,10 +96,13 @@ class Reconciler:
 
     async def settle(self, session: pb.Session, workspace: Workspace | None) -> None:
         """Matches a session this replica now owns (after a restart, or taken over) with its workspace: a READY
-        or FAILED one whose workspace runs and whose agent answers is adopted; one caught mid-initialization is
-        FAILED; one whose workspace is gone is STOPPED."""
+        or FAILED one whose workspace runs and whose agent answers is adopted; a PAUSED one stays PAUSED; one
+        caught mid-initialization is FAILED; one whose workspace is gone is STOPPED."""
         manager = self._manager
         live = LiveSession(session, None, self._config.output_history_lines)
+        if session.state == PAUSED:
+            await self._keep_paused(live, workspace)
+            return
         if workspace is None or not workspace.running:
             if workspace is not None:  # ours, exited while the orchestrator was away
                 await self._runtime.stop(session.id)
@@ -121,6 +125,19 @@ class Reconciler:
         if session.state != FAILED:
             session.state = STOPPED
         self._store.put_session(session)
+
+    async def _keep_paused(self, live: LiveSession, workspace: Workspace | None) -> None:
+        """A PAUSED session stays PAUSED: its stopped workspace is kept for ResumeSession (one running again,
+        started behind our back, is stopped again); without one, ResumeSession restores its last save or fails
+        it with the reason."""
+        if workspace is not None:
+            if workspace.running:
+                log.warning("session %s is PAUSED but its workspace runs: stopping it again", live.session.id)
+                await self._runtime.pause(live.session.id)
+            live.workspace = workspace
+        with contextlib.suppress(OrchestratorError):
+            live.template = self._catalog.get(live.session.template)
+        self._manager.hold(live)
 
     async def close(self) -> None:
         """Stops following workspace exits."""
@@ -146,8 +163,8 @@ class Reconciler:
         manager = self._manager
         session = live.session
         async with live.lock:
-            if manager.live_session(session.id) is not live or session.state in (STOPPING, STOPPED):
-                return  # being stopped on purpose
+            if manager.live_session(session.id) is not live or session.state in (STOPPING, STOPPED, PAUSED):
+                return  # being stopped on purpose (a paused one's workspace is looked for when it resumes)
             live.exited = exit
             failed_before = session.state == FAILED
             if live.initialization is not None and not live.initialization.done():

@@ -48,6 +48,10 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     """Being stopped (deleted, or reaped for idleness)."""
     SESSION_STATE_STOPPED: _SessionState.ValueType  # 6
     """The container is gone (deleted, reaped, or vanished behind our back)."""
+    SESSION_STATE_PAUSED: _SessionState.ValueType  # 7
+    """Its processes are stopped and its files kept (PauseSession, or the idle
+    reaper with --idle-action pause); ResumeSession makes it READY again.
+    """
 
 class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
     """---------------------------------------------------------------- Sessions
@@ -68,6 +72,10 @@ SESSION_STATE_STOPPING: SessionState.ValueType  # 5
 """Being stopped (deleted, or reaped for idleness)."""
 SESSION_STATE_STOPPED: SessionState.ValueType  # 6
 """The container is gone (deleted, reaped, or vanished behind our back)."""
+SESSION_STATE_PAUSED: SessionState.ValueType  # 7
+"""Its processes are stopped and its files kept (PauseSession, or the idle
+reaper with --idle-action pause); ResumeSession makes it READY again.
+"""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
 class _Phase:
@@ -194,6 +202,8 @@ class Session(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
+    FORKED_FROM_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id, e.g. `ws-3f9c1a2b7d`."""
     state: Global___SessionState.ValueType
@@ -221,6 +231,8 @@ class Session(_message.Message):
     """Why the session stopped (deleted, idle, max lifetime, vanished); empty
     otherwise.
     """
+    forked_from: _builtins.str
+    """The session this one was forked from (ForkSession); empty otherwise."""
     @_builtins.property
     def phases(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseStatus]:
         """Every phase started so far, in order, with its timing and outcome."""
@@ -243,6 +255,10 @@ class Session(_message.Message):
     def last_activity_at(self) -> _timestamp_pb2.Timestamp:
         """Last activity the agent reported (calls, file writes, running commands)."""
 
+    @_builtins.property
+    def paused_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last paused; unset while it never was."""
+
     def __init__(
         self,
         *,
@@ -263,10 +279,12 @@ class Session(_message.Message):
         runtime: _builtins.str = ...,
         image: _builtins.str = ...,
         stop_reason: _builtins.str = ...,
+        forked_from: _builtins.str = ...,
+        paused_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "failure", b"failure", "last_activity_at", b"last_activity_at", "ready_at", b"ready_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "failure", b"failure", "last_activity_at", b"last_activity_at", "paused_at", b"paused_at", "ready_at", b"ready_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_endpoint", b"agent_endpoint", "agent_token", b"agent_token", "archive_id", b"archive_id", "created_at", b"created_at", "failure", b"failure", "id", b"id", "image", b"image", "labels", b"labels", "last_activity_at", b"last_activity_at", "phase", b"phase", "phases", b"phases", "preview_url", b"preview_url", "ready_at", b"ready_at", "runtime", b"runtime", "state", b"state", "stop_reason", b"stop_reason", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_endpoint", b"agent_endpoint", "agent_token", b"agent_token", "archive_id", b"archive_id", "created_at", b"created_at", "failure", b"failure", "forked_from", b"forked_from", "id", b"id", "image", b"image", "labels", b"labels", "last_activity_at", b"last_activity_at", "paused_at", b"paused_at", "phase", b"phase", "phases", b"phases", "preview_url", b"preview_url", "ready_at", b"ready_at", "runtime", b"runtime", "state", b"state", "stop_reason", b"stop_reason", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -736,6 +754,172 @@ class SaveSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SaveSessionResponse: _TypeAlias = SaveSessionResponse  # noqa: Y015
+
+@_typing.final
+class ForkSessionRequest(_message.Message):
+    """ForkSessionRequest names the session to fork."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    SAVE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The source session (READY)."""
+    save: _builtins.bool
+    """Also save the source into the archive store and fork from that archive."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The fork's labels: the source's, with these added or replacing them."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        save: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "labels", b"labels", "save", b"save"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionRequest: _TypeAlias = ForkSessionRequest  # noqa: Y015
+
+@_typing.final
+class ForkSessionResponse(_message.Message):
+    """ForkSessionResponse is the fork as accepted (state PENDING)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    @_builtins.property
+    def archive(self) -> Global___Archive:
+        """The archive saved first, when `save` was set."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        archive: Global___Archive | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionResponse: _TypeAlias = ForkSessionResponse  # noqa: Y015
+
+@_typing.final
+class PauseSessionRequest(_message.Message):
+    """PauseSessionRequest names the session to pause."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseSessionRequest: _TypeAlias = PauseSessionRequest  # noqa: Y015
+
+@_typing.final
+class PauseSessionResponse(_message.Message):
+    """PauseSessionResponse is the session, PAUSED."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseSessionResponse: _TypeAlias = PauseSessionResponse  # noqa: Y015
+
+@_typing.final
+class ResumeSessionRequest(_message.Message):
+    """ResumeSessionRequest names the session to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSessionRequest: _TypeAlias = ResumeSessionRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSessionResponse(_message.Message):
+    """ResumeSessionResponse is the session as its resumption started (STARTING)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSessionResponse: _TypeAlias = ResumeSessionResponse  # noqa: Y015
 
 @_typing.final
 class Archive(_message.Message):

@@ -90,6 +90,21 @@ class OrchestratorServiceStub:
                 request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTemplateArchiveRequest.SerializeToString,
                 response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTemplateArchiveResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/workspace.orchestrator.v1.OrchestratorService/ForkSession',
+                request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
+        self.PauseSession = channel.unary_unary(
+                '/workspace.orchestrator.v1.OrchestratorService/PauseSession',
+                request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.PauseSessionRequest.SerializeToString,
+                response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.PauseSessionResponse.FromString,
+                _registered_method=True)
+        self.ResumeSession = channel.unary_unary(
+                '/workspace.orchestrator.v1.OrchestratorService/ResumeSession',
+                request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionRequest.SerializeToString,
+                response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -143,8 +158,10 @@ class OrchestratorServiceServicer:
 
     def SaveSession(self, request, context):
         """Saves the session's workspace (without `node_modules` and the template's
-        other exclusions) into the archive store, atomically and checksummed.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+        other exclusions) into the archive store, atomically and checksummed. A
+        PAUSED session is saved too (its agent alone is started for it, and it is
+        stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+        neither running nor PAUSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -187,6 +204,42 @@ class OrchestratorServiceServicer:
         """Streams a template's archive: `info` first, then chunks. The archive is
         byte-for-byte reproducible and cached by content hash.
         Errors: NOT_FOUND, FAILED_PRECONDITION (invalid template).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """Creates a session from another READY session's current files (/app
+        without node_modules, streamed from its agent to the new session's; no
+        archive is stored unless `save`), then runs the template's install (the
+        install cache applies) and dev steps; returns at once (state PENDING),
+        follow it with WatchSession. The source keeps running untouched; the fork
+        has its own token, preview and agent. Errors: NOT_FOUND,
+        FAILED_PRECONDITION (the source is not READY), RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSession(self, request, context):
+        """Stops the session's processes and releases its CPU and memory, keeping
+        its files (the container is stopped, not removed): state PAUSED. Pausing
+        a PAUSED session returns it unchanged. Errors: NOT_FOUND,
+        FAILED_PRECONDITION (not READY).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSession(self, request, context):
+        """Starts a PAUSED session's workspace again (its token reinstalled) and its
+        dev server; returns at once (state STARTING), follow it with
+        WatchSession until READY. A workspace that is gone is restored from the
+        session's last save (the container phase says so), or the session FAILS
+        with the reason. Resuming a session that is STARTING or READY returns it
+        unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
+        RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -249,6 +302,21 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.GetTemplateArchive,
                     request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTemplateArchiveRequest.FromString,
                     response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTemplateArchiveResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkSessionRequest.FromString,
+                    response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'PauseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSession,
+                    request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.PauseSessionRequest.FromString,
+                    response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.PauseSessionResponse.SerializeToString,
+            ),
+            'ResumeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSession,
+                    request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionRequest.FromString,
+                    response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -549,6 +617,87 @@ class OrchestratorService:
             '/workspace.orchestrator.v1.OrchestratorService/GetTemplateArchive',
             workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTemplateArchiveRequest.SerializeToString,
             workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTemplateArchiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/workspace.orchestrator.v1.OrchestratorService/ForkSession',
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkSessionRequest.SerializeToString,
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/workspace.orchestrator.v1.OrchestratorService/PauseSession',
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.PauseSessionRequest.SerializeToString,
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.PauseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/workspace.orchestrator.v1.OrchestratorService/ResumeSession',
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionRequest.SerializeToString,
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

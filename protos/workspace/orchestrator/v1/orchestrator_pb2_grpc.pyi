@@ -67,8 +67,10 @@ class OrchestratorServiceStub:
     """
     SaveSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SaveSessionRequest, _orchestrator_pb2.SaveSessionResponse]
     """Saves the session's workspace (without `node_modules` and the template's
-    other exclusions) into the archive store, atomically and checksummed.
-    Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+    other exclusions) into the archive store, atomically and checksummed. A
+    PAUSED session is saved too (its agent alone is started for it, and it is
+    stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+    neither running nor PAUSED).
     """
     ListArchives: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListArchivesRequest, _orchestrator_pb2.ListArchivesResponse]
     """Lists saved and uploaded archives, newest first."""
@@ -89,6 +91,30 @@ class OrchestratorServiceStub:
     """Streams a template's archive: `info` first, then chunks. The archive is
     byte-for-byte reproducible and cached by content hash.
     Errors: NOT_FOUND, FAILED_PRECONDITION (invalid template).
+    """
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkSessionRequest, _orchestrator_pb2.ForkSessionResponse]
+    """Creates a session from another READY session's current files (/app
+    without node_modules, streamed from its agent to the new session's; no
+    archive is stored unless `save`), then runs the template's install (the
+    install cache applies) and dev steps; returns at once (state PENDING),
+    follow it with WatchSession. The source keeps running untouched; the fork
+    has its own token, preview and agent. Errors: NOT_FOUND,
+    FAILED_PRECONDITION (the source is not READY), RESOURCE_EXHAUSTED.
+    """
+    PauseSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.PauseSessionRequest, _orchestrator_pb2.PauseSessionResponse]
+    """Stops the session's processes and releases its CPU and memory, keeping
+    its files (the container is stopped, not removed): state PAUSED. Pausing
+    a PAUSED session returns it unchanged. Errors: NOT_FOUND,
+    FAILED_PRECONDITION (not READY).
+    """
+    ResumeSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ResumeSessionRequest, _orchestrator_pb2.ResumeSessionResponse]
+    """Starts a PAUSED session's workspace again (its token reinstalled) and its
+    dev server; returns at once (state STARTING), follow it with
+    WatchSession until READY. A workspace that is gone is restored from the
+    session's last save (the container phase says so), or the session FAILS
+    with the reason. Resuming a session that is STARTING or READY returns it
+    unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
+    RESOURCE_EXHAUSTED.
     """
 
 @_typing.type_check_only
@@ -122,8 +148,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     SaveSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SaveSessionRequest, _orchestrator_pb2.SaveSessionResponse]  # type: ignore[assignment]
     """Saves the session's workspace (without `node_modules` and the template's
-    other exclusions) into the archive store, atomically and checksummed.
-    Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+    other exclusions) into the archive store, atomically and checksummed. A
+    PAUSED session is saved too (its agent alone is started for it, and it is
+    stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+    neither running nor PAUSED).
     """
     ListArchives: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListArchivesRequest, _orchestrator_pb2.ListArchivesResponse]  # type: ignore[assignment]
     """Lists saved and uploaded archives, newest first."""
@@ -144,6 +172,30 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Streams a template's archive: `info` first, then chunks. The archive is
     byte-for-byte reproducible and cached by content hash.
     Errors: NOT_FOUND, FAILED_PRECONDITION (invalid template).
+    """
+    ForkSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ForkSessionRequest, _orchestrator_pb2.ForkSessionResponse]  # type: ignore[assignment]
+    """Creates a session from another READY session's current files (/app
+    without node_modules, streamed from its agent to the new session's; no
+    archive is stored unless `save`), then runs the template's install (the
+    install cache applies) and dev steps; returns at once (state PENDING),
+    follow it with WatchSession. The source keeps running untouched; the fork
+    has its own token, preview and agent. Errors: NOT_FOUND,
+    FAILED_PRECONDITION (the source is not READY), RESOURCE_EXHAUSTED.
+    """
+    PauseSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.PauseSessionRequest, _orchestrator_pb2.PauseSessionResponse]  # type: ignore[assignment]
+    """Stops the session's processes and releases its CPU and memory, keeping
+    its files (the container is stopped, not removed): state PAUSED. Pausing
+    a PAUSED session returns it unchanged. Errors: NOT_FOUND,
+    FAILED_PRECONDITION (not READY).
+    """
+    ResumeSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ResumeSessionRequest, _orchestrator_pb2.ResumeSessionResponse]  # type: ignore[assignment]
+    """Starts a PAUSED session's workspace again (its token reinstalled) and its
+    dev server; returns at once (state STARTING), follow it with
+    WatchSession until READY. A workspace that is gone is restored from the
+    session's last save (the container phase says so), or the session FAILS
+    with the reason. Resuming a session that is STARTING or READY returns it
+    unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
+    RESOURCE_EXHAUSTED.
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -210,8 +262,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.SaveSessionResponse, _abc.Awaitable[_orchestrator_pb2.SaveSessionResponse]]:
         """Saves the session's workspace (without `node_modules` and the template's
-        other exclusions) into the archive store, atomically and checksummed.
-        Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+        other exclusions) into the archive store, atomically and checksummed. A
+        PAUSED session is saved too (its agent alone is started for it, and it is
+        stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+        neither running nor PAUSED).
         """
 
     @_abc_1.abstractmethod
@@ -262,6 +316,48 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams a template's archive: `info` first, then chunks. The archive is
         byte-for-byte reproducible and cached by content hash.
         Errors: NOT_FOUND, FAILED_PRECONDITION (invalid template).
+        """
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _orchestrator_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ForkSessionResponse, _abc.Awaitable[_orchestrator_pb2.ForkSessionResponse]]:
+        """Creates a session from another READY session's current files (/app
+        without node_modules, streamed from its agent to the new session's; no
+        archive is stored unless `save`), then runs the template's install (the
+        install cache applies) and dev steps; returns at once (state PENDING),
+        follow it with WatchSession. The source keeps running untouched; the fork
+        has its own token, preview and agent. Errors: NOT_FOUND,
+        FAILED_PRECONDITION (the source is not READY), RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseSession(
+        self,
+        request: _orchestrator_pb2.PauseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.PauseSessionResponse, _abc.Awaitable[_orchestrator_pb2.PauseSessionResponse]]:
+        """Stops the session's processes and releases its CPU and memory, keeping
+        its files (the container is stopped, not removed): state PAUSED. Pausing
+        a PAUSED session returns it unchanged. Errors: NOT_FOUND,
+        FAILED_PRECONDITION (not READY).
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSession(
+        self,
+        request: _orchestrator_pb2.ResumeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ResumeSessionResponse, _abc.Awaitable[_orchestrator_pb2.ResumeSessionResponse]]:
+        """Starts a PAUSED session's workspace again (its token reinstalled) and its
+        dev server; returns at once (state STARTING), follow it with
+        WatchSession until READY. A workspace that is gone is restored from the
+        session's last save (the container phase says so), or the session FAILS
+        with the reason. Resuming a session that is STARTING or READY returns it
+        unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
+        RESOURCE_EXHAUSTED.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -21,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file workspace/orchestrator/v1/orchestrator.proto.
  */
 export const file_workspace_orchestrator_v1_orchestrator: GenFile = /*@__PURE__*/
-  fileDesc("Cix3b3Jrc3BhY2Uvb3JjaGVzdHJhdG9yL3YxL29yY2hlc3RyYXRvci5wcm90bxIZd29ya3NwYWNlLm9yY2hlc3RyYXRvci52MSKSBQoHU2Vzc2lvbhIKCgJpZBgBIAEoCRI2CgVzdGF0ZRgCIAEoDjInLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2Vzc2lvblN0YXRlEhAKCHRlbXBsYXRlGAMgASgJEhIKCmFyY2hpdmVfaWQYBCABKAkSLwoFcGhhc2UYBSABKA4yIC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlEjYKBnBoYXNlcxgGIAMoCzImLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2VTdGF0dXMSEwoLcHJldmlld191cmwYByABKAkSFgoOYWdlbnRfZW5kcG9pbnQYCCABKAkSEwoLYWdlbnRfdG9rZW4YCSABKAkSPgoGbGFiZWxzGAogAygLMi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uLkxhYmVsc0VudHJ5EjoKB2ZhaWx1cmUYCyABKAsyKS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb25GYWlsdXJlEi4KCmNyZWF0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCHJlYWR5X2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjdGl2aXR5X2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdydW50aW1lGA8gASgJEg0KBWltYWdlGBAgASgJEhMKC3N0b3BfcmVhc29uGBEgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEikwIKC1BoYXNlU3RhdHVzEi8KBXBoYXNlGAEgASgOMiAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZRI4CgdvdXRjb21lGAIgASgOMicud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZU91dGNvbWUSLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCGR1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBmRldGFpbBgGIAEoCSJmCg5TZXNzaW9uRmFpbHVyZRIvCgVwaGFzZRgBIAEoDjIgLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2USDgoGcmVhc29uGAIgASgJEhMKC2xhc3Rfb3V0cHV0GAMgAygJIsYBChRDcmVhdGVTZXNzaW9uUmVxdWVzdBISCgh0ZW1wbGF0ZRgBIAEoCUgAEhQKCmFyY2hpdmVfaWQYAiABKAlIABJLCgZsYWJlbHMYAyADKAsyOy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCAoGc291cmNlIkwKFUNyZWF0ZVNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uIh8KEUdldFNlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJIkkKEkdldFNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uIoICChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EjcKBnN0YXRlcxgBIAMoDjInLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2Vzc2lvblN0YXRlEhAKCHRlbXBsYXRlGAIgASgJEkoKBmxhYmVscxgDIAMoCzI6LndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFNlc3Npb25zUmVxdWVzdC5MYWJlbHNFbnRyeRIRCglwYWdlX3NpemUYBCABKA0SEgoKcGFnZV90b2tlbhgFIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImUKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEjQKCHNlc3Npb25zGAEgAygLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhChNXYXRjaFNlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJIsgBChRXYXRjaFNlc3Npb25SZXNwb25zZRI1CgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uSAASNwoFcGhhc2UYAiABKAsyJi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlU3RhdHVzSAASNwoGb3V0cHV0GAMgASgLMiUud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5PdXRwdXRMaW5lSABCBwoFZXZlbnQiWwoKT3V0cHV0TGluZRIvCgVwaGFzZRgBIAEoDjIgLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2USDAoEdGV4dBgCIAEoCRIOCgZzdGRlcnIYAyABKAgiMAoURGVsZXRlU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkSDAoEc2F2ZRgCIAEoCCJMChVEZWxldGVTZXNzaW9uUmVzcG9uc2USMwoHYXJjaGl2ZRgBIAEoCzIiLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQXJjaGl2ZSIuChJTYXZlU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCSJKChNTYXZlU2Vzc2lvblJlc3BvbnNlEjMKB2FyY2hpdmUYASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmUi4AEKB0FyY2hpdmUSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRI4CgZzb3VyY2UYAyABKA4yKC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmVTb3VyY2USEAoIdGVtcGxhdGUYBCABKAkSEgoKc2Vzc2lvbl9pZBgFIAEoCRIOCgZzaGEyNTYYBiABKAkSDAoEc2l6ZRgHIAEoBBINCgVmaWxlcxgIIAEoBBIuCgpjcmVhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIpChNMaXN0QXJjaGl2ZXNSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiTAoUTGlzdEFyY2hpdmVzUmVzcG9uc2USNAoIYXJjaGl2ZXMYASADKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmUiIgoURGVsZXRlQXJjaGl2ZVJlcXVlc3QSCgoCaWQYASABKAkiFwoVRGVsZXRlQXJjaGl2ZVJlc3BvbnNlInAKFFVwbG9hZEFyY2hpdmVSZXF1ZXN0EjwKBHNwZWMYASABKAsyLC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlVwbG9hZEFyY2hpdmVTcGVjSAASDwoFY2h1bmsYAiABKAxIAEIJCgdyZXF1ZXN0IkwKEVVwbG9hZEFyY2hpdmVTcGVjEgwKBG5hbWUYASABKAkSEAoIdGVtcGxhdGUYAiABKAkSFwoPZXhwZWN0ZWRfc2hhMjU2GAMgASgJIkwKFVVwbG9hZEFyY2hpdmVSZXNwb25zZRIzCgdhcmNoaXZlGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5BcmNoaXZlIhYKFExpc3RUZW1wbGF0ZXNSZXF1ZXN0Ik8KFUxpc3RUZW1wbGF0ZXNSZXNwb25zZRI2Cgl0ZW1wbGF0ZXMYASADKAsyIy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlRlbXBsYXRlIsoBCghUZW1wbGF0ZRIMCgRuYW1lGAEgASgJEg0KBXZhbGlkGAIgASgIEhYKDmludmFsaWRfcmVhc29uGAMgASgJEg0KBXRpdGxlGAQgASgJEhMKC2Rlc2NyaXB0aW9uGAUgASgJEhcKD2luc3RhbGxfY29tbWFuZBgGIAEoCRITCgtkZXZfY29tbWFuZBgHIAEoCRIQCghkZXZfcG9ydBgIIAEoDRIWCg5hcmNoaXZlX3NoYTI1NhgJIAEoCRINCgVmaWxlcxgKIAEoBCIpChlHZXRUZW1wbGF0ZUFyY2hpdmVSZXF1ZXN0EgwKBG5hbWUYASABKAkidgoaR2V0VGVtcGxhdGVBcmNoaXZlUmVzcG9uc2USPgoEaW5mbxgBIAEoCzIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuVGVtcGxhdGVBcmNoaXZlSW5mb0gAEg8KBWNodW5rGAIgASgMSABCBwoFZXZlbnQiUAoTVGVtcGxhdGVBcmNoaXZlSW5mbxIMCgRuYW1lGAEgASgJEg4KBnNoYTI1NhgCIAEoCRIMCgRzaXplGAMgASgEEg0KBWZpbGVzGAQgASgEKs4BCgxTZXNzaW9uU3RhdGUSHQoZU0VTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhkKFVNFU1NJT05fU1RBVEVfUEVORElORxABEhoKFlNFU1NJT05fU1RBVEVfU1RBUlRJTkcQAhIXChNTRVNTSU9OX1NUQVRFX1JFQURZEAMSGAoUU0VTU0lPTl9TVEFURV9GQUlMRUQQBBIaChZTRVNTSU9OX1NUQVRFX1NUT1BQSU5HEAUSGQoVU0VTU0lPTl9TVEFURV9TVE9QUEVEEAYqsgEKBVBoYXNlEhUKEVBIQVNFX1VOU1BFQ0lGSUVEEAASGwoXUEhBU0VfQ09OVEFJTkVSX1NUQVJURUQQARIXChNQSEFTRV9BR0VOVF9IRUFMVEhZEAISGgoWUEhBU0VfQVJDSElWRV9JTkpFQ1RFRBADEhEKDVBIQVNFX0lOU1RBTEwQBBIcChhQSEFTRV9ERVZfU0VSVkVSX1NUQVJURUQQBRIPCgtQSEFTRV9SRUFEWRAGKpoBCgxQaGFzZU91dGNvbWUSHQoZUEhBU0VfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhkKFVBIQVNFX09VVENPTUVfUlVOTklORxABEhsKF1BIQVNFX09VVENPTUVfU1VDQ0VFREVEEAISGAoUUEhBU0VfT1VUQ09NRV9GQUlMRUQQAxIZChVQSEFTRV9PVVRDT01FX1NLSVBQRUQQBCpmCg1BcmNoaXZlU291cmNlEh4KGkFSQ0hJVkVfU09VUkNFX1VOU1BFQ0lGSUVEEAASGAoUQVJDSElWRV9TT1VSQ0VfU0FWRUQQARIbChdBUkNISVZFX1NPVVJDRV9VUExPQURFRBACMo8KChNPcmNoZXN0cmF0b3JTZXJ2aWNlEnIKDUNyZWF0ZVNlc3Npb24SLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0GjAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5DcmVhdGVTZXNzaW9uUmVzcG9uc2USaQoKR2V0U2Vzc2lvbhIsLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuR2V0U2Vzc2lvblJlcXVlc3QaLS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkdldFNlc3Npb25SZXNwb25zZRJvCgxMaXN0U2Vzc2lvbnMSLi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEnEKDFdhdGNoU2Vzc2lvbhIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuV2F0Y2hTZXNzaW9uUmVxdWVzdBovLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuV2F0Y2hTZXNzaW9uUmVzcG9uc2UwARJyCg1EZWxldGVTZXNzaW9uEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5EZWxldGVTZXNzaW9uUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRGVsZXRlU2Vzc2lvblJlc3BvbnNlEmwKC1NhdmVTZXNzaW9uEi0ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TYXZlU2Vzc2lvblJlcXVlc3QaLi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNhdmVTZXNzaW9uUmVzcG9uc2USbwoMTGlzdEFyY2hpdmVzEi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0QXJjaGl2ZXNSZXF1ZXN0Gi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0QXJjaGl2ZXNSZXNwb25zZRJyCg1EZWxldGVBcmNoaXZlEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5EZWxldGVBcmNoaXZlUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRGVsZXRlQXJjaGl2ZVJlc3BvbnNlEnQKDVVwbG9hZEFyY2hpdmUSLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlVwbG9hZEFyY2hpdmVSZXF1ZXN0GjAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5VcGxvYWRBcmNoaXZlUmVzcG9uc2UoARJyCg1MaXN0VGVtcGxhdGVzEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0VGVtcGxhdGVzUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFRlbXBsYXRlc1Jlc3BvbnNlEoMBChJHZXRUZW1wbGF0ZUFyY2hpdmUSNC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkdldFRlbXBsYXRlQXJjaGl2ZVJlcXVlc3QaNS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkdldFRlbXBsYXRlQXJjaGl2ZVJlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Cix3b3Jrc3BhY2Uvb3JjaGVzdHJhdG9yL3YxL29yY2hlc3RyYXRvci5wcm90bxIZd29ya3NwYWNlLm9yY2hlc3RyYXRvci52MSLWBQoHU2Vzc2lvbhIKCgJpZBgBIAEoCRI2CgVzdGF0ZRgCIAEoDjInLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2Vzc2lvblN0YXRlEhAKCHRlbXBsYXRlGAMgASgJEhIKCmFyY2hpdmVfaWQYBCABKAkSLwoFcGhhc2UYBSABKA4yIC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlEjYKBnBoYXNlcxgGIAMoCzImLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2VTdGF0dXMSEwoLcHJldmlld191cmwYByABKAkSFgoOYWdlbnRfZW5kcG9pbnQYCCABKAkSEwoLYWdlbnRfdG9rZW4YCSABKAkSPgoGbGFiZWxzGAogAygLMi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uLkxhYmVsc0VudHJ5EjoKB2ZhaWx1cmUYCyABKAsyKS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb25GYWlsdXJlEi4KCmNyZWF0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCHJlYWR5X2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjdGl2aXR5X2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdydW50aW1lGA8gASgJEg0KBWltYWdlGBAgASgJEhMKC3N0b3BfcmVhc29uGBEgASgJEhMKC2ZvcmtlZF9mcm9tGBIgASgJEi0KCXBhdXNlZF9hdBgTIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKTAgoLUGhhc2VTdGF0dXMSLwoFcGhhc2UYASABKA4yIC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlEjgKB291dGNvbWUYAiABKA4yJy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlT3V0Y29tZRIuCgpzdGFydGVkX2F0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRlZF9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoIZHVyYXRpb24YBSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDgoGZGV0YWlsGAYgASgJImYKDlNlc3Npb25GYWlsdXJlEi8KBXBoYXNlGAEgASgOMiAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZRIOCgZyZWFzb24YAiABKAkSEwoLbGFzdF9vdXRwdXQYAyADKAkixgEKFENyZWF0ZVNlc3Npb25SZXF1ZXN0EhIKCHRlbXBsYXRlGAEgASgJSAASFAoKYXJjaGl2ZV9pZBgCIAEoCUgAEksKBmxhYmVscxgDIAMoCzI7LndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQ3JlYXRlU2Vzc2lvblJlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIICgZzb3VyY2UiTAoVQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEjMKB3Nlc3Npb24YASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb24iHwoRR2V0U2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkiSQoSR2V0U2Vzc2lvblJlc3BvbnNlEjMKB3Nlc3Npb24YASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb24iggIKE0xpc3RTZXNzaW9uc1JlcXVlc3QSNwoGc3RhdGVzGAEgAygOMicud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uU3RhdGUSEAoIdGVtcGxhdGUYAiABKAkSSgoGbGFiZWxzGAMgAygLMjoud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0U2Vzc2lvbnNSZXF1ZXN0LkxhYmVsc0VudHJ5EhEKCXBhZ2Vfc2l6ZRgEIAEoDRISCgpwYWdlX3Rva2VuGAUgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiZQoUTGlzdFNlc3Npb25zUmVzcG9uc2USNAoIc2Vzc2lvbnMYASADKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiEKE1dhdGNoU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkiyAEKFFdhdGNoU2Vzc2lvblJlc3BvbnNlEjUKB3Nlc3Npb24YASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb25IABI3CgVwaGFzZRgCIAEoCzImLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2VTdGF0dXNIABI3CgZvdXRwdXQYAyABKAsyJS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLk91dHB1dExpbmVIAEIHCgVldmVudCJbCgpPdXRwdXRMaW5lEi8KBXBoYXNlGAEgASgOMiAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZRIMCgR0ZXh0GAIgASgJEg4KBnN0ZGVychgDIAEoCCIwChREZWxldGVTZXNzaW9uUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRzYXZlGAIgASgIIkwKFURlbGV0ZVNlc3Npb25SZXNwb25zZRIzCgdhcmNoaXZlGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5BcmNoaXZlIi4KElNhdmVTZXNzaW9uUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJIkoKE1NhdmVTZXNzaW9uUmVzcG9uc2USMwoHYXJjaGl2ZRgBIAEoCzIiLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQXJjaGl2ZSKoAQoSRm9ya1Nlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJEkkKBmxhYmVscxgCIAMoCzI5LndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRm9ya1Nlc3Npb25SZXF1ZXN0LkxhYmVsc0VudHJ5EgwKBHNhdmUYAyABKAgaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJ/ChNGb3JrU2Vzc2lvblJlc3BvbnNlEjMKB3Nlc3Npb24YASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb24SMwoHYXJjaGl2ZRgCIAEoCzIiLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQXJjaGl2ZSIhChNQYXVzZVNlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJIksKFFBhdXNlU2Vzc2lvblJlc3BvbnNlEjMKB3Nlc3Npb24YASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb24iIgoUUmVzdW1lU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkiTAoVUmVzdW1lU2Vzc2lvblJlc3BvbnNlEjMKB3Nlc3Npb24YASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb24i4AEKB0FyY2hpdmUSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRI4CgZzb3VyY2UYAyABKA4yKC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmVTb3VyY2USEAoIdGVtcGxhdGUYBCABKAkSEgoKc2Vzc2lvbl9pZBgFIAEoCRIOCgZzaGEyNTYYBiABKAkSDAoEc2l6ZRgHIAEoBBINCgVmaWxlcxgIIAEoBBIuCgpjcmVhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIpChNMaXN0QXJjaGl2ZXNSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiTAoUTGlzdEFyY2hpdmVzUmVzcG9uc2USNAoIYXJjaGl2ZXMYASADKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmUiIgoURGVsZXRlQXJjaGl2ZVJlcXVlc3QSCgoCaWQYASABKAkiFwoVRGVsZXRlQXJjaGl2ZVJlc3BvbnNlInAKFFVwbG9hZEFyY2hpdmVSZXF1ZXN0EjwKBHNwZWMYASABKAsyLC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlVwbG9hZEFyY2hpdmVTcGVjSAASDwoFY2h1bmsYAiABKAxIAEIJCgdyZXF1ZXN0IkwKEVVwbG9hZEFyY2hpdmVTcGVjEgwKBG5hbWUYASABKAkSEAoIdGVtcGxhdGUYAiABKAkSFwoPZXhwZWN0ZWRfc2hhMjU2GAMgASgJIkwKFVVwbG9hZEFyY2hpdmVSZXNwb25zZRIzCgdhcmNoaXZlGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5BcmNoaXZlIhYKFExpc3RUZW1wbGF0ZXNSZXF1ZXN0Ik8KFUxpc3RUZW1wbGF0ZXNSZXNwb25zZRI2Cgl0ZW1wbGF0ZXMYASADKAsyIy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlRlbXBsYXRlIsoBCghUZW1wbGF0ZRIMCgRuYW1lGAEgASgJEg0KBXZhbGlkGAIgASgIEhYKDmludmFsaWRfcmVhc29uGAMgASgJEg0KBXRpdGxlGAQgASgJEhMKC2Rlc2NyaXB0aW9uGAUgASgJEhcKD2luc3RhbGxfY29tbWFuZBgGIAEoCRITCgtkZXZfY29tbWFuZBgHIAEoCRIQCghkZXZfcG9ydBgIIAEoDRIWCg5hcmNoaXZlX3NoYTI1NhgJIAEoCRINCgVmaWxlcxgKIAEoBCIpChlHZXRUZW1wbGF0ZUFyY2hpdmVSZXF1ZXN0EgwKBG5hbWUYASABKAkidgoaR2V0VGVtcGxhdGVBcmNoaXZlUmVzcG9uc2USPgoEaW5mbxgBIAEoCzIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuVGVtcGxhdGVBcmNoaXZlSW5mb0gAEg8KBWNodW5rGAIgASgMSABCBwoFZXZlbnQiUAoTVGVtcGxhdGVBcmNoaXZlSW5mbxIMCgRuYW1lGAEgASgJEg4KBnNoYTI1NhgCIAEoCRIMCgRzaXplGAMgASgEEg0KBWZpbGVzGAQgASgEKugBCgxTZXNzaW9uU3RhdGUSHQoZU0VTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhkKFVNFU1NJT05fU1RBVEVfUEVORElORxABEhoKFlNFU1NJT05fU1RBVEVfU1RBUlRJTkcQAhIXChNTRVNTSU9OX1NUQVRFX1JFQURZEAMSGAoUU0VTU0lPTl9TVEFURV9GQUlMRUQQBBIaChZTRVNTSU9OX1NUQVRFX1NUT1BQSU5HEAUSGQoVU0VTU0lPTl9TVEFURV9TVE9QUEVEEAYSGAoUU0VTU0lPTl9TVEFURV9QQVVTRUQQByqyAQoFUGhhc2USFQoRUEhBU0VfVU5TUEVDSUZJRUQQABIbChdQSEFTRV9DT05UQUlORVJfU1RBUlRFRBABEhcKE1BIQVNFX0FHRU5UX0hFQUxUSFkQAhIaChZQSEFTRV9BUkNISVZFX0lOSkVDVEVEEAMSEQoNUEhBU0VfSU5TVEFMTBAEEhwKGFBIQVNFX0RFVl9TRVJWRVJfU1RBUlRFRBAFEg8KC1BIQVNFX1JFQURZEAYqmgEKDFBoYXNlT3V0Y29tZRIdChlQSEFTRV9PVVRDT01FX1VOU1BFQ0lGSUVEEAASGQoVUEhBU0VfT1VUQ09NRV9SVU5OSU5HEAESGwoXUEhBU0VfT1VUQ09NRV9TVUNDRUVERUQQAhIYChRQSEFTRV9PVVRDT01FX0ZBSUxFRBADEhkKFVBIQVNFX09VVENPTUVfU0tJUFBFRBAEKmYKDUFyY2hpdmVTb3VyY2USHgoaQVJDSElWRV9TT1VSQ0VfVU5TUEVDSUZJRUQQABIYChRBUkNISVZFX1NPVVJDRV9TQVZFRBABEhsKF0FSQ0hJVkVfU09VUkNFX1VQTE9BREVEEAIy4gwKE09yY2hlc3RyYXRvclNlcnZpY2UScgoNQ3JlYXRlU2Vzc2lvbhIvLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQ3JlYXRlU2Vzc2lvblJlcXVlc3QaMC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVNlc3Npb25SZXNwb25zZRJpCgpHZXRTZXNzaW9uEiwud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5HZXRTZXNzaW9uUmVxdWVzdBotLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuR2V0U2Vzc2lvblJlc3BvbnNlEm8KDExpc3RTZXNzaW9ucxIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFNlc3Npb25zUmVxdWVzdBovLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFNlc3Npb25zUmVzcG9uc2UScQoMV2F0Y2hTZXNzaW9uEi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5XYXRjaFNlc3Npb25SZXF1ZXN0Gi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5XYXRjaFNlc3Npb25SZXNwb25zZTABEnIKDURlbGV0ZVNlc3Npb24SLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkRlbGV0ZVNlc3Npb25SZXF1ZXN0GjAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5EZWxldGVTZXNzaW9uUmVzcG9uc2USbAoLU2F2ZVNlc3Npb24SLS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNhdmVTZXNzaW9uUmVxdWVzdBouLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2F2ZVNlc3Npb25SZXNwb25zZRJvCgxMaXN0QXJjaGl2ZXMSLi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RBcmNoaXZlc1JlcXVlc3QaLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RBcmNoaXZlc1Jlc3BvbnNlEnIKDURlbGV0ZUFyY2hpdmUSLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkRlbGV0ZUFyY2hpdmVSZXF1ZXN0GjAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5EZWxldGVBcmNoaXZlUmVzcG9uc2USdAoNVXBsb2FkQXJjaGl2ZRIvLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuVXBsb2FkQXJjaGl2ZVJlcXVlc3QaMC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlVwbG9hZEFyY2hpdmVSZXNwb25zZSgBEnIKDUxpc3RUZW1wbGF0ZXMSLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RUZW1wbGF0ZXNSZXF1ZXN0GjAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0VGVtcGxhdGVzUmVzcG9uc2USgwEKEkdldFRlbXBsYXRlQXJjaGl2ZRI0LndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuR2V0VGVtcGxhdGVBcmNoaXZlUmVxdWVzdBo1LndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuR2V0VGVtcGxhdGVBcmNoaXZlUmVzcG9uc2UwARJsCgtGb3JrU2Vzc2lvbhItLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRm9ya1Nlc3Npb25SZXF1ZXN0Gi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5Gb3JrU2Vzc2lvblJlc3BvbnNlEm8KDFBhdXNlU2Vzc2lvbhIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGF1c2VTZXNzaW9uUmVxdWVzdBovLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGF1c2VTZXNzaW9uUmVzcG9uc2UScgoNUmVzdW1lU2Vzc2lvbhIvLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUmVzdW1lU2Vzc2lvblJlcXVlc3QaMC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlJlc3VtZVNlc3Npb25SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Session is one workspace.
@@ -146,6 +146,20 @@ export type Session = Message<"workspace.orchestrator.v1.Session"> & {
    * @generated from field: string stop_reason = 17;
    */
   stopReason: string;
+
+  /**
+   * The session this one was forked from (ForkSession); empty otherwise.
+   *
+   * @generated from field: string forked_from = 18;
+   */
+  forkedFrom: string;
+
+  /**
+   * When it was last paused; unset while it never was.
+   *
+   * @generated from field: google.protobuf.Timestamp paused_at = 19;
+   */
+  pausedAt?: Timestamp | undefined;
 };
 
 /**
@@ -598,6 +612,143 @@ export const SaveSessionResponseSchema: GenMessage<SaveSessionResponse> = /*@__P
   messageDesc(file_workspace_orchestrator_v1_orchestrator, 15);
 
 /**
+ * ForkSessionRequest names the session to fork.
+ *
+ * @generated from message workspace.orchestrator.v1.ForkSessionRequest
+ */
+export type ForkSessionRequest = Message<"workspace.orchestrator.v1.ForkSessionRequest"> & {
+  /**
+   * The source session (READY).
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The fork's labels: the source's, with these added or replacing them.
+   *
+   * @generated from field: map<string, string> labels = 2;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * Also save the source into the archive store and fork from that archive.
+   *
+   * @generated from field: bool save = 3;
+   */
+  save: boolean;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.ForkSessionRequest.
+ * Use `create(ForkSessionRequestSchema)` to create a new message.
+ */
+export const ForkSessionRequestSchema: GenMessage<ForkSessionRequest> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 16);
+
+/**
+ * ForkSessionResponse is the fork as accepted (state PENDING).
+ *
+ * @generated from message workspace.orchestrator.v1.ForkSessionResponse
+ */
+export type ForkSessionResponse = Message<"workspace.orchestrator.v1.ForkSessionResponse"> & {
+  /**
+   * @generated from field: workspace.orchestrator.v1.Session session = 1;
+   */
+  session?: Session | undefined;
+
+  /**
+   * The archive saved first, when `save` was set.
+   *
+   * @generated from field: workspace.orchestrator.v1.Archive archive = 2;
+   */
+  archive?: Archive | undefined;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.ForkSessionResponse.
+ * Use `create(ForkSessionResponseSchema)` to create a new message.
+ */
+export const ForkSessionResponseSchema: GenMessage<ForkSessionResponse> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 17);
+
+/**
+ * PauseSessionRequest names the session to pause.
+ *
+ * @generated from message workspace.orchestrator.v1.PauseSessionRequest
+ */
+export type PauseSessionRequest = Message<"workspace.orchestrator.v1.PauseSessionRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.PauseSessionRequest.
+ * Use `create(PauseSessionRequestSchema)` to create a new message.
+ */
+export const PauseSessionRequestSchema: GenMessage<PauseSessionRequest> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 18);
+
+/**
+ * PauseSessionResponse is the session, PAUSED.
+ *
+ * @generated from message workspace.orchestrator.v1.PauseSessionResponse
+ */
+export type PauseSessionResponse = Message<"workspace.orchestrator.v1.PauseSessionResponse"> & {
+  /**
+   * @generated from field: workspace.orchestrator.v1.Session session = 1;
+   */
+  session?: Session | undefined;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.PauseSessionResponse.
+ * Use `create(PauseSessionResponseSchema)` to create a new message.
+ */
+export const PauseSessionResponseSchema: GenMessage<PauseSessionResponse> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 19);
+
+/**
+ * ResumeSessionRequest names the session to resume.
+ *
+ * @generated from message workspace.orchestrator.v1.ResumeSessionRequest
+ */
+export type ResumeSessionRequest = Message<"workspace.orchestrator.v1.ResumeSessionRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.ResumeSessionRequest.
+ * Use `create(ResumeSessionRequestSchema)` to create a new message.
+ */
+export const ResumeSessionRequestSchema: GenMessage<ResumeSessionRequest> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 20);
+
+/**
+ * ResumeSessionResponse is the session as its resumption started (STARTING).
+ *
+ * @generated from message workspace.orchestrator.v1.ResumeSessionResponse
+ */
+export type ResumeSessionResponse = Message<"workspace.orchestrator.v1.ResumeSessionResponse"> & {
+  /**
+   * @generated from field: workspace.orchestrator.v1.Session session = 1;
+   */
+  session?: Session | undefined;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.ResumeSessionResponse.
+ * Use `create(ResumeSessionResponseSchema)` to create a new message.
+ */
+export const ResumeSessionResponseSchema: GenMessage<ResumeSessionResponse> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 21);
+
+/**
  * Archive is a workspace stored as tar.gz in the archive store.
  *
  * @generated from message workspace.orchestrator.v1.Archive
@@ -666,7 +817,7 @@ export type Archive = Message<"workspace.orchestrator.v1.Archive"> & {
  * Use `create(ArchiveSchema)` to create a new message.
  */
 export const ArchiveSchema: GenMessage<Archive> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 16);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 22);
 
 /**
  * ListArchivesRequest lists archives.
@@ -687,7 +838,7 @@ export type ListArchivesRequest = Message<"workspace.orchestrator.v1.ListArchive
  * Use `create(ListArchivesRequestSchema)` to create a new message.
  */
 export const ListArchivesRequestSchema: GenMessage<ListArchivesRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 17);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 23);
 
 /**
  * ListArchivesResponse holds the archives, newest first.
@@ -706,7 +857,7 @@ export type ListArchivesResponse = Message<"workspace.orchestrator.v1.ListArchiv
  * Use `create(ListArchivesResponseSchema)` to create a new message.
  */
 export const ListArchivesResponseSchema: GenMessage<ListArchivesResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 18);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 24);
 
 /**
  * DeleteArchiveRequest names the archive to delete.
@@ -725,7 +876,7 @@ export type DeleteArchiveRequest = Message<"workspace.orchestrator.v1.DeleteArch
  * Use `create(DeleteArchiveRequestSchema)` to create a new message.
  */
 export const DeleteArchiveRequestSchema: GenMessage<DeleteArchiveRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 19);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 25);
 
 /**
  * DeleteArchiveResponse is empty: the archive is gone.
@@ -740,7 +891,7 @@ export type DeleteArchiveResponse = Message<"workspace.orchestrator.v1.DeleteArc
  * Use `create(DeleteArchiveResponseSchema)` to create a new message.
  */
 export const DeleteArchiveResponseSchema: GenMessage<DeleteArchiveResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 20);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 26);
 
 /**
  * UploadArchiveRequest is `spec` first, then `chunk`s.
@@ -773,7 +924,7 @@ export type UploadArchiveRequest = Message<"workspace.orchestrator.v1.UploadArch
  * Use `create(UploadArchiveRequestSchema)` to create a new message.
  */
 export const UploadArchiveRequestSchema: GenMessage<UploadArchiveRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 21);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 27);
 
 /**
  * UploadArchiveSpec describes the archive being uploaded.
@@ -807,7 +958,7 @@ export type UploadArchiveSpec = Message<"workspace.orchestrator.v1.UploadArchive
  * Use `create(UploadArchiveSpecSchema)` to create a new message.
  */
 export const UploadArchiveSpecSchema: GenMessage<UploadArchiveSpec> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 22);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 28);
 
 /**
  * UploadArchiveResponse is the stored archive.
@@ -826,7 +977,7 @@ export type UploadArchiveResponse = Message<"workspace.orchestrator.v1.UploadArc
  * Use `create(UploadArchiveResponseSchema)` to create a new message.
  */
 export const UploadArchiveResponseSchema: GenMessage<UploadArchiveResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 23);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 29);
 
 /**
  * ListTemplatesRequest lists templates.
@@ -841,7 +992,7 @@ export type ListTemplatesRequest = Message<"workspace.orchestrator.v1.ListTempla
  * Use `create(ListTemplatesRequestSchema)` to create a new message.
  */
 export const ListTemplatesRequestSchema: GenMessage<ListTemplatesRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 24);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 30);
 
 /**
  * ListTemplatesResponse holds every template folder, valid or not, by name.
@@ -860,7 +1011,7 @@ export type ListTemplatesResponse = Message<"workspace.orchestrator.v1.ListTempl
  * Use `create(ListTemplatesResponseSchema)` to create a new message.
  */
 export const ListTemplatesResponseSchema: GenMessage<ListTemplatesResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 25);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 31);
 
 /**
  * Template is a folder under templates/ with its `template.json`.
@@ -939,7 +1090,7 @@ export type Template = Message<"workspace.orchestrator.v1.Template"> & {
  * Use `create(TemplateSchema)` to create a new message.
  */
 export const TemplateSchema: GenMessage<Template> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 26);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 32);
 
 /**
  * GetTemplateArchiveRequest names the template.
@@ -958,7 +1109,7 @@ export type GetTemplateArchiveRequest = Message<"workspace.orchestrator.v1.GetTe
  * Use `create(GetTemplateArchiveRequestSchema)` to create a new message.
  */
 export const GetTemplateArchiveRequestSchema: GenMessage<GetTemplateArchiveRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 27);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 33);
 
 /**
  * GetTemplateArchiveResponse is `info` first, then `chunk`s.
@@ -989,7 +1140,7 @@ export type GetTemplateArchiveResponse = Message<"workspace.orchestrator.v1.GetT
  * Use `create(GetTemplateArchiveResponseSchema)` to create a new message.
  */
 export const GetTemplateArchiveResponseSchema: GenMessage<GetTemplateArchiveResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 28);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 34);
 
 /**
  * TemplateArchiveInfo describes the archive about to be streamed.
@@ -1027,7 +1178,7 @@ export type TemplateArchiveInfo = Message<"workspace.orchestrator.v1.TemplateArc
  * Use `create(TemplateArchiveInfoSchema)` to create a new message.
  */
 export const TemplateArchiveInfoSchema: GenMessage<TemplateArchiveInfo> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 29);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 35);
 
 /**
  * SessionState is where a session is in its life.
@@ -1081,6 +1232,14 @@ export enum SessionState {
    * @generated from enum value: SESSION_STATE_STOPPED = 6;
    */
   STOPPED = 6,
+
+  /**
+   * Its processes are stopped and its files kept (PauseSession, or the idle
+   * reaper with --idle-action pause); ResumeSession makes it READY again.
+   *
+   * @generated from enum value: SESSION_STATE_PAUSED = 7;
+   */
+  PAUSED = 7,
 }
 
 /**
@@ -1283,8 +1442,10 @@ export const OrchestratorService: GenService<{
   },
   /**
    * Saves the session's workspace (without `node_modules` and the template's
-   * other exclusions) into the archive store, atomically and checksummed.
-   * Errors: NOT_FOUND, FAILED_PRECONDITION (the session is not running).
+   * other exclusions) into the archive store, atomically and checksummed. A
+   * PAUSED session is saved too (its agent alone is started for it, and it is
+   * stopped again). Errors: NOT_FOUND, FAILED_PRECONDITION (the session is
+   * neither running nor PAUSED).
    *
    * @generated from rpc workspace.orchestrator.v1.OrchestratorService.SaveSession
    */
@@ -1349,6 +1510,51 @@ export const OrchestratorService: GenService<{
     methodKind: "server_streaming";
     input: typeof GetTemplateArchiveRequestSchema;
     output: typeof GetTemplateArchiveResponseSchema;
+  },
+  /**
+   * Creates a session from another READY session's current files (/app
+   * without node_modules, streamed from its agent to the new session's; no
+   * archive is stored unless `save`), then runs the template's install (the
+   * install cache applies) and dev steps; returns at once (state PENDING),
+   * follow it with WatchSession. The source keeps running untouched; the fork
+   * has its own token, preview and agent. Errors: NOT_FOUND,
+   * FAILED_PRECONDITION (the source is not READY), RESOURCE_EXHAUSTED.
+   *
+   * @generated from rpc workspace.orchestrator.v1.OrchestratorService.ForkSession
+   */
+  forkSession: {
+    methodKind: "unary";
+    input: typeof ForkSessionRequestSchema;
+    output: typeof ForkSessionResponseSchema;
+  },
+  /**
+   * Stops the session's processes and releases its CPU and memory, keeping
+   * its files (the container is stopped, not removed): state PAUSED. Pausing
+   * a PAUSED session returns it unchanged. Errors: NOT_FOUND,
+   * FAILED_PRECONDITION (not READY).
+   *
+   * @generated from rpc workspace.orchestrator.v1.OrchestratorService.PauseSession
+   */
+  pauseSession: {
+    methodKind: "unary";
+    input: typeof PauseSessionRequestSchema;
+    output: typeof PauseSessionResponseSchema;
+  },
+  /**
+   * Starts a PAUSED session's workspace again (its token reinstalled) and its
+   * dev server; returns at once (state STARTING), follow it with
+   * WatchSession until READY. A workspace that is gone is restored from the
+   * session's last save (the container phase says so), or the session FAILS
+   * with the reason. Resuming a session that is STARTING or READY returns it
+   * unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
+   * RESOURCE_EXHAUSTED.
+   *
+   * @generated from rpc workspace.orchestrator.v1.OrchestratorService.ResumeSession
+   */
+  resumeSession: {
+    methodKind: "unary";
+    input: typeof ResumeSessionRequestSchema;
+    output: typeof ResumeSessionResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_workspace_orchestrator_v1_orchestrator, 0);
