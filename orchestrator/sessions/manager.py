@@ -174,7 +174,12 @@ class SessionManager:
     # ------------------------------------------------------------------ create
 
     async def create(
-        self, *, template: str = "", archive_id: str = "", labels: Mapping[str, str] | None = None
+        self,
+        *,
+        template: str = "",
+        archive_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        public_preview: bool = False,
     ) -> pb.Session:
         """Accepts a session and starts its initialization in the background; returns once its container
         is started (or starting it failed), so engine problems reach the caller.
@@ -210,6 +215,7 @@ class SessionManager:
             labels=labels,
             created_at=timestamp_now(),
             runtime=self._runtime.name,
+            public_preview=public_preview,
         )
         live = LiveSession(session, spec, self.config.output_history_lines)
         self._live[session.id] = live

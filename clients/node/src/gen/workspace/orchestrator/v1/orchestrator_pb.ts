@@ -21,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file workspace/orchestrator/v1/orchestrator.proto.
  */
 export const file_workspace_orchestrator_v1_orchestrator: GenFile = /*@__PURE__*/
-  fileDesc("Cix3b3Jrc3BhY2Uvb3JjaGVzdHJhdG9yL3YxL29yY2hlc3RyYXRvci5wcm90bxIZd29ya3NwYWNlLm9yY2hlc3RyYXRvci52MSKSBQoHU2Vzc2lvbhIKCgJpZBgBIAEoCRI2CgVzdGF0ZRgCIAEoDjInLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2Vzc2lvblN0YXRlEhAKCHRlbXBsYXRlGAMgASgJEhIKCmFyY2hpdmVfaWQYBCABKAkSLwoFcGhhc2UYBSABKA4yIC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlEjYKBnBoYXNlcxgGIAMoCzImLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2VTdGF0dXMSEwoLcHJldmlld191cmwYByABKAkSFgoOYWdlbnRfZW5kcG9pbnQYCCABKAkSEwoLYWdlbnRfdG9rZW4YCSABKAkSPgoGbGFiZWxzGAogAygLMi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uLkxhYmVsc0VudHJ5EjoKB2ZhaWx1cmUYCyABKAsyKS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb25GYWlsdXJlEi4KCmNyZWF0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCHJlYWR5X2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjdGl2aXR5X2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdydW50aW1lGA8gASgJEg0KBWltYWdlGBAgASgJEhMKC3N0b3BfcmVhc29uGBEgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEikwIKC1BoYXNlU3RhdHVzEi8KBXBoYXNlGAEgASgOMiAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZRI4CgdvdXRjb21lGAIgASgOMicud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZU91dGNvbWUSLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCGR1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBmRldGFpbBgGIAEoCSJmCg5TZXNzaW9uRmFpbHVyZRIvCgVwaGFzZRgBIAEoDjIgLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2USDgoGcmVhc29uGAIgASgJEhMKC2xhc3Rfb3V0cHV0GAMgAygJIsYBChRDcmVhdGVTZXNzaW9uUmVxdWVzdBISCgh0ZW1wbGF0ZRgBIAEoCUgAEhQKCmFyY2hpdmVfaWQYAiABKAlIABJLCgZsYWJlbHMYAyADKAsyOy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCAoGc291cmNlIkwKFUNyZWF0ZVNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uIh8KEUdldFNlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJIkkKEkdldFNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uIoICChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EjcKBnN0YXRlcxgBIAMoDjInLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2Vzc2lvblN0YXRlEhAKCHRlbXBsYXRlGAIgASgJEkoKBmxhYmVscxgDIAMoCzI6LndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFNlc3Npb25zUmVxdWVzdC5MYWJlbHNFbnRyeRIRCglwYWdlX3NpemUYBCABKA0SEgoKcGFnZV90b2tlbhgFIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImUKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEjQKCHNlc3Npb25zGAEgAygLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhChNXYXRjaFNlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJIsgBChRXYXRjaFNlc3Npb25SZXNwb25zZRI1CgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uSAASNwoFcGhhc2UYAiABKAsyJi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlU3RhdHVzSAASNwoGb3V0cHV0GAMgASgLMiUud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5PdXRwdXRMaW5lSABCBwoFZXZlbnQiWwoKT3V0cHV0TGluZRIvCgVwaGFzZRgBIAEoDjIgLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2USDAoEdGV4dBgCIAEoCRIOCgZzdGRlcnIYAyABKAgiMAoURGVsZXRlU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkSDAoEc2F2ZRgCIAEoCCJMChVEZWxldGVTZXNzaW9uUmVzcG9uc2USMwoHYXJjaGl2ZRgBIAEoCzIiLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQXJjaGl2ZSIuChJTYXZlU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCSJKChNTYXZlU2Vzc2lvblJlc3BvbnNlEjMKB2FyY2hpdmUYASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmUi4AEKB0FyY2hpdmUSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRI4CgZzb3VyY2UYAyABKA4yKC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmVTb3VyY2USEAoIdGVtcGxhdGUYBCABKAkSEgoKc2Vzc2lvbl9pZBgFIAEoCRIOCgZzaGEyNTYYBiABKAkSDAoEc2l6ZRgHIAEoBBINCgVmaWxlcxgIIAEoBBIuCgpjcmVhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIpChNMaXN0QXJjaGl2ZXNSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiTAoUTGlzdEFyY2hpdmVzUmVzcG9uc2USNAoIYXJjaGl2ZXMYASADKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmUiIgoURGVsZXRlQXJjaGl2ZVJlcXVlc3QSCgoCaWQYASABKAkiFwoVRGVsZXRlQXJjaGl2ZVJlc3BvbnNlInAKFFVwbG9hZEFyY2hpdmVSZXF1ZXN0EjwKBHNwZWMYASABKAsyLC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlVwbG9hZEFyY2hpdmVTcGVjSAASDwoFY2h1bmsYAiABKAxIAEIJCgdyZXF1ZXN0IkwKEVVwbG9hZEFyY2hpdmVTcGVjEgwKBG5hbWUYASABKAkSEAoIdGVtcGxhdGUYAiABKAkSFwoPZXhwZWN0ZWRfc2hhMjU2GAMgASgJIkwKFVVwbG9hZEFyY2hpdmVSZXNwb25zZRIzCgdhcmNoaXZlGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5BcmNoaXZlIhYKFExpc3RUZW1wbGF0ZXNSZXF1ZXN0Ik8KFUxpc3RUZW1wbGF0ZXNSZXNwb25zZRI2Cgl0ZW1wbGF0ZXMYASADKAsyIy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlRlbXBsYXRlIsoBCghUZW1wbGF0ZRIMCgRuYW1lGAEgASgJEg0KBXZhbGlkGAIgASgIEhYKDmludmFsaWRfcmVhc29uGAMgASgJEg0KBXRpdGxlGAQgASgJEhMKC2Rlc2NyaXB0aW9uGAUgASgJEhcKD2luc3RhbGxfY29tbWFuZBgGIAEoCRITCgtkZXZfY29tbWFuZBgHIAEoCRIQCghkZXZfcG9ydBgIIAEoDRIWCg5hcmNoaXZlX3NoYTI1NhgJIAEoCRINCgVmaWxlcxgKIAEoBCIpChlHZXRUZW1wbGF0ZUFyY2hpdmVSZXF1ZXN0EgwKBG5hbWUYASABKAkidgoaR2V0VGVtcGxhdGVBcmNoaXZlUmVzcG9uc2USPgoEaW5mbxgBIAEoCzIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuVGVtcGxhdGVBcmNoaXZlSW5mb0gAEg8KBWNodW5rGAIgASgMSABCBwoFZXZlbnQiUAoTVGVtcGxhdGVBcmNoaXZlSW5mbxIMCgRuYW1lGAEgASgJEg4KBnNoYTI1NhgCIAEoCRIMCgRzaXplGAMgASgEEg0KBWZpbGVzGAQgASgEKs4BCgxTZXNzaW9uU3RhdGUSHQoZU0VTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhkKFVNFU1NJT05fU1RBVEVfUEVORElORxABEhoKFlNFU1NJT05fU1RBVEVfU1RBUlRJTkcQAhIXChNTRVNTSU9OX1NUQVRFX1JFQURZEAMSGAoUU0VTU0lPTl9TVEFURV9GQUlMRUQQBBIaChZTRVNTSU9OX1NUQVRFX1NUT1BQSU5HEAUSGQoVU0VTU0lPTl9TVEFURV9TVE9QUEVEEAYqsgEKBVBoYXNlEhUKEVBIQVNFX1VOU1BFQ0lGSUVEEAASGwoXUEhBU0VfQ09OVEFJTkVSX1NUQVJURUQQARIXChNQSEFTRV9BR0VOVF9IRUFMVEhZEAISGgoWUEhBU0VfQVJDSElWRV9JTkpFQ1RFRBADEhEKDVBIQVNFX0lOU1RBTEwQBBIcChhQSEFTRV9ERVZfU0VSVkVSX1NUQVJURUQQBRIPCgtQSEFTRV9SRUFEWRAGKpoBCgxQaGFzZU91dGNvbWUSHQoZUEhBU0VfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhkKFVBIQVNFX09VVENPTUVfUlVOTklORxABEhsKF1BIQVNFX09VVENPTUVfU1VDQ0VFREVEEAISGAoUUEhBU0VfT1VUQ09NRV9GQUlMRUQQAxIZChVQSEFTRV9PVVRDT01FX1NLSVBQRUQQBCpmCg1BcmNoaXZlU291cmNlEh4KGkFSQ0hJVkVfU09VUkNFX1VOU1BFQ0lGSUVEEAASGAoUQVJDSElWRV9TT1VSQ0VfU0FWRUQQARIbChdBUkNISVZFX1NPVVJDRV9VUExPQURFRBACMo8KChNPcmNoZXN0cmF0b3JTZXJ2aWNlEnIKDUNyZWF0ZVNlc3Npb24SLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0GjAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5DcmVhdGVTZXNzaW9uUmVzcG9uc2USaQoKR2V0U2Vzc2lvbhIsLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuR2V0U2Vzc2lvblJlcXVlc3QaLS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkdldFNlc3Npb25SZXNwb25zZRJvCgxMaXN0U2Vzc2lvbnMSLi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RTZXNzaW9uc1Jlc3BvbnNlEnEKDFdhdGNoU2Vzc2lvbhIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuV2F0Y2hTZXNzaW9uUmVxdWVzdBovLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuV2F0Y2hTZXNzaW9uUmVzcG9uc2UwARJyCg1EZWxldGVTZXNzaW9uEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5EZWxldGVTZXNzaW9uUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRGVsZXRlU2Vzc2lvblJlc3BvbnNlEmwKC1NhdmVTZXNzaW9uEi0ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TYXZlU2Vzc2lvblJlcXVlc3QaLi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNhdmVTZXNzaW9uUmVzcG9uc2USbwoMTGlzdEFyY2hpdmVzEi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0QXJjaGl2ZXNSZXF1ZXN0Gi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0QXJjaGl2ZXNSZXNwb25zZRJyCg1EZWxldGVBcmNoaXZlEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5EZWxldGVBcmNoaXZlUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRGVsZXRlQXJjaGl2ZVJlc3BvbnNlEnQKDVVwbG9hZEFyY2hpdmUSLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlVwbG9hZEFyY2hpdmVSZXF1ZXN0GjAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5VcGxvYWRBcmNoaXZlUmVzcG9uc2UoARJyCg1MaXN0VGVtcGxhdGVzEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0VGVtcGxhdGVzUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFRlbXBsYXRlc1Jlc3BvbnNlEoMBChJHZXRUZW1wbGF0ZUFyY2hpdmUSNC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkdldFRlbXBsYXRlQXJjaGl2ZVJlcXVlc3QaNS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkdldFRlbXBsYXRlQXJjaGl2ZVJlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Cix3b3Jrc3BhY2Uvb3JjaGVzdHJhdG9yL3YxL29yY2hlc3RyYXRvci5wcm90bxIZd29ya3NwYWNlLm9yY2hlc3RyYXRvci52MSKqBQoHU2Vzc2lvbhIKCgJpZBgBIAEoCRI2CgVzdGF0ZRgCIAEoDjInLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2Vzc2lvblN0YXRlEhAKCHRlbXBsYXRlGAMgASgJEhIKCmFyY2hpdmVfaWQYBCABKAkSLwoFcGhhc2UYBSABKA4yIC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlEjYKBnBoYXNlcxgGIAMoCzImLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2VTdGF0dXMSEwoLcHJldmlld191cmwYByABKAkSFgoOYWdlbnRfZW5kcG9pbnQYCCABKAkSEwoLYWdlbnRfdG9rZW4YCSABKAkSPgoGbGFiZWxzGAogAygLMi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uLkxhYmVsc0VudHJ5EjoKB2ZhaWx1cmUYCyABKAsyKS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlNlc3Npb25GYWlsdXJlEi4KCmNyZWF0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCHJlYWR5X2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjdGl2aXR5X2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdydW50aW1lGA8gASgJEg0KBWltYWdlGBAgASgJEhMKC3N0b3BfcmVhc29uGBEgASgJEhYKDnB1YmxpY19wcmV2aWV3GBkgASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEikwIKC1BoYXNlU3RhdHVzEi8KBXBoYXNlGAEgASgOMiAud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZRI4CgdvdXRjb21lGAIgASgOMicud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5QaGFzZU91dGNvbWUSLgoKc3RhcnRlZF9hdBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCGR1cmF0aW9uGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBmRldGFpbBgGIAEoCSJmCg5TZXNzaW9uRmFpbHVyZRIvCgVwaGFzZRgBIAEoDjIgLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2USDgoGcmVhc29uGAIgASgJEhMKC2xhc3Rfb3V0cHV0GAMgAygJIt4BChRDcmVhdGVTZXNzaW9uUmVxdWVzdBISCgh0ZW1wbGF0ZRgBIAEoCUgAEhQKCmFyY2hpdmVfaWQYAiABKAlIABJLCgZsYWJlbHMYAyADKAsyOy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0LkxhYmVsc0VudHJ5EhYKDnB1YmxpY19wcmV2aWV3GAogASgIGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCAoGc291cmNlIkwKFUNyZWF0ZVNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uIh8KEUdldFNlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJIkkKEkdldFNlc3Npb25SZXNwb25zZRIzCgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uIoICChNMaXN0U2Vzc2lvbnNSZXF1ZXN0EjcKBnN0YXRlcxgBIAMoDjInLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2Vzc2lvblN0YXRlEhAKCHRlbXBsYXRlGAIgASgJEkoKBmxhYmVscxgDIAMoCzI6LndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFNlc3Npb25zUmVxdWVzdC5MYWJlbHNFbnRyeRIRCglwYWdlX3NpemUYBCABKA0SEgoKcGFnZV90b2tlbhgFIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImUKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEjQKCHNlc3Npb25zGAEgAygLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhChNXYXRjaFNlc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJIsgBChRXYXRjaFNlc3Npb25SZXNwb25zZRI1CgdzZXNzaW9uGAEgASgLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TZXNzaW9uSAASNwoFcGhhc2UYAiABKAsyJi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlBoYXNlU3RhdHVzSAASNwoGb3V0cHV0GAMgASgLMiUud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5PdXRwdXRMaW5lSABCBwoFZXZlbnQiWwoKT3V0cHV0TGluZRIvCgVwaGFzZRgBIAEoDjIgLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuUGhhc2USDAoEdGV4dBgCIAEoCRIOCgZzdGRlcnIYAyABKAgiMAoURGVsZXRlU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkSDAoEc2F2ZRgCIAEoCCJMChVEZWxldGVTZXNzaW9uUmVzcG9uc2USMwoHYXJjaGl2ZRgBIAEoCzIiLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQXJjaGl2ZSIuChJTYXZlU2Vzc2lvblJlcXVlc3QSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCSJKChNTYXZlU2Vzc2lvblJlc3BvbnNlEjMKB2FyY2hpdmUYASABKAsyIi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkFyY2hpdmUiTwoZQ3JlYXRlUHJldmlld1Rva2VuUmVxdWVzdBIKCgJpZBgBIAEoCRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iegoaQ3JlYXRlUHJldmlld1Rva2VuUmVzcG9uc2USDQoFdG9rZW4YASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASCwoDdXJsGAMgASgJEhAKCHBhdGhfdXJsGAQgASgJIuABCgdBcmNoaXZlEgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSOAoGc291cmNlGAMgASgOMigud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5BcmNoaXZlU291cmNlEhAKCHRlbXBsYXRlGAQgASgJEhIKCnNlc3Npb25faWQYBSABKAkSDgoGc2hhMjU2GAYgASgJEgwKBHNpemUYByABKAQSDQoFZmlsZXMYCCABKAQSLgoKY3JlYXRlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiKQoTTGlzdEFyY2hpdmVzUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIkwKFExpc3RBcmNoaXZlc1Jlc3BvbnNlEjQKCGFyY2hpdmVzGAEgAygLMiIud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5BcmNoaXZlIiIKFERlbGV0ZUFyY2hpdmVSZXF1ZXN0EgoKAmlkGAEgASgJIhcKFURlbGV0ZUFyY2hpdmVSZXNwb25zZSJwChRVcGxvYWRBcmNoaXZlUmVxdWVzdBI8CgRzcGVjGAEgASgLMiwud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5VcGxvYWRBcmNoaXZlU3BlY0gAEg8KBWNodW5rGAIgASgMSABCCQoHcmVxdWVzdCJMChFVcGxvYWRBcmNoaXZlU3BlYxIMCgRuYW1lGAEgASgJEhAKCHRlbXBsYXRlGAIgASgJEhcKD2V4cGVjdGVkX3NoYTI1NhgDIAEoCSJMChVVcGxvYWRBcmNoaXZlUmVzcG9uc2USMwoHYXJjaGl2ZRgBIAEoCzIiLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQXJjaGl2ZSIWChRMaXN0VGVtcGxhdGVzUmVxdWVzdCJPChVMaXN0VGVtcGxhdGVzUmVzcG9uc2USNgoJdGVtcGxhdGVzGAEgAygLMiMud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5UZW1wbGF0ZSLKAQoIVGVtcGxhdGUSDAoEbmFtZRgBIAEoCRINCgV2YWxpZBgCIAEoCBIWCg5pbnZhbGlkX3JlYXNvbhgDIAEoCRINCgV0aXRsZRgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCRIXCg9pbnN0YWxsX2NvbW1hbmQYBiABKAkSEwoLZGV2X2NvbW1hbmQYByABKAkSEAoIZGV2X3BvcnQYCCABKA0SFgoOYXJjaGl2ZV9zaGEyNTYYCSABKAkSDQoFZmlsZXMYCiABKAQiKQoZR2V0VGVtcGxhdGVBcmNoaXZlUmVxdWVzdBIMCgRuYW1lGAEgASgJInYKGkdldFRlbXBsYXRlQXJjaGl2ZVJlc3BvbnNlEj4KBGluZm8YASABKAsyLi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLlRlbXBsYXRlQXJjaGl2ZUluZm9IABIPCgVjaHVuaxgCIAEoDEgAQgcKBWV2ZW50IlAKE1RlbXBsYXRlQXJjaGl2ZUluZm8SDAoEbmFtZRgBIAEoCRIOCgZzaGEyNTYYAiABKAkSDAoEc2l6ZRgDIAEoBBINCgVmaWxlcxgEIAEoBCrOAQoMU2Vzc2lvblN0YXRlEh0KGVNFU1NJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIZChVTRVNTSU9OX1NUQVRFX1BFTkRJTkcQARIaChZTRVNTSU9OX1NUQVRFX1NUQVJUSU5HEAISFwoTU0VTU0lPTl9TVEFURV9SRUFEWRADEhgKFFNFU1NJT05fU1RBVEVfRkFJTEVEEAQSGgoWU0VTU0lPTl9TVEFURV9TVE9QUElORxAFEhkKFVNFU1NJT05fU1RBVEVfU1RPUFBFRBAGKrIBCgVQaGFzZRIVChFQSEFTRV9VTlNQRUNJRklFRBAAEhsKF1BIQVNFX0NPTlRBSU5FUl9TVEFSVEVEEAESFwoTUEhBU0VfQUdFTlRfSEVBTFRIWRACEhoKFlBIQVNFX0FSQ0hJVkVfSU5KRUNURUQQAxIRCg1QSEFTRV9JTlNUQUxMEAQSHAoYUEhBU0VfREVWX1NFUlZFUl9TVEFSVEVEEAUSDwoLUEhBU0VfUkVBRFkQBiqaAQoMUGhhc2VPdXRjb21lEh0KGVBIQVNFX09VVENPTUVfVU5TUEVDSUZJRUQQABIZChVQSEFTRV9PVVRDT01FX1JVTk5JTkcQARIbChdQSEFTRV9PVVRDT01FX1NVQ0NFRURFRBACEhgKFFBIQVNFX09VVENPTUVfRkFJTEVEEAMSGQoVUEhBU0VfT1VUQ09NRV9TS0lQUEVEEAQqZgoNQXJjaGl2ZVNvdXJjZRIeChpBUkNISVZFX1NPVVJDRV9VTlNQRUNJRklFRBAAEhgKFEFSQ0hJVkVfU09VUkNFX1NBVkVEEAESGwoXQVJDSElWRV9TT1VSQ0VfVVBMT0FERUQQAjKTCwoTT3JjaGVzdHJhdG9yU2VydmljZRJyCg1DcmVhdGVTZXNzaW9uEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5DcmVhdGVTZXNzaW9uUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEmkKCkdldFNlc3Npb24SLC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkdldFNlc3Npb25SZXF1ZXN0Gi0ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5HZXRTZXNzaW9uUmVzcG9uc2USbwoMTGlzdFNlc3Npb25zEi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0U2Vzc2lvbnNSZXF1ZXN0Gi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5MaXN0U2Vzc2lvbnNSZXNwb25zZRJxCgxXYXRjaFNlc3Npb24SLi53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLldhdGNoU2Vzc2lvblJlcXVlc3QaLy53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLldhdGNoU2Vzc2lvblJlc3BvbnNlMAEScgoNRGVsZXRlU2Vzc2lvbhIvLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRGVsZXRlU2Vzc2lvblJlcXVlc3QaMC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkRlbGV0ZVNlc3Npb25SZXNwb25zZRJsCgtTYXZlU2Vzc2lvbhItLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuU2F2ZVNlc3Npb25SZXF1ZXN0Gi4ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5TYXZlU2Vzc2lvblJlc3BvbnNlEm8KDExpc3RBcmNoaXZlcxIuLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdEFyY2hpdmVzUmVxdWVzdBovLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdEFyY2hpdmVzUmVzcG9uc2UScgoNRGVsZXRlQXJjaGl2ZRIvLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuRGVsZXRlQXJjaGl2ZVJlcXVlc3QaMC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkRlbGV0ZUFyY2hpdmVSZXNwb25zZRJ0Cg1VcGxvYWRBcmNoaXZlEi8ud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5VcGxvYWRBcmNoaXZlUmVxdWVzdBowLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuVXBsb2FkQXJjaGl2ZVJlc3BvbnNlKAEScgoNTGlzdFRlbXBsYXRlcxIvLndvcmtzcGFjZS5vcmNoZXN0cmF0b3IudjEuTGlzdFRlbXBsYXRlc1JlcXVlc3QaMC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkxpc3RUZW1wbGF0ZXNSZXNwb25zZRKDAQoSR2V0VGVtcGxhdGVBcmNoaXZlEjQud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5HZXRUZW1wbGF0ZUFyY2hpdmVSZXF1ZXN0GjUud29ya3NwYWNlLm9yY2hlc3RyYXRvci52MS5HZXRUZW1wbGF0ZUFyY2hpdmVSZXNwb25zZTABEoEBChJDcmVhdGVQcmV2aWV3VG9rZW4SNC53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVByZXZpZXdUb2tlblJlcXVlc3QaNS53b3Jrc3BhY2Uub3JjaGVzdHJhdG9yLnYxLkNyZWF0ZVByZXZpZXdUb2tlblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Session is one workspace.
@@ -146,6 +146,14 @@ export type Session = Message<"workspace.orchestrator.v1.Session"> & {
    * @generated from field: string stop_reason = 17;
    */
   stopReason: string;
+
+  /**
+   * Its preview opens through the gateway without a token (CreateSession's
+   * `public_preview`).
+   *
+   * @generated from field: bool public_preview = 25;
+   */
+  publicPreview: boolean;
 };
 
 /**
@@ -269,6 +277,14 @@ export type CreateSessionRequest = Message<"workspace.orchestrator.v1.CreateSess
    * @generated from field: map<string, string> labels = 3;
    */
   labels: { [key: string]: string };
+
+  /**
+   * Anyone who knows the preview gateway's URL of the session may open it,
+   * without a preview token. Off by default: the gateway asks for a token.
+   *
+   * @generated from field: bool public_preview = 10;
+   */
+  publicPreview: boolean;
 };
 
 /**
@@ -598,6 +614,76 @@ export const SaveSessionResponseSchema: GenMessage<SaveSessionResponse> = /*@__P
   messageDesc(file_workspace_orchestrator_v1_orchestrator, 15);
 
 /**
+ * CreatePreviewTokenRequest names the session whose preview to open.
+ *
+ * @generated from message workspace.orchestrator.v1.CreatePreviewTokenRequest
+ */
+export type CreatePreviewTokenRequest = Message<"workspace.orchestrator.v1.CreatePreviewTokenRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * How long the token (and the cookie it is exchanged for) is valid
+   * (default 1 hour, at most 7 days).
+   *
+   * @generated from field: google.protobuf.Duration ttl = 2;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.CreatePreviewTokenRequest.
+ * Use `create(CreatePreviewTokenRequestSchema)` to create a new message.
+ */
+export const CreatePreviewTokenRequestSchema: GenMessage<CreatePreviewTokenRequest> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 16);
+
+/**
+ * CreatePreviewTokenResponse is the token and the gateway URLs that carry it.
+ *
+ * @generated from message workspace.orchestrator.v1.CreatePreviewTokenResponse
+ */
+export type CreatePreviewTokenResponse = Message<"workspace.orchestrator.v1.CreatePreviewTokenResponse"> & {
+  /**
+   * Pass as `?preview_token=` on the first request; the gateway answers with
+   * a redirect that sets the cookie.
+   *
+   * @generated from field: string token = 1;
+   */
+  token: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp expires_at = 2;
+   */
+  expiresAt?: Timestamp | undefined;
+
+  /**
+   * `<scheme>://<session>.<preview-domain>:<port>/?preview_token=...`; empty
+   * when the orchestrator runs no gateway.
+   *
+   * @generated from field: string url = 3;
+   */
+  url: string;
+
+  /**
+   * The path form, `<scheme>://<gateway>/preview/<session>/?preview_token=...`
+   * (for setups without wildcard DNS); empty without a gateway.
+   *
+   * @generated from field: string path_url = 4;
+   */
+  pathUrl: string;
+};
+
+/**
+ * Describes the message workspace.orchestrator.v1.CreatePreviewTokenResponse.
+ * Use `create(CreatePreviewTokenResponseSchema)` to create a new message.
+ */
+export const CreatePreviewTokenResponseSchema: GenMessage<CreatePreviewTokenResponse> = /*@__PURE__*/
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 17);
+
+/**
  * Archive is a workspace stored as tar.gz in the archive store.
  *
  * @generated from message workspace.orchestrator.v1.Archive
@@ -666,7 +752,7 @@ export type Archive = Message<"workspace.orchestrator.v1.Archive"> & {
  * Use `create(ArchiveSchema)` to create a new message.
  */
 export const ArchiveSchema: GenMessage<Archive> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 16);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 18);
 
 /**
  * ListArchivesRequest lists archives.
@@ -687,7 +773,7 @@ export type ListArchivesRequest = Message<"workspace.orchestrator.v1.ListArchive
  * Use `create(ListArchivesRequestSchema)` to create a new message.
  */
 export const ListArchivesRequestSchema: GenMessage<ListArchivesRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 17);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 19);
 
 /**
  * ListArchivesResponse holds the archives, newest first.
@@ -706,7 +792,7 @@ export type ListArchivesResponse = Message<"workspace.orchestrator.v1.ListArchiv
  * Use `create(ListArchivesResponseSchema)` to create a new message.
  */
 export const ListArchivesResponseSchema: GenMessage<ListArchivesResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 18);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 20);
 
 /**
  * DeleteArchiveRequest names the archive to delete.
@@ -725,7 +811,7 @@ export type DeleteArchiveRequest = Message<"workspace.orchestrator.v1.DeleteArch
  * Use `create(DeleteArchiveRequestSchema)` to create a new message.
  */
 export const DeleteArchiveRequestSchema: GenMessage<DeleteArchiveRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 19);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 21);
 
 /**
  * DeleteArchiveResponse is empty: the archive is gone.
@@ -740,7 +826,7 @@ export type DeleteArchiveResponse = Message<"workspace.orchestrator.v1.DeleteArc
  * Use `create(DeleteArchiveResponseSchema)` to create a new message.
  */
 export const DeleteArchiveResponseSchema: GenMessage<DeleteArchiveResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 20);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 22);
 
 /**
  * UploadArchiveRequest is `spec` first, then `chunk`s.
@@ -773,7 +859,7 @@ export type UploadArchiveRequest = Message<"workspace.orchestrator.v1.UploadArch
  * Use `create(UploadArchiveRequestSchema)` to create a new message.
  */
 export const UploadArchiveRequestSchema: GenMessage<UploadArchiveRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 21);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 23);
 
 /**
  * UploadArchiveSpec describes the archive being uploaded.
@@ -807,7 +893,7 @@ export type UploadArchiveSpec = Message<"workspace.orchestrator.v1.UploadArchive
  * Use `create(UploadArchiveSpecSchema)` to create a new message.
  */
 export const UploadArchiveSpecSchema: GenMessage<UploadArchiveSpec> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 22);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 24);
 
 /**
  * UploadArchiveResponse is the stored archive.
@@ -826,7 +912,7 @@ export type UploadArchiveResponse = Message<"workspace.orchestrator.v1.UploadArc
  * Use `create(UploadArchiveResponseSchema)` to create a new message.
  */
 export const UploadArchiveResponseSchema: GenMessage<UploadArchiveResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 23);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 25);
 
 /**
  * ListTemplatesRequest lists templates.
@@ -841,7 +927,7 @@ export type ListTemplatesRequest = Message<"workspace.orchestrator.v1.ListTempla
  * Use `create(ListTemplatesRequestSchema)` to create a new message.
  */
 export const ListTemplatesRequestSchema: GenMessage<ListTemplatesRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 24);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 26);
 
 /**
  * ListTemplatesResponse holds every template folder, valid or not, by name.
@@ -860,7 +946,7 @@ export type ListTemplatesResponse = Message<"workspace.orchestrator.v1.ListTempl
  * Use `create(ListTemplatesResponseSchema)` to create a new message.
  */
 export const ListTemplatesResponseSchema: GenMessage<ListTemplatesResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 25);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 27);
 
 /**
  * Template is a folder under templates/ with its `template.json`.
@@ -939,7 +1025,7 @@ export type Template = Message<"workspace.orchestrator.v1.Template"> & {
  * Use `create(TemplateSchema)` to create a new message.
  */
 export const TemplateSchema: GenMessage<Template> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 26);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 28);
 
 /**
  * GetTemplateArchiveRequest names the template.
@@ -958,7 +1044,7 @@ export type GetTemplateArchiveRequest = Message<"workspace.orchestrator.v1.GetTe
  * Use `create(GetTemplateArchiveRequestSchema)` to create a new message.
  */
 export const GetTemplateArchiveRequestSchema: GenMessage<GetTemplateArchiveRequest> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 27);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 29);
 
 /**
  * GetTemplateArchiveResponse is `info` first, then `chunk`s.
@@ -989,7 +1075,7 @@ export type GetTemplateArchiveResponse = Message<"workspace.orchestrator.v1.GetT
  * Use `create(GetTemplateArchiveResponseSchema)` to create a new message.
  */
 export const GetTemplateArchiveResponseSchema: GenMessage<GetTemplateArchiveResponse> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 28);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 30);
 
 /**
  * TemplateArchiveInfo describes the archive about to be streamed.
@@ -1027,7 +1113,7 @@ export type TemplateArchiveInfo = Message<"workspace.orchestrator.v1.TemplateArc
  * Use `create(TemplateArchiveInfoSchema)` to create a new message.
  */
 export const TemplateArchiveInfoSchema: GenMessage<TemplateArchiveInfo> = /*@__PURE__*/
-  messageDesc(file_workspace_orchestrator_v1_orchestrator, 29);
+  messageDesc(file_workspace_orchestrator_v1_orchestrator, 31);
 
 /**
  * SessionState is where a session is in its life.
@@ -1349,6 +1435,20 @@ export const OrchestratorService: GenService<{
     methodKind: "server_streaming";
     input: typeof GetTemplateArchiveRequestSchema;
     output: typeof GetTemplateArchiveResponseSchema;
+  },
+  /**
+   * Mints a signed, expiring token that opens the session's preview through
+   * the preview gateway (`--preview-address`): the gateway exchanges it for a
+   * cookie scoped to the session's host (or path). Deleting the session
+   * revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
+   * session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
+   *
+   * @generated from rpc workspace.orchestrator.v1.OrchestratorService.CreatePreviewToken
+   */
+  createPreviewToken: {
+    methodKind: "unary";
+    input: typeof CreatePreviewTokenRequestSchema;
+    output: typeof CreatePreviewTokenResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_workspace_orchestrator_v1_orchestrator, 0);
