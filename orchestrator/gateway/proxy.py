@@ -130,9 +130,11 @@ class PreviewGateway:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             trust_env=False,
         )
-        self._runner = web.ServerRunner(web.Server(self._handle), handle_signals=False, access_log=None)
+        self._runner = web.ServerRunner(
+            web.Server(self._handle), handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
         await self._runner.setup()
-        site = web.SockSite(self._runner, self._socket, ssl_context=self._tls, shutdown_timeout=1.0)
+        site = web.SockSite(self._runner, self._socket, ssl_context=self._tls)
         await site.start()
 
     async def close(self) -> None:
