@@ -11,6 +11,12 @@ PY := $(VENV)/bin/python
 # workspace at run time, so the shared image is neither rebuilt nor retagged.
 EXTRA_CA_BUNDLE ?=
 IMAGE_CA_BUNDLE = $(EXTRA_CA_BUNDLE)
+# The npm tests (real `npm install`s of the vite-react and astro-basic templates, the browser HMR test through the
+# preview gateway) are opt-in: `make test TEST_NPM=1`. TEST_CA_BUNDLE is a PEM file the workspaces these tests
+# start trust (mounted at run time, `--extra-ca-bundle`; the image stays the shared one): the one that lets them
+# through a TLS-intercepting proxy to the registry. CI (.ci/run) turns both on.
+TEST_NPM ?=
+TEST_CA_BUNDLE ?=
 # The template of `make demo`'s session.
 DEMO_TEMPLATE ?= node-basic
 # Workspaces `make demo` keeps started for new sessions (its own session waits for them, then claims one).
@@ -24,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## Run the whole test suite, the tests marked `docker` included (against a real engine and the core image).
 test: $(VENV)/.installed tools engine image
-	$(PY) -m pytest
+	$(if $(TEST_NPM),WORKSPACE_TEST_NPM=1) $(if $(TEST_CA_BUNDLE),WORKSPACE_TEST_CA_BUNDLE=$(TEST_CA_BUNDLE)) $(PY) -m pytest
 
 ## An orchestrator on 127.0.0.1:50051 with the built-in templates and a demo session to open in a browser
 ## (its URL is printed); Ctrl-C stops it and deletes every session created meanwhile. DEMO_TEMPLATE=vite-react
@@ -33,9 +39,11 @@ demo: IMAGE_CA_BUNDLE =
 demo: $(VENV)/.installed engine image
 	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) --warm-pool $(DEMO_WARM_POOL) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
 
-## Command-line tools the tests call besides the venv's: jq (the README's grpcurl lines pipe into it).
+## Command-line tools the tests call besides the venv's: jq (the README's grpcurl lines pipe into it) and Debian's
+## chromium (the browser test of the preview gateway drives it headless over the DevTools protocol).
 tools:
 	@command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 ## Start a Docker engine unless one answers (installs docker.io when missing).
 engine:
