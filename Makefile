@@ -19,6 +19,8 @@ TEST_NPM ?=
 TEST_CA_BUNDLE ?=
 # The template of `make demo`'s session.
 DEMO_TEMPLATE ?= node-basic
+# `make demo PREVIEW_ADDRESS=127.0.0.1:8080` also serves the preview gateway there (README "Previews").
+PREVIEW_ADDRESS ?=
 # Workspaces `make demo` keeps started for new sessions (its own session waits for them, then claims one).
 DEMO_WARM_POOL ?= 2
 
@@ -37,7 +39,7 @@ test: $(VENV)/.installed tools engine image
 ## picks another template, DEMO_WARM_POOL=0 turns the warm pool off.
 demo: IMAGE_CA_BUNDLE =
 demo: $(VENV)/.installed engine image
-	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) --warm-pool $(DEMO_WARM_POOL) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
+	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) --warm-pool $(DEMO_WARM_POOL) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE)) $(if $(PREVIEW_ADDRESS),--preview-address $(PREVIEW_ADDRESS))
 
 ## Command-line tools the tests call besides the venv's: jq (the README's grpcurl lines pipe into it) and Debian's
 ## chromium (the browser test of the preview gateway drives it headless over the DevTools protocol).

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -19,9 +20,11 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from yarl import URL
 
+from common.tools import ENV_BIN
 from orchestrator.config import OrchestratorConfig
 from orchestrator.gateway import PreviewSigner
 from orchestrator.gateway.proxy import COOKIE
+from tests.conftest import REPO
 from tests.orchestrator.conftest import OrchestratorUnderTest, watch_until_settled
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -51,14 +54,14 @@ def orchestrator_config(orchestrator_config: OrchestratorConfig, templates: Path
         **{
             **vars(orchestrator_config),
             "preview_address": "127.0.0.1:0",
-            "preview_domain": "preview.localhost",
+            "preview_domain": "localhost",
             "idle_ttl_s": IDLE_TTL_S,
         }
     )
 
 
 class Browser:
-    """HTTP to the gateway as a browser would send it to `<session>.preview.localhost` (or the path form), with
+    """HTTP to the gateway as a browser would send it to `<session>.localhost` (or the path form), with
     the cookies it was given kept per host and path by hand, so a test can also send them where they do not
     belong."""
 
@@ -69,7 +72,7 @@ class Browser:
 
     @staticmethod
     def host(session_id: str) -> str:
-        return f"{session_id}.preview.localhost"
+        return f"{session_id}.localhost"
 
     def get(self, host: str, target: str, cookie: str = "", **options) -> aiohttp.client._RequestContextManager:
         headers = {"Host": f"{host}:{self.port}", **options.pop("headers", {})}
@@ -113,7 +116,7 @@ async def test_a_token_opens_the_preview_once_traded_for_a_host_cookie_and_nothi
 ) -> None:
     session = await ready(orchestrator)
     minted = await token(orchestrator, session.id)
-    assert minted.url.startswith(f"http://{session.id}.preview.localhost:{browser.port}/?preview_token=")
+    assert minted.url.startswith(f"http://{session.id}.localhost:{browser.port}/?preview_token=")
     host = browser.host(session.id)
 
     async with browser.get(host, "/") as response:
@@ -132,8 +135,8 @@ async def test_a_token_opens_the_preview_once_traded_for_a_host_cookie_and_nothi
         page = await response.text()
         assert response.status == 200 and APP_TEXT in page
     seen = json.loads(page.split("<pre>")[1].split("</pre>")[0])
-    # The dev server sees its own address as Host (what a host check accepts), never the gateway's cookie.
-    assert seen["Host"] == urlsplit(session.preview_url).netloc
+    # The dev server sees itself as localhost (what every host check accepts), never the gateway's cookie.
+    assert seen["Host"] == f"localhost:{urlsplit(session.preview_url).port}"
     assert seen["X-Forwarded-Host"] == f"{host}:{browser.port}" and COOKIE not in seen["Cookie"]
 
 
@@ -148,7 +151,7 @@ async def test_another_sessions_cookie_or_token_is_refused(
         assert response.status == 403 and APP_TEXT not in await response.text()
     async with browser.get(browser.host(mine.id), f"/?preview_token={their_token}") as response:
         assert response.status == 403
-    async with browser.get("preview.localhost", f"/preview/{theirs.id}/", cookie=cookie) as response:
+    async with browser.get("localhost", f"/preview/{theirs.id}/", cookie=cookie) as response:
         assert response.status == 403 and APP_TEXT not in await response.text()
 
 
@@ -157,18 +160,18 @@ async def test_the_path_form_is_scoped_to_its_path_and_refuses_escapes(
 ) -> None:
     mine, other = await ready(orchestrator), await ready(orchestrator)
     minted = await token(orchestrator, mine.id)
-    assert minted.path_url.startswith(f"http://preview.localhost:{browser.port}/preview/{mine.id}/?preview_token=")
+    assert minted.path_url.startswith(f"http://localhost:{browser.port}/preview/{mine.id}/?preview_token=")
     cookie, attributes = await browser.exchange(minted.path_url)
     assert f"Path=/preview/{mine.id}/" in attributes
 
-    async with browser.get("preview.localhost", f"/preview/{mine.id}", cookie=cookie) as response:
+    async with browser.get("localhost", f"/preview/{mine.id}", cookie=cookie) as response:
         assert response.status == 302 and response.headers["Location"] == f"/preview/{mine.id}/"
-    async with browser.get("preview.localhost", f"/preview/{mine.id}/", cookie=cookie) as response:
+    async with browser.get("localhost", f"/preview/{mine.id}/", cookie=cookie) as response:
         page = await response.text()
         assert response.status == 200 and APP_TEXT in page and f'"X-Forwarded-Prefix": "/preview/{mine.id}"' in page
     # The dev server's redirect to itself comes back through the preview.
-    async with browser.get("preview.localhost", f"/preview/{mine.id}/redirect", cookie=cookie) as response:
-        assert response.headers["Location"] == f"http://preview.localhost:{browser.port}/preview/{mine.id}/landed"
+    async with browser.get("localhost", f"/preview/{mine.id}/redirect", cookie=cookie) as response:
+        assert response.headers["Location"] == f"http://localhost:{browser.port}/preview/{mine.id}/landed"
 
     escapes = [
         f"/preview/{mine.id}/../{other.id}/",
@@ -181,7 +184,7 @@ async def test_the_path_form_is_scoped_to_its_path_and_refuses_escapes(
         f"/preview/..%2f{other.id}/",
     ]
     for target in escapes:
-        async with browser.get("preview.localhost", target, cookie=cookie) as response:
+        async with browser.get("localhost", target, cookie=cookie) as response:
             assert response.status == 400, (target, response.status)
             assert APP_TEXT not in await response.text()
 
@@ -225,7 +228,7 @@ async def test_a_deleted_or_unknown_session_is_404(orchestrator: OrchestratorUnd
         assert response.status == 404 and APP_TEXT not in await response.text()
     async with browser.get(browser.host("ws-0000000000"), "/", cookie=cookie) as response:
         assert response.status == 404
-    async with browser.get("preview.localhost", f"/preview/{session.id}/", cookie=cookie) as response:
+    async with browser.get("localhost", f"/preview/{session.id}/", cookie=cookie) as response:
         assert response.status == 404
 
 
@@ -251,7 +254,7 @@ async def test_websockets_pass_through_with_subprotocol_origin_and_close_code(
     ) as socket:
         assert socket.protocol == "echo-protocol"
         hello = json.loads((await socket.receive()).data)
-        upstream = urlsplit(session.preview_url).netloc
+        upstream = f"localhost:{urlsplit(session.preview_url).port}"
         assert hello == {"host": upstream, "origin": f"http://{upstream}"}
         await socket.send_str("hi")
         assert (await socket.receive()).data == "echo: hi"
@@ -333,3 +336,32 @@ async def test_create_preview_token_bad_input(orchestrator: OrchestratorUnderTes
     with pytest.raises(aio.AioRpcError) as raised:
         await orchestrator.stub.CreatePreviewToken(pb.CreatePreviewTokenRequest(id=session.id))
     assert raised.value.code() == StatusCode.FAILED_PRECONDITION
+
+
+async def test_the_readme_preview_lines_work_as_written(orchestrator: OrchestratorUnderTest, tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Previews") :]
+    block = re.search(r"```sh\n(.*?)```", section[: section.index("\n## ", 1)], re.S)
+    assert block, "no ```sh block under ## Previews in README.md"
+    lines = [line for line in block.group(1).splitlines() if line.strip()]
+    assert lines[0] == ". .venv/bin/activate"
+    gateway = orchestrator.orchestrator.gateway
+    assert gateway is not None
+    # The environment running the tests, wherever it is, and the port this gateway got in place of the README's.
+    script = [
+        "set -euo pipefail",
+        f". {ENV_BIN}/activate",
+        *(line.replace(":8080", f":{gateway.address.port}") for line in lines[1:]),
+    ]
+    env = {**os.environ, "COLUMNS": "250", "WSCTL_SERVER": f"127.0.0.1:{orchestrator.orchestrator.port}"}
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", "\n".join(script), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(120):
+        stdout, stderr = await shell.communicate()
+
+    assert shell.returncode == 0, stdout.decode() + stderr.decode()
+    printed = stdout.decode().splitlines()
+    assert printed[:3] == ["401", "303", "Hello from node-basic"] and printed[4:] == ["404"], printed
+    assert re.fullmatch(rf"http://localhost:{gateway.address.port}/preview/ws-\w+/\?preview_token=p1\.\S+", printed[3])
