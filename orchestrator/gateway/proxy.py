@@ -296,10 +296,10 @@ class PreviewGateway:
         return outer
 
     def _forwarded_headers(self, request: web.BaseRequest, found: Route, upstream: _Upstream) -> CIMultiDict[str]:
-        """The browser's headers as the dev server expects them: Host its own address (dev servers with a host
-        check, such as Vite's `server.allowedHosts`, accept their own address and no other by default), an
-        Origin of this preview rewritten the same way, the gateway's cookie and hop-by-hop headers left out,
-        and where the request really came from in X-Forwarded-* (and the path form's prefix)."""
+        """The browser's headers as the dev server expects them: Host `localhost:<port>` (see
+        _Upstream.presented_host), an Origin of this preview rewritten the same way (other origins stay what they
+        are, for the dev server's CORS check), the gateway's cookie and hop-by-hop headers left out, and where the
+        request really came from in X-Forwarded-Host/-Proto/-For (and the path form's X-Forwarded-Prefix)."""
         connection_named = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
@@ -313,9 +313,9 @@ class PreviewGateway:
                 if not value:
                     continue
             if lowered == "origin" and value == self._origin(request):
-                value = upstream.origin
+                value = upstream.presented_origin
             headers.add(name, value)
-        headers["Host"] = upstream.netloc
+        headers["Host"] = upstream.presented_host
         headers["X-Forwarded-Host"] = request.host
         headers["X-Forwarded-Proto"] = request.scheme
         if request.remote:
@@ -330,7 +330,7 @@ class PreviewGateway:
     def _outward_location(self, location: str, request: web.BaseRequest, found: Route, upstream: _Upstream) -> str:
         """A redirect of the dev server's to itself, as the browser must follow it: through this preview."""
         parts = urlsplit(location)
-        if parts.netloc and parts.netloc != upstream.netloc:
+        if parts.netloc and parts.netloc not in (upstream.netloc, upstream.presented_host):
             return location  # elsewhere: left alone
         if not parts.netloc and not location.startswith("/"):
             return location  # relative: resolves against the preview's own URL already
@@ -340,17 +340,32 @@ class PreviewGateway:
 
 @dataclass(frozen=True)
 class _Upstream:
+    """The dev server: where it is reached (the session's preview URL) and the name it is shown as."""
+
     scheme: str
     netloc: str
+    port: int
 
     @property
     def origin(self) -> str:
         return f"{self.scheme}://{self.netloc}"
 
+    @property
+    def presented_host(self) -> str:
+        # `localhost`, whatever address reaches it (a published loopback port, a container on another host of a
+        # swarm): the one name every dev server's host check accepts by default (Vite's `server.allowedHosts`,
+        # webpack-dev-server's `allowedHosts`, Next's and Astro's), so no template has to list preview domains.
+        return f"localhost:{self.port}"
+
+    @property
+    def presented_origin(self) -> str:
+        return f"{self.scheme}://{self.presented_host}"
+
 
 def _upstream(session: pb.Session) -> _Upstream:
     parts = urlsplit(session.preview_url)
-    return _Upstream(parts.scheme or "http", parts.netloc)
+    scheme = parts.scheme or "http"
+    return _Upstream(scheme, parts.netloc, parts.port or {"http": 80, "https": 443}[scheme])
 
 
 def _upstream_url(upstream: _Upstream, target: str) -> URL:

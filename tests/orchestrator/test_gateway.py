@@ -22,7 +22,7 @@ from yarl import URL
 
 from common.tools import ENV_BIN
 from orchestrator.config import OrchestratorConfig
-from orchestrator.gateway import PreviewSigner
+from orchestrator.gateway import PreviewSigner, load_signing_key
 from orchestrator.gateway.proxy import COOKIE
 from tests.conftest import REPO
 from tests.orchestrator.conftest import OrchestratorUnderTest, watch_until_settled
@@ -122,7 +122,8 @@ async def test_a_token_opens_the_preview_once_traded_for_a_host_cookie_and_nothi
     async with browser.get(host, "/") as response:
         assert response.status == 401 and APP_TEXT not in await response.text()
     forged = PreviewSigner(b"another orchestrator's key!").mint(session.id, 600)[0]
-    expired = PreviewSigner(orchestrator.orchestrator.gateway._signer._key).mint(session.id, -1)[0]  # type: ignore[union-attr]
+    # Signed with the orchestrator's own key (the data directory's), expired a second ago.
+    expired = PreviewSigner(load_signing_key(orchestrator.config.preview_signing_key)).mint(session.id, -1)[0]
     for bad, status in ((forged, 403), (expired, 401), ("not-a-token", 403)):
         async with browser.get(host, f"/?preview_token={bad}") as response:
             assert response.status == status and APP_TEXT not in await response.text()
