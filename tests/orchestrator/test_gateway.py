@@ -4,11 +4,14 @@ form's bad input, the starting page, 404 after delete, WebSockets, streaming bot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
+import ssl
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -20,12 +23,19 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from yarl import URL
 
+from common.startup import StartupError
 from common.tools import ENV_BIN
 from orchestrator.config import OrchestratorConfig
 from orchestrator.gateway import PreviewSigner, load_signing_key
 from orchestrator.gateway.proxy import COOKIE
+from orchestrator.server import create_server
 from tests.conftest import REPO
-from tests.orchestrator.conftest import OrchestratorUnderTest, watch_until_settled
+from tests.orchestrator.conftest import (
+    OrchestratorUnderTest,
+    start_orchestrator,
+    stop_all_workspaces,
+    watch_until_settled,
+)
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 DEV_SERVER = Path(__file__).parent / "gateway_dev_server" / "server.py"
@@ -65,14 +75,22 @@ class Browser:
     the cookies it was given kept per host and path by hand, so a test can also send them where they do not
     belong."""
 
-    def __init__(self, client: aiohttp.ClientSession, port: int) -> None:
+    def __init__(
+        self,
+        client: aiohttp.ClientSession,
+        port: int,
+        scheme: str = "http",
+        ssl: ssl.SSLContext | None = None,
+        domain: str = "localhost",
+    ) -> None:
         self.client = client
+        self.domain = domain
         self.port = port
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = f"{scheme}://127.0.0.1:{port}"
+        self.ssl = ssl
 
-    @staticmethod
-    def host(session_id: str) -> str:
-        return f"{session_id}.localhost"
+    def host(self, session_id: str) -> str:
+        return f"{session_id}.{self.domain}"
 
     def get(self, host: str, target: str, cookie: str = "", **options) -> aiohttp.client._RequestContextManager:
         headers = {"Host": f"{host}:{self.port}", **options.pop("headers", {})}
@@ -80,6 +98,8 @@ class Browser:
             headers["Cookie"] = f"{COOKIE}={cookie}"
         # `encoded`: the target as written, `..` and all (a browser would resolve it; an attacker's client does not).
         url = URL(self.base + target, encoded=True)
+        if self.ssl is not None:  # the certificate is checked against the host the browser would ask for
+            options.update(ssl=self.ssl, server_hostname=host)
         return self.client.request(options.pop("method", "GET"), url, headers=headers, allow_redirects=False, **options)
 
     async def exchange(self, url: str) -> tuple[str, str]:
@@ -135,6 +155,8 @@ async def test_a_token_opens_the_preview_once_traded_for_a_host_cookie_and_nothi
     async with browser.get(host, "/", cookie=cookie) as response:
         page = await response.text()
         assert response.status == 200 and APP_TEXT in page
+    async with browser.get(host, "/", cookie=cookie, method="HEAD") as response:
+        assert response.status == 200 and await response.read() == b""
     seen = json.loads(page.split("<pre>")[1].split("</pre>")[0])
     # The dev server sees itself as localhost (what every host check accepts), never the gateway's cookie.
     assert seen["Host"] == f"localhost:{urlsplit(session.preview_url).port}"
@@ -366,3 +388,39 @@ async def test_the_readme_preview_lines_work_as_written(orchestrator: Orchestrat
     printed = stdout.decode().splitlines()
     assert printed[:3] == ["401", "303", "Hello from node-basic"] and printed[4:] == ["404"], printed
     assert re.fullmatch(rf"http://localhost:{gateway.address.port}/preview/ws-\w+/\?preview_token=p1\.\S+", printed[3])
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+async def test_the_gateway_speaks_https_with_a_certificate_and_sets_secure_cookies(
+    orchestrator_config: OrchestratorConfig, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-subj", "/CN=preview.localhost", "-addext", "subjectAltName=DNS:*.preview.localhost", "-days", "1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with pytest.raises(StartupError, match="--preview-tls-key"):
+        await create_server(dataclasses.replace(orchestrator_config, preview_tls_cert=cert))
+    # A wildcard needs two labels below it: *.localhost would match no host.
+    config = dataclasses.replace(
+        orchestrator_config, preview_tls_cert=cert, preview_tls_key=key, preview_domain="preview.localhost"
+    )
+    o = await start_orchestrator(config)
+    try:
+        session = await ready(o)
+        minted = await token(o, session.id)
+        assert minted.url.startswith(f"https://{session.id}.preview.localhost:")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        gateway = o.orchestrator.gateway
+        assert gateway is not None
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as client:
+            browser = Browser(client, gateway.address.port, scheme="https", ssl=trusted, domain="preview.localhost")
+            cookie, attributes = await browser.exchange(minted.url)
+            assert "Secure" in attributes and "HttpOnly" in attributes
+            async with browser.get(browser.host(session.id), "/", cookie=cookie) as response:
+                assert response.status == 200 and APP_TEXT in await response.text()
+    finally:
+        await o.close()
+        await stop_all_workspaces(config)
