@@ -114,7 +114,8 @@ class PreviewGateway:
         self._tls = _tls_context(tls_cert, tls_key)
         check_bindable(address, "--preview-address")
         host, _, port = address.rpartition(":")
-        self._socket = socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
+        family = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)[0][0]
+        self._socket = socket.create_server((host.strip("[]"), int(port)), family=family)
         self.address = GatewayAddress("https" if self._tls else "http", domain, self._socket.getsockname()[1])
         self._runner: web.ServerRunner | None = None
         self._client: aiohttp.ClientSession | None = None
@@ -230,31 +231,42 @@ class PreviewGateway:
         headers = self._forwarded_headers(request, found, upstream)
         body = request.content if request.body_exists else None
         try:
-            async with self._client.request(
+            answer = await self._client.request(
                 request.method, _upstream_url(upstream, found.target), headers=headers, data=body,
                 allow_redirects=False, compress=None, chunked=None,
-            ) as answer:  # fmt: skip
-                response = web.StreamResponse(status=answer.status, reason=answer.reason)
-                for name, value in answer.headers.items():
-                    lowered = name.lower()
-                    if lowered in HOP_BY_HOP:
-                        continue
-                    if lowered == "location":
-                        value = self._outward_location(value, request, found, upstream)
-                    response.headers.add(name, value)
-                await response.prepare(request)
-                # Each chunk as it arrives: an event stream or a long download is never held back.
-                async for chunk in answer.content.iter_any():
-                    await response.write(chunk)
-                    self._touch(session.id)
-                await response.write_eof()
-                return response
+            )  # fmt: skip
         except (aiohttp.ClientConnectionError, TimeoutError) as error:
             return _page(
                 HTTPStatus.BAD_GATEWAY, "The dev server does not answer",
                 f"Session {session.id}'s dev server did not answer ({type(error).__name__}): is it still running?"
                 " (wsctl logs shows its output)",
             )  # fmt: skip
+        try:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            for name, value in answer.headers.items():
+                lowered = name.lower()
+                if lowered in HOP_BY_HOP:
+                    continue
+                if lowered == "location":
+                    value = self._outward_location(value, request, found, upstream)
+                response.headers.add(name, value)
+            await response.prepare(request)
+            try:
+                # Each chunk as it arrives: an event stream or a long download is never held back.
+                async for chunk in answer.content.iter_any():
+                    await response.write(chunk)
+                    self._touch(session.id)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                # The dev server broke off mid-body (or the browser left): cut the browser's connection too, so
+                # a partial body is never taken for a whole one.
+                if request.transport is not None:
+                    request.transport.abort()
+                answer.close()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            answer.release()
 
     async def _relay_websocket(self, request: web.BaseRequest, found: Route, session: pb.Session) -> web.StreamResponse:
         """Connects to the dev server's socket first, with the browser's subprotocols, and only then accepts the

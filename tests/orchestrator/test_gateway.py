@@ -306,6 +306,11 @@ async def test_responses_stream_unbuffered_and_request_bodies_stream(
             assert released.status == 200
         assert await response.content.read() == b"second part\n"
 
+    # A body the dev server breaks off reaches the browser broken off too, never as a complete (short) one.
+    async with browser.get(host, "/broken", cookie=cookie) as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
     payload = os.urandom(3 * 1024 * 1024)
 
     async def chunks() -> AsyncIterator[bytes]:

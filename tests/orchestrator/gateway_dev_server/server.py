@@ -58,6 +58,15 @@ async def body(request: web.Request) -> web.Response:
     return web.json_response({"sha256": digest.hexdigest(), "size": size})
 
 
+async def broken(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})  # chunked: no length to check against
+    await response.prepare(request)
+    await response.write(b"the start of a body")
+    assert request.transport is not None
+    request.transport.abort()
+    return response
+
+
 async def redirect(request: web.Request) -> web.Response:
     return web.Response(status=302, headers={"Location": f"http://{request.host}/landed"})
 
@@ -71,6 +80,7 @@ app.add_routes(
         web.post("/release", release),
         web.post("/body", body),
         web.get("/redirect", redirect),
+        web.get("/broken", broken),
         web.get("/landed", index),
     ]
 )
