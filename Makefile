@@ -45,7 +45,7 @@ demo: $(VENV)/.installed engine image
 ## chromium (the browser test of the preview gateway drives it headless over the DevTools protocol).
 tools:
 	@command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq; }
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 ## Start a Docker engine unless one answers (installs docker.io when missing).
 engine:

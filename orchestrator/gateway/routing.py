@@ -33,10 +33,12 @@ class Route:
 def route(host: str, raw_target: str, domain: str) -> Route | None:
     """The route of a request with Host `host` and request target `raw_target` (undecoded), None when it names
     no session. Raises PreviewPathRefused for a path-form target with `..`, `.` or encoded separators."""
+    if not raw_target.startswith("/"):  # an absolute-form or `*` target: a proxy request, not a preview's
+        return None
     name = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
     label, dot, rest = name.lower().rstrip(".").partition(".")
     if dot and rest == domain.lower() and SESSION_ID.fullmatch(label):
-        return Route(label, "", raw_target or "/")
+        return Route(label, "", raw_target)
     if not raw_target.startswith(PATH_PREFIX):
         return None
     session_id, slash, below = raw_target.removeprefix(PATH_PREFIX).partition("/")

@@ -144,7 +144,10 @@ async def test_a_token_opens_the_preview_once_traded_for_a_host_cookie_and_nothi
     forged = PreviewSigner(b"another orchestrator's key!").mint(session.id, 600)[0]
     # Signed with the orchestrator's own key (the data directory's), expired a second ago.
     expired = PreviewSigner(load_signing_key(orchestrator.config.preview_signing_key)).mint(session.id, -1)[0]
-    for bad, status in ((forged, 403), (expired, 401), ("not-a-token", 403)):
+    # The real token with a later expiry written in: the signature no longer matches.
+    _, _, expiry, signature = minted.token.split(".")
+    extended = f"p1.{session.id}.{int(expiry) + 86400}.{signature}"
+    for bad, status in ((forged, 403), (expired, 401), (extended, 403), ("not-a-token", 403)):
         async with browser.get(host, f"/?preview_token={bad}") as response:
             assert response.status == status and APP_TEXT not in await response.text()
         async with browser.get(host, "/", cookie=bad) as response:

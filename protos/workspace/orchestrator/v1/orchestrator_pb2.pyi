@@ -246,7 +246,9 @@ class Session(_message.Message):
 
     @_builtins.property
     def last_activity_at(self) -> _timestamp_pb2.Timestamp:
-        """Last activity the agent reported (calls, file writes, running commands)."""
+        """Last activity the agent reported (calls, file writes, running commands)
+        or the preview gateway saw (requests, WebSocket frames).
+        """
 
     def __init__(
         self,

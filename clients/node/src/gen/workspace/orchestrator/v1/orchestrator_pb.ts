@@ -119,7 +119,8 @@ export type Session = Message<"workspace.orchestrator.v1.Session"> & {
   readyAt?: Timestamp | undefined;
 
   /**
-   * Last activity the agent reported (calls, file writes, running commands).
+   * Last activity the agent reported (calls, file writes, running commands)
+   * or the preview gateway saw (requests, WebSocket frames).
    *
    * @generated from field: google.protobuf.Timestamp last_activity_at = 14;
    */
