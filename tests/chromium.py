@@ -122,9 +122,9 @@ def chromium_path() -> str | None:
 
 
 @contextlib.asynccontextmanager
-async def chromium(profile: Path) -> AsyncIterator[Chromium]:
+async def chromium(profile: Path, *options: str) -> AsyncIterator[Chromium]:
     """Starts headless Chromium on a profile in `profile` with DevTools on a port it picks (told in the
-    profile's DevToolsActivePort file), connects, and stops it by its pid at the end."""
+    profile's DevToolsActivePort file), and `options` besides, connects, and stops it by its pid at the end."""
     executable = chromium_path()
     if executable is None:
         raise FileNotFoundError("no chromium on PATH: `make tools` installs Debian's package")
@@ -134,7 +134,7 @@ async def chromium(profile: Path) -> AsyncIterator[Chromium]:
             executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             "--no-first-run", "--no-default-browser-check", "--no-proxy-server", "--disable-extensions",
             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",
-            "about:blank",
+            *options, "about:blank",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
