@@ -187,11 +187,20 @@ class PreviewGateway:
                 "?" + urlencode(kept) if kept else ""
             )
             response = _redirect(HTTPStatus.SEE_OTHER, location)
-            response.set_cookie(
-                COOKIE, query[TOKEN_PARAMETER], path=found.prefix + "/",
-                max_age=max(0, int(claim.expires_at - time.time())),
-                httponly=True, secure=self._tls is not None, samesite="Lax",
-            )  # fmt: skip
+            # Over HTTPS the cookie also works in an IDE's iframe on another site: SameSite=None (which browsers
+            # take only with Secure), Partitioned (CHIPS: kept per embedding site, as browsers without third-party
+            # cookies require). Plain HTTP cannot: Lax, for top-level pages and their own requests only. Written
+            # out here: Python 3.11's http.cookies knows no Partitioned; a token needs no quoting (base64url, dots).
+            attributes = (
+                ["HttpOnly", "Secure", "SameSite=None", "Partitioned"] if self._tls else ["HttpOnly", "SameSite=Lax"]
+            )
+            max_age = max(0, int(claim.expires_at - time.time()))
+            response.headers.add(
+                "Set-Cookie",
+                "; ".join(
+                    [f"{COOKIE}={query[TOKEN_PARAMETER]}", f"Path={found.prefix}/", f"Max-Age={max_age}", *attributes]
+                ),
+            )
             return response
         if session.public_preview:
             return None

@@ -155,6 +155,7 @@ async def test_a_token_opens_the_preview_once_traded_for_a_host_cookie_and_nothi
 
     cookie, attributes = await browser.exchange(minted.url)
     assert "HttpOnly" in attributes and "Path=/;" in attributes + ";" and "Domain" not in attributes
+    assert "SameSite=Lax" in attributes and "Secure" not in attributes
     async with browser.get(host, "/", cookie=cookie) as response:
         page = await response.text()
         assert response.status == 200 and APP_TEXT in page
@@ -426,7 +427,7 @@ async def test_the_gateway_speaks_https_with_a_certificate_and_sets_secure_cooki
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False) as client:
             browser = Browser(client, gateway.address.port, scheme="https", ssl=trusted, domain="preview.localhost")
             cookie, attributes = await browser.exchange(minted.url)
-            assert "Secure" in attributes and "HttpOnly" in attributes
+            assert all(word in attributes for word in ("Secure", "HttpOnly", "SameSite=None", "Partitioned"))
             async with browser.get(browser.host(session.id), "/", cookie=cookie) as response:
                 assert response.status == 200 and APP_TEXT in await response.text()
     finally:
