@@ -22,6 +22,8 @@ from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 TITLE = "Vite + React on workspace-core"
 EDITED = "Edited through the agent, shown by HMR"
+# A first load waits for Vite to optimize the dependencies: generous, on a small machine shared with other work.
+LOAD_TIMEOUT_S = 90
 # Resolved by Chromium alone (--host-resolver-rules), with no DNS.
 DOMAIN = "preview.test"
 HEADING = "document.querySelector('h1') && document.querySelector('h1').textContent"
@@ -77,8 +79,11 @@ async def test_vite_hmr_through_the_gateway_in_headless_chromium(
             assert await page.evaluate("document.cookie") == ""  # the preview cookie is HttpOnly
 
             await edit(session, "src/App.jsx", TITLE, EDITED)
-            assert await page.wait_for(f"({HEADING}) === {json.dumps(EDITED)}", 60)
-            assert await page.evaluate("window.__sameDocument") == "kept", network_changes(page)
+            try:
+                await page.wait_for(f"({HEADING}) === {json.dumps(EDITED)}", LOAD_TIMEOUT_S)
+            except TimeoutError as error:
+                raise AssertionError(f"{error}\n{what_loaded(page)}") from None
+            assert await page.evaluate("window.__sameDocument") == "kept", what_loaded(page)
             # The update came over Vite's socket through the gateway, the page's only way to the dev server.
             sockets = [event["url"] for event in page.events("Network.webSocketCreated")]
             assert any(url.startswith(f"ws://{session.id}.{DOMAIN}:") for url in sockets), sockets
@@ -90,14 +95,15 @@ async def test_vite_hmr_through_the_gateway_in_headless_chromium(
 async def open_app(page: Page, url: str) -> str:
     """Opens `url` until the app's heading shows; returns the address then. Chromium aborts what is in flight
     when the host's network changes (ERR_NETWORK_CHANGED: containers starting on a shared engine add
-    interfaces): such a load is tried again, up to three times; any other failure is the test's."""
+    interfaces): such a load is tried again, up to three times; any other failure is the test's, reported with
+    what the page loaded."""
     for attempt in range(3):
         await page.call("Page.navigate", url=url)
         try:
-            return await page.wait_for(f"({HEADING}) === {json.dumps(TITLE)} && location.href", 30)
-        except TimeoutError:
+            return await page.wait_for(f"({HEADING}) === {json.dumps(TITLE)} && location.href", LOAD_TIMEOUT_S)
+        except TimeoutError as error:
             if attempt == 2 or not network_changes(page):
-                raise
+                raise AssertionError(f"{error}\n{what_loaded(page)}") from None
     raise AssertionError("unreachable")
 
 
@@ -106,6 +112,15 @@ def network_changes(page: Page) -> list[str]:
     return [
         e["requestId"] for e in page.events("Network.loadingFailed") if e["errorText"] == "net::ERR_NETWORK_CHANGED"
     ]
+
+
+def what_loaded(page: Page) -> str:
+    """Every request of the page with its status or failure, and what the page threw: for a failure's message."""
+    urls = {e["requestId"]: e["request"]["url"] for e in page.events("Network.requestWillBeSent")}
+    lines = [f"{e['response']['status']} {e['response']['url']}" for e in page.events("Network.responseReceived")]
+    lines += [f"failed {e['errorText']} {urls.get(e['requestId'], '?')}" for e in page.events("Network.loadingFailed")]
+    lines += [f"threw {e['exceptionDetails'].get('text')}" for e in page.events("Runtime.exceptionThrown")]
+    return "\n".join(lines)
 
 
 async def edit(session: pb.Session, path: str, old: str, new: str) -> None:
