@@ -11,8 +11,16 @@ PY := $(VENV)/bin/python
 # workspace at run time, so the shared image is neither rebuilt nor retagged.
 EXTRA_CA_BUNDLE ?=
 IMAGE_CA_BUNDLE = $(EXTRA_CA_BUNDLE)
+# The npm tests (real `npm install`s of the vite-react and astro-basic templates, the browser HMR test through the
+# preview gateway) are opt-in: `make test TEST_NPM=1`. TEST_CA_BUNDLE is a PEM file the workspaces these tests
+# start trust (mounted at run time, `--extra-ca-bundle`; the image stays the shared one): the one that lets them
+# through a TLS-intercepting proxy to the registry. CI (.ci/run) turns both on.
+TEST_NPM ?=
+TEST_CA_BUNDLE ?=
 # The template of `make demo`'s session.
 DEMO_TEMPLATE ?= node-basic
+# `make demo PREVIEW_ADDRESS=127.0.0.1:8080` also serves the preview gateway there (README "Previews").
+PREVIEW_ADDRESS ?=
 # Workspaces `make demo` keeps started for new sessions (its own session waits for them, then claims one).
 DEMO_WARM_POOL ?= 2
 
@@ -24,21 +32,23 @@ $(VENV)/.installed: pyproject.toml
 
 ## Run the whole test suite, the tests marked `docker` included (against a real engine and the core image).
 test: $(VENV)/.installed tools engine image
-	$(PY) -m pytest
+	$(if $(TEST_NPM),WORKSPACE_TEST_NPM=1) $(if $(TEST_CA_BUNDLE),WORKSPACE_TEST_CA_BUNDLE=$(TEST_CA_BUNDLE)) $(PY) -m pytest
 
 ## An orchestrator on 127.0.0.1:50051 with the built-in templates and a demo session to open in a browser
 ## (its URL is printed); Ctrl-C stops it and deletes every session created meanwhile. DEMO_TEMPLATE=vite-react
 ## picks another template, DEMO_WARM_POOL=0 turns the warm pool off.
 demo: IMAGE_CA_BUNDLE =
 demo: $(VENV)/.installed engine image
-	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) --warm-pool $(DEMO_WARM_POOL) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE))
+	$(PY) -m orchestrator --demo $(DEMO_TEMPLATE) --warm-pool $(DEMO_WARM_POOL) $(if $(EXTRA_CA_BUNDLE),--extra-ca-bundle $(EXTRA_CA_BUNDLE)) $(if $(PREVIEW_ADDRESS),--preview-address $(PREVIEW_ADDRESS))
 
-## Command-line tools the tests call besides the venv's: jq and curl (the README's lines use them) and
-## PostgreSQL's server (the state tests start one on loopback; tests/postgres_support.py).
+## Command-line tools the tests call besides the venv's: jq and curl (the README's lines use them), PostgreSQL's
+## server (the state tests start one on loopback; tests/postgres_support.py) and Debian's chromium (the browser
+## test of the preview gateway drives it headless over the DevTools protocol).
 tools:
 	@command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq; }
-	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 	@command -v curl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; }
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 ## Start a Docker engine unless one answers (installs docker.io when missing).
 engine:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import grpc
 import typer
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.markup import escape
@@ -261,10 +262,13 @@ def create(
     template: Annotated[str, typer.Argument(help="A template name (see `wsctl templates list`).")],
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, repeatable.")] = None,
     print_id: Annotated[bool, typer.Option("--id", help="Print the session id instead of the preview URL.")] = False,
+    public_preview: Annotated[
+        bool, typer.Option("--public-preview", help="Its preview opens through the gateway without a token.")
+    ] = False,
 ) -> None:
     """Creates a session from a template, shows its progress and prints the preview URL when it is ready."""
     _, stub = _orchestrator(ctx)
-    request = pb.CreateSessionRequest(template=template, labels=_labels(label or []))
+    request = pb.CreateSessionRequest(template=template, labels=_labels(label or []), public_preview=public_preview)
     try:
         session = stub.CreateSession(request).session
     except grpc.RpcError as error:
@@ -355,6 +359,25 @@ def delete(
     if response.HasField("archive"):
         _err().print(f"saved as [bold]{response.archive.id}[/bold]")
     _err().print(f"deleted {session_id}")
+
+
+@app.command()
+@reports_rpc_errors
+def preview(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION")],
+    path_form: Annotated[bool, typer.Option("--path", help="The /preview/<session>/ form (no wildcard DNS).")] = False,
+    ttl: Annotated[int, typer.Option(help="Seconds the token (and its cookie) is valid.")] = 3600,
+    token_only: Annotated[bool, typer.Option("--token", help="Print the bare token instead of the URL.")] = False,
+) -> None:
+    """Prints the session's preview URL on the orchestrator's gateway, with a fresh preview token in it."""
+    _, stub = _orchestrator(ctx)
+    minted = stub.CreatePreviewToken(pb.CreatePreviewTokenRequest(id=session_id, ttl=Duration(seconds=ttl)))
+    url = minted.path_url if path_form else minted.url
+    if not url and not token_only:
+        _fail("the orchestrator runs no preview gateway: start it with --preview-address HOST:PORT")
+    _err().print(f"valid until {_when(minted.expires_at)}")
+    _out().print(minted.token if token_only else url, soft_wrap=True)
 
 
 @app.command()

@@ -160,6 +160,24 @@ class OrchestratorConfig:
     )
     max_install_cache_bytes: int = field(default=4096 * MiB, metadata=option())
     install_cache_unlocked_max_age_s: float = 24 * 3600.0
+    # The preview gateway (orchestrator/gateway): one address for every session's dev server, behind preview
+    # tokens. Off unless given an address.
+    preview_address: str = field(
+        default="", metadata=option("HOST:PORT of the preview gateway (default: none; e.g. 127.0.0.1:8080)")
+    )
+    preview_domain: str = field(
+        default="localhost",
+        metadata=option(
+            "previews are <session>.DOMAIN (wildcard DNS) and DOMAIN/preview/<session>/ (default {default})"
+        ),
+    )
+    preview_tls_cert: Path | None = field(default=None, metadata=option("PEM certificate: the gateway speaks HTTPS"))
+    preview_tls_key: Path | None = field(default=None, metadata=option("PEM private key of --preview-tls-cert"))
+    # The HMAC key of preview tokens. Every replica behind one gateway address needs the same: a shared data
+    # directory has it, or point each at one file (a Docker secret, say). Made in the data dir when missing.
+    preview_signing_key_file: Path | None = field(
+        default=None, metadata=option("the preview tokens' signing key (default: <data-dir>/preview-signing-key)")
+    )
     # Output lines kept per session for late watchers and failure reports.
     output_history_lines: int = 200
 
@@ -184,6 +202,10 @@ class OrchestratorConfig:
     @property
     def install_cache_dir(self) -> Path:
         return self.data_dir / "install-cache"
+
+    @property
+    def preview_signing_key(self) -> Path:
+        return self.preview_signing_key_file or self.data_dir / "preview-signing-key"
 
     @property
     def instance_id_file(self) -> Path:

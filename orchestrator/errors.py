@@ -81,6 +81,22 @@ class ReplicaUnavailable(OrchestratorError):
     """The replica that owns the session does not answer (its sessions are taken over once its lease expires)."""
 
 
+class PreviewDenied(OrchestratorError):
+    """The preview gateway refuses the request's credentials (see orchestrator.gateway)."""
+
+
+class PreviewUnauthorized(PreviewDenied):
+    """No preview token or cookie, or an expired one: the browser needs a fresh token."""
+
+
+class PreviewForbidden(PreviewDenied):
+    """A token or cookie that is not the gateway's (forged, another key) or opens another session."""
+
+
+class PreviewPathRefused(InvalidArgument):
+    """A path-form preview request whose path could lead elsewhere (`..`, encoded slashes or dots)."""
+
+
 class DemoFailed(OrchestratorError):
     """The demo session did not become READY; the message says in which phase and why."""
 
@@ -97,6 +113,9 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # The gateway answers these over HTTP (its own table, orchestrator.gateway.proxy.HTTP_STATUS).
+    PreviewUnauthorized: grpc.StatusCode.UNAUTHENTICATED,
+    PreviewForbidden: grpc.StatusCode.PERMISSION_DENIED,
     # Recorded as a session's failure (or, for the demo, printed at start-up), never raised to a caller:
     # INTERNAL, as for any error outside the table, should one ever reach it.
     InitializationFailed: grpc.StatusCode.INTERNAL,

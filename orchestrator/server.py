@@ -23,6 +23,7 @@ from orchestrator.archives import ArchiveStore
 from orchestrator.blobs import S3Blobs, open_blobs
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import STATUS_CODES, OrchestratorError
+from orchestrator.gateway import PreviewAccess, PreviewGateway, PreviewSigner, load_signing_key
 from orchestrator.pool import pool_size_problem
 from orchestrator.runtime import Runtime, make_runtime
 from orchestrator.service import OrchestratorServicer
@@ -47,12 +48,16 @@ class Orchestrator:
     reaper: SessionReaper
     runtime: Runtime
     store: Store
+    # The preview gateway, when --preview-address asks for one.
+    gateway: PreviewGateway | None = None
     _reaping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Reconciles the records with the runtime, then serves and starts the reaper."""
+        """Reconciles the records with the runtime, then serves (gRPC and the gateway) and starts the reaper."""
         await self.sessions.reconcile()
         await self.server.start()
+        if self.gateway is not None:
+            await self.gateway.start()
         self._reaping = asyncio.create_task(self.reaper.run(), name="session reaper")
         self.sessions.cluster.start()
 
@@ -62,6 +67,8 @@ class Orchestrator:
             self._reaping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaping
+        if self.gateway is not None:
+            await self.gateway.close()
         await self.server.stop(grace)
         await self.sessions.close()
         await self.runtime.close()
@@ -98,21 +105,38 @@ async def create_server(config: OrchestratorConfig) -> Orchestrator:
             raise StartupError(f"--hot-pool {template}: {error}") from error
     runtime = make_runtime(config.runtime, config)
     sessions = SessionManager(config, store, archives, catalog, runtime)
-
-    # Tracing first (empty while off), so its span sees the mapped status.
-    server = new_server([*telemetry.server_interceptors(), ErrorMappingInterceptor(STATUS_CODES)])
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-        OrchestratorServicer(sessions, archives, catalog), server
-    )
-    await add_health_and_reflection(server, SERVICE_NAME)
-    check_bindable(config.listen)
     try:
-        port = bind(server, config.listen)
-    except RuntimeError as error:
-        raise unbindable(config.listen) from error
-    sessions.cluster.address = config.advertise_address or advertised(config.listen, port)
+        signer = PreviewSigner(load_signing_key(config.preview_signing_key))
+    except (OSError, ValueError) as error:
+        raise StartupError(f"preview signing key: {error} (--preview-signing-key-file)") from error
+    gateway = (
+        PreviewGateway(
+            sessions, signer, config.preview_address, config.preview_domain,
+            config.preview_tls_cert, config.preview_tls_key,
+        )
+        if config.preview_address
+        else None
+    )  # fmt: skip
+    try:
+        # Tracing first (empty while off), so its span sees the mapped status.
+        server = new_server([*telemetry.server_interceptors(), ErrorMappingInterceptor(STATUS_CODES)])
+        previews = PreviewAccess(sessions, signer, gateway.address if gateway is not None else None)
+        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+            OrchestratorServicer(sessions, archives, catalog, previews), server
+        )
+        await add_health_and_reflection(server, SERVICE_NAME)
+        check_bindable(config.listen)
+        try:
+            port = bind(server, config.listen)
+        except RuntimeError as error:
+            raise unbindable(config.listen) from error
+        sessions.cluster.address = config.advertise_address or advertised(config.listen, port)
+    except BaseException:
+        if gateway is not None:
+            await gateway.close()
+        raise
     reaper = SessionReaper(sessions, config.reap_interval_s)
-    return Orchestrator(server, port, sessions, reaper, runtime, store)
+    return Orchestrator(server, port, sessions, reaper, runtime, store, gateway)
 
 
 def open_store(config: OrchestratorConfig) -> Store:

@@ -10,6 +10,7 @@ from grpc import aio
 
 from orchestrator.archives import ArchiveOrigin, ArchiveStore, Expected
 from orchestrator.errors import InvalidArgument
+from orchestrator.gateway import PreviewAccess
 from orchestrator.sessions import SessionManager
 from orchestrator.templates import TemplateArchive, TemplateCatalog, TemplateSpec
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
@@ -17,17 +18,21 @@ from workspace.orchestrator.v1 import orchestrator_pb2_grpc
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    def __init__(self, sessions: SessionManager, archives: ArchiveStore, catalog: TemplateCatalog) -> None:
+    def __init__(
+        self, sessions: SessionManager, archives: ArchiveStore, catalog: TemplateCatalog, previews: PreviewAccess
+    ) -> None:
         self._sessions = sessions
         self._archives = archives
         self._catalog = catalog
+        self._previews = previews
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: aio.ServicerContext
     ) -> pb.CreateSessionResponse:
         session = await self._sessions.create(
-            template=request.template, archive_id=request.archive_id, labels=request.labels
-        )
+            template=request.template, archive_id=request.archive_id, labels=request.labels,
+            public_preview=request.public_preview,
+        )  # fmt: skip
         return pb.CreateSessionResponse(session=session)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: aio.ServicerContext) -> pb.GetSessionResponse:
@@ -116,6 +121,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
         async for chunk in archive.chunks():
             yield pb.GetTemplateArchiveResponse(chunk=chunk)
+
+    async def CreatePreviewToken(
+        self, request: pb.CreatePreviewTokenRequest, context: aio.ServicerContext
+    ) -> pb.CreatePreviewTokenResponse:
+        ttl_s = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 0.0
+        return await self._previews.create_token(request.id, ttl_s)
 
 
 async def _chunks(requests: AsyncIterator[pb.UploadArchiveRequest]) -> AsyncIterator[bytes]:

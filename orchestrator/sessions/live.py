@@ -71,6 +71,8 @@ class LiveSession:
         self.install_store: asyncio.Task[None] | None = None
         # Set when its workspace stopped running by itself (or was removed behind our back).
         self.exited: WorkspaceExit | None = None
+        # Wall time of the last request or WebSocket frame of its preview through the gateway: activity too.
+        self.preview_activity = 0.0
         # Serializes save, delete and reaping of this session.
         self.lock = asyncio.Lock()
         # Set when the store writes in the background (PostgreSQL): runs a callback once every write made so far

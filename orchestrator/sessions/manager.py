@@ -193,7 +193,12 @@ class SessionManager:
     # ------------------------------------------------------------------ create
 
     async def create(
-        self, *, template: str = "", archive_id: str = "", labels: Mapping[str, str] | None = None
+        self,
+        *,
+        template: str = "",
+        archive_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        public_preview: bool = False,
     ) -> pb.Session:
         """Accepts a session and starts its initialization in the background; returns once its container
         is started (or starting it failed), so engine problems reach the caller.
@@ -223,6 +228,7 @@ class SessionManager:
             labels=labels,
             created_at=timestamp_now(),
             runtime=self._runtime.name,
+            public_preview=public_preview,
         )
         live = LiveSession(session, spec, self.config.output_history_lines)
         self.hold(live)
@@ -311,6 +317,7 @@ class SessionManager:
             created_at=timestamp_now(),
             runtime=self._runtime.name,
             forked_from=session_id,
+            public_preview=source.session.public_preview,  # a public preview forks into a public one
         )
         live = LiveSession(session, template, self.config.output_history_lines)
         self.hold(live)

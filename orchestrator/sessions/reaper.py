@@ -58,11 +58,14 @@ class SessionReaper:
             reason = f"max lifetime of {config.max_lifetime_s:g}s reached"
         elif config.idle_ttl_s:
             activity = await live.connected_agent.activity()
-            session.last_activity_at.CopyFrom(activity.last_activity)
+            # The agent's calls and file writes, and the preview's requests and WebSocket frames (the gateway's).
+            last = max(activity.last_activity.ToNanoseconds() / 1e9, live.preview_activity)
+            session.last_activity_at.FromNanoseconds(int(last * 1e9))
             manager.persist(live)
-            # Named processes (the dev server) run forever; a build or an open stream means someone works.
+            # Named processes (the dev server) run forever; a build or an open stream means someone works. An
+            # open preview socket alone does not: a forgotten browser tab keeps its HMR socket open for ever.
             busy = activity.running_commands > activity.running_named_processes or activity.open_streams > 0
-            idle_for = now - activity.last_activity.ToNanoseconds() / 1e9
+            idle_for = now - last
             if not busy and idle_for > config.idle_ttl_s:
                 reason, idle = f"idle for {idle_for:.0f}s (idle TTL {config.idle_ttl_s:g}s)", True
         if not reason:

@@ -204,6 +204,7 @@ class Session(_message.Message):
     STOP_REASON_FIELD_NUMBER: _builtins.int
     FORKED_FROM_FIELD_NUMBER: _builtins.int
     PAUSED_AT_FIELD_NUMBER: _builtins.int
+    PUBLIC_PREVIEW_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id, e.g. `ws-3f9c1a2b7d`."""
     state: Global___SessionState.ValueType
@@ -233,6 +234,10 @@ class Session(_message.Message):
     """
     forked_from: _builtins.str
     """The session this one was forked from (ForkSession); empty otherwise."""
+    public_preview: _builtins.bool
+    """Its preview opens through the gateway without a token (CreateSession's
+    `public_preview`).
+    """
     @_builtins.property
     def phases(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseStatus]:
         """Every phase started so far, in order, with its timing and outcome."""
@@ -253,7 +258,9 @@ class Session(_message.Message):
 
     @_builtins.property
     def last_activity_at(self) -> _timestamp_pb2.Timestamp:
-        """Last activity the agent reported (calls, file writes, running commands)."""
+        """Last activity the agent reported (calls, file writes, running commands)
+        or the preview gateway saw (requests, WebSocket frames).
+        """
 
     @_builtins.property
     def paused_at(self) -> _timestamp_pb2.Timestamp:
@@ -281,10 +288,11 @@ class Session(_message.Message):
         stop_reason: _builtins.str = ...,
         forked_from: _builtins.str = ...,
         paused_at: _timestamp_pb2.Timestamp | None = ...,
+        public_preview: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "failure", b"failure", "last_activity_at", b"last_activity_at", "paused_at", b"paused_at", "ready_at", b"ready_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_endpoint", b"agent_endpoint", "agent_token", b"agent_token", "archive_id", b"archive_id", "created_at", b"created_at", "failure", b"failure", "forked_from", b"forked_from", "id", b"id", "image", b"image", "labels", b"labels", "last_activity_at", b"last_activity_at", "paused_at", b"paused_at", "phase", b"phase", "phases", b"phases", "preview_url", b"preview_url", "ready_at", b"ready_at", "runtime", b"runtime", "state", b"state", "stop_reason", b"stop_reason", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_endpoint", b"agent_endpoint", "agent_token", b"agent_token", "archive_id", b"archive_id", "created_at", b"created_at", "failure", b"failure", "forked_from", b"forked_from", "id", b"id", "image", b"image", "labels", b"labels", "last_activity_at", b"last_activity_at", "paused_at", b"paused_at", "phase", b"phase", "phases", b"phases", "preview_url", b"preview_url", "public_preview", b"public_preview", "ready_at", b"ready_at", "runtime", b"runtime", "state", b"state", "stop_reason", b"stop_reason", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -393,10 +401,15 @@ class CreateSessionRequest(_message.Message):
     TEMPLATE_FIELD_NUMBER: _builtins.int
     ARCHIVE_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    PUBLIC_PREVIEW_FIELD_NUMBER: _builtins.int
     template: _builtins.str
     """A template name (a folder under templates/)."""
     archive_id: _builtins.str
     """A saved or uploaded archive id."""
+    public_preview: _builtins.bool
+    """Anyone who knows the preview gateway's URL of the session may open it,
+    without a preview token. Off by default: the gateway asks for a token.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels to attach, for filtering (keys and values at most 63 characters)."""
@@ -407,10 +420,11 @@ class CreateSessionRequest(_message.Message):
         template: _builtins.str = ...,
         archive_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        public_preview: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "source", b"source", "template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "labels", b"labels", "source", b"source", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_id", b"archive_id", "labels", b"labels", "public_preview", b"public_preview", "source", b"source", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["template", "archive_id"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -920,6 +934,75 @@ class ResumeSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeSessionResponse: _TypeAlias = ResumeSessionResponse  # noqa: Y015
+
+@_typing.final
+class CreatePreviewTokenRequest(_message.Message):
+    """CreatePreviewTokenRequest names the session whose preview to open."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the token (and the cookie it is exchanged for) is valid
+        (default 1 hour, at most 7 days).
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePreviewTokenRequest: _TypeAlias = CreatePreviewTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreatePreviewTokenResponse(_message.Message):
+    """CreatePreviewTokenResponse is the token and the gateway URLs that carry it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    PATH_URL_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Pass as `?preview_token=` on the first request; the gateway answers with
+    a redirect that sets the cookie.
+    """
+    url: _builtins.str
+    """`<scheme>://<session>.<preview-domain>:<port>/?preview_token=...`; empty
+    when the orchestrator runs no gateway.
+    """
+    path_url: _builtins.str
+    """The path form, `<scheme>://<gateway>/preview/<session>/?preview_token=...`
+    (for setups without wildcard DNS); empty without a gateway.
+    """
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        url: _builtins.str = ...,
+        path_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "path_url", b"path_url", "token", b"token", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePreviewTokenResponse: _TypeAlias = CreatePreviewTokenResponse  # noqa: Y015
 
 @_typing.final
 class Archive(_message.Message):

@@ -105,6 +105,11 @@ class OrchestratorServiceStub:
                 request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionRequest.SerializeToString,
                 response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionResponse.FromString,
                 _registered_method=True)
+        self.CreatePreviewToken = channel.unary_unary(
+                '/workspace.orchestrator.v1.OrchestratorService/CreatePreviewToken',
+                request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenRequest.SerializeToString,
+                response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -245,6 +250,17 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreatePreviewToken(self, request, context):
+        """Mints a signed, expiring token that opens the session's preview through
+        the preview gateway (`--preview-address`): the gateway exchanges it for a
+        cookie scoped to the session's host (or path). Deleting the session
+        revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
+        session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +333,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ResumeSession,
                     request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionRequest.FromString,
                     response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionResponse.SerializeToString,
+            ),
+            'CreatePreviewToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePreviewToken,
+                    request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenRequest.FromString,
+                    response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -698,6 +719,33 @@ class OrchestratorService:
             '/workspace.orchestrator.v1.OrchestratorService/ResumeSession',
             workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionRequest.SerializeToString,
             workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ResumeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePreviewToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/workspace.orchestrator.v1.OrchestratorService/CreatePreviewToken',
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenRequest.SerializeToString,
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

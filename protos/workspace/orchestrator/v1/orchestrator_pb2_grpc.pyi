@@ -116,6 +116,13 @@ class OrchestratorServiceStub:
     unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
     RESOURCE_EXHAUSTED.
     """
+    CreatePreviewToken: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CreatePreviewTokenRequest, _orchestrator_pb2.CreatePreviewTokenResponse]
+    """Mints a signed, expiring token that opens the session's preview through
+    the preview gateway (`--preview-address`): the gateway exchanges it for a
+    cookie scoped to the session's host (or path). Deleting the session
+    revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
+    session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -196,6 +203,13 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     with the reason. Resuming a session that is STARTING or READY returns it
     unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
     RESOURCE_EXHAUSTED.
+    """
+    CreatePreviewToken: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CreatePreviewTokenRequest, _orchestrator_pb2.CreatePreviewTokenResponse]  # type: ignore[assignment]
+    """Mints a signed, expiring token that opens the session's preview through
+    the preview gateway (`--preview-address`): the gateway exchanges it for a
+    cookie scoped to the session's host (or path). Deleting the session
+    revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
+    session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -358,6 +372,19 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         with the reason. Resuming a session that is STARTING or READY returns it
         unchanged. Errors: NOT_FOUND, FAILED_PRECONDITION (FAILED or STOPPED),
         RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def CreatePreviewToken(
+        self,
+        request: _orchestrator_pb2.CreatePreviewTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.CreatePreviewTokenResponse, _abc.Awaitable[_orchestrator_pb2.CreatePreviewTokenResponse]]:
+        """Mints a signed, expiring token that opens the session's preview through
+        the preview gateway (`--preview-address`): the gateway exchanges it for a
+        cookie scoped to the session's host (or path). Deleting the session
+        revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
+        session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
