@@ -72,7 +72,9 @@ class OrchestratorConfig:
     )
     # --runtime swarm: the overlay network workspaces join ("" : workspace-core-<instance id>, created on first
     # use), and how the orchestrator reaches their agents (see runtime/swarm.py).
-    swarm_network: str = field(default="", metadata=option("overlay network of the workspaces (default: one per instance)"))
+    swarm_network: str = field(
+        default="", metadata=option("overlay network of the workspaces (default: one per instance)")
+    )
     swarm_agent_address: str = field(
         default="published",
         metadata=option(

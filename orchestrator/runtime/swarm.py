@@ -7,6 +7,7 @@ import asyncio
 import builtins
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -63,6 +64,11 @@ HEALTHCHECK = {
     "Retries": 3,
     "StartPeriod": 10_000_000_000,
 }
+STOP_GRACE_NS = 1_000_000_000
+# How long stop() waits for a removed service's task to be gone (a node that is down never reports it).
+REMOVAL_WAIT_S = 20.0
+# How long the workspace network's removal waits for removed services' containers to leave it.
+NETWORK_REMOVAL_WAIT_S = 30.0
 # How long start() waits for the service's task to run (scheduled, container created, ports published).
 TASK_START_TIMEOUT_S = 60.0
 # Seconds between looks at the services' tasks for exits (Swarm reports no task events).
@@ -84,8 +90,6 @@ class SwarmRuntime(DockerRuntime):
     """Workspaces as Swarm services on the swarm whose manager DOCKER_HOST (or the default socket) points to."""
 
     name = "swarm"
-    # A session's workspace runs where Swarm puts it; one that stops is made again, from the session's last save.
-    relocatable = True
 
     def __init__(
         self,
@@ -122,7 +126,9 @@ class SwarmRuntime(DockerRuntime):
         environment = {**workspace_agent_env(session_id), **env}
         name = service_name(self.instance_id, "s", session_id)
         all_labels = workspace_labels(self.instance_id, session_id, labels)
-        return await self._call("start the workspace service", self._start_service, name, all_labels, token, resources, environment)
+        return await self._call(
+            "start the workspace service", self._start_service, name, all_labels, token, resources, environment
+        )
 
     async def start_pooled(
         self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
@@ -181,10 +187,12 @@ class SwarmRuntime(DockerRuntime):
         secret_labels = {key: labels[key] for key in (MANAGED_LABEL, ORCHESTRATOR_LABEL) if key in labels}
         secret_labels["workspace-core.service"] = name
         # Not in the environment (the spec shows it, and every process could read tini's /proc/1/environ).
-        secret = api.create_secret(f"{name}-token", token.encode(), labels=secret_labels)
+        # Named afresh each time: a secret a crash left behind never blocks the session's next start.
+        secret_name = f"{name}-token-{secrets.token_hex(4)}"
+        secret = api.create_secret(secret_name, token.encode(), labels=secret_labels)
         try:
             service = api.create_service(
-                self._task_template(image, network_id, secret["ID"], f"{name}-token", resources, labels, env),
+                self._task_template(image, network_id, secret["ID"], secret_name, resources, labels, env),
                 name=name,
                 labels=labels,
                 endpoint_spec=self._endpoint_spec(),
@@ -224,6 +232,8 @@ class SwarmRuntime(DockerRuntime):
                 }],
                 "Configs": configs,
                 "Healthcheck": HEALTHCHECK,
+                # Removal is a kill, as the Docker runtime's is: nothing in a workspace waits for a clean stop.
+                "StopGracePeriod": STOP_GRACE_NS,
             },
             "Resources": {"Limits": {"MemoryBytes": limits.memory_bytes, "NanoCPUs": limits.nano_cpus, "Pids": limits.pids}},
             # A task that ends stays ended: the orchestrator makes the session's workspace again from its last save
@@ -257,7 +267,9 @@ class SwarmRuntime(DockerRuntime):
         outside through their node's gateway bridge (host-mode ports need it: an --internal overlay has none)."""
         with self._network_lock:
             if not self._network_id:
-                found = [n for n in self._docker().networks.list(names=[self.network_name]) if n.name == self.network_name]
+                found = [
+                    n for n in self._docker().networks.list(names=[self.network_name]) if n.name == self.network_name
+                ]
                 if found:
                     network = found[0]
                     if network.attrs.get("Driver") != "overlay" or network.attrs.get("Scope") != "swarm":
@@ -284,7 +296,9 @@ class SwarmRuntime(DockerRuntime):
             found = api.configs(filters={"name": name})
             config_id = next((c["ID"] for c in found if c["Spec"]["Name"] == name), None)
             if config_id is None:
-                config_id = api.create_config(name, data, labels={MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id})["ID"]
+                config_id = api.create_config(
+                    name, data, labels={MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id}
+                )["ID"]
             self._trust_config = {"ConfigID": config_id, "ConfigName": name}
         return {**self._trust_config, "File": {"Name": CONTAINER_CA_BUNDLE, "UID": "0", "GID": "0", "Mode": 0o444}}
 
@@ -296,7 +310,7 @@ class SwarmRuntime(DockerRuntime):
             if task is not None:
                 state = task["Status"]["State"]
                 if state == "running":
-                    return self._workspace(service, task)
+                    return self._service_workspace(service, task)
                 if state in ENDED_STATES:
                     raise FailedPrecondition(f"the workspace's task did not run: {_task_reason(task)}")
             if time.monotonic() > deadline:
@@ -308,8 +322,7 @@ class SwarmRuntime(DockerRuntime):
             time.sleep(0.2)
 
     def _current_task(self, service_id: str) -> dict[str, Any] | None:
-        tasks = self._docker().api.tasks(filters={"service": service_id})
-        return max(tasks, key=lambda task: task["Version"]["Index"], default=None)
+        return self._latest_tasks({service_id}).get(service_id)
 
     def _claim_service(self, service_id: str, session_id: str, resources: ResourceHints) -> Workspace:
         api = self._docker().api
@@ -320,7 +333,12 @@ class SwarmRuntime(DockerRuntime):
         spec = service["Spec"]
         labels = spec.get("Labels") or {}
         task = self._current_task(service_id)
-        if labels.get(SESSION_LABEL) or not labels.get(POOL_LABEL) or task is None or task["Status"]["State"] != "running":
+        if (
+            labels.get(SESSION_LABEL)
+            or not labels.get(POOL_LABEL)
+            or task is None
+            or task["Status"]["State"] != "running"
+        ):
             raise FailedPrecondition(f"the pool service {spec['Name']} is claimed already or not running")
         spec["Labels"] = {**labels, SESSION_LABEL: session_id}
         # The raw endpoint: docker-py's update_service rebuilds the spec from its arguments. Swarm refuses an
@@ -337,7 +355,7 @@ class SwarmRuntime(DockerRuntime):
                     f"the pool service {spec['Name']} runs on another node: its limits cannot change in place"
                 )
             self._update_limits(container_id, resources)
-        return self._workspace(api.inspect_service(service_id), task)
+        return self._service_workspace(api.inspect_service(service_id), task)
 
     def _local_node_id(self) -> str:
         return self._docker().info().get("Swarm", {}).get("NodeID", "")
@@ -365,6 +383,11 @@ class SwarmRuntime(DockerRuntime):
                     del self._removed[old]
                 self._removed[info["ID"]] = now
             api.remove_service(info["ID"])
+            # The task's container stops (and its dev server stops answering) once its node got to it: removed
+            # means gone, as for a container, so wait for Swarm to drop the tasks.
+            deadline = now + REMOVAL_WAIT_S
+            while time.monotonic() < deadline and any(task["ServiceID"] == info["ID"] for task in api.tasks()):
+                time.sleep(0.2)  # (a filter by a removed service's id is refused: not found)
         secrets = [secret_id] if secret_id else [
             secret["ID"] for secret in api.secrets(filters={"label": f"workspace-core.service={name}"})
         ]  # fmt: skip
@@ -380,14 +403,22 @@ class SwarmRuntime(DockerRuntime):
         services = self._services()
         if not services:
             return []
-        tasks: dict[str, dict[str, Any]] = {}
-        for task in self._docker().api.tasks(filters={"service": [service["ID"] for service in services]}):
-            known = tasks.get(task["ServiceID"])
-            if known is None or task["Version"]["Index"] > known["Version"]["Index"]:
-                tasks[task["ServiceID"]] = task
-        return [self._workspace(service, tasks.get(service["ID"])) for service in services]
+        tasks = self._latest_tasks({service["ID"] for service in services})
+        return [self._service_workspace(service, tasks.get(service["ID"])) for service in services]
 
-    def _workspace(self, service: dict[str, Any], task: dict[str, Any] | None) -> Workspace:
+    def _latest_tasks(self, service_ids: set[str]) -> dict[str, dict[str, Any]]:
+        """The newest task of each of the services (all tasks filtered here: a filter naming a service removed
+        meanwhile is refused as not found)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for task in self._docker().api.tasks():
+            known = latest.get(task["ServiceID"])
+            if task["ServiceID"] in service_ids and (
+                known is None or task["Version"]["Index"] > known["Version"]["Index"]
+            ):
+                latest[task["ServiceID"]] = task
+        return latest
+
+    def _service_workspace(self, service: dict[str, Any], task: dict[str, Any] | None) -> Workspace:
         spec = service["Spec"]
         labels = dict(spec.get("Labels") or {})
         running = task is not None and task["Status"]["State"] == "running" and task["DesiredState"] == "running"
@@ -425,9 +456,21 @@ class SwarmRuntime(DockerRuntime):
         with self._network_lock:
             self._network_id = ""
             for network in self._docker().networks.list(names=[self.network_name]):
-                if network.name == self.network_name and network.attrs.get("Labels", {}).get(ORCHESTRATOR_LABEL) == self.instance_id:
-                    with suppress(NotFound):
-                        network.remove()
+                if (
+                    network.name == self.network_name
+                    and (network.attrs.get("Labels") or {}).get(ORCHESTRATOR_LABEL) == self.instance_id
+                ):
+                    deadline = time.monotonic() + NETWORK_REMOVAL_WAIT_S
+                    while True:
+                        try:
+                            network.remove()
+                            break
+                        except NotFound:
+                            break
+                        except APIError as error:  # removed services' containers are still leaving it
+                            if "active endpoints" not in str(error) or time.monotonic() > deadline:
+                                raise
+                            time.sleep(0.5)
 
     def _sweep(self, seen: dict[str, tuple[str, str]]) -> builtins.list[WorkspaceExit]:
         """One look at the services: the exits since the last look. `seen`: service id -> (session, task id) of
@@ -435,13 +478,8 @@ class SwarmRuntime(DockerRuntime):
         exits = []
         services = {service["ID"]: service for service in self._services()}
         down = {node["ID"]: node for node in self._docker().api.nodes() if node["Status"]["State"] == "down"}
-        tasks: dict[str, dict[str, Any]] = {}
-        if services:
-            for task in self._docker().api.tasks(filters={"service": builtins.list(services)}):
-                known = tasks.get(task["ServiceID"])
-                if known is None or task["Version"]["Index"] > known["Version"]["Index"]:
-                    tasks[task["ServiceID"]] = task
-        for service_id, (session_id, task_id) in builtins.list(seen.items()):
+        tasks = self._latest_tasks(set(services)) if services else {}
+        for service_id, (session_id, _) in builtins.list(seen.items()):
             if service_id in self._removed:
                 del seen[service_id]
             elif service_id not in services:
@@ -458,15 +496,15 @@ class SwarmRuntime(DockerRuntime):
                 node = down[task["NodeID"]]
                 reason = f"its node {node['Description']['Hostname']} ({node['Status'].get('Addr', '')}) is down"
                 if previous is not None:
-                    exits.append(WorkspaceExit(session_id, service_id, reason))
+                    exits.append(WorkspaceExit(session_id, service_id, reason, recoverable=True))
                 seen.pop(service_id, None)
             elif running:
                 if previous is not None and previous[1] != task["ID"]:
-                    exits.append(WorkspaceExit(session_id, service_id, "Swarm replaced its task"))
+                    exits.append(WorkspaceExit(session_id, service_id, "Swarm replaced its task", recoverable=True))
                 seen[service_id] = (session_id, task["ID"])
             elif previous is not None or task["Status"]["State"] in ENDED_STATES:
                 if previous is not None or task["ID"] not in self._reported:
-                    exits.append(WorkspaceExit(session_id, service_id, _task_reason(task)))
+                    exits.append(WorkspaceExit(session_id, service_id, _task_reason(task), recoverable=True))
                 self._reported.add(task["ID"])
                 seen.pop(service_id, None)
         return exits
@@ -480,7 +518,9 @@ class SwarmRuntime(DockerRuntime):
                 warned = False
             except Exception as error:  # noqa: BLE001 - engine away: say so once, look again
                 if not warned:
-                    log.warning("swarm: cannot look at the workspace services (%s); trying every %g s", error, EXITS_POLL_S)
+                    log.warning(
+                        "swarm: cannot look at the workspace services (%s); trying every %g s", error, EXITS_POLL_S
+                    )
                     warned = True
                 exits = []
             for exit in exits:
