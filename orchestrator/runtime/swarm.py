@@ -312,7 +312,8 @@ class SwarmRuntime(DockerRuntime):
                 if state == "running":
                     return self._service_workspace(service, task)
                 if state in ENDED_STATES:
-                    raise FailedPrecondition(f"the workspace's task did not run: {_task_reason(task)}")
+                    node = self._docker().api.inspect_node(task["NodeID"]) if task.get("NodeID") else {}
+                    raise FailedPrecondition(f"the workspace's task did not run: {_task_reason(task, node)}")
             if time.monotonic() > deadline:
                 state = task["Status"]["State"] if task else "not scheduled"
                 raise FailedPrecondition(
@@ -386,14 +387,22 @@ class SwarmRuntime(DockerRuntime):
             # The task's container stops (and its dev server stops answering) once its node got to it: removed
             # means gone, as for a container, so wait for Swarm to drop the tasks.
             deadline = now + REMOVAL_WAIT_S
-            while time.monotonic() < deadline and any(task["ServiceID"] == info["ID"] for task in api.tasks()):
-                time.sleep(0.2)  # (a filter by a removed service's id is refused: not found)
+            while time.monotonic() < deadline and self._tasks_alive(info["ID"]):
+                time.sleep(0.2)
         secrets = [secret_id] if secret_id else [
             secret["ID"] for secret in api.secrets(filters={"label": f"workspace-core.service={name}"})
         ]  # fmt: skip
         for secret in secrets:
             with suppress(NotFound):
                 api.remove_secret(secret)
+
+    def _tasks_alive(self, service_id: str) -> bool:
+        """Whether a task of the service is still there on a node that is up (one that is down never reports
+        its task gone; its containers go with the node)."""
+        api = self._docker().api
+        down = {node["ID"] for node in api.nodes() if node["Status"]["State"] == "down"}
+        # (All tasks, filtered here: a filter by a removed service's id is refused as not found.)
+        return any(task["ServiceID"] == service_id and task.get("NodeID") not in down for task in api.tasks())
 
     def _services(self, *label_filters: str) -> builtins.list[dict[str, Any]]:
         labels = [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}", *label_filters]
@@ -477,7 +486,7 @@ class SwarmRuntime(DockerRuntime):
         the services running at the last look (updated)."""
         exits = []
         services = {service["ID"]: service for service in self._services()}
-        down = {node["ID"]: node for node in self._docker().api.nodes() if node["Status"]["State"] == "down"}
+        nodes = {node["ID"]: node for node in self._docker().api.nodes()}
         tasks = self._latest_tasks(set(services)) if services else {}
         for service_id, (session_id, _) in builtins.list(seen.items()):
             if service_id in self._removed:
@@ -490,21 +499,19 @@ class SwarmRuntime(DockerRuntime):
             session_id = service["Spec"]["Labels"].get(SESSION_LABEL, "")
             if service_id in self._removed or task is None:
                 continue
-            running = task["Status"]["State"] == "running" and task["DesiredState"] == "running"
+            node = nodes.get(task.get("NodeID", ""), {})
+            # Swarm also sets a task on a node that is down to be shut down, while its last report says running.
+            node_down = node.get("Status", {}).get("State") == "down"
+            running = task["Status"]["State"] == "running" and task["DesiredState"] == "running" and not node_down
             previous = seen.get(service_id)
-            if running and task.get("NodeID") in down:
-                node = down[task["NodeID"]]
-                reason = f"its node {node['Description']['Hostname']} ({node['Status'].get('Addr', '')}) is down"
-                if previous is not None:
-                    exits.append(WorkspaceExit(session_id, service_id, reason, recoverable=True))
-                seen.pop(service_id, None)
-            elif running:
+            if running:
                 if previous is not None and previous[1] != task["ID"]:
                     exits.append(WorkspaceExit(session_id, service_id, "Swarm replaced its task", recoverable=True))
                 seen[service_id] = (session_id, task["ID"])
-            elif previous is not None or task["Status"]["State"] in ENDED_STATES:
+            elif previous is not None or task["Status"]["State"] in ENDED_STATES or node_down:
                 if previous is not None or task["ID"] not in self._reported:
-                    exits.append(WorkspaceExit(session_id, service_id, _task_reason(task), recoverable=True))
+                    reason = _node_down_reason(node) if node_down else _task_reason(task, node)
+                    exits.append(WorkspaceExit(session_id, service_id, reason, recoverable=True))
                 self._reported.add(task["ID"])
                 seen.pop(service_id, None)
         return exits
@@ -528,11 +535,20 @@ class SwarmRuntime(DockerRuntime):
             await asyncio.sleep(EXITS_POLL_S)
 
 
-def _task_reason(task: dict[str, Any]) -> str:
+def _node_name(node: dict[str, Any]) -> str:
+    description = node.get("Description", {})
+    return f"{description.get('Hostname', node.get('ID', '?')[:12])} ({node.get('Status', {}).get('Addr', '')})"
+
+
+def _node_down_reason(node: dict[str, Any]) -> str:
+    return f"its node {_node_name(node)} is down"
+
+
+def _task_reason(task: dict[str, Any], node: dict[str, Any]) -> str:
     """Why a task ended, for a person."""
     status = task["Status"]
     code = status.get("ContainerStatus", {}).get("ExitCode")
     detail = status.get("Err") or status.get("Message") or status["State"]
-    where = f" on node {task['NodeID'][:12]}" if task.get("NodeID") else ""
+    where = f" on node {_node_name(node)}" if node else ""
     exited = f", exit code {code}" if code else ""
     return f"the workspace's task {status['State']}{where} ({detail}{exited})"
