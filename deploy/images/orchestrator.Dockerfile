@@ -8,9 +8,10 @@ COPY wheelhouse/ /wheelhouse/
 RUN /tools/venv/bin/python /wheelhouse/pip.whl/pip install --quiet --no-index --find-links /wheelhouse \
         --requirement /wheelhouse/requirements.txt \
  && rm -rf /wheelhouse
-COPY templates/ /srv/templates/
+# Where the code looks for the repository's templates (and their schema): beside its package.
+COPY templates/ /tools/lib/templates/
 WORKDIR /data
 # It answers gRPC health on its own port; Swarm needs no probe of its own for it.
 HEALTHCHECK NONE
 EXPOSE 50051
-ENTRYPOINT ["/usr/bin/tini", "--", "/tools/venv/bin/python", "-m", "orchestrator", "--templates-dir", "/srv/templates"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/tools/venv/bin/python", "-m", "orchestrator"]
