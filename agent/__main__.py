@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
         type=Path,
         help=f"file holding the bearer token, removed once read (else ${TOKEN_ENV}; neither: no auth)",
     )
+    parser.add_argument(
+        "--token-secret",
+        type=Path,
+        help="file holding the bearer token that the engine mounted read-only (a Swarm secret): read, not removed",
+    )
     parser.add_argument("--max-archive-bytes", type=int, default=defaults.max_archive_bytes)
     parser.add_argument("--max-archive-files", type=int, default=defaults.max_archive_files)
     parser.add_argument("--max-chunk-size", type=int, default=defaults.max_chunk_size)
@@ -45,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> AgentConfig:
     telemetry.configure_logging(args.log_level)
 
     token = take_token(parser, args.token_file)
+    if args.token_secret is not None:
+        token = read_token_secret(parser, args.token_secret)
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a directory")
     return AgentConfig(
@@ -75,6 +82,16 @@ def take_token(parser: argparse.ArgumentParser, token_file: Path | None) -> str 
             reason = getattr(error, "strerror", None) or error
             parser.error(f"--token-file {token_file}: cannot read it ({reason}); the agent reads and removes it")
     return token
+
+
+def read_token_secret(parser: argparse.ArgumentParser, path: Path) -> str | None:
+    """The bearer token from a file the engine mounted read-only (a Swarm secret, for the workspace user only).
+    It cannot be removed, so workspace code can read it too: a pooled workspace's claim replaces it."""
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        parser.error(f"--token-secret {path}: cannot read it ({reason})")
 
 
 def protect_process() -> None:

@@ -191,7 +191,14 @@ def _stage_context(extra_ca_bundle: Path | None, progress: Callable[[str], None]
 def _wheelhouse(progress: Callable[[str], None]) -> Path:
     """Wheels of the agent's dependencies (and of pip, which installs them) for the image's Python,
     downloaded once per dependency list."""
-    requirements = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return download_wheelhouse(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"], progress
+    )
+
+
+def download_wheelhouse(requirements: list[str], progress: Callable[[str], None]) -> Path:
+    """Wheels of `requirements` and of pip (as pip.whl) for the image's Python, with a requirements.txt,
+    downloaded once per requirement list (deploy/build.py adds the orchestrator's on top of the core image)."""
     key = hashlib.sha256("\n".join([IMAGE_PYTHON, *IMAGE_PLATFORMS, *requirements]).encode()).hexdigest()[:16]
     wheelhouse = CACHE / f"wheelhouse-{key}"
     if wheelhouse.is_dir():
@@ -321,11 +328,19 @@ def _tree_digest(root: Path) -> bytes:
     return digest.digest()
 
 
-def _build(client: docker.DockerClient, context: Path, tag: str, base: str, progress: Callable[[str], None]) -> None:
+def _build(
+    client: docker.DockerClient,
+    context: Path,
+    tag: str,
+    base: str,
+    progress: Callable[[str], None],
+    buildargs: dict[str, str] | None = None,
+) -> None:
     output: list[str] = []
     for chunk in client.api.build(
-        path=str(context), tag=tag, buildargs={"BASE_IMAGE": base}, rm=True, forcerm=True, pull=False, decode=True
-    ):
+        path=str(context), tag=tag, buildargs={"BASE_IMAGE": base, **(buildargs or {})}, rm=True, forcerm=True,
+        pull=False, decode=True,
+    ):  # fmt: skip
         if "error" in chunk:
             raise ImageBuildError(f"docker build failed: {chunk['error'].strip()}\n{''.join(output[-30:])}")
         if text := chunk.get("stream"):

@@ -80,8 +80,22 @@ class OrchestratorConfig:
     runtime: str = field(
         default="docker",
         metadata=option(
-            "docker: containers from the core image; local: agent subprocesses, NO isolation (default {default})",
-            choices=("docker", "local"),
+            "docker: containers from the core image; swarm: one Swarm service per workspace; local: agent"
+            " subprocesses, NO isolation (default {default})",
+            choices=("docker", "swarm", "local"),
+        ),
+    )
+    # --runtime swarm: the overlay network workspaces join ("" : workspace-core-<instance id>, created on first
+    # use), and how the orchestrator reaches their agents (see runtime/swarm.py).
+    swarm_network: str = field(
+        default="", metadata=option("overlay network of the workspaces (default: one per instance)")
+    )
+    swarm_agent_address: str = field(
+        default="published",
+        metadata=option(
+            "published: host-mode ports on the task's node (orchestrator outside the swarm); overlay: the service's"
+            " name on --swarm-network (orchestrator a service on it) (default {default})",
+            choices=("published", "overlay"),
         ),
     )
     # The loopback address container ports are published on; never 0.0.0.0.

@@ -29,7 +29,7 @@ from tests.docker_support import (  # noqa: E402 (after the rewrite registration
 )
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.docker_support", "tests.postgres_support"]
+pytest_plugins = ["tests.docker_support", "tests.postgres_support", "tests.swarm_support"]
 
 
 @dataclass

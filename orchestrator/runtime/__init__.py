@@ -1,4 +1,5 @@
-"""Where workspaces run: containers from the core image (docker) or agent subprocesses (local)."""
+"""Where workspaces run: containers from the core image (docker), Swarm services of it (swarm) or agent
+subprocesses (local)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ __all__ = ["Runtime", "Workspace", "make_runtime"]
 
 
 def make_runtime(kind: str, config: OrchestratorConfig) -> Runtime:
-    """The runtime named `kind` ("docker" or "local") set up from `config`. Creating it touches no engine:
+    """The runtime named `kind` ("docker", "swarm" or "local") set up from `config`. Creating it touches no engine:
     an unreachable Docker engine is reported by the first call. Raises InvalidArgument for an unknown kind
     or an unreadable extra CA bundle."""
     trust_bundle = None
@@ -30,6 +31,17 @@ def make_runtime(kind: str, config: OrchestratorConfig) -> Runtime:
             host_address=config.host_address,
             trust_bundle=trust_bundle,
         )
+    if kind == "swarm":
+        from orchestrator.runtime.swarm import SwarmRuntime
+
+        return SwarmRuntime(
+            image=config.image,
+            instance_id=config.resolved_instance_id(),
+            host_address=config.host_address,
+            trust_bundle=trust_bundle,
+            network=config.swarm_network,
+            agent_address=config.swarm_agent_address,
+        )
     if kind == "local":
         from orchestrator.runtime.local import LocalRuntime
 
@@ -39,4 +51,4 @@ def make_runtime(kind: str, config: OrchestratorConfig) -> Runtime:
             host_address=config.host_address,
             trust_bundle=trust_bundle,
         )
-    raise InvalidArgument(f"unknown runtime {kind!r}: use docker or local")
+    raise InvalidArgument(f"unknown runtime {kind!r}: use docker, swarm or local")

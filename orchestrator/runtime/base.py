@@ -77,6 +77,9 @@ class WorkspaceExit:
     session_id: str
     handle: str
     reason: str
+    # The workspace can be made again elsewhere and its session come back from its last save (Swarm: a task that
+    # ended or whose node went down, taking its volumes), rather than the session failing.
+    recoverable: bool = False
 
 
 class Runtime(Protocol):

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,6 +88,23 @@ EVENTS_RETRY_S = 2.0
 # engine gives a name to one container only, so a member is never bound twice, even by two orchestrators).
 CONTAINER_PREFIX = "workspace-core-"
 POOL_PREFIX = f"{CONTAINER_PREFIX}pool-"
+
+
+# Every capability goes (the workspace user needs none); the Swarm runtime drops them the same way.
+CAP_DROP = ["ALL"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A workspace's ResourceHints as the engine's limits; one reading for containers and services."""
+
+    memory_bytes: int  # swap is never allowed beyond it
+    nano_cpus: int
+    pids: int
+
+    @classmethod
+    def of(cls, resources: ResourceHints) -> Limits:
+        return cls(resources.memory_mb * 1024 * 1024, int(resources.cpus * 1e9), resources.pids)
 
 
 class DockerRuntime:
@@ -225,12 +243,11 @@ class DockerRuntime:
     ) -> Workspace:
         # The agent traces like the orchestrator (OTEL_* passed on, in `env`); the OTLP endpoint must be
         # reachable from the container: 127.0.0.1 is the container itself.
-        environment = {**env, "PORT": str(DEV_PORT)}
+        environment = self._agent_environment(env)
         volumes = {}
         if self.trust_bundle is not None:
             volumes[str(self.trust_bundle)] = {"bind": CONTAINER_CA_BUNDLE, "mode": "ro"}
-            environment.update(trust_env(CONTAINER_CA_BUNDLE))
-        memory = f"{resources.memory_mb}m"
+        limits = Limits.of(resources)
         network = self._workspace_network()
         # `create` never pulls (unlike `run`): a missing image is reported, not fetched from a registry.
         container = self._docker().containers.create(
@@ -243,12 +260,12 @@ class DockerRuntime:
             # Published on the host's loopback address only; docker picks free host ports, read back below.
             # (The stubs want a host port; docker-py passes None on to the engine, which then picks one.)
             ports={f"{AGENT_PORT}/tcp": (self.host_address, None), f"{DEV_PORT}/tcp": (self.host_address, None)},  # type: ignore[dict-item]
-            mem_limit=memory,
-            memswap_limit=memory,  # no swap beyond the memory limit
-            nano_cpus=int(resources.cpus * 1e9),
-            pids_limit=resources.pids,
+            mem_limit=limits.memory_bytes,
+            memswap_limit=limits.memory_bytes,  # no swap beyond the memory limit
+            nano_cpus=limits.nano_cpus,
+            pids_limit=limits.pids,
             user=WORKSPACE_USER,
-            cap_drop=["ALL"],
+            cap_drop=CAP_DROP,
             security_opt=["no-new-privileges"],
             read_only=True,
             mounts=[Mount(target, None) for target in WRITABLE_VOLUMES],
@@ -366,23 +383,34 @@ class DockerRuntime:
             # name under its own lock, so only the lock above makes look-up and rename one step (in this
             # process; another process could not claim the agent anyway: its credential is in ours only).
             self._docker().api.rename(name, f"{CONTAINER_PREFIX}{session_id}")
-        memory = resources.memory_mb * 1024 * 1024
+        self._update_limits(_id_of(container), resources)
+        container.reload()
+        return self._workspace(container)
+
+    def _update_limits(self, container_id: str, resources: ResourceHints) -> None:
+        """Applies `resources` to a running container in place."""
+        limits = Limits.of(resources)
         # docker-py's update() knows neither NanoCpus nor PidsLimit: the engine's endpoint, with the very
         # fields create sets, so a claimed container is limited exactly as a cold-started one. (APIClient's
         # request helpers are private: not in the stubs.)
         api = self._docker().api
         response = api._post_json(  # type: ignore[attr-defined]
-            api._url("/containers/{0}/update", _id_of(container)),  # type: ignore[attr-defined]
+            api._url("/containers/{0}/update", container_id),  # type: ignore[attr-defined]
             data={
-                "Memory": memory,
-                "MemorySwap": memory,
-                "NanoCpus": int(resources.cpus * 1e9),
-                "PidsLimit": resources.pids,
+                "Memory": limits.memory_bytes,
+                "MemorySwap": limits.memory_bytes,
+                "NanoCpus": limits.nano_cpus,
+                "PidsLimit": limits.pids,
             },
         )
         api._raise_for_status(response)  # type: ignore[attr-defined]
-        container.reload()
-        return self._workspace(container)
+
+    def _agent_environment(self, env: dict[str, str]) -> dict[str, str]:
+        """A workspace's environment: `env`, the dev server's port, and the trust bundle's variables."""
+        environment = {**env, "PORT": str(DEV_PORT)}
+        if self.trust_bundle is not None:
+            environment.update(trust_env(CONTAINER_CA_BUNDLE))
+        return environment
 
     def _discard(self, pool_id: str) -> None:
         with suppress(NotFound):

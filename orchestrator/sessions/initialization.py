@@ -64,11 +64,13 @@ class Initialization:
         hot_key: str = "",
         template_archive: TemplateArchive | None = None,
         fork_source: LiveSession | None = None,
+        relocation: str = "",
     ) -> None:
         """`hot_pool` and `hot_key`: the template's hot pool, and the key (content hash, image) an entry must
         have for this session (computed when it was created). `template_archive`: the template's archive to
         inject (pinned with `template`; else the catalog's at the injection). `fork_source`: the session whose
-        current files are injected instead (a fork)."""
+        current files are injected instead (a fork). `relocation`: why the session's workspace is made again and
+        from what (ends the container phase's detail)."""
         self.live = live
         self.template = template
         self.archive = archive
@@ -86,6 +88,7 @@ class Initialization:
         self._fork_source = fork_source
         # A resumed workspace kept its files (and node_modules): injection and install have nothing to do.
         self._files_kept = False
+        self._relocation = relocation
         # Whether the workspace is a hot entry: the later phases were done by its fill.
         self._from_hot = False
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
@@ -181,6 +184,7 @@ class Initialization:
         instant), else a member of the warm pool (its agent is up: the next step takes no time), or, with the
         pools empty or the claim failed, starts a container (never waits for a refill)."""
         if await self._claim_from_hot_pool(status) or await self._claim_from_pool(status):
+            self._note_relocation(status)
             return
         session = self.live.session
         try:
@@ -197,6 +201,11 @@ class Initialization:
         self.container_started.set_result(None)
         self._recorder.attach(self.live, workspace)
         status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image}"
+        self._note_relocation(status)
+
+    def _note_relocation(self, status: pb.PhaseStatus) -> None:
+        if self._relocation:
+            status.detail += f"; {self._relocation}"
 
     async def _claim_from_pool(self, status: pb.PhaseStatus) -> bool:
         """Whether the session got a pool member, bound to it with the template's limits and env."""

@@ -470,6 +470,34 @@ class SessionManager:
         log.warning("session %s failed in %s: %s", session.id, pb.Phase.Name(session.phase), session.failure.reason)
         self.record(live, pb.WatchSessionResponse(session=session))
 
+    async def relocate(self, live: LiveSession, reason: str) -> None:
+        """Makes a READY session's workspace again after it stopped recoverably (a Swarm task that ended or whose
+        node went down, its volumes with it), from the session's last save (else what
+        it was created from), the caller holding its lock. Its phases start over and say so; the initialization
+        runs in the background, as a create's does. Raises EngineUnavailable (removing what is left)."""
+        session = live.session
+        saves = await self._archives.list(session.id)
+        archive = saves[0] if saves else (await self._archives.get(session.archive_id) if session.archive_id else None)
+        if live.agent is not None:
+            await live.agent.close()
+            live.agent = None
+        await self._runtime.stop(session.id)  # what is left of it
+        live.exited = None
+        if saves:
+            source = f"from its last save {saves[0].id} ({saves[0].name}); later changes are lost"
+        elif archive is not None:
+            source = f"from the archive it was created from ({archive.id}): it was never saved"
+        else:
+            source = f"from its template {session.template}: it was never saved"
+        log.warning("session %s: its workspace stopped (%s); making it again %s", session.id, reason, source)
+        session.archive_id = archive.id if archive is not None else ""
+        if live.template is None:
+            live.template = self._catalog.get(session.template)
+        initialization = self._initialization(
+            live, archive, relocation=f"its workspace stopped ({reason}) and was made again {source}"
+        )
+        live.initialization = asyncio.create_task(initialization.run(), name=f"relocate {session.id}")
+
     # ------------------------------------------------------------------ save, delete
 
     async def _savable(self, session_id: str) -> LiveSession:

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # After a restart, an adopted agent must answer this fast or its session is stopped.
 ADOPT_HEALTH_TIMEOUT_S = 5.0
+# A session whose workspace keeps stopping (killed over its memory limit each time, say) fails after this many
+# recoveries from its last save.
+MAX_RELOCATIONS = 3
 
 
 class Reconciler:
@@ -165,6 +168,11 @@ class Reconciler:
         async with live.lock:
             if manager.live_session(session.id) is not live or session.state in (STOPPING, STOPPED, PAUSED):
                 return  # being stopped on purpose (a paused one's workspace is looked for when it resumes)
+            initializing = live.initialization is not None and not live.initialization.done()
+            relocations = sum(phase.phase == pb.PHASE_CONTAINER_STARTED for phase in session.phases) - 1
+            if exit.recoverable and session.state == READY and not initializing and relocations < MAX_RELOCATIONS:
+                await manager.relocate(live, exit.reason)
+                return
             live.exited = exit
             failed_before = session.state == FAILED
             if live.initialization is not None and not live.initialization.done():

@@ -227,7 +227,7 @@ def test_make_runtime_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     not_pem.write_text("not a certificate")
     with pytest.raises(InvalidArgument, match="no PEM certificate"):
         make_runtime("local", OrchestratorConfig(data_dir=tmp_path, extra_ca_bundle=not_pem))
-    with pytest.raises(InvalidArgument, match="use docker or local"):
+    with pytest.raises(InvalidArgument, match="use docker, swarm or local"):
         make_runtime("podman", OrchestratorConfig(data_dir=tmp_path))
 
 
