@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
@@ -43,6 +44,12 @@ MIN_PART_SIZE = 5 * MiB
 ORPHAN_GRACE_S = 3600.0
 # Temp files of a write in progress (in the spool directory); what a crash leaves of them is swept.
 TEMP_PREFIX = ".incoming-"
+# S3: the folder (under the prefix) of the claims writers take on a name before writing it; not a blob name,
+# as blob names have no "/". The metadata of a claim names its writer.
+CLAIMS = ".claims"
+CLAIM_METADATA = "writer"
+# S3: how often a writer tries for a claim that keeps changing hands before it gives the name up.
+CLAIM_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -174,9 +181,17 @@ class LocalBlobs:
 class S3Blobs:
     """Objects `prefix/<name>` in an S3 bucket, through boto3 (in threads: its client is thread-safe).
 
-    Writes are conditional (`If-None-Match: *` on PutObject and CompleteMultipartUpload: of two writers of
-    one name exactly one succeeds, the other gets AlreadyExists); each object carries its sha256 as
-    metadata. A multipart upload that fails is aborted, so no parts are left behind."""
+    Of two writers of one name exactly one succeeds, the other gets AlreadyExists. Only PutObject's
+    `If-None-Match: *` is relied on to be atomic: some servers check it on CompleteMultipartUpload apart from
+    the write (SeaweedFS 4.x does, and two concurrent completes of one key may both succeed). So a writer first
+    claims the name, with a conditional PutObject of a small object `prefix/.claims/<name>` naming it, and
+    only the claim's holder writes the object (itself conditional, so a name already stored is never
+    replaced), then removes the claim: claims exist only while a write is in progress. A claim older than
+    `orphan_grace_s` is a crashed writer's (the time a write is assumed to end within, as for the uploads the
+    sweep aborts): a writer takes it over (a PutObject `If-Match` its ETag, so one of two does) and the sweep
+    removes it, so no name stays blocked. The loser of a claim gets AlreadyExists at once, though the holder
+    may yet fail: the name is then free again, not written. Each object carries its sha256 as metadata. A
+    multipart upload that fails is aborted, so no parts are left behind."""
 
     shared = True
 
@@ -211,6 +226,10 @@ class S3Blobs:
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
+    def claim_key(self, name: str) -> str:
+        """The key of the claim a writer of `name` holds while it writes."""
+        return self.key(f"{CLAIMS}/{name}")
+
     def check(self) -> None:
         """Raises ArchiveStoreUnavailable or FailedPrecondition when the bucket cannot be used."""
         try:
@@ -224,13 +243,15 @@ class S3Blobs:
         try:
             # The whole upload in one thread: a cancelled caller cannot cut it between a failed part and
             # the abort that must follow.
-            await asyncio.to_thread(self._upload, source, self.key(name), sha256)
+            await asyncio.to_thread(self._upload, source, name, sha256)
         finally:
             source.unlink(missing_ok=True)
 
-    def _upload(self, source: Path, key: str, sha256: str) -> None:
+    def _upload(self, source: Path, name: str, sha256: str) -> None:
+        key = self.key(name)
         try:
-            self._upload_once(source, key, sha256)
+            with self._claimed(name):
+                self._upload_once(source, key, sha256)
         except AlreadyExists:
             # A retried request (botocore retries on a dropped connection) finds its own first attempt
             # stored: the same bytes under the name are no conflict.
@@ -243,6 +264,50 @@ class S3Blobs:
         except NotFound:
             return ""
         return str(head.get("Metadata", {}).get(SHA256_METADATA, ""))
+
+    @contextlib.contextmanager
+    def _claimed(self, name: str) -> Iterator[None]:
+        """Holds the claim on `name` for the block, or raises AlreadyExists when another writer holds it."""
+        key = self.claim_key(name)
+        writer = secrets.token_hex(16)  # also the claim's body: its ETag tells one claim from another
+        self._claim(name, writer)
+        try:
+            yield
+        finally:
+            # Best effort: a claim left behind is taken over, and swept, once older than orphan_grace_s.
+            with contextlib.suppress(Exception):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _claim(self, name: str, writer: str) -> None:
+        key = self.claim_key(name)
+
+        def put(**condition: str) -> None:
+            self._call(
+                "PutObject", self._client.put_object, what=key,
+                Bucket=self.bucket, Key=key, Body=writer.encode(), Metadata={CLAIM_METADATA: writer}, **condition,
+            )  # fmt: skip
+
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                put(IfNoneMatch="*")
+                return
+            except AlreadyExists:
+                pass
+            try:
+                head = self._call("HeadObject", self._client.head_object, what=key, Bucket=self.bucket, Key=key)
+            except NotFound:
+                continue  # its holder is done with it: try again
+            if head.get("Metadata", {}).get(CLAIM_METADATA) == writer:
+                return  # our own claim: botocore retried a request whose answer was lost
+            if head["LastModified"].timestamp() >= time.time() - self.orphan_grace_s:
+                break
+            # A crashed writer's: of two writers taking it over, the If-Match of one fails.
+            with contextlib.suppress(AlreadyExists, NotFound):
+                put(IfMatch=head["ETag"])
+                return
+        raise AlreadyExists(
+            f"s3://{self.bucket}/{self.key(name)} exists already (or another writer is storing it): not replaced"
+        )
 
     def _upload_once(self, source: Path, key: str, sha256: str) -> None:
         metadata = {SHA256_METADATA: sha256} if sha256 else {}
@@ -336,6 +401,19 @@ class S3Blobs:
                     found.append(BlobInfo(name, item["Size"], item["LastModified"].timestamp()))
         return found
 
+    def _claims(self) -> list[tuple[str, str, float]]:
+        """The claims under the prefix: (key, ETag, written)."""
+        paginator = self._client.get_paginator("list_objects_v2")
+
+        def pages() -> list[Any]:
+            return list(paginator.paginate(Bucket=self.bucket, Prefix=self.claim_key("")))
+
+        return [
+            (item["Key"], item["ETag"], item["LastModified"].timestamp())
+            for page in self._call("ListObjectsV2", pages)
+            for item in page.get("Contents", [])
+        ]
+
     def uploads(self) -> list[tuple[str, str, float]]:
         """The multipart uploads in progress under the prefix: (name, upload id, started)."""
         answer = self._call(
@@ -354,6 +432,10 @@ class S3Blobs:
             if started < cutoff:
                 with contextlib.suppress(NotFound):
                     self._client.abort_multipart_upload(Bucket=self.bucket, Key=self.key(name), UploadId=upload)
+        for claim, etag, modified in self._claims():
+            if modified < cutoff:  # If-Match: not one a writer has just taken over
+                with contextlib.suppress(AlreadyExists, NotFound):
+                    self._call("DeleteObject", self._client.delete_object, Bucket=self.bucket, Key=claim, IfMatch=etag)
         blobs = self._list()
         names = {blob.name for blob in blobs}
         for blob in blobs:
@@ -370,7 +452,8 @@ class S3Blobs:
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code == "PreconditionFailed" or status == 412:
+            # 409 ConditionalRequestConflict (AWS): another conditional write of the key was in flight.
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
                 raise AlreadyExists(f"{where} exists already (written by another writer): not replaced") from None
             if code in ("NoSuchKey", "NoSuchUpload", "404") or (status == 404 and code != "NoSuchBucket"):
                 raise NotFound(f"{where} is missing") from None
