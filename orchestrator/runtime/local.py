@@ -8,6 +8,7 @@ import asyncio
 import builtins
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,6 +46,10 @@ TOKEN_FILE = "agent-token"
 # The agent binds port 0 and writes the port it got here: chosen by the kernel at bind time, it cannot be
 # taken by another process in between (as a port probed free beforehand could, by another session's agent).
 PORT_FILE = "agent-port"
+# Dev servers' ports come from the PREVIEW_PORTS ports below the kernel's ephemeral range (see _preview_port); one
+# handed out is not handed out again for PREVIEW_PORT_HOLD_S, by when its dev server has bound it (or failed).
+PREVIEW_PORTS = 8192
+PREVIEW_PORT_HOLD_S = 120.0
 # How long the agent may take from spawn to serving (it takes well under a second).
 AGENT_START_TIMEOUT_S = 30.0
 # On SIGTERM the agent kills its commands (SIGKILL 2 s after SIGTERM) and then stops its server (grace 5 s).
@@ -80,6 +85,26 @@ class LocalRuntime:
         self._stopping: set[str] = set()
         # Makes claims single in this process (another orchestrator on the same data directory is not supported).
         self._claiming = asyncio.Lock()
+        # Dev server ports handed out lately, by when: their servers may not have bound them yet.
+        self._preview_ports: dict[int, float] = {}
+
+    def _preview_port(self) -> int:
+        """A port for the dev server, which binds $PORT itself: free now, not handed to another workspace in
+        the last PREVIEW_PORT_HOLD_S, and below the kernel's ephemeral range. The kernel picks port-0 binds (every
+        agent's) and outgoing connections' ports from that range only, so none of them can take this one before
+        the dev server binds it; only a process binding this very number can (its readiness then fails and
+        the session reports it). Raises InitializationFailed when no port of PREVIEW_PORTS is free."""
+        now = time.monotonic()
+        self._preview_ports = {p: t for p, t in self._preview_ports.items() if now - t < PREVIEW_PORT_HOLD_S}
+        low = _ephemeral_ports().start
+        first = max(1024, low - PREVIEW_PORTS)
+        candidates = list(range(first, low))
+        random.shuffle(candidates)
+        for port in candidates:
+            if port not in self._preview_ports and _bindable(self.host_address, port):
+                self._preview_ports[port] = now
+                return port
+        raise InitializationFailed(f"no free port for a dev server in {first}-{low - 1}")
 
     async def start(
         self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]
@@ -139,7 +164,7 @@ class LocalRuntime:
         session_dir = self.directory / name
         root = session_dir / "app"
         await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
-        (preview_port,) = _free_ports(self.host_address, 1)
+        preview_port = self._preview_port()
         inherited = {key: value for key, value in os.environ.items() if key != TOKEN_ENV}
         environment = {**inherited, **env, "PORT": str(preview_port)}
         token_file = await asyncio.to_thread(_write_token, session_dir, token)
@@ -346,18 +371,23 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def _free_ports(host: str, count: int) -> list[int]:
-    """Ports the kernel reports free on `host` now (held open together so they differ), for the dev server,
-    which binds $PORT itself. Another process may take one before the dev server binds it; its readiness
-    then fails and the session reports it. (The agent binds port 0 instead: see PORT_FILE.)"""
-    sockets = [socket.socket() for _ in range(count)]
+def _ephemeral_ports() -> range:
+    """The ports the kernel picks from for port-0 binds and outgoing connections (Linux's default range
+    where it cannot be read)."""
     try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _write_token(session_dir: Path, token: str) -> Path:
@@ -428,7 +458,15 @@ async def _exited(pid: int, child: asyncio.subprocess.Process | None, timeout: f
             return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(_cmdline(pid)):
+        if _ended(pid):
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone or a zombie. (Its command line empties earlier, while it is still exiting.)"""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True
