@@ -465,6 +465,7 @@ class Watcher:
 
     def _note_move(self, old: str, new: str, directory: bool) -> None:
         entry = self.pending.pop(old, None)
+        replaced = not directory and new in self.files  # what the move put a file over, before it is noted
         if directory:
             for key in [k for k in self.pending if k.startswith(old + "/")]:
                 self.pending[new + key[len(old) :]] = self.pending.pop(key)
@@ -474,7 +475,7 @@ class Watcher:
             self.files.add(new)
         if entry is not None and entry.kind == "create":  # created then moved: created where it is now
             self.pending.pop(new, None)
-            self._note_create(new, directory)
+            self.pending[new] = _Pending("modify" if replaced else "create", directory)
             return
         source = entry.old_path if entry is not None and entry.kind == "move" else old
         self.pending.pop(new, None)

@@ -190,6 +190,27 @@ async def test_a_directory_created_and_filled_at_once_yields_its_files(agent: Ag
     assert seen(changes_after) == [("MODIFY", "pkg/lib/deep/mod.js", "", 16, False)]
 
 
+async def test_a_file_created_and_moved_within_one_window_is_a_create_where_it_ends(agent: AgentTarget) -> None:
+    root = agent.root
+    put(root, "kept.txt", "old")
+    watch = await watching(agent)
+    try:
+        put(root, "draft.txt", "new")
+        (root / "draft.txt").rename(root / "final.txt")  # created, then moved: new where it is now
+        put(root, "draft2.txt", "newer")
+        (root / "draft2.txt").rename(root / "kept.txt")  # created, then moved over a file: that file changed
+        put(root, "last", "")
+        changes = await watch.until(at("last"))
+    finally:
+        watch.close()
+
+    assert sorted(seen(changes)) == [
+        ("CREATE", "final.txt", "", 3, False),
+        ("CREATE", "last", "", 0, False),
+        ("MODIFY", "kept.txt", "", 5, False),
+    ]
+
+
 async def test_a_renamed_directory_is_followed_under_its_new_name(agent: AgentTarget) -> None:
     root = agent.root
     put(root, "old/inner/a.txt", "a")
