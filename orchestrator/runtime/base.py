@@ -86,6 +86,10 @@ class Runtime(Protocol):
     """Starts, lists and removes workspaces. Implementations: DockerRuntime, LocalRuntime."""
 
     name: str
+    # Whether the workspace can still read the token it was started with, however the agent treats it (a Swarm
+    # secret stays mounted): then a session's own token reaches the agent only through Claim (see
+    # Initialization.start_container), and what the workspace can read is refused from then on.
+    token_stays_readable: bool
 
     async def start(
         self, session_id: str, token: str, *, resources: ResourceHints, env: dict[str, str], labels: dict[str, str]

@@ -111,6 +111,7 @@ class DockerRuntime:
     """Workspaces as containers on the Docker engine that DOCKER_HOST (or the default socket) points to."""
 
     name = "docker"
+    token_stays_readable = False  # put in a file the agent removes once read
     # Claims of pool members in this process, one at a time (see _claim); shared by every instance.
     _claiming = threading.Lock()
 

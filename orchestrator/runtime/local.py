@@ -70,6 +70,7 @@ class LocalRuntime:
     default 4321), so the preview is http://<host>:<that port>/ with no port mapping in between."""
 
     name = "local"
+    token_stays_readable = False  # a file the agent removes once read
 
     def __init__(
         self, *, directory: Path, instance_id: str, host_address: str = "127.0.0.1", trust_bundle: Path | None = None

@@ -90,6 +90,7 @@ class SwarmRuntime(DockerRuntime):
     """Workspaces as Swarm services on the swarm whose manager DOCKER_HOST (or the default socket) points to."""
 
     name = "swarm"
+    token_stays_readable = True  # a Swarm secret, mounted read-only for as long as the service runs
 
     def __init__(
         self,

@@ -89,6 +89,8 @@ class Initialization:
         # A resumed workspace kept its files (and node_modules): injection and install have nothing to do.
         self._files_kept = False
         self._relocation = relocation
+        # Started with a one-time credential that the health step replaces with the session's token (Claim).
+        self._claim_with_token = False
         # Whether the workspace is a hot entry: the later phases were done by its fill.
         self._from_hot = False
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
@@ -187,10 +189,13 @@ class Initialization:
             self._note_relocation(status)
             return
         session = self.live.session
+        # Started with a one-time credential where the workspace could go on reading what it was started with;
+        # the agent's Claim then swaps in the session's token (wait_agent_healthy), as for a pool member.
+        credential = secrets.token_urlsafe(24) if self._runtime.token_stays_readable else session.agent_token
         try:
             workspace = await self._runtime.start(
                 session.id,
-                session.agent_token,
+                credential,
                 resources=self.template.resources,
                 env=dict(self.template.env),
                 labels=dict(session.labels),
@@ -199,7 +204,9 @@ class Initialization:
             self.container_started.set_exception(error)
             raise
         self.container_started.set_result(None)
-        self._recorder.attach(self.live, workspace)
+        self._claim_with_token = credential != session.agent_token
+        agent = AgentClient(workspace.agent_endpoint, credential) if self._claim_with_token else None
+        self._recorder.attach(self.live, workspace, agent)
         status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image}"
         self._note_relocation(status)
 
@@ -283,7 +290,12 @@ class Initialization:
         status.detail = f"resumed: {workspace.runtime} {workspace.handle[:12]} started again with its files"
 
     async def wait_agent_healthy(self, status: pb.PhaseStatus) -> None:
-        await self.live.connected_agent.wait_healthy(self._config.agent_health_timeout_s)
+        agent = self.live.connected_agent
+        await agent.wait_healthy(self._config.agent_health_timeout_s)
+        if self._claim_with_token:
+            session = self.live.session
+            await agent.claim(session.agent_token, dict(self.template.env), session.id)
+            status.detail = "the session's token installed by Claim (the workspace can read what it started with)"
 
     async def inject_archive(self, status: pb.PhaseStatus) -> None:
         agent, archive, template = self.live.connected_agent, self.archive, self.template

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 
 import docker
+import grpc
 import pytest
 
 from orchestrator.config import OrchestratorConfig
@@ -23,7 +24,7 @@ from tests.orchestrator.conftest import (
     http_get,
     start_orchestrator,
 )
-from tests.orchestrator.test_warm_pool import create_ready, from_pool, pool_of, shell_output
+from tests.orchestrator.test_warm_pool import create_ready, from_pool, pool_of, refused, shell_output
 from tests.swarm_support import remove_instance
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -95,6 +96,18 @@ async def test_a_session_on_swarm_is_created_used_saved_and_deleted(
 
     restored = await create_ready(on_swarm, archive_id=saved.id)
     assert (await shell_output(restored, "cat /app/note.txt")).strip() == "hello"
+
+
+async def test_the_token_secret_a_workspace_can_read_is_refused_once_the_session_has_its_own(
+    on_swarm: OrchestratorUnderTest,
+) -> None:
+    session = await create_ready(on_swarm, template="node-basic")
+    readable = (await shell_output(session, f"cat {TOKEN_SECRET_PATH}")).strip()
+
+    assert readable and readable != session.agent_token
+    assert await refused(session, readable) == grpc.StatusCode.UNAUTHENTICATED
+    healthy = next(phase for phase in session.phases if phase.phase == pb.PHASE_AGENT_HEALTHY)
+    assert "Claim" in healthy.detail
 
 
 async def test_a_service_is_hardened_and_limited_like_a_container(
