@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -56,12 +57,22 @@ def by_kind(spans: InMemorySpanExporter, kind: SpanKind) -> list[ReadableSpan]:
     return [s for s in spans.get_finished_spans() if s.kind == kind]
 
 
+async def server_spans(spans: InMemorySpanExporter) -> list[ReadableSpan]:
+    """The server's spans, once there is one: the server ends its span after it has answered, so the caller
+    can have its answer (a refusal above all, sent by an interceptor) before the span is finished."""
+    for _ in range(200):
+        if found := by_kind(spans, SpanKind.SERVER):
+            return found
+        await asyncio.sleep(0.025)
+    return []
+
+
 async def test_server_span_is_a_child_of_the_callers_span(traced: AgentTarget, spans: InMemorySpanExporter) -> None:
     with telemetry.span("orchestrator phase") as phase:
         await traced.stub.GetActivity(pb.GetActivityRequest(), metadata=traced.metadata)
 
     (client,) = by_kind(spans, SpanKind.CLIENT)
-    (server,) = by_kind(spans, SpanKind.SERVER)
+    (server,) = await server_spans(spans)
     trace_id = phase.get_span_context().trace_id
     assert client.context.trace_id == server.context.trace_id == trace_id
     assert client.parent.span_id == phase.get_span_context().span_id
@@ -78,7 +89,7 @@ async def test_refused_call_is_recorded_on_both_sides(traced: AgentTarget, spans
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     (client,) = by_kind(spans, SpanKind.CLIENT)
-    (server,) = by_kind(spans, SpanKind.SERVER)
+    (server,) = await server_spans(spans)
     assert client.status.status_code == StatusCode.ERROR
     assert server.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     # The semantic conventions leave a server span unset for the caller's mistakes (4xx-like codes).
@@ -121,7 +132,7 @@ async def test_a_command_gets_the_exec_span_as_traceparent(traced: AgentTarget, 
     start = pb.ExecRequest(start=pb.ExecStart(shell='echo "$TRACEPARENT"'))
     output = b"".join([r.output.data async for r in traced.stub.Exec(iter([start]), metadata=traced.metadata)])
 
-    (server,) = by_kind(spans, SpanKind.SERVER)
+    (server,) = await server_spans(spans)
     assert server.name == "/workspace.agent.v1.AgentService/Exec"
     assert output.decode().startswith(f"00-{server.context.trace_id:032x}-{server.context.span_id:016x}-")
 
