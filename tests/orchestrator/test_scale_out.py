@@ -10,6 +10,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 import grpc
@@ -45,7 +46,7 @@ class ScaledOut:
     def start(self, *flags: str) -> Replica:
         return self.replicas.start(*flags)
 
-    def services_of(self, session_id: str) -> list[dict]:
+    def services_of(self, session_id: str) -> list[dict[str, Any]]:
         return self.swarm.api.services(filters={"label": f"{SESSION_LABEL}={session_id}"})
 
 
@@ -152,7 +153,7 @@ async def test_the_reaper_stops_each_idle_session_once(scaled_out: ScaledOut) ->
         assert session.stop_reason.endswith(f"(idle TTL {IDLE_TTL_S}s)")
         assert scaled_out.services_of(session_id) == []
     await asyncio.sleep(2)  # two more sweeps of each reaper: none may stop (or save) a session again
-    saved = []
+    saved: list[pb.Archive] = []
     for session_id in ids:
         archives = (await replicas[0].stub.ListArchives(pb.ListArchivesRequest(session_id=session_id))).archives
         assert [archive.name for archive in archives] == [f"{session_id} before reaping"]
