@@ -1,7 +1,8 @@
 """The scaled-out deployment as a whole: two orchestrator processes, each with a data dir of its own, running
 workspaces on a single-node swarm on loopback, their state in one PostgreSQL database and their archives in one
 S3 bucket (SeaweedFS). Every call answered by either replica, a killed replica's sessions taken over by the other,
-and the reaper stopping each session once."""
+a workspace that stops made again by its owner from its last save in the bucket, and the reaper stopping each
+session once."""
 
 from __future__ import annotations
 
@@ -159,3 +160,33 @@ async def test_the_reaper_stops_each_idle_session_once(scaled_out: ScaledOut) ->
         assert [archive.name for archive in archives] == [f"{session_id} before reaping"]
         saved.extend(archives)
     assert scaled_out.bucket.keys(f"{PREFIX}/archives/") == sorted(archive_key(archive) for archive in saved)
+
+
+async def test_a_workspace_that_stops_comes_back_from_its_last_save_in_the_bucket(scaled_out: ScaledOut) -> None:
+    first, second = scaled_out.start(), scaled_out.start()
+    session = await create_ready_on(first.stub, template="node-basic")
+    await shell_output(session, "echo saved > /app/kept.txt")
+    saved = (await second.stub.SaveSession(pb.SaveSessionRequest(id=session.id))).archive
+    await shell_output(session, "echo unsaved > /app/lost.txt")
+    [service] = scaled_out.services_of(session.id)
+    [task] = scaled_out.swarm.api.tasks(filters={"service": service["ID"]})
+    # The workspace's container dies under it (as on a node that goes away: its volumes are gone too). Both
+    # replicas see its task end; its owner alone makes it again, from the archive in the bucket.
+    await asyncio.to_thread(scaled_out.swarm.api.kill, task["Status"]["ContainerStatus"]["ContainerID"])
+
+    async with asyncio.timeout(120):  # bounds a hang only
+        while True:
+            back = (await second.stub.GetSession(pb.GetSessionRequest(id=session.id))).session
+            again = [p for p in back.phases if p.phase == pb.PHASE_CONTAINER_STARTED][1:]
+            if again and back.state in (READY, pb.SESSION_STATE_FAILED, STOPPED):
+                break
+            await asyncio.sleep(0.5)
+    assert back.state == READY, back.failure
+    assert len(again) == 1 and "from its last save" in again[0].detail and saved.id in again[0].detail, again
+    assert len(scaled_out.services_of(session.id)) == 1
+    assert (await shell_output(back, "cat /app/kept.txt; ls /app/lost.txt 2>&1 >/dev/null | wc -l")).split() == [
+        "saved",
+        "1",
+    ]
+    await second.stub.DeleteSession(pb.DeleteSessionRequest(id=session.id))
+    assert scaled_out.services_of(session.id) == []
