@@ -37,6 +37,7 @@ def build(client: docker.DockerClient, progress: Callable[[str], None]) -> dict[
             elif name == "postgres":
                 shutil.copy2(HERE / "images" / "postgres-entrypoint.sh", context / "postgres-entrypoint.sh")
             else:
+                shutil.copy2(HERE / "images" / "seaweedfs-entrypoint.sh", context / "seaweedfs-entrypoint.sh")
                 _weed(context, progress)
             progress(f"building {tag}")
             _build(client, context, tag, base, progress, {"CORE_IMAGE": core})

@@ -2,7 +2,9 @@
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 COPY weed /usr/local/bin/weed
+COPY seaweedfs-entrypoint.sh /usr/local/bin/seaweedfs-entrypoint.sh
 RUN useradd --system --uid 1001 --create-home --home-dir /data seaweedfs
 USER seaweedfs
 EXPOSE 8333
-ENTRYPOINT ["/usr/local/bin/weed"]
+# `weed` with the arguments given, and the buckets of $S3_BUCKETS made once it serves.
+ENTRYPOINT ["/usr/local/bin/seaweedfs-entrypoint.sh"]

@@ -5,12 +5,7 @@ over by the other, and the reaper stopping each session once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import secrets
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +16,9 @@ from grpc import aio
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.runtime import make_runtime
-from tests.conftest import REPO
-from tests.live_orchestrator import _wait_serving, free_port
 from tests.orchestrator.conftest import stop_all_workspaces, watch_until_settled
+from tests.orchestrator.replica_support import Replica, Replicas
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
-from workspace.orchestrator.v1 import orchestrator_pb2_grpc
 
 pytestmark = pytest.mark.postgres
 
@@ -34,14 +27,6 @@ LEASE_TTL_S = 3.0
 # How long a dead replica's sessions may wait for a new owner: the stated bound (the lease and one beat, see
 # Cluster.takeover_within_s) plus room for a slow shared machine (the adoption's health check, a busy engine).
 TAKEOVER_DEADLINE_S = LEASE_TTL_S * 4 / 3 + 30
-
-
-@dataclass
-class Replica:
-    address: str
-    process: subprocess.Popen[bytes]
-    channel: aio.Channel
-    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
 
 
 @dataclass
@@ -60,45 +45,16 @@ async def cluster(
     request: pytest.FixtureRequest, tmp_path: Path, templates: Path, runtime_kind: str, postgres_url: str
 ) -> AsyncIterator[Cluster]:
     image = request.getfixturevalue("core_image") if runtime_kind == "docker" else OrchestratorConfig.image
-    # One data directory for both: the shared archive directory (and, for the local runtime, its workspaces).
     config = OrchestratorConfig(
-        data_dir=tmp_path / "shared", runtime=runtime_kind, image=image, instance_id=f"test-{secrets.token_hex(4)}"
-    )
-    started: list[Replica] = []
-
-    def start(*flags: str) -> Replica:
-        address = f"127.0.0.1:{free_port()}"
-        log = tmp_path / f"replica-{len(started)}.log"
-        config.data_dir.mkdir(exist_ok=True)
-        with open(log, "ab") as output:
-            process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "orchestrator", "--listen", address, "--data-dir", str(config.data_dir),
-                    "--database", postgres_url, "--runtime", runtime_kind, "--image", image,
-                    "--instance-id", config.instance_id, "--templates-dir", str(templates),
-                    "--lease-ttl", str(LEASE_TTL_S), "--no-install-cache", *flags,
-                ],
-                cwd=REPO, env=os.environ.copy(), stdout=output, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        _wait_serving(address, process, log)
-        channel = aio.insecure_channel(address)
-        replica = Replica(address, process, channel, orchestrator_pb2_grpc.OrchestratorServiceStub(channel))
-        started.append(replica)
-        return replica
-
+        data_dir=tmp_path / "shared", templates_dir=templates, runtime=runtime_kind, image=image,
+        instance_id=f"test-{secrets.token_hex(4)}",
+    )  # fmt: skip
+    # One data directory for both: the shared archive directory (and, for the local runtime, its workspaces).
+    replicas = Replicas(config, postgres_url, tmp_path, lease_ttl_s=LEASE_TTL_S, shared_data_dir=True)
     try:
-        yield Cluster(config, start)
+        yield Cluster(config, replicas.start)
     finally:
-        for replica in started:
-            await replica.channel.close()
-            with contextlib.suppress(ProcessLookupError):
-                replica.process.send_signal(signal.SIGTERM)
-        for replica in started:
-            try:
-                replica.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                replica.process.kill()
-                replica.process.wait()
+        await replicas.close()
         await stop_all_workspaces(config)
 
 
@@ -155,8 +111,7 @@ async def test_a_killed_replicas_sessions_are_taken_over(cluster: Cluster) -> No
     ready = (await watch_until_settled(first.stub, created.id))[-1].session
     assert ready.state == READY
 
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait()
+    first.kill()
     # The dead owner's session, saved through the survivor once it took the session over: until then the
     # survivor answers UNAVAILABLE, saying when to try again.
     answers: list[grpc.StatusCode] = []
