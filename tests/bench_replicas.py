@@ -58,7 +58,8 @@ def start_replicas(count: int, database: str, runtime: str, image: str, work: Pa
 
 
 async def measure(addresses: list[str], sessions: int, concurrency: int) -> tuple[float, float, int]:
-    """(CreateSession answers per second, seconds until all READY, failures)."""
+    """(CreateSession answers per second, seconds until all settled, failures: refused creates and sessions
+    that did not become READY)."""
     channels = [aio.insecure_channel(address) for address in addresses]
     stubs = [orchestrator_pb2_grpc.OrchestratorServiceStub(channel) for channel in channels]
     gate = asyncio.Semaphore(concurrency)
@@ -78,12 +79,17 @@ async def measure(addresses: list[str], sessions: int, concurrency: int) -> tupl
     await asyncio.gather(*(create(n) for n in range(sessions)))
     created_s = time.monotonic() - started
 
-    async def ready(session_id: str) -> None:
-        async for _ in stubs[0].WatchSession(pb.WatchSessionRequest(id=session_id)):
-            pass
+    async def ready(session_id: str) -> bool:
+        """Whether the session settled READY (the watch ends when it settles, READY or FAILED)."""
+        state = pb.SESSION_STATE_UNSPECIFIED
+        async for event in stubs[0].WatchSession(pb.WatchSessionRequest(id=session_id)):
+            if event.HasField("session"):
+                state = event.session.state
+        return state == pb.SESSION_STATE_READY
 
-    await asyncio.gather(*(ready(session_id) for session_id in ids))
+    settled = await asyncio.gather(*(ready(session_id) for session_id in ids))
     ready_s = time.monotonic() - started
+    failures += settled.count(False)
     await asyncio.gather(*(stubs[0].DeleteSession(pb.DeleteSessionRequest(id=session_id)) for session_id in ids))
     for channel in channels:
         await channel.close()

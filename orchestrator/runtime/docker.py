@@ -272,7 +272,7 @@ class DockerRuntime:
             mounts=[Mount(target, None) for target in WRITABLE_VOLUMES],
             tmpfs=TMPFS,
             volumes=volumes,
-            network=network.name,
+            network=network.id,  # not its name: two networks may have it for a moment (see _find_network)
             detach=True,
         )
         try:
@@ -293,7 +293,7 @@ class DockerRuntime:
             if self._network is None:
                 # A missing image is ImageMissing before anything is created (the rule below needs it too).
                 self._docker().images.get(self.image)
-                network = self._find_network()
+                network = self._find_network(tidy=True)
                 if network is None:
                     try:
                         network = self._docker().networks.create(
@@ -307,6 +307,9 @@ class DockerRuntime:
                         network = self._find_network()
                         if network is None:
                             raise error from None
+                    # The engine's duplicate check is best effort: replicas of this instance starting at once can
+                    # each create one. All settle on the same one; empty extras go.
+                    network = self._find_network(tidy=True) or network
                 network.reload()
                 if network.attrs["Options"].get(NETWORK_ICC_OPTION) != "false":
                     raise FailedPrecondition(
@@ -317,11 +320,24 @@ class DockerRuntime:
                 self._network = network
             return self._network
 
-    def _find_network(self) -> Network | None:
+    def _find_network(self, *, tidy: bool = False) -> Network | None:
+        """This instance's workspace network: of several of its name (created at once by two processes), the one
+        with the lowest id, as every process picks; with `tidy`, the others are removed unless in use (then
+        their workspaces keep them, each network isolated on its own)."""
+        found = self._networks()
+        if tidy:
+            for extra in found[1:]:
+                log.warning("removing the duplicate workspace network %s (%s)", self.network_name, extra.short_id)
+                with suppress(APIError):  # in use, or gone already
+                    self._shut_off_host(extra, "-D")
+                    extra.remove()
+        return found[0] if found else None
+
+    def _networks(self) -> builtins.list[Network]:
         filters = {"label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
         # `names` matches substrings too.
         found = self._docker().networks.list(names=[self.network_name], filters=filters)
-        return next((network for network in found if network.name == self.network_name), None)
+        return sorted((network for network in found if network.name == self.network_name), key=lambda n: n.id or "")
 
     def _shut_off_host(self, network: Network, action: str) -> None:
         """Drops (action "-I", idempotent) or stops dropping ("-D") every connection a workspace opens to the
@@ -364,9 +380,8 @@ class DockerRuntime:
 
     def _remove_network(self) -> None:
         with self._network_lock:
-            network = self._find_network()
             self._network = None
-            if network is not None:
+            for network in self._networks():
                 try:
                     self._shut_off_host(network, "-D")
                 finally:  # a rule left behind names an interface that is gone: it matches nothing

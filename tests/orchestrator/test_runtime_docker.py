@@ -234,3 +234,28 @@ async def test_exits_tell_an_oom_killed_container(runtime: DockerRuntime, docker
         await exits.aclose()
     assert exited.session_id == "ws-oom"
     assert exited.reason.startswith("the container was OOM-killed"), exited.reason
+
+
+async def test_replicas_that_created_the_workspace_network_at_once_settle_on_one(
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    # What two processes of one instance leave when they start at once: the engine's duplicate check is best effort.
+    labels = {MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: runtime.instance_id}
+    options = {"com.docker.network.bridge.enable_icc": "false"}
+    twins = [docker_client.networks.create(runtime.network_name, options=options, labels=labels) for _ in range(2)]
+    try:
+        workspace = await runtime.start("ws-twins", TOKEN, resources=HINTS, env={}, labels={})
+        container = docker_client.containers.get(workspace.handle)
+
+        kept = min(twins, key=lambda network: network.id)
+        assert list(container.attrs["NetworkSettings"]["Networks"]) == [runtime.network_name]
+        assert container.attrs["NetworkSettings"]["Networks"][runtime.network_name]["NetworkID"] == kept.id
+        remaining = [n.id for n in docker_client.networks.list(names=[runtime.network_name])]
+        assert remaining == [kept.id], "the empty twin is removed"
+        await runtime.stop("ws-twins")
+    finally:
+        await runtime.remove_network()
+        for network in twins:
+            with contextlib.suppress(docker.errors.NotFound):
+                network.remove()
+    assert docker_client.networks.list(names=[runtime.network_name]) == []
