@@ -18,6 +18,7 @@ import pytest
 from grpc import aio
 
 from common.startup import StartupError
+from orchestrator.blobs import CLAIMS
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import create_server
 from tests.conftest import status_of
@@ -160,9 +161,10 @@ async def test_a_replaced_install_cache_entry_is_discarded_and_written_anew(
 
 
 async def bucket_entries(s3: S3Bucket) -> list[str]:
-    """The install-cache entries in the bucket, once there is one (they are written in the background)."""
+    """The install-cache entries in the bucket, once there is one (they are written in the background, each under
+    a claim object of its name until it is complete: those are not entries)."""
     async with asyncio.timeout(30):
-        while not (entries := s3.keys(f"{PREFIX}/install-cache/")):
+        while not (entries := [k for k in s3.keys(f"{PREFIX}/install-cache/") if f"/{CLAIMS}/" not in k]):
             await asyncio.sleep(0.1)
     return entries
 
