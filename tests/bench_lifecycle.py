@@ -36,9 +36,8 @@ from grpc import aio  # noqa: E402
 
 from orchestrator.agent_client import AgentClient  # noqa: E402
 from orchestrator.config import OrchestratorConfig  # noqa: E402
-from orchestrator.runtime import make_runtime  # noqa: E402
-from orchestrator.runtime.docker import DockerRuntime  # noqa: E402
 from orchestrator.server import create_server  # noqa: E402
+from tests.orchestrator.conftest import stop_all_workspaces  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
 
@@ -149,15 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
     finally:
         await channel.close()
         await orchestrator.stop(None)
-        runtime = make_runtime(config.runtime, config)
-        for workspace in await runtime.list():
-            if workspace.pool_id:
-                await runtime.discard(workspace.pool_id)
-            else:
-                await runtime.stop(workspace.session_id)
-        if isinstance(runtime, DockerRuntime):
-            await runtime.remove_network()
-        await runtime.close()
+        await stop_all_workspaces(config)
     return bench.samples
 
 
