@@ -168,14 +168,20 @@ class SessionManager:
             yield pb.WatchSessionResponse(session=session)
             for phase in session.phases:
                 yield pb.WatchSessionResponse(phase=phase)
+            if session.phases:  # the stream ends with the session as it settled
+                yield pb.WatchSessionResponse(session=session)
             return
         queue: asyncio.Queue[pb.WatchSessionResponse | Lagged] = asyncio.Queue(WATCH_QUEUE_EVENTS)
         # Subscribing and taking the snapshot happen with no await in between: nothing falls in the gap.
         live.watchers.add(queue)
         try:
-            for event in live.snapshot():
+            snapshot = live.snapshot()
+            for event in snapshot:
                 yield event
-            if live.current().state in SETTLED:
+            # Judged by the snapshot, not the session now: a change since is in the queue, to be sent.
+            if snapshot[0].session.state in SETTLED:
+                if len(snapshot) > 1:  # the stream ends with the session as it settled, after its history
+                    yield snapshot[0]
                 return
             while True:
                 queued = await queue.get()

@@ -204,6 +204,26 @@ async def test_restart_adopts_running_sessions_and_marks_vanished_ones(
     assert saved.session_id == kept.id
 
 
+async def test_a_watch_ends_with_the_settled_session_even_when_it_settles_while_the_snapshot_is_sent(
+    orchestrator: OrchestratorUnderTest,
+) -> None:
+    created = (await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template="node-basic"))).session
+    # A slow reader: the snapshot is taken while the session starts, and the session settles before the
+    # reader has taken the rest of it (CI saw the stream end on a snapshot output line then).
+    slow = orchestrator.orchestrator.sessions.watch(created.id)
+    first = await anext(slow)
+    assert first.session.state not in (READY, FAILED, STOPPED)
+    settled = (await watch_until_settled(orchestrator.stub, created.id))[-1].session
+    assert settled.state == READY, settled.failure
+    rest = [event async for event in slow]
+    assert rest[-1].session.state == READY, rest[-1]
+
+    # Watched once it settled: the snapshot's history, then the session again, last.
+    after = await watch_until_settled(orchestrator.stub, created.id)
+    assert after[0].session.state == after[-1].session.state == READY
+    assert [e.phase.phase for e in after if e.HasField("phase")] == PHASES
+
+
 async def test_ten_concurrent_creates_all_become_ready(orchestrator: OrchestratorUnderTest) -> None:
     sessions = await asyncio.gather(
         *(

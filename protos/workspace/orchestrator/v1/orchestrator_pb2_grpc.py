@@ -146,7 +146,8 @@ class OrchestratorServiceServicer:
     def WatchSession(self, request, context):
         """Streams a session's progress: first a snapshot of the session and the
         events so far (phases and recent output lines), then live events, until
-        the session is READY, FAILED or gone (or the caller leaves).
+        the session is READY, FAILED or gone (or the caller leaves). The last
+        message is always the session in the state it settled in.
         Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

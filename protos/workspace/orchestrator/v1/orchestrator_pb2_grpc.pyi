@@ -58,7 +58,8 @@ class OrchestratorServiceStub:
     WatchSession: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSessionRequest, _orchestrator_pb2.WatchSessionResponse]
     """Streams a session's progress: first a snapshot of the session and the
     events so far (phases and recent output lines), then live events, until
-    the session is READY, FAILED or gone (or the caller leaves).
+    the session is READY, FAILED or gone (or the caller leaves). The last
+    message is always the session in the state it settled in.
     Errors: NOT_FOUND.
     """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteSessionRequest, _orchestrator_pb2.DeleteSessionResponse]
@@ -146,7 +147,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     WatchSession: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSessionRequest, _orchestrator_pb2.WatchSessionResponse]  # type: ignore[assignment]
     """Streams a session's progress: first a snapshot of the session and the
     events so far (phases and recent output lines), then live events, until
-    the session is READY, FAILED or gone (or the caller leaves).
+    the session is READY, FAILED or gone (or the caller leaves). The last
+    message is always the session in the state it settled in.
     Errors: NOT_FOUND.
     """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.DeleteSessionRequest, _orchestrator_pb2.DeleteSessionResponse]  # type: ignore[assignment]
@@ -255,7 +257,8 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchSessionResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchSessionResponse]]:
         """Streams a session's progress: first a snapshot of the session and the
         events so far (phases and recent output lines), then live events, until
-        the session is READY, FAILED or gone (or the caller leaves).
+        the session is READY, FAILED or gone (or the caller leaves). The last
+        message is always the session in the state it settled in.
         Errors: NOT_FOUND.
         """
 
