@@ -106,6 +106,10 @@ class WarmPool:
         """Wakes the filler (after a take, a session's end, a member's loss)."""
         self._wanted.set()
 
+    def _resources(self, labels: dict[str, str]) -> ResourceHints | None:
+        """The limits a member with `labels` starts with: the defaults (None), a claim applies the session's."""
+        return None
+
     async def take(self) -> Member | None:
         """A member whose agent answers now, or None at once when there is none (the caller starts cold).
         A member that does not answer is removed, never handed out. The pool refills once the caller calls
@@ -128,8 +132,17 @@ class WarmPool:
         may be the session's workspace: stopped under the session's id) and the error raised: FailedPrecondition,
         EngineUnavailable, InvalidArgument."""
         try:
-            workspace = await self._runtime.claim(member.workspace, session_id, resources=resources)
-            await member.agent.claim(token, env, session_id)
+            # At once: the engine's rename and the agent's token swap are independent, and both on the session's path.
+            claimed, answered = await asyncio.gather(
+                self._runtime.claim(member.workspace, session_id, resources=resources),
+                member.agent.claim(token, env, session_id),
+                return_exceptions=True,
+            )
+            for outcome in (claimed, answered):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert isinstance(claimed, Workspace)
+            workspace = claimed
         except BaseException:
             await member.agent.close()
             with contextlib.suppress(OrchestratorError):
@@ -168,7 +181,9 @@ class WarmPool:
             labels = await self._labels()
             # Shielded: a cancelled start would go on in its thread and create the container after the discard.
             starting = asyncio.ensure_future(
-                self._runtime.start_pooled(pool_id, credential, kind=self.kind, labels=labels)
+                self._runtime.start_pooled(
+                    pool_id, credential, kind=self.kind, labels=labels, resources=self._resources(labels)
+                )
             )
             workspace = await asyncio.shield(starting)
             agent = AgentClient(workspace.agent_endpoint, credential)

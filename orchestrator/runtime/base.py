@@ -67,6 +67,8 @@ class Workspace:
     labels: dict[str, str] = field(default_factory=dict)
     # An unclaimed pool member's id (its session_id is ""); "" for a session's workspace, claimed ones included.
     pool_id: str = ""
+    # The limits it runs with, when its runtime enforces and reports them (a claim applies only what differs).
+    resources: ResourceHints | None = None
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,16 @@ class Runtime(Protocol):
         ...
 
     async def start_pooled(
-        self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
+        self,
+        pool_id: str,
+        credential: str,
+        *,
+        kind: str = "warm",
+        labels: dict[str, str] | None = None,
+        resources: ResourceHints | None = None,
     ) -> Workspace:
-        """Creates and starts a pool member: a workspace of no session, with the default resources, its agent
+        """Creates and starts a pool member: a workspace of no session, with `resources` (the defaults when None; a
+        claim applies the session's), its agent
         holding `credential` (delivered like a session's token) and `labels` besides ours; does not wait for
         the agent. Raises EngineUnavailable, ImageMissing, InvalidArgument (bad pool id)."""
         ...

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -106,6 +106,10 @@ class Limits:
     def of(cls, resources: ResourceHints) -> Limits:
         return cls(resources.memory_mb * 1024 * 1024, int(resources.cpus * 1e9), resources.pids)
 
+    def hints(self) -> ResourceHints:
+        """The ResourceHints these limits were made of (the inverse of `of`)."""
+        return ResourceHints(memory_mb=self.memory_bytes // (1024 * 1024), cpus=self.nano_cpus / 1e9, pids=self.pids)
+
 
 class DockerRuntime:
     """Workspaces as containers on the Docker engine that DOCKER_HOST (or the default socket) points to."""
@@ -162,16 +166,22 @@ class DockerRuntime:
         )
 
     async def start_pooled(
-        self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
+        self,
+        pool_id: str,
+        credential: str,
+        *,
+        kind: str = "warm",
+        labels: dict[str, str] | None = None,
+        resources: ResourceHints | None = None,
     ) -> Workspace:
-        """Creates and starts a pool member `workspace-core-pool-<pool_id>` with the default resources (a claim
-        sets the template's); does not wait for its agent. Raises EngineUnavailable, ImageMissing,
+        """Creates and starts a pool member `workspace-core-pool-<pool_id>` with `resources` (the defaults when
+        None; a claim applies the session's); does not wait for its agent. Raises EngineUnavailable, ImageMissing,
         FailedPrecondition (the engine refused), InvalidArgument (bad pool id)."""
         check_session_id(pool_id)
         environment = workspace_agent_env(f"pool-{pool_id}")
         return await self._call(
             "start a pool container", self._start, f"{POOL_PREFIX}{pool_id}", pool_labels(self.instance_id, kind, labels),
-            credential, ResourceHints(), environment,
+            credential, resources or ResourceHints(), environment,
         )  # fmt: skip
 
     async def image_id(self) -> str:
@@ -191,7 +201,7 @@ class DockerRuntime:
         (claimed already or gone; the limits refused, after which the container is the session's),
         EngineUnavailable, InvalidArgument (bad session id)."""
         check_session_id(session_id)
-        return await self._call("claim a pool container", self._claim, workspace.handle, session_id, resources)
+        return await self._call("claim a pool container", self._claim, workspace, session_id, resources)
 
     async def discard(self, pool_id: str) -> None:
         """Removes the unclaimed pool member `pool_id` (a claimed one has another name: it stays).
@@ -388,20 +398,22 @@ class DockerRuntime:
                     with suppress(NotFound):
                         network.remove()
 
-    def _claim(self, container_id: str, session_id: str, resources: ResourceHints) -> Workspace:
+    def _claim(self, workspace: Workspace, session_id: str, resources: ResourceHints) -> Workspace:
+        # One engine call, two when the limits differ: on a session's path. Whether the member still runs is its
+        # agent's to say (the pool checks its health as it hands it out, and the agent's Claim follows).
+        name = f"{POOL_PREFIX}{workspace.pool_id}"
         with DockerRuntime._claiming:
-            container = self._docker().containers.get(container_id)
-            name = _name_of(container)
-            if not name.startswith(POOL_PREFIX) or container.status != "running":
-                raise FailedPrecondition(f"the pool container {name} is {container.status} or claimed already")
             # Renamed by its pool name, not its id: once renamed, that name finds nothing (404), so a late claim
-            # fails; the new name fails with 409 when a container has it. The engine re-reads a container's
-            # name under its own lock, so only the lock above makes look-up and rename one step (in this
-            # process; another process could not claim the agent anyway: its credential is in ours only).
-            self._docker().api.rename(name, f"{CONTAINER_PREFIX}{session_id}")
-        self._update_limits(_id_of(container), resources)
-        container.reload()
-        return self._workspace(container)
+            # fails; the new name fails with 409 when a container has it. The engine looks the name up and renames
+            # in two steps, so only the lock makes them one (in this process; another process could not claim
+            # the agent anyway: its credential is in ours only).
+            try:
+                self._docker().api.rename(name, f"{CONTAINER_PREFIX}{session_id}")
+            except NotFound as error:
+                raise FailedPrecondition(f"the pool container {name} is claimed already or gone") from error
+        if workspace.resources != resources:
+            self._update_limits(workspace.handle, resources)
+        return replace(workspace, session_id=session_id, pool_id="", resources=resources)
 
     def _update_limits(self, container_id: str, resources: ResourceHints) -> None:
         """Applies `resources` to a running container in place."""
@@ -529,6 +541,7 @@ class DockerRuntime:
             running=running,
             labels=dict(container.labels),
             pool_id=name.removeprefix(POOL_PREFIX) if pooled else "",
+            resources=_resources_of(container),
         )
 
     def _docker(self) -> docker.DockerClient:
@@ -729,6 +742,12 @@ def _id_of(container: Container) -> str:
     if container.id is None:
         raise EngineUnavailable(f"the Docker engine described a container {container.attrs.get('Name')} without an id")
     return container.id
+
+
+def _resources_of(container: Container) -> ResourceHints:
+    """The limits the engine holds for the container, as ResourceHints."""
+    host = container.attrs.get("HostConfig") or {}
+    return Limits(host.get("Memory") or 0, host.get("NanoCpus") or 0, host.get("PidsLimit") or 0).hints()
 
 
 def _published(container: Container, port: int) -> tuple[str, int]:

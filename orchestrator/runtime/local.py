@@ -120,9 +120,15 @@ class LocalRuntime:
         return await self._launch(session_id, session_id, token, {**workspace_agent_env(session_id), **env}, labels)
 
     async def start_pooled(
-        self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
+        self,
+        pool_id: str,
+        credential: str,
+        *,
+        kind: str = "warm",
+        labels: dict[str, str] | None = None,
+        resources: ResourceHints | None = None,
     ) -> Workspace:
-        """Starts a pool member's agent under `pool-<pool_id>/`. Raises InvalidArgument (bad id),
+        """Starts a pool member's agent under `pool-<pool_id>/` (`resources` are not enforced). Raises InvalidArgument (bad id),
         FailedPrecondition (that member runs already)."""
         check_session_id(pool_id)
         name = f"{POOL_PREFIX}{pool_id}"

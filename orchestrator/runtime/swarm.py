@@ -132,16 +132,22 @@ class SwarmRuntime(DockerRuntime):
         )
 
     async def start_pooled(
-        self, pool_id: str, credential: str, *, kind: str = "warm", labels: dict[str, str] | None = None
+        self,
+        pool_id: str,
+        credential: str,
+        *,
+        kind: str = "warm",
+        labels: dict[str, str] | None = None,
+        resources: ResourceHints | None = None,
     ) -> Workspace:
-        """Creates a pool member's service with the default resources and waits for its task to run. Raises
-        EngineUnavailable, ImageMissing, FailedPrecondition, InvalidArgument (bad pool id)."""
+        """Creates a pool member's service with `resources` (the defaults when None) and waits for its task to
+        run. Raises EngineUnavailable, ImageMissing, FailedPrecondition, InvalidArgument (bad pool id)."""
         check_session_id(pool_id)
         environment = workspace_agent_env(f"pool-{pool_id}")
         all_labels = {**pool_labels(self.instance_id, kind, labels), POOL_ID_LABEL: pool_id}
         return await self._call(
             "start a pool service", self._start_service, service_name(self.instance_id, "p", pool_id), all_labels,
-            credential, ResourceHints(), environment,
+            credential, resources or ResourceHints(), environment,
         )  # fmt: skip
 
     async def claim(self, workspace: Workspace, session_id: str, *, resources: ResourceHints) -> Workspace:
@@ -151,7 +157,10 @@ class SwarmRuntime(DockerRuntime):
         FailedPrecondition (claimed already or gone; the limits could not be applied: its task runs on another
         node and `resources` are not the pool's), EngineUnavailable, InvalidArgument (bad session id)."""
         check_session_id(session_id)
-        return await self._call("claim a pool service", self._claim_service, workspace.handle, session_id, resources)
+        return await self._call(
+            "claim a pool service", self._claim_service, workspace.handle, session_id, resources,
+            workspace.resources or ResourceHints(),
+        )  # fmt: skip
 
     async def discard(self, pool_id: str) -> None:
         """Removes the unclaimed pool member `pool_id` (a claimed one is a session's: it stays)."""
@@ -326,7 +335,9 @@ class SwarmRuntime(DockerRuntime):
     def _current_task(self, service_id: str) -> dict[str, Any] | None:
         return self._latest_tasks({service_id}).get(service_id)
 
-    def _claim_service(self, service_id: str, session_id: str, resources: ResourceHints) -> Workspace:
+    def _claim_service(
+        self, service_id: str, session_id: str, resources: ResourceHints, current: ResourceHints
+    ) -> Workspace:
         api = self._docker().api
         try:
             service = api.inspect_service(service_id)
@@ -350,7 +361,7 @@ class SwarmRuntime(DockerRuntime):
             data=spec, params={"version": service["Version"]["Index"]},
         )  # fmt: skip
         api._raise_for_status(response)  # type: ignore[attr-defined]
-        if resources != ResourceHints():
+        if resources != current:
             container_id = task["Status"].get("ContainerStatus", {}).get("ContainerID", "")
             if task.get("NodeID") != self._local_node_id() or not container_id:
                 raise FailedPrecondition(
@@ -447,6 +458,8 @@ class SwarmRuntime(DockerRuntime):
             running=running,
             labels=labels,
             pool_id="" if session_id else labels.get(POOL_ID_LABEL, ""),
+            # A pool member's limits are its spec's; a claim changes a container's in place, not the spec.
+            resources=None if session_id else _spec_resources(spec),
         )
 
     def _address(self, name: str, task: dict[str, Any], port: int) -> str:
@@ -553,3 +566,11 @@ def _task_reason(task: dict[str, Any], node: dict[str, Any]) -> str:
     where = f" on node {_node_name(node)}" if node else ""
     exited = f", exit code {code}" if code else ""
     return f"the workspace's task {status['State']}{where} ({detail}{exited})"
+
+
+def _spec_resources(spec: dict[str, Any]) -> ResourceHints | None:
+    """The limits a service's spec gives its task, as ResourceHints (None without limits)."""
+    limits = spec["TaskTemplate"].get("Resources", {}).get("Limits")
+    if not limits:
+        return None
+    return Limits(limits.get("MemoryBytes", 0), limits.get("NanoCPUs", 0), limits.get("Pids", 0)).hints()

@@ -26,7 +26,7 @@ from orchestrator.readiness import http_status
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.runtime.base import POOL_KEY_LABEL, POOL_TEMPLATE_LABEL
 from orchestrator.sessions.live import READY, LiveSession, reason_of
-from orchestrator.templates import PinnedTemplate, TemplateArchive
+from orchestrator.templates import PinnedTemplate, ResourceHints, TemplateArchive
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -163,6 +163,10 @@ class HotPool(WarmPool):
         key, pinned = await self.current()
         self._made_of[key] = pinned
         return {POOL_TEMPLATE_LABEL: self.template, POOL_KEY_LABEL: key}
+
+    def _resources(self, labels: dict[str, str]) -> ResourceHints:
+        """The template's: the entry's install and dev server run within them, and a claim has nothing to change."""
+        return self._made_of[labels[POOL_KEY_LABEL]].spec.resources
 
     async def _prepare(self, member: Member) -> None:
         """Runs the session's own steps from the archive on, on the member, with the pool credential."""

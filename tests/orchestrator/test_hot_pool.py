@@ -85,6 +85,23 @@ async def page(session: pb.Session) -> str:
     return (await http_get(session.preview_url))[1]
 
 
+@pytest.mark.docker
+@pytest.mark.parametrize("runtime_kind", ["docker"])
+async def test_a_hot_entry_runs_within_its_templates_limits_before_and_after_the_claim(
+    hot: OrchestratorUnderTest, docker_client: docker.DockerClient
+) -> None:
+    """Its install and dev server ran within them; the claim has nothing to change."""
+    node_basic = (512 * 1024 * 1024, 1_000_000_000, 256)  # templates/node-basic/template.json
+
+    def limits(container: str) -> tuple[int, int, int]:
+        host = docker_client.containers.get(container).attrs["HostConfig"]
+        return host["Memory"], host["NanoCpus"], host["PidsLimit"]
+
+    assert limits(pool_of(hot).members[0].workspace.handle) == node_basic
+    session = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(session) and limits(f"workspace-core-{session.id}") == node_basic
+
+
 @BOTH_RUNTIMES
 async def test_a_session_from_the_hot_pool_is_ready_with_the_phases_of_a_cold_start(
     hot: OrchestratorUnderTest, orchestrator_config: OrchestratorConfig

@@ -1,5 +1,6 @@
 """Pool members on a real engine: labelled as pooled, published like any workspace, claimed once by renaming,
-with the template's limits applied to the running container, and known by their session afterwards."""
+with the template's limits applied to the running container (unless it was started with them), and known by their
+session afterwards."""
 
 from __future__ import annotations
 
@@ -95,3 +96,24 @@ async def test_a_claimed_member_that_dies_is_reported_as_its_sessions(
         assert isinstance(exits, AsyncGenerator)
         await exits.aclose()
     assert (exit.session_id, exit.handle) == ("ws-dies", member.handle)
+
+
+async def test_a_member_started_with_the_sessions_limits_is_claimed_by_its_rename_alone(
+    runtime: DockerRuntime, docker_client: docker.DockerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    member = await runtime.start_pooled("p4", "pool-credential", kind="hot", resources=HINTS)
+    assert member.resources == HINTS
+    host_config = docker_client.containers.get(member.handle).attrs["HostConfig"]
+    assert (host_config["Memory"], host_config["NanoCpus"], host_config["PidsLimit"]) == (384 * 2**20, 500_000_000, 200)
+    updates: list[str] = []
+    monkeypatch.setattr(runtime, "_update_limits", lambda container_id, resources: updates.append(container_id))
+    claimed = await runtime.claim(member, "ws-same-limits", resources=HINTS)
+    assert updates == [] and claimed.resources == HINTS
+    assert docker_client.containers.get(member.handle).name == "workspace-core-ws-same-limits"
+    # Other limits are applied: a claim with the defaults.
+    other = await runtime.start_pooled("p5", "pool-credential", kind="hot", resources=HINTS)
+    monkeypatch.undo()
+    claimed = await runtime.claim(other, "ws-other-limits", resources=ResourceHints())
+    host_config = docker_client.containers.get(other.handle).attrs["HostConfig"]
+    assert (host_config["Memory"], host_config["NanoCpus"], host_config["PidsLimit"]) == (1024 * 2**20, 10**9, 512)
+    assert claimed.resources == ResourceHints()
