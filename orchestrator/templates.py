@@ -59,6 +59,9 @@ class TemplateSpec:
     # VERIFY or SKIP: whether the install still runs on an exact install-cache hit.
     install_on_cache_hit: str = VERIFY
     dev_command: str = ""
+    # The dev server applies edits of the files by itself (a file watcher, HMR): a hot entry brought up to an
+    # edit keeps it running rather than restarting it.
+    dev_server_reloads: bool = False
     dev_port: int = DEV_PORT
     readiness_path: str = "/"
     readiness_timeout_s: float = 120.0
@@ -226,6 +229,7 @@ class TemplateCatalog:
             install_command=document.get("install_command", DEFAULT_INSTALL_COMMAND),
             install_on_cache_hit=document.get("install_on_cache_hit", VERIFY),
             dev_command=document["dev_command"],
+            dev_server_reloads=document.get("dev_server_reloads", False),
             dev_port=document.get("dev_port", DEV_PORT),
             readiness_path=readiness.get("path", "/"),
             readiness_timeout_s=float(readiness.get("timeout_seconds", 120)),

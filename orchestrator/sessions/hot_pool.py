@@ -200,7 +200,8 @@ class HotPool(WarmPool):
     async def _refresh(self, member: Member, key: str) -> None:
         """Brings an entry made from one content up to `key`'s (the same install inputs): its dev server stopped,
         the files deleted by the edit removed, the new archive merged over the tree (node_modules stays), the dev
-        server started again on it and answering; then the entry is ready under `key`. On failure it is removed."""
+        server started again on it and answering (or, when the template says its dev server applies edits by
+        itself, left running through the edit); then the entry is ready under `key`. On failure it is removed."""
         old, new = self._made_of[member.key], self._made_of[key]
         workspace = member.workspace
         loop = asyncio.get_running_loop()
@@ -209,7 +210,9 @@ class HotPool(WarmPool):
             before, after = await asyncio.gather(
                 asyncio.to_thread(_files_of, old.archive), asyncio.to_thread(_files_of, new.archive)
             )
-            await member.agent.stop_process("dev", grace=REFRESH_STOP_GRACE_S)
+            restart = not new.spec.dev_server_reloads
+            if restart:
+                await member.agent.stop_process("dev", grace=REFRESH_STOP_GRACE_S)
             stopped = loop.time()
             if gone := sorted(set(before) - set(after)):
                 exit_code = await member.agent.run(
@@ -219,7 +222,10 @@ class HotPool(WarmPool):
                     raise InitializationFailed(f"removing the files the edit deleted exited with code {exit_code}")
             await member.agent.extract_archive(new.archive.chunks(), new.archive.sha256, merge=True)
             placed = loop.time()
-            await self._run_steps(member, new, RESTART_DEV)
+            if restart:
+                await self._run_steps(member, new, RESTART_DEV)
+            elif not await self._answers(member, new):  # the dev server may be reloading: the take probes it again
+                raise InitializationFailed(f"the dev server did not answer after the edit: {new.spec.readiness_path}")
         except asyncio.CancelledError:
             await asyncio.shield(self._discard(member))
             raise
@@ -231,10 +237,10 @@ class HotPool(WarmPool):
             self.refill()
             return
         log.info(
-            "hot pool %s: entry %s brought up to %s in place in %.3f s (dev server stopped %.3f, files %.3f,"
+            "hot pool %s: entry %s brought up to %s in place in %.3f s (dev server %s %.3f, files %.3f,"
             " dev server answering %.3f)",
-            self.template, workspace.pool_id, key, loop.time() - started, stopped - started, placed - stopped,
-            loop.time() - placed,
+            self.template, workspace.pool_id, key, loop.time() - started, "stopped" if restart else "kept",
+            stopped - started, placed - stopped, loop.time() - placed,
         )  # fmt: skip
         member.key = key
         self._ready.append(member)

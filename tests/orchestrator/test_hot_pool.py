@@ -46,7 +46,17 @@ def max_sessions() -> int:
 
 
 @pytest.fixture
-async def hot(orchestrator_config: OrchestratorConfig, max_sessions: int) -> AsyncIterator[OrchestratorUnderTest]:
+def dev_server_reloads() -> bool:
+    return True  # node-basic's own: its dev server reads src/ on each request and restarts itself on server.js
+
+
+@pytest.fixture
+async def hot(
+    orchestrator_config: OrchestratorConfig, max_sessions: int, dev_server_reloads: bool
+) -> AsyncIterator[OrchestratorUnderTest]:
+    _edit_json(
+        orchestrator_config.templates_dir / "node-basic" / "template.json", dev_server_reloads=dev_server_reloads
+    )
     config = dataclasses.replace(orchestrator_config, hot_pool=(("node-basic", 1),), max_sessions=max_sessions)
     running = await start_orchestrator(config)
     try:
@@ -165,11 +175,39 @@ async def _handle_of(o: OrchestratorUnderTest, session: pb.Session) -> str:
     return {w.session_id: w.handle for w in await o.orchestrator.runtime.list()}[session.id]
 
 
+async def _dev_process(session: pb.Session) -> agent_pb2.ProcessInfo:
+    async with aio.insecure_channel(session.agent_endpoint) as channel:
+        listed = await agent_pb2_grpc.AgentServiceStub(channel).ListProcesses(
+            agent_pb2.ListProcessesRequest(), metadata=bearer(session.agent_token)
+        )
+    [dev] = [p for p in listed.processes if p.name == "dev"]
+    return dev
+
+
 @BOTH_RUNTIMES
-async def test_a_source_edit_brings_the_unclaimed_entry_up_to_the_new_content_in_place(
+async def test_an_edit_reaches_the_entry_with_its_dev_server_kept_when_the_template_says_it_reloads(
     hot: OrchestratorUnderTest,
 ) -> None:
     entry = pool_of(hot).members[0]
+    started = await _dev_process(
+        pb.Session(agent_endpoint=entry.workspace.agent_endpoint, agent_token=entry.credential)
+    )
+    edit_page(hot, "edited under a running dev server")
+    session = await create_ready(hot, template="node-basic")  # the key check has not seen it: the create brings it in
+    assert from_hot_pool(session) and await _handle_of(hot, session) == entry.workspace.handle
+    assert "edited under a running dev server" in await page(session)
+    kept = await _dev_process(session)
+    assert kept.running and (kept.pid, kept.started_at) == (started.pid, started.started_at)
+
+
+@BOTH_RUNTIMES
+@pytest.mark.parametrize("dev_server_reloads", [False])
+async def test_a_source_edit_brings_the_unclaimed_entry_up_to_the_new_content_in_place(
+    hot: OrchestratorUnderTest,
+) -> None:
+    """A template whose dev server does not apply edits itself: it is restarted on the new files."""
+    entry = pool_of(hot).members[0]
+    before = await _dev_process(pb.Session(agent_endpoint=entry.workspace.agent_endpoint, agent_token=entry.credential))
     pool_id, key = entry.workspace.pool_id, entry.key
     edit_page(hot, "the new content")
     # server.js too, which only a restarted dev server serves: the page below proves the restart happened.
@@ -182,6 +220,7 @@ async def test_a_source_edit_brings_the_unclaimed_entry_up_to_the_new_content_in
     assert from_hot_pool(session) and await _handle_of(hot, session) == entry.workspace.handle
     served = await page(session)
     assert "the new content" in served and "<!-- edited server -->" in served
+    assert (await _dev_process(session)).started_at != before.started_at
 
 
 @BOTH_RUNTIMES
