@@ -60,6 +60,8 @@ from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
 
 PHASES = [pb.Phase.Name(p).removeprefix("PHASE_").lower() for p in pb.Phase.values() if p]
 READY_TIMEOUT_S = 300.0
+# How long after its members answer the bench deems a pool full (see Pool.wait_full).
+POOL_SETTLE_S = 0.5
 # Containers a pool keeps ready carry this label (and the orchestrator's).
 POOL_LABEL = "workspace-core.pool"
 SITUATIONS = {"a": "never seen", "b": "just edited", "c": "steady"}
@@ -309,6 +311,9 @@ class Pool:
             pooled = orchestrator.pooled(self.kind.split()[0])
             seen = seen or bool(pooled)
             if len(pooled) >= self.size and all(self._answers(c) for c in pooled):
+                # Answering here comes a moment before the orchestrator's own health check of a new member does
+                # (its reconnect backoff is 0.1 s): a create right now could find the member not yet handed over.
+                time.sleep(POOL_SETTLE_S)
                 return
             if not seen and time.monotonic() - started > 20:
                 Pool.labels_missing = True
