@@ -15,7 +15,7 @@ import logging
 import tarfile
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -90,6 +90,10 @@ class InstallCache:
         self._max_bytes = max_bytes
         self._unlocked_max_age_s = unlocked_max_age_s
         self._writers: dict[str, asyncio.Task[None]] = {}
+        # The locked key last hit or stored: what a warm pool member prefetches (see prefetch); and who is told
+        # when a new entry is stored (a warm pool, to restock its idle members).
+        self.recent: CacheKey | None = None
+        self.on_stored: list[Callable[[], None]] = []
         # Temp files of a crash mid-write go, and metadata whose entry a crash cut (it is written first).
         self._blobs.sweep(lambda name, names: not name.endswith(".json") or _entry(name[: -len(".json")]) in names)
 
@@ -161,7 +165,32 @@ class InstallCache:
             return Injected(False, f"install cache entry {short} not injected: {error}")
         what = f"node_modules and {lockfile[0]}" if lockfile else "node_modules"
         restored = f"{what} in {time.monotonic() - started:.2f} s"
+        if key.locked:
+            self.recent = key
         return Injected(True, f"install cache hit {short} ({restored})", exact=key.locked, restored=restored)
+
+    async def prefetch(self, agent: AgentClient) -> CacheKey | None:
+        """Puts the node_modules of the `recent` entry into a workspace of no session yet (a warm pool member,
+        through its pool credential), replacing any there, ahead of knowing whether its session will want it.
+        Returns the key, or None when there is nothing to prefetch or it failed (logged; the member stays
+        usable: a session then restores or installs as usual). Only locked keys: their entry is the whole hit."""
+        key = self.recent
+        if key is None:
+            return None
+        try:
+            if not await self._blobs.touch(_entry(key.key)):
+                return None
+            await agent.extract_archive(self._blobs.read(_entry(key.key)), "", destination=NODE_MODULES)
+        except (OSError, OrchestratorError) as error:
+            log.warning("install cache: could not prefetch %s into a pool member: %s", key.key[:12], error)
+            return None
+        return key
+
+    @staticmethod
+    def prefetched(key: CacheKey) -> Injected:
+        """What inject() would have done for `key`, done ahead: the member was prefetched with its entry."""
+        restored = "node_modules prefetched into the warm pool member"
+        return Injected(True, f"install cache hit {key.key[:12]} ({restored})", exact=key.locked, restored=restored)
 
     def store_in_background(self, agent: AgentClient, key: CacheKey) -> asyncio.Task[None] | None:
         """Archives the workspace's node_modules (and for an unlocked key the lockfile its install wrote) as
@@ -214,6 +243,10 @@ class InstallCache:
             await self._blobs.put(temp, _entry(key.key), digest.hexdigest())
             await self._evict(keep=_entry(key.key))
             log.info("install cache: stored %s (%d bytes)", short, size)
+            if key.locked:
+                self.recent = key
+                for listener in self.on_stored:
+                    listener()
         except AlreadyExists:  # another replica stored it first: one copy is kept
             log.info("install cache: %s was stored meanwhile by another writer; theirs is kept", short)
         except asyncio.CancelledError:

@@ -14,6 +14,7 @@ import grpc
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.errors import OrchestratorError
+from orchestrator.install_cache import CacheKey, InstallCache
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.runtime.base import POOL_KEY_LABEL
 from orchestrator.templates import ResourceHints
@@ -45,6 +46,8 @@ class Member:
     credential: str
     # A hot pool entry's key (see HotPool): what it was made from; "" for a warm member.
     key: str = ""
+    # A warm member's /app/node_modules, put there ahead from this install-cache entry (InstallCache.prefetch).
+    prefetched: CacheKey | None = None
 
 
 class WarmPool:
@@ -56,8 +59,23 @@ class WarmPool:
     fill_at_once = FILL_AT_ONCE
     retry_after_s = RETRY_AFTER_S
 
-    def __init__(self, runtime: Runtime, size: int, *, room: Callable[[], int], health_timeout_s: float) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        size: int,
+        *,
+        room: Callable[[], int],
+        health_timeout_s: float,
+        install_cache: InstallCache | None = None,
+    ) -> None:
+        """With `install_cache`, each member gets the node_modules of the entry last hit or stored put in ahead
+        (a session of that install then has nothing to restore), and idle members are restocked with a new
+        entry once it is stored."""
         self._runtime = runtime
+        self._install_cache = install_cache
+        self._restocking: asyncio.Task[None] | None = None
+        if install_cache is not None:
+            install_cache.on_stored.append(self._restock_soon)
         self._size = size
         self._room = room
         self._health_timeout_s = health_timeout_s
@@ -226,8 +244,34 @@ class WarmPool:
         return {}
 
     async def _prepare(self, member: Member) -> None:
-        """Takes a started member with a healthy agent further before it is handed out (nothing, here).
-        Raises OrchestratorError: the member is removed."""
+        """Takes a started member with a healthy agent further before it is handed out: here, the prefetch of the
+        recent install-cache entry. Raises OrchestratorError: the member is removed."""
+        if self._install_cache is not None:
+            member.prefetched = await self._install_cache.prefetch(member.agent)
+
+    def _restock_soon(self) -> None:
+        if self._restocking is None or self._restocking.done():
+            self._restocking = asyncio.create_task(self._restock(), name=f"{self.kind} pool restock")
+            self._tasks.add(self._restocking)
+            self._restocking.add_done_callback(self._tasks.discard)
+
+    async def _restock(self) -> None:
+        """Brings the idle members' prefetched node_modules up to the entry stored last, one member at a time
+        (out of the pool meanwhile: a create then takes another member, or starts cold)."""
+        assert self._install_cache is not None
+        while (recent := self._install_cache.recent) is not None:
+            member = next((m for m in self._ready if m.prefetched != recent), None)
+            if member is None:
+                return
+            self._ready.remove(member)
+            try:
+                member.prefetched = await self._install_cache.prefetch(member.agent)
+            except asyncio.CancelledError:  # the pool is closing: the member is out of its list, removed here
+                await asyncio.shield(self._discard(member))
+                raise
+            self._ready.append(member)
+            if member.prefetched != recent:  # failed (logged): not tried again in a loop
+                return
 
     async def _follow_exits(self, exits) -> None:
         async for exit in exits:

@@ -28,6 +28,9 @@ from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# Removals of discarded prefetched node_modules under way (see Initialization._discard_prefetched).
+_REMOVALS: set[asyncio.Task[int]] = set()
+
 # The named process the dev server runs as in the agent.
 DEV_PROCESS = "dev"
 
@@ -93,6 +96,8 @@ class Initialization:
         self._claim_with_token = False
         # Whether the workspace is a hot entry: the later phases were done by its fill.
         self._from_hot = False
+        # The install-cache entry a claimed warm member holds in node_modules already (WarmPool prefetch).
+        self._prefetched: CacheKey | None = None
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
         self.container_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._follow_dev: asyncio.Task[int] | None = None
@@ -232,6 +237,10 @@ class Initialization:
         self.container_started.set_result(None)
         self._recorder.attach(self.live, workspace, agent)
         status.detail = f"{workspace.runtime} {workspace.handle[:12]} from {workspace.image} {FROM_POOL}"
+        # Only a template's injection keeps it (a merge into the member's empty tree); a restore's or a fork's
+        # replaces the tree, node_modules with it.
+        if self.archive is None and self._fork_source is None:
+            self._prefetched = member.prefetched
         return True
 
     async def _claim_from_hot_pool(self, status: pb.PhaseStatus) -> bool:
@@ -309,7 +318,9 @@ class Initialization:
             status.detail = f"archive {archive.id}: {archive.files} files, {archive.size} bytes"
         else:
             built = self._template_archive or await self._catalog.archive(template.name)
-            await agent.extract_archive(built.chunks(), built.sha256)
+            # Merged, not replacing, into a warm member holding prefetched node_modules and nothing else: the same
+            # tree as a replace, node_modules kept for the install step to judge.
+            await agent.extract_archive(built.chunks(), built.sha256, merge=self._prefetched is not None)
             status.detail = f"template {template.name}: {built.files} files, {built.size} bytes"
 
     async def _inject_fork(self, source: LiveSession, status: pb.PhaseStatus) -> None:
@@ -339,6 +350,7 @@ class Initialization:
             status.detail = "resumed: the workspace kept its node_modules"
             return
         if not template.install_command:
+            await self._discard_prefetched()
             status.outcome = pb.PHASE_OUTCOME_SKIPPED
             status.detail = "the template has no install command"
             return
@@ -396,9 +408,32 @@ class Initialization:
         if self._install_cache is None:
             return CacheKey(""), Injected(False, "install cache off")
         key = await self._install_cache.key(agent, template.install_command, self.live.session.image)
+        if key and key == self._prefetched:
+            return key, self._install_cache.prefetched(key)
+        await self._discard_prefetched()
         if not key:
             return key, Injected(False, key.note)
         return key, await self._install_cache.inject(agent, key)
+
+    async def _discard_prefetched(self) -> None:
+        """Moves a warm member's prefetched node_modules, not this session's, out of the tree (one rename into
+        the agent's own directory, which archives and searches leave out) and removes it in the background."""
+        if self._prefetched is None:
+            return
+        self._prefetched = None
+        agent = self.live.connected_agent
+        aside = f".workspace-agent/prefetched-{secrets.token_hex(4)}"
+        moved = await agent.run(
+            f"mkdir -p .workspace-agent && mv -T node_modules {aside}", on_line=lambda text, _: None
+        )
+        if moved != 0:  # gone already (the session's own files have none): removed in place, or nothing to do
+            moved = await agent.run("rm -rf node_modules", on_line=lambda text, _: None)
+            if moved != 0:
+                raise InitializationFailed("the warm pool member's prefetched node_modules could not be removed")
+            return
+        removal = asyncio.create_task(agent.run(f"rm -rf {aside}", on_line=lambda text, _: None))
+        _REMOVALS.add(removal)  # held until done (the loop keeps weak references only)
+        removal.add_done_callback(_removed)
 
     # Every phase from a bare core image to READY, in order. A caller may pass its own sequence (a pool's
     # claim in place of start_container, or only the last steps for a workspace prepared ahead).
@@ -441,3 +476,9 @@ async def resume_workspace(
 
 # One phase's work: given the Initialization and the phase's status (to set its detail or SKIPPED).
 Step = Callable[[Initialization, pb.PhaseStatus], Awaitable[None]]
+
+
+def _removed(task: asyncio.Task[int]) -> None:
+    _REMOVALS.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a workspace gone meanwhile has nothing left to remove

@@ -96,6 +96,7 @@ class SessionManager:
             WarmPool(
                 runtime, config.warm_pool,
                 room=lambda: self._room_for(self.pool), health_timeout_s=config.agent_health_timeout_s,
+                install_cache=self._install_cache,
             )
             if config.warm_pool
             else None

@@ -287,3 +287,63 @@ async def test_the_demo_waits_for_the_pool_and_says_its_session_came_from_it(
     await running
     assert "demo: warm pool of 2 ready" in printed
     assert f"s {FROM_POOL}. Open http://" in printed
+
+
+def _locked_template(templates: Path) -> None:
+    """A template whose install only fills node_modules from a package.json and a lockfile (offline: no registry),
+    skipped on an exact install-cache hit, as vite-react's is."""
+    derive_template(
+        templates, "locked",
+        install_command="mkdir -p node_modules/dep && echo installed > node_modules/dep/index.js",
+        install_on_cache_hit="skip",
+    )  # fmt: skip
+    (templates / "locked" / "package-lock.json").write_text('{"name": "locked", "lockfileVersion": 3}\n')
+
+
+@BOTH_RUNTIMES
+async def test_idle_members_hold_the_last_install_ahead_and_a_session_of_another_install_gets_none_of_it(
+    orchestrator_config: OrchestratorConfig, templates: Path
+) -> None:
+    _locked_template(templates)
+    config = dataclasses.replace(orchestrator_config, warm_pool=2)
+    o = await start_orchestrator(config)
+    try:
+        pool = pool_of(o)
+        assert await pool.wait_full(FILL_TIMEOUT_S) and all(m.prefetched is None for m in pool.members)
+        first = await create_ready(o, template="locked")
+        assert pb.PHASE_INSTALL in [p.phase for p in first.phases if p.outcome == pb.PHASE_OUTCOME_SUCCEEDED]
+        # The install's entry is stored after READY; the idle members are then restocked with it, one at a time.
+        await until(lambda: _all_prefetched(o), FILL_TIMEOUT_S)
+
+        # A session of that install: nothing restored, nothing installed; node_modules is the entry's.
+        second = await create_ready(o, template="locked")
+        install = next(p for p in second.phases if p.phase == pb.PHASE_INSTALL)
+        assert from_pool(second) and install.outcome == pb.PHASE_OUTCOME_SKIPPED, install
+        assert "prefetched into the warm pool member" in install.detail
+        assert await shell_output(second, "cat node_modules/dep/index.js; ls -A") == (
+            "installed\nnode_modules\npackage-lock.json\npackage.json\nserver.js\nsrc\n"
+        )
+
+        # A session of another template on a member holding it: its tree has no node_modules, and what the
+        # member held is removed from the agent's directory too.
+        await until(lambda: _all_prefetched(o), FILL_TIMEOUT_S)
+        other = await create_ready(o, template="node-basic")
+        assert from_pool(other)
+        assert await shell_output(other, "ls -A -I .workspace-agent") == "package.json\nserver.js\nsrc\n"
+        leftover = "ls -d .workspace-agent/prefetched-* 2>/dev/null | wc -l"
+        await until(lambda: _shell_says(other, leftover, "0\n"), 30)
+    finally:
+        await o.close()
+        await stop_all_workspaces(config)
+
+
+async def _all_prefetched(o: OrchestratorUnderTest) -> bool:
+    """Whether both members hold the entry of the last install stored (the one of the `locked` template)."""
+    cache = o.orchestrator.sessions._install_cache
+    recent = cache.recent if cache is not None else None
+    members = pool_of(o).members
+    return recent is not None and len(members) == 2 and all(m.prefetched == recent for m in members)
+
+
+async def _shell_says(session: pb.Session, shell: str, expected: str) -> bool:
+    return await shell_output(session, shell) == expected
