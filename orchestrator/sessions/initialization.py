@@ -98,6 +98,8 @@ class Initialization:
         self._from_hot = False
         # The install-cache entry a claimed warm member holds in node_modules already (WarmPool prefetch).
         self._prefetched: CacheKey | None = None
+        # Where _discard_prefetched moved it, for removal after READY.
+        self._set_aside = ""
         # Resolved once the workspace is started (or starting it failed): CreateSession returns then.
         self.container_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._follow_dev: asyncio.Task[int] | None = None
@@ -139,6 +141,7 @@ class Initialization:
         session.state = READY
         session.ready_at.GetCurrentTime()
         self._recorder.record(live, pb.WatchSessionResponse(session=session))
+        self._remove_set_aside()
         if self._install_key and self._install_cache is not None:
             # After READY: keeping node_modules for later sessions must not delay this one.
             live.install_store = self._install_cache.store_in_background(live.connected_agent, self._install_key)
@@ -417,7 +420,8 @@ class Initialization:
 
     async def _discard_prefetched(self) -> None:
         """Moves a warm member's prefetched node_modules, not this session's, out of the tree (one rename into
-        the agent's own directory, which archives and searches leave out) and removes it in the background."""
+        the agent's own directory, which archives and searches leave out); it is removed once the session is
+        READY, in the background."""
         if self._prefetched is None:
             return
         self._prefetched = None
@@ -431,7 +435,12 @@ class Initialization:
             if moved != 0:
                 raise InitializationFailed("the warm pool member's prefetched node_modules could not be removed")
             return
-        removal = asyncio.create_task(agent.run(f"rm -rf {aside}", on_line=lambda text, _: None))
+        self._set_aside = aside  # removed after READY: deleting files beside the dev server's start slows it
+
+    def _remove_set_aside(self) -> None:
+        if not self._set_aside or self.live.agent is None:
+            return
+        removal = asyncio.create_task(self.live.agent.run(f"rm -rf {self._set_aside}", on_line=lambda text, _: None))
         _REMOVALS.add(removal)  # held until done (the loop keeps weak references only)
         removal.add_done_callback(_removed)
 
