@@ -119,8 +119,12 @@ def test_the_client_s_tests_pass_against_a_real_orchestrator(built: Path, orches
     counts = dict(re.findall(r"^# (pass|fail|cancelled|skipped) (\d+)$", result.stdout, re.MULTILINE))
     assert counts.get("fail") == "0" and counts.get("cancelled") == "0" and counts.get("skipped") == "0", report
     assert int(counts["pass"]) >= 15, report
-    reconnect = r"^\s*ok \d+ - a named process is followed through a dropped connection"
-    assert re.search(reconnect, result.stdout, re.MULTILINE), report
+    for name in (
+        "a named process is followed through a dropped connection",
+        "a fork has the files of its source and a token of its own",
+        "a preview token is minted with its expiry",
+    ):
+        assert re.search(rf"^\s*ok \d+ - {name}", result.stdout, re.MULTILINE), report
 
 
 def test_the_example_runs_a_whole_session(built: Path, orchestrator: str) -> None:

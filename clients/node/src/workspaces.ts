@@ -1,7 +1,8 @@
-// Sessions through the orchestrator: create one and follow it until READY, save and restore it, upload
-// archives, list and delete; `agent(session)` opens the session's agent.
+// Sessions through the orchestrator: create one and follow it until READY, save and restore it, fork, pause and
+// resume it, mint preview tokens, upload archives, list and delete; `agent(session)` opens the session's agent.
 
 import { create, type MessageInitShape } from '@bufbuild/protobuf';
+import { durationFromMs, timestampDate } from '@bufbuild/protobuf/wkt';
 import { createClient, type Client } from '@connectrpc/connect';
 import { Agent } from './agent.js';
 import { SessionFailedError, streamed, unary } from './errors.js';
@@ -104,6 +105,48 @@ export class Workspaces {
     const { save = false, ...call } = options;
     const { archive } = await unary(() => this.client.deleteSession({ id, save }, call));
     return archive;
+  }
+
+  /**
+   * A new session from the READY session's current files (its install and dev steps run anew); resolves at
+   * once with the fork (PENDING): follow it with `waitReady`. With `save`, the source is saved first and the
+   * fork restored from that archive, returned beside it. The source keeps running.
+   */
+  async forkSession(
+    id: string,
+    options: CallOptions & { labels?: Record<string, string>; save?: boolean } = {},
+  ): Promise<{ session: Session; archive?: Archive }> {
+    const { labels = {}, save = false, ...call } = options;
+    const { session, archive } = await unary(() => this.client.forkSession({ id, labels, save }, call));
+    return { session: required(session, 'ForkSession'), archive };
+  }
+
+  /** Stops the READY session's processes and releases its CPU and memory, keeping its files: PAUSED. */
+  async pauseSession(id: string, options: CallOptions = {}): Promise<Session> {
+    const { session } = await unary(() => this.client.pauseSession({ id }, options));
+    return required(session, 'PauseSession');
+  }
+
+  /** Starts a PAUSED session again; resolves at once (STARTING): follow it with `waitReady`. */
+  async resumeSession(id: string, options: CallOptions = {}): Promise<Session> {
+    const { session } = await unary(() => this.client.resumeSession({ id }, options));
+    return required(session, 'ResumeSession');
+  }
+
+  /**
+   * A signed, expiring token that opens the session's preview through the orchestrator's preview gateway, and
+   * the gateway URLs carrying it (empty when the orchestrator runs no gateway). `ttlMs`: 1 s to 7 days
+   * (default 1 hour).
+   */
+  async createPreviewToken(
+    id: string,
+    options: CallOptions & { ttlMs?: number } = {},
+  ): Promise<{ token: string; expiresAt?: Date; url: string; pathUrl: string }> {
+    const { ttlMs, ...call } = options;
+    const ttl = ttlMs === undefined ? undefined : durationFromMs(ttlMs);
+    const answer = await unary(() => this.client.createPreviewToken({ id, ttl }, call));
+    const expiresAt = answer.expiresAt === undefined ? undefined : timestampDate(answer.expiresAt);
+    return { token: answer.token, expiresAt, url: answer.url, pathUrl: answer.pathUrl };
   }
 
   /** Saves the session's workspace as an archive; `createSession({ archiveId })` restores it. */

@@ -294,6 +294,44 @@ describe('a session of node-basic', () => {
     await assert.rejects(workspaces.deleteArchive(saved.id), NotFoundError);
   });
 
+  test('a fork has the files of its source and a token of its own; a paused session resumes with its files', async () => {
+    await agent.edit([{ write: { path: 'forked.txt', content: 'from the source' } }]);
+    const { session: created, archive } = await workspaces.forkSession(session.id, { labels: { fork: 'yes' } });
+    assert.equal(archive, undefined);
+    assert.equal(created.forkedFrom, session.id);
+    const fork = await workspaces.waitReady(created.id);
+    assert.notEqual(fork.agentToken, session.agentToken);
+    assert.equal(fork.labels.fork, 'yes');
+    const forkAgent = workspaces.agent(fork);
+    try {
+      assert.equal(await forkAgent.readText('forked.txt'), 'from the source');
+      await forkAgent.edit([{ write: { path: 'forked.txt', content: 'paused and resumed' } }]);
+    } finally {
+      forkAgent.close();
+    }
+    assert.equal((await workspaces.pauseSession(fork.id)).state, SessionState.PAUSED);
+    assert.ok([SessionState.STARTING, SessionState.READY].includes((await workspaces.resumeSession(fork.id)).state));
+    const resumed = await workspaces.waitReady(fork.id);
+    const resumedAgent = workspaces.agent(resumed);
+    try {
+      assert.equal(await resumedAgent.readText('forked.txt'), 'paused and resumed');
+    } finally {
+      resumedAgent.close();
+      await workspaces.deleteSession(fork.id);
+    }
+    await assert.rejects(workspaces.pauseSession(fork.id), (error: unknown) => error instanceof WorkspaceError);
+  });
+
+  test('a preview token is minted with its expiry; no gateway, no URL; a bad ttl is an InvalidArgumentError', async () => {
+    const before = Date.now();
+    const minted = await workspaces.createPreviewToken(session.id, { ttlMs: 60_000 });
+    assert.ok(minted.token.length > 20);
+    assert.ok(minted.expiresAt !== undefined && Math.abs(minted.expiresAt.getTime() - (before + 60_000)) < 10_000);
+    assert.equal(minted.url, '');
+    assert.equal(minted.pathUrl, '');
+    await assert.rejects(workspaces.createPreviewToken(session.id, { ttlMs: 10 }), InvalidArgumentError);
+  });
+
   test('the NestJS provider of the example runs a command through the same client', async () => {
     const service = new WorkspacesService({ address });
     try {
