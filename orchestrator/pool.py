@@ -156,10 +156,10 @@ class WarmPool:
                 member.agent.claim(token, env, session_id),
                 return_exceptions=True,
             )
-            for outcome in (claimed, answered):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            assert isinstance(claimed, Workspace)
+            if isinstance(claimed, BaseException):
+                raise claimed
+            if isinstance(answered, BaseException):
+                raise answered
             workspace = claimed
         except BaseException:
             await member.agent.close()
@@ -251,9 +251,7 @@ class WarmPool:
 
     def _restock_soon(self) -> None:
         if self._restocking is None or self._restocking.done():
-            self._restocking = asyncio.create_task(self._restock(), name=f"{self.kind} pool restock")
-            self._tasks.add(self._restocking)
-            self._restocking.add_done_callback(self._tasks.discard)
+            self._restocking = self._spawn(self._restock())
 
     async def _restock(self) -> None:
         """Brings the idle members' prefetched node_modules up to the entry stored last, one member at a time
@@ -291,10 +289,11 @@ class WarmPool:
         except OrchestratorError as error:
             log.warning("%s pool: could not remove member %s: %s", self.kind, member.workspace.pool_id, error)
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def pool_size_problem(size: int, max_sessions: int, hot: dict[str, int] | None = None) -> str:

@@ -427,14 +427,13 @@ class Initialization:
         self._prefetched = None
         agent = self.live.connected_agent
         aside = f".workspace-agent/prefetched-{secrets.token_hex(4)}"
+        # Where the rename cannot be made, the tree is removed in place (and nothing is left to remove later).
         moved = await agent.run(
-            f"mkdir -p .workspace-agent && mv -T node_modules {aside}", on_line=lambda text, _: None
+            f"mkdir -p .workspace-agent && mv -T node_modules {aside} 2>/dev/null || rm -rf node_modules",
+            on_line=lambda text, _: None,
         )
-        if moved != 0:  # gone already (the session's own files have none): removed in place, or nothing to do
-            moved = await agent.run("rm -rf node_modules", on_line=lambda text, _: None)
-            if moved != 0:
-                raise InitializationFailed("the warm pool member's prefetched node_modules could not be removed")
-            return
+        if moved != 0:
+            raise InitializationFailed("the warm pool member's prefetched node_modules could not be removed")
         self._set_aside = aside  # removed after READY: deleting files beside the dev server's start slows it
 
     def _remove_set_aside(self) -> None:
