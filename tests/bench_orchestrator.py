@@ -524,13 +524,6 @@ def new_way(
         # (a): a fresh data dir per create on the fleet's store; a hot pool is filled once on it and refilled
         # between creates. Without a pool also on nothing shared: the install runs from the npm registry.
         for name in bench:
-            if mode == NO_POOL and catalog.get(name).install_command:
-                for _ in range(runs):
-                    orchestrator = new.start(pool)
-                    try:
-                        samples.add_created(("ready", name, ALONE, mode), orchestrator.create_and_delete(name))
-                    finally:
-                        new.stop(orchestrator)
             if mode == HOT:
                 hot = Pool(HOT, args.warm_pool, [name])
                 orchestrator = new.start(hot, fleet=True)
@@ -541,13 +534,15 @@ def new_way(
                 finally:
                     new.stop(orchestrator)
                 continue
-            for _ in range(runs):
-                orchestrator = new.start(pool, fleet=True)
-                try:
-                    pool.wait_full(orchestrator)
-                    samples.add_created(("ready", name, "a", mode), orchestrator.create_and_delete(name))
-                finally:
-                    new.stop(orchestrator)
+            alone = mode == NO_POOL and bool(catalog.get(name).install_command)
+            for situation, fleet in [("a", True), *([(ALONE, False)] if alone else [])]:
+                for _ in range(runs):
+                    orchestrator = new.start(pool, fleet=fleet)
+                    try:
+                        pool.wait_full(orchestrator)
+                        samples.add_created(("ready", name, situation, mode), orchestrator.create_and_delete(name))
+                    finally:
+                        new.stop(orchestrator)
         # (c) and (b), then the rest, on one data dir whose caches every mode shares.
         orchestrator = new.start(pool, steady)
         try:

@@ -136,11 +136,12 @@ def running_s3_server() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    try:
-        with running_s3_server() as server:
-            yield server
-    except RuntimeError as error:
-        pytest.fail(str(error))
+    with contextlib.ExitStack() as stack:
+        try:  # only a failed start is the fixture's failure
+            server = stack.enter_context(running_s3_server())
+        except RuntimeError as error:
+            pytest.fail(str(error))
+        yield server
 
 
 def _wait_until_serving(server: S3Server, process: subprocess.Popen[bytes]) -> None:
