@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,9 +28,15 @@ import pytest
 from grpc import StatusCode, aio
 
 from orchestrator import templates
+from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import InvalidArgument, InvalidTemplate, TemplateNotFound
 from orchestrator.templates import ARCHIVE_MTIME, TemplateCatalog
-from tests.orchestrator.conftest import OrchestratorUnderTest
+from tests.orchestrator.conftest import (
+    OrchestratorUnderTest,
+    start_orchestrator,
+    stop_all_workspaces,
+    watch_until_settled,
+)
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -360,13 +367,6 @@ def dev_servers() -> Iterator[list[DevServer]]:
         server.stop()
 
 
-def run_command(command: str, workdir: Path, env: dict[str, str], timeout_s: float) -> None:
-    completed = subprocess.run(
-        ["sh", "-c", command], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-
-
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js on PATH")
 async def test_node_basic_dev_server_answers_on_port_and_shows_edits(
     tmp_path: Path, dev_servers: list[DevServer]
@@ -390,22 +390,40 @@ async def test_node_basic_dev_server_answers_on_port_and_shows_edits(
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.docker
 @pytest.mark.npm
 @pytest.mark.skipif(os.environ.get("WORKSPACE_TEST_NPM") != "1", reason="opt-in: WORKSPACE_TEST_NPM=1")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", ["vite-react", "astro-basic"])
-async def test_npm_template_installs_and_serves(name: str, tmp_path: Path, dev_servers: list[DevServer]) -> None:
-    catalog = TemplateCatalog(REPO_TEMPLATES, tmp_path / "cache")
-    spec = catalog.get(name)
-    workdir = await extracted(catalog, name, tmp_path / "app")
-    port = free_port()
-    env = {**os.environ, **spec.env, "PORT": str(port)}
-
-    await asyncio.to_thread(run_command, spec.install_command, workdir, env, 480)
-    dev_servers.append(DevServer(workdir, spec.dev_command, env))
-
-    page = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}{spec.readiness_path}", spec.readiness_timeout_s)
-    assert "<html" in page.lower()
+async def test_npm_template_installs_and_serves_in_the_core_image(name: str, core_image: str, tmp_path: Path) -> None:
+    """The template as workspaces run it: in the core image (its Node and npm, the hardening, the template's
+    limits), its real `npm install`, then its dev command answering on the preview URL."""
+    templates_dir = tmp_path / "templates"
+    shutil.copytree(REPO_TEMPLATES / name, templates_dir / name, ignore=shutil.ignore_patterns("node_modules"))
+    bundle = os.environ.get("WORKSPACE_TEST_CA_BUNDLE")
+    config = OrchestratorConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / "data",
+        templates_dir=templates_dir,
+        runtime="docker",
+        image=core_image,
+        instance_id=f"test-{secrets.token_hex(4)}",
+        reap_interval_s=3600,
+        warm_pool=0,
+        extra_ca_bundle=Path(bundle) if bundle else None,
+    )
+    orchestrator = await start_orchestrator(config)
+    try:
+        created = await orchestrator.stub.CreateSession(pb.CreateSessionRequest(template=name))
+        session = (await watch_until_settled(orchestrator.stub, created.session.id, timeout=540))[-1].session
+        assert session.state == pb.SESSION_STATE_READY, session.failure
+        install = next(p for p in session.phases if p.phase == pb.PHASE_INSTALL)
+        assert install.outcome == pb.PHASE_OUTCOME_SUCCEEDED, install  # a real install: nothing was cached yet
+        page = await asyncio.to_thread(http_get, session.preview_url, 60)
+        assert "<html" in page.lower()
+    finally:
+        await orchestrator.close()
+        await stop_all_workspaces(config)
 
 
 # ---------------------------------------------------------------- over gRPC
