@@ -207,6 +207,24 @@ def templates_list(ctx: typer.Context) -> None:
     _out().print(table)
 
 
+@app.command()
+@reports_rpc_errors
+def pools(ctx: typer.Context) -> None:
+    """The orchestrator's running pools: workspaces ready to hand out, being prepared, and kept."""
+    _, stub = _orchestrator(ctx)
+    response = stub.GetPools(pb.GetPoolsRequest())
+    table = Table(_key("POOL"), "TEMPLATE", "READY", "PREPARING", "TARGET", "SIZE")
+    rows = ([("warm", response.warm)] if response.HasField("warm") else []) + [("hot", hot) for hot in response.hot]
+    for kind, pool in rows:
+        table.add_row(
+            kind, pool.template or "-", str(pool.ready), str(pool.preparing), str(pool.target), str(pool.size)
+        )
+    if not rows:
+        _err().print("no pool runs here (--warm-pool 0 and no hot pool, or another replica leads)")
+        return
+    _out().print(table)
+
+
 # ---------------------------------------------------------------- sessions
 
 

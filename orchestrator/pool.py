@@ -18,6 +18,7 @@ from orchestrator.install_cache import CacheKey, InstallCache
 from orchestrator.runtime import Runtime, Workspace
 from orchestrator.runtime.base import POOL_KEY_LABEL
 from orchestrator.templates import ResourceHints
+from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class WarmPool:
         self._runtime = runtime
         self._install_cache = install_cache
         self._restocking: asyncio.Task[None] | None = None
+        # The idle member being restocked: out of _ready meanwhile, yet held.
+        self._restocked: Member | None = None
         if install_cache is not None:
             install_cache.on_stored.append(self._restock_soon)
         self._size = size
@@ -94,7 +97,21 @@ class WarmPool:
     @property
     def held(self) -> int:
         """Workspaces the pool holds or is starting: they count against max_sessions like sessions do."""
-        return len(self._ready) + self._starting
+        return len(self._ready) + self._starting + (self._restocked is not None)
+
+    @property
+    def running(self) -> bool:
+        """Whether the pool was started and is not closed: it fills, and take() may hand members out."""
+        return self._filling is not None and not self._filling.done()
+
+    def status(self) -> pb.Pool:
+        """How far the pool is filled, as GetPools reports it."""
+        return pb.Pool(
+            size=self._size,
+            target=max(min(self._size, self._room()), 0),
+            ready=len(self._ready),
+            preparing=self.held - len(self._ready),
+        )
 
     async def start(self, *, remove_leftovers: bool = True) -> None:
         """Removes the unclaimed members an earlier orchestrator left (their credentials died with it; of every
@@ -262,11 +279,14 @@ class WarmPool:
             if member is None:
                 return
             self._ready.remove(member)
+            self._restocked = member
             try:
                 member.prefetched = await self._install_cache.prefetch(member.agent)
             except asyncio.CancelledError:  # the pool is closing: the member is out of its list, removed here
                 await asyncio.shield(self._discard(member))
                 raise
+            finally:
+                self._restocked = None
             self._ready.append(member)
             if member.prefetched != recent:  # failed (logged): not tried again in a loop
                 return

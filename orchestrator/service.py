@@ -128,6 +128,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         ttl_s = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 0.0
         return await self._previews.create_token(request.id, ttl_s)
 
+    async def GetPools(self, request: pb.GetPoolsRequest, context: aio.ServicerContext) -> pb.GetPoolsResponse:
+        return self._sessions.pools_status()
+
 
 async def _chunks(requests: AsyncIterator[pb.UploadArchiveRequest]) -> AsyncIterator[bytes]:
     async for request in requests:

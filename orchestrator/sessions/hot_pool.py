@@ -123,6 +123,11 @@ class HotPool(WarmPool):
     def held(self) -> int:
         return super().held + len(self._refreshing)
 
+    def status(self) -> pb.Pool:
+        status = super().status()
+        status.template = self.template
+        return status
+
     async def current(self) -> tuple[str, PinnedTemplate]:
         """The key an entry must have to be handed out now, and the template at it. Raises TemplateNotFound,
         InvalidTemplate, EngineUnavailable, ImageMissing."""

@@ -129,6 +129,15 @@ class SessionManager:
         """The warm pool (if on) and the hot pools."""
         return [pool for pool in (self.pool, *self.hot_pools.values()) if pool is not None]
 
+    def pools_status(self) -> pb.GetPoolsResponse:
+        """How far each running pool is filled (GetPools): on a replica that does not lead, none runs."""
+        response = pb.GetPoolsResponse(
+            hot=[pool.status() for _, pool in sorted(self.hot_pools.items()) if pool.running]
+        )
+        if self.pool is not None and self.pool.running:
+            response.warm.CopyFrom(self.pool.status())
+        return response
+
     def _room_for(self, pool: WarmPool | None) -> int:
         """How many workspaces `pool` may hold: what max_sessions leaves of the sessions and the other pools."""
         others = sum(other.held for other in self.pools if other is not pool)

@@ -4,6 +4,7 @@ scripts rely on. The CLI is synchronous, so it runs in a thread while the server
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -15,8 +16,16 @@ from typer.testing import CliRunner, Result
 
 from common.tools import ENV_BIN
 from orchestrator.cli import app
+from orchestrator.config import OrchestratorConfig
 from tests.conftest import REPO
-from tests.orchestrator.conftest import OrchestratorUnderTest, http_get, page_showing, watch_until_settled
+from tests.orchestrator.conftest import (
+    OrchestratorUnderTest,
+    http_get,
+    page_showing,
+    start_orchestrator,
+    stop_all_workspaces,
+    watch_until_settled,
+)
 from workspace.orchestrator.v1 import orchestrator_pb2 as pb
 
 # Wide enough that tables are not wrapped.
@@ -46,6 +55,31 @@ async def test_templates_list_shows_valid_and_invalid_templates(orchestrator: Or
     assert "node --watch-path=server.js server.js" in node_basic
     assert re.search(r"\b[0-9a-f]{12}\b", node_basic), node_basic
     assert "$.dev_port: 4321 was expected" in table_row(result.stdout, "invalid")
+
+
+async def test_pools_shows_the_warm_pool_or_says_none_runs(
+    orchestrator_config: OrchestratorConfig, orchestrator: OrchestratorUnderTest
+) -> None:
+    quiet = await wsctl(orchestrator, "pools")
+    assert quiet.exit_code == 0 and "no pool runs here" in quiet.stderr
+    config = dataclasses.replace(
+        orchestrator_config,
+        warm_pool=1,
+        data_dir=orchestrator_config.data_dir.with_name("pooled"),
+        instance_id=f"{orchestrator_config.instance_id}-pooled",
+    )
+    pooled = await start_orchestrator(config)
+    try:
+        assert pooled.orchestrator.sessions.pool is not None
+        assert await pooled.orchestrator.sessions.pool.wait_full(60)
+        shown = await wsctl(pooled, "pools")
+        assert shown.exit_code == 0, shown.output
+        assert re.search(
+            r"warm\s*[│|]\s*-\s*[│|]\s*1\s*[│|]\s*0\s*[│|]\s*1\s*[│|]\s*1", table_row(shown.stdout, "warm")
+        )
+    finally:
+        await pooled.close()
+        await stop_all_workspaces(config)
 
 
 async def test_a_session_from_create_to_restore(orchestrator: OrchestratorUnderTest, tmp_path: Path) -> None:

@@ -316,6 +316,17 @@ async def test_hot_entries_count_within_max_sessions(hot: OrchestratorUnderTest)
     assert await pool_of(hot).wait_full(FILL_TIMEOUT_S)
 
 
+async def test_get_pools_reports_each_hot_pool_by_template(hot: OrchestratorUnderTest) -> None:
+    response = await hot.stub.GetPools(pb.GetPoolsRequest())
+    assert list(response.hot) == [pb.Pool(template="node-basic", size=1, target=1, ready=1)]
+    assert not response.HasField("warm")
+    session = await create_ready(hot, template="node-basic")
+    assert from_hot_pool(session)
+    async with asyncio.timeout(FILL_TIMEOUT_S):  # taken, then prepared again (injected, installed, dev server up)
+        while (await hot.stub.GetPools(pb.GetPoolsRequest())).hot[0].ready != 1:
+            await asyncio.sleep(0.05)
+
+
 def test_the_key_label_names_the_content_hash_and_the_image() -> None:
     from orchestrator.sessions.hot_pool import entry_key
     from orchestrator.templates import PinnedTemplate

@@ -141,6 +141,42 @@ async def test_the_pool_credential_and_other_sessions_tokens_are_refused(pooled:
         assert await shell_output(mine, "echo mine") == "mine\n"
 
 
+async def pools(o: OrchestratorUnderTest) -> pb.GetPoolsResponse:
+    return await o.stub.GetPools(pb.GetPoolsRequest())
+
+
+async def until_pools(o: OrchestratorUnderTest, wanted: pb.Pool, timeout_s: float = FILL_TIMEOUT_S) -> None:
+    """Waits until GetPools reports the warm pool as `wanted`."""
+    async with asyncio.timeout(timeout_s):
+        while (await pools(o)).warm != wanted:
+            await asyncio.sleep(0.05)
+
+
+async def test_get_pools_reports_the_fill_within_max_sessions(orchestrator_config: OrchestratorConfig) -> None:
+    config = dataclasses.replace(orchestrator_config, warm_pool=2, max_sessions=3)
+    running = await start_orchestrator(config)
+    try:
+        await until_pools(running, pb.Pool(size=2, target=2, ready=2))
+        assert not (await pools(running)).hot
+        first = await create_ready(running, template="node-basic")
+        assert from_pool(first)
+        # Refilled once the session is READY, up to what --max-sessions 3 leaves beside it.
+        await until_pools(running, pb.Pool(size=2, target=2, ready=2))
+        second = await create_ready(running, template="node-basic")
+        assert from_pool(second)
+        await until_pools(running, pb.Pool(size=2, target=1, ready=1))
+        await running.stub.DeleteSession(pb.DeleteSessionRequest(id=first.id))
+        await until_pools(running, pb.Pool(size=2, target=2, ready=2))
+    finally:
+        await running.close()
+        await stop_all_workspaces(config)
+
+
+async def test_get_pools_lists_no_pool_when_it_is_off(orchestrator: OrchestratorUnderTest) -> None:
+    response = await pools(orchestrator)
+    assert not response.HasField("warm") and not response.hot
+
+
 @pytest.mark.parametrize("pool_size", [1])
 async def test_with_the_pool_empty_a_session_starts_cold_with_the_same_result(pooled: OrchestratorUnderTest) -> None:
     sessions = await asyncio.gather(*(create_ready(pooled, template="env-probe") for _ in range(2)))

@@ -24,4 +24,4 @@ export * as orchestratorv1 from './gen/workspace/orchestrator/v1/orchestrator_pb
 export { ArchiveFormat, ExtractMode, OutputStream, Signal } from './gen/workspace/agent/v1/agent_pb.js';
 export { ArchiveSource, Phase, PhaseOutcome, SessionState } from './gen/workspace/orchestrator/v1/orchestrator_pb.js';
 export type { ProcessExited, ProcessInfo, ProcessOutput, ProcessStarted } from './gen/workspace/agent/v1/agent_pb.js';
-export type { Archive, Session, Template } from './gen/workspace/orchestrator/v1/orchestrator_pb.js';
+export type { Archive, Pool, Session, Template } from './gen/workspace/orchestrator/v1/orchestrator_pb.js';

@@ -8,6 +8,7 @@ import { Agent } from './agent.js';
 import { SessionFailedError, streamed, unary } from './errors.js';
 import {
   type Archive,
+  type GetPoolsResponse,
   type GetTemplateArchiveResponse,
   type ListSessionsRequestSchema,
   OrchestratorService,
@@ -179,6 +180,13 @@ export class Workspaces {
     }
     const { archive } = await unary(() => this.client.uploadArchive(requests(), options));
     return required(archive, 'UploadArchive');
+  }
+
+  /** The orchestrator's running pools: the warm pool (unset when off) and the hot pools, each with how many
+   *  workspaces are ready to hand out, being prepared, and kept (`target`, within --max-sessions). */
+  async getPools(options: CallOptions = {}): Promise<Pick<GetPoolsResponse, 'warm' | 'hot'>> {
+    const { warm, hot } = await unary(() => this.client.getPools({}, options));
+    return { warm, hot };
   }
 
   async listTemplates(options: CallOptions = {}): Promise<Template[]> {

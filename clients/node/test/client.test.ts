@@ -344,6 +344,19 @@ describe('a session of node-basic', () => {
   });
 });
 
+test('getPools reports the warm pool the orchestrator keeps by default, and no hot pool', async () => {
+  const workspaces = new Workspaces(address);
+  try {
+    const { warm, hot } = await workspaces.getPools();
+    assert.ok(warm !== undefined);
+    assert.equal(warm.template, '');
+    assert.ok(warm.size > 0 && warm.target <= warm.size && warm.ready + warm.preparing <= warm.target, JSON.stringify(warm));
+    assert.deepEqual(hot, []);
+  } finally {
+    workspaces.close();
+  }
+});
+
 test('an unknown template is a NotFoundError from the orchestrator', async () => {
   const workspaces = new Workspaces(address);
   try {

@@ -1005,6 +1005,98 @@ class CreatePreviewTokenResponse(_message.Message):
 Global___CreatePreviewTokenResponse: _TypeAlias = CreatePreviewTokenResponse  # noqa: Y015
 
 @_typing.final
+class GetPoolsRequest(_message.Message):
+    """---------------------------------------------------------------- Pools"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPoolsRequest: _TypeAlias = GetPoolsRequest  # noqa: Y015
+
+@_typing.final
+class GetPoolsResponse(_message.Message):
+    """GetPoolsResponse is this orchestrator's running pools."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WARM_FIELD_NUMBER: _builtins.int
+    HOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def warm(self) -> Global___Pool:
+        """The warm pool (started workspaces of no template yet); unset when off."""
+
+    @_builtins.property
+    def hot(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pool]:
+        """The hot pools (READY workspaces of one template), by template name."""
+
+    def __init__(
+        self,
+        *,
+        warm: Global___Pool | None = ...,
+        hot: _abc.Iterable[Global___Pool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["warm", b"warm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hot", b"hot", "warm", b"warm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPoolsResponse: _TypeAlias = GetPoolsResponse  # noqa: Y015
+
+@_typing.final
+class Pool(_message.Message):
+    """Pool is how far one pool is filled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    PREPARING_FIELD_NUMBER: _builtins.int
+    template: _builtins.str
+    """The hot pool's template; empty for the warm pool."""
+    size: _builtins.int
+    """The size it was given (--warm-pool, --hot-pool, or the template's
+    `hot_pool`).
+    """
+    target: _builtins.int
+    """What it keeps now: its size, or less when --max-sessions leaves less
+    room beside the sessions and the other pools.
+    """
+    ready: _builtins.int
+    """Workspaces ready to hand out now: a CreateSession takes one of them."""
+    preparing: _builtins.int
+    """Workspaces being started or prepared (the install prefetched into a warm
+    member, a hot entry's install and dev server, an entry brought up to an
+    edited template): not handed out until ready.
+    """
+    def __init__(
+        self,
+        *,
+        template: _builtins.str = ...,
+        size: _builtins.int = ...,
+        target: _builtins.int = ...,
+        ready: _builtins.int = ...,
+        preparing: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["preparing", b"preparing", "ready", b"ready", "size", b"size", "target", b"target", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pool: _TypeAlias = Pool  # noqa: Y015
+
+@_typing.final
 class Archive(_message.Message):
     """Archive is a workspace stored as tar.gz in the archive store."""
 

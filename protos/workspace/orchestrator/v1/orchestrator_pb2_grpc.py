@@ -110,6 +110,11 @@ class OrchestratorServiceStub:
                 request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenRequest.SerializeToString,
                 response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenResponse.FromString,
                 _registered_method=True)
+        self.GetPools = channel.unary_unary(
+                '/workspace.orchestrator.v1.OrchestratorService/GetPools',
+                request_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetPoolsRequest.SerializeToString,
+                response_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetPoolsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -262,6 +267,17 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPools(self, request, context):
+        """Reports this orchestrator's pools: for the warm pool and each hot pool,
+        how many workspaces it holds ready to hand out and how many it is
+        starting or preparing, against what it keeps. A pool that is not
+        running (turned off, or this replica does not lead its cluster) is not
+        listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +355,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.CreatePreviewToken,
                     request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenRequest.FromString,
                     response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenResponse.SerializeToString,
+            ),
+            'GetPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPools,
+                    request_deserializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetPoolsRequest.FromString,
+                    response_serializer=workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetPoolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -747,6 +768,33 @@ class OrchestratorService:
             '/workspace.orchestrator.v1.OrchestratorService/CreatePreviewToken',
             workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenRequest.SerializeToString,
             workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CreatePreviewTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/workspace.orchestrator.v1.OrchestratorService/GetPools',
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetPoolsRequest.SerializeToString,
+            workspace_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetPoolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

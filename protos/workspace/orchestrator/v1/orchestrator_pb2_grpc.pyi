@@ -124,6 +124,13 @@ class OrchestratorServiceStub:
     revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
     session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
     """
+    GetPools: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetPoolsRequest, _orchestrator_pb2.GetPoolsResponse]
+    """Reports this orchestrator's pools: for the warm pool and each hot pool,
+    how many workspaces it holds ready to hand out and how many it is
+    starting or preparing, against what it keeps. A pool that is not
+    running (turned off, or this replica does not lead its cluster) is not
+    listed.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -212,6 +219,13 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     cookie scoped to the session's host (or path). Deleting the session
     revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
     session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
+    """
+    GetPools: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetPoolsRequest, _orchestrator_pb2.GetPoolsResponse]  # type: ignore[assignment]
+    """Reports this orchestrator's pools: for the warm pool and each hot pool,
+    how many workspaces it holds ready to hand out and how many it is
+    starting or preparing, against what it keeps. A pool that is not
+    running (turned off, or this replica does not lead its cluster) is not
+    listed.
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -388,6 +402,19 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         cookie scoped to the session's host (or path). Deleting the session
         revokes every token of it. Errors: NOT_FOUND, FAILED_PRECONDITION (the
         session is stopped), INVALID_ARGUMENT (a ttl outside 1 s to 7 days).
+        """
+
+    @_abc_1.abstractmethod
+    def GetPools(
+        self,
+        request: _orchestrator_pb2.GetPoolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetPoolsResponse, _abc.Awaitable[_orchestrator_pb2.GetPoolsResponse]]:
+        """Reports this orchestrator's pools: for the warm pool and each hot pool,
+        how many workspaces it holds ready to hand out and how many it is
+        starting or preparing, against what it keeps. A pool that is not
+        running (turned off, or this replica does not lead its cluster) is not
+        listed.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
