@@ -30,7 +30,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,7 +40,6 @@ sys.path[:0] = [str(REPO), str(REPO / "protos")]
 from core_image.build import ensure_image  # noqa: E402
 from orchestrator.agent_client import CHANNEL_OPTIONS  # noqa: E402
 from orchestrator.errors import OrchestratorError  # noqa: E402
-from orchestrator.readiness import http_status  # noqa: E402
 from orchestrator.runtime.base import ORCHESTRATOR_LABEL, SESSION_LABEL  # noqa: E402
 from orchestrator.runtime.docker import DockerRuntime  # noqa: E402
 from orchestrator.templates import TemplateCatalog, TemplateSpec  # noqa: E402
@@ -61,10 +59,6 @@ from workspace.orchestrator.v1 import orchestrator_pb2_grpc  # noqa: E402
 
 PHASES = [pb.Phase.Name(p).removeprefix("PHASE_").lower() for p in pb.Phase.values() if p]
 READY_TIMEOUT_S = 300.0
-# How long after its members answer the bench deems a pool full (see Pool.wait_full).
-POOL_SETTLE_S = 0.5
-# Containers a pool keeps ready carry this label (and the orchestrator's).
-POOL_LABEL = "workspace-core.pool"
 SITUATIONS = {"a": "never seen", "b": "just edited", "c": "steady"}
 # Situation (a) on a host of no fleet: nothing shared, the install runs from the npm registry.
 ALONE = "a alone"
@@ -268,19 +262,6 @@ class Orchestrator:
         finally:
             self.delete(session.id)
 
-    def pooled(self, kind: str) -> list[str]:
-        """Its running containers labelled as pooled, of `kind` ("warm", "hot"). A label cannot change once a
-        container exists, so one a session took may still carry it: this is asked only while no session of the
-        run is live."""
-        return docker(
-            "ps",
-            "--quiet",
-            "--filter",
-            f"label={POOL_LABEL}={kind}",
-            "--filter",
-            f"label={ORCHESTRATOR_LABEL}={self.instance_id}",
-        ).split()
-
     def stop(self) -> None:
         self.channel.close()
         if self.process.poll() is None:
@@ -309,12 +290,9 @@ class FleetStore:
 
 
 class Pool:
-    """How to ask an orchestrator for a pool, and how to tell it is full before a timed create: as many
-    containers labelled workspace-core.pool as asked for, each answering (warm: the agent's health service;
-    hot: the dev server). Without such labels, a fixed settle wait (noted under the table)."""
-
-    SETTLE_S: ClassVar[dict[str, float]] = {WARM: 10.0, HOT: 90.0}
-    labels_missing = False
+    """How to ask an orchestrator for a pool, and how to tell it is full before a timed create: GetPools reports
+    every running pool holding its target ready and preparing none (a warm member's install prefetched, a hot
+    entry's dev server answering)."""
 
     def __init__(self, kind: str, warm_size: int, templates: list[str]) -> None:
         self.kind = kind
@@ -329,46 +307,16 @@ class Pool:
     def wait_full(self, orchestrator: Orchestrator, timeout: float = 300.0) -> None:
         if not self.size:
             return
-        if Pool.labels_missing:
-            time.sleep(self.SETTLE_S[self.kind])
-            return
         started = time.monotonic()
-        seen = False
         while time.monotonic() - started < timeout:
-            # The label's value: a hot row's orchestrator keeps its default warm pool too, whose members serve no page.
-            pooled = orchestrator.pooled(self.kind.split()[0])
-            seen = seen or bool(pooled)
-            if len(pooled) >= self.size and all(self._answers(c) for c in pooled):
-                # Answering here comes a moment before the orchestrator's own health check of a new member does
-                # (its reconnect backoff is 0.1 s): a create right now could find the member not yet handed over.
-                time.sleep(POOL_SETTLE_S)
+            # A hot row's orchestrator keeps its default warm pool too: a create there must not share the CPU with
+            # that pool's filling either.
+            response = orchestrator.stub.GetPools(pb.GetPoolsRequest(), timeout=5)
+            pools = ([response.warm] if response.HasField("warm") else []) + list(response.hot)
+            if pools and all(pool.ready >= pool.target and not pool.preparing for pool in pools):
                 return
-            if not seen and time.monotonic() - started > 20:
-                Pool.labels_missing = True
-                note(f"no container labelled {POOL_LABEL} appeared: before each pooled create a fixed wait "
-                     f"({', '.join(f'{k} {v:g} s' for k, v in self.SETTLE_S.items())}) instead of a check")  # fmt: skip
-                time.sleep(self.SETTLE_S[self.kind])
-                return
-            time.sleep(0.25)
+            time.sleep(0.1)
         note(f"a {self.kind} was not full within {timeout:g} s before a create; it was timed anyway")
-
-    def _answers(self, container: str) -> bool:
-        port = 4321 if self.kind == HOT else 3001
-        try:
-            host_port = docker("port", container, f"{port}/tcp").splitlines()[0].rpartition(":")[2]
-        except (RuntimeError, IndexError):
-            return False
-        if self.kind == HOT:
-            try:
-                return 200 <= asyncio.run(http_status(f"http://127.0.0.1:{host_port}/", 1.0)) < 400
-            except (OSError, TimeoutError):
-                return False
-        with grpc.insecure_channel(f"127.0.0.1:{host_port}") as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                return False
 
 
 def agent_rss(container: str) -> float | None:

@@ -279,7 +279,7 @@ class DockerRuntime:
             cap_drop=CAP_DROP,
             security_opt=["no-new-privileges"],
             read_only=True,
-            mounts=[Mount(target, None) for target in WRITABLE_VOLUMES],
+            mounts=[Mount(target, None, labels=self._volume_labels) for target in WRITABLE_VOLUMES],
             tmpfs=TMPFS,
             volumes=volumes,
             network=network.id,  # not its name: two networks may have it for a moment (see _find_network)
@@ -304,6 +304,7 @@ class DockerRuntime:
                 # A missing image is ImageMissing before anything is created (the rule below needs it too).
                 self._docker().images.get(self.image)
                 network = self._find_network(tidy=True)
+                self._remove_orphaned_volumes()  # of containers removed while no orchestrator watched
                 if network is None:
                     try:
                         network = self._docker().networks.create(
@@ -516,6 +517,23 @@ class DockerRuntime:
         with suppress(NotFound):
             container.remove(force=True, v=True)
 
+    @property
+    def _volume_labels(self) -> dict[str, str]:
+        return {MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id}
+
+    def _remove_orphaned_volumes(self) -> None:
+        """Removes this instance's workspace volumes no container has: left by a container removed outside the
+        orchestrator without its volumes. The engine counts a volume as used from its container's creation on,
+        so one of a workspace being created is not taken."""
+        labels = [f"{key}={value}" for key, value in self._volume_labels.items()]
+        try:
+            pruned = self._docker().volumes.prune(filters={"label": labels})
+        except (DockerException, requests.exceptions.RequestException) as error:  # busy or gone: tried again later
+            log.warning("could not remove orphaned workspace volumes: %s", error)
+            return
+        if pruned.get("VolumesDeleted"):
+            log.info("removed %d orphaned workspace volumes", len(pruned["VolumesDeleted"]))
+
     def _list(self) -> builtins.list[Workspace]:
         return [self._workspace(container) for container in self._containers()]
 
@@ -593,6 +611,8 @@ class DockerRuntime:
                     elif action == "destroy":
                         died.pop(container_id, None)
                         oom_at.pop(container_id, None)
+                        # `docker rm` without --volumes left the workspace's code, home and token behind.
+                        await asyncio.to_thread(self._remove_orphaned_volumes)
                         yield WorkspaceExit(
                             _session_of(attributes.get("name", ""), attributes), container_id,
                             "the container was removed outside the orchestrator",

@@ -189,7 +189,9 @@ async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not
     stopped = await runtime.start("ws-stopped", TOKEN, resources=HINTS, env={}, labels={})
     removed = await runtime.start("ws-removed", TOKEN, resources=HINTS, env={}, labels={})
     await runtime.stop("ws-stopped")
-    docker_client.containers.get(removed.handle).remove(force=True)
+    container = docker_client.containers.get(removed.handle)
+    volumes = {mount["Name"] for mount in container.attrs["Mounts"] if mount["Type"] == "volume"}
+    container.remove(force=True)  # as `docker rm -f` does: not its volumes
     try:
         async with asyncio.timeout(60):  # bounds a hang only
             first = await anext(exits)
@@ -198,7 +200,31 @@ async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not
     # The stop's events came first: had they been taken for an exit, that would be the first one.
     assert (first.session_id, first.handle) == ("ws-removed", removed.handle)
     assert first.reason == "the container was removed outside the orchestrator"
+    # Its code, home and token, left behind by the removal, went after it.
+    assert len(volumes) == 3 and not volumes & {volume.name for volume in docker_client.volumes.list()}
     assert stopped.handle != removed.handle
+
+
+@pytest.mark.docker
+async def test_volumes_of_a_container_removed_while_no_orchestrator_watched_go_at_the_next_start(
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    removed = await runtime.start("ws-removed", TOKEN, resources=HINTS, env={}, labels={})
+    container = docker_client.containers.get(removed.handle)
+    volumes = {mount["Name"] for mount in container.attrs["Mounts"] if mount["Type"] == "volume"}
+    container.remove(force=True)
+    assert volumes <= {volume.name for volume in docker_client.volumes.list()}
+    # The next orchestrator process of the instance, at its first start; its own new workspace's volumes stay.
+    restarted = DockerRuntime(image=runtime.image, instance_id=runtime.instance_id)
+    try:
+        kept = await restarted.start("ws-kept", TOKEN, resources=HINTS, env={}, labels={})
+        left = {volume.name for volume in docker_client.volumes.list()}
+        assert len(volumes) == 3 and not volumes & left
+        assert {
+            m["Name"] for m in docker_client.containers.get(kept.handle).attrs["Mounts"] if m["Type"] == "volume"
+        } <= left
+    finally:
+        await restarted.close()
 
 
 @pytest.mark.docker
