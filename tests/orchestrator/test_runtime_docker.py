@@ -12,6 +12,7 @@ from pathlib import Path
 import docker
 import docker.errors
 import pytest
+from docker.models.containers import Container
 
 from core_image.build import NODE_VERSION
 from orchestrator.agent_client import AgentClient
@@ -181,6 +182,10 @@ async def test_the_root_filesystem_is_read_only_but_app_home_and_tmp_are_writabl
         await client.close()
 
 
+def volumes_of(container: Container) -> set[str]:
+    return {mount["Name"] for mount in container.attrs["Mounts"] if mount["Type"] == "volume"}
+
+
 @pytest.mark.docker
 async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not_one_it_stopped(
     runtime: DockerRuntime, docker_client: docker.DockerClient
@@ -190,7 +195,7 @@ async def test_exits_report_a_container_removed_behind_the_runtimes_back_but_not
     removed = await runtime.start("ws-removed", TOKEN, resources=HINTS, env={}, labels={})
     await runtime.stop("ws-stopped")
     container = docker_client.containers.get(removed.handle)
-    volumes = {mount["Name"] for mount in container.attrs["Mounts"] if mount["Type"] == "volume"}
+    volumes = volumes_of(container)
     container.remove(force=True)  # as `docker rm -f` does: not its volumes
     try:
         async with asyncio.timeout(60):  # bounds a hang only
@@ -211,7 +216,7 @@ async def test_volumes_of_a_container_removed_while_no_orchestrator_watched_go_a
 ) -> None:
     removed = await runtime.start("ws-removed", TOKEN, resources=HINTS, env={}, labels={})
     container = docker_client.containers.get(removed.handle)
-    volumes = {mount["Name"] for mount in container.attrs["Mounts"] if mount["Type"] == "volume"}
+    volumes = volumes_of(container)
     container.remove(force=True)
     assert volumes <= {volume.name for volume in docker_client.volumes.list()}
     # The next orchestrator process of the instance, at its first start; its own new workspace's volumes stay.
@@ -220,9 +225,7 @@ async def test_volumes_of_a_container_removed_while_no_orchestrator_watched_go_a
         kept = await restarted.start("ws-kept", TOKEN, resources=HINTS, env={}, labels={})
         left = {volume.name for volume in docker_client.volumes.list()}
         assert len(volumes) == 3 and not volumes & left
-        assert {
-            m["Name"] for m in docker_client.containers.get(kept.handle).attrs["Mounts"] if m["Type"] == "volume"
-        } <= left
+        assert volumes_of(docker_client.containers.get(kept.handle)) <= left
     finally:
         await restarted.close()
 
