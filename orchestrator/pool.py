@@ -100,6 +100,12 @@ class WarmPool:
         return len(self._ready) + self._starting + (self._restocked is not None)
 
     @property
+    def target(self) -> int:
+        """How many ready members the pool keeps now: its size, or what max_sessions leaves beside the sessions
+        and the other pools."""
+        return max(min(self._size, self._room()), 0)
+
+    @property
     def running(self) -> bool:
         """Whether the pool was started and is not closed: it fills, and take() may hand members out."""
         return self._filling is not None and not self._filling.done()
@@ -108,7 +114,7 @@ class WarmPool:
         """How far the pool is filled, as GetPools reports it."""
         return pb.Pool(
             size=self._size,
-            target=max(min(self._size, self._room()), 0),
+            target=self.target,
             ready=len(self._ready),
             preparing=self.held - len(self._ready),
         )
@@ -131,7 +137,7 @@ class WarmPool:
         returns whether it does within `timeout` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while len(self._ready) < min(self._size, self._room()):
+        while len(self._ready) < self.target:
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -201,7 +207,7 @@ class WarmPool:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
-            wanted = min(self._size - self.held, self._room() - self.held, self.fill_at_once - self._starting)
+            wanted = min(self.target - self.held, self.fill_at_once - self._starting)
             for _ in range(max(wanted, 0)):
                 self._starting += 1
                 self._spawn(self._add_member())

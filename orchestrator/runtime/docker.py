@@ -131,6 +131,9 @@ class DockerRuntime:
         self.instance_id = instance_id
         self.host_address = host_address
         self.trust_bundle = trust_bundle
+        # What marks this instance's containers, networks and volumes, and the filter that finds them.
+        self._labels = {MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: instance_id}
+        self._label_filter = [f"{key}={value}" for key, value in self._labels.items()]
         # Connected on first use, so the orchestrator starts (and reports UNAVAILABLE per call) without an engine.
         self._client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
@@ -279,7 +282,7 @@ class DockerRuntime:
             cap_drop=CAP_DROP,
             security_opt=["no-new-privileges"],
             read_only=True,
-            mounts=[Mount(target, None, labels=self._volume_labels) for target in WRITABLE_VOLUMES],
+            mounts=[Mount(target, None, labels=self._labels) for target in WRITABLE_VOLUMES],
             tmpfs=TMPFS,
             volumes=volumes,
             network=network.id,  # not its name: two networks may have it for a moment (see _find_network)
@@ -311,7 +314,7 @@ class DockerRuntime:
                             self.network_name,
                             driver="bridge",
                             options={NETWORK_ICC_OPTION: "false"},
-                            labels={MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id},
+                            labels=self._labels,
                             check_duplicate=True,
                         )
                     except APIError as error:  # another orchestrator process of this instance was first
@@ -345,7 +348,7 @@ class DockerRuntime:
         return found[0] if found else None
 
     def _networks(self) -> builtins.list[Network]:
-        filters = {"label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
+        filters = {"label": self._label_filter}
         # `names` matches substrings too.
         found = self._docker().networks.list(names=[self.network_name], filters=filters)
         return sorted((network for network in found if network.name == self.network_name), key=lambda n: n.id or "")
@@ -517,17 +520,12 @@ class DockerRuntime:
         with suppress(NotFound):
             container.remove(force=True, v=True)
 
-    @property
-    def _volume_labels(self) -> dict[str, str]:
-        return {MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id}
-
     def _remove_orphaned_volumes(self) -> None:
         """Removes this instance's workspace volumes no container has: left by a container removed outside the
         orchestrator without its volumes. The engine counts a volume as used from its container's creation on,
         so one of a workspace being created is not taken."""
-        labels = [f"{key}={value}" for key, value in self._volume_labels.items()]
         try:
-            pruned = self._docker().volumes.prune(filters={"label": labels})
+            pruned = self._docker().volumes.prune(filters={"label": self._label_filter})
         except (DockerException, requests.exceptions.RequestException) as error:  # busy or gone: tried again later
             log.warning("could not remove orphaned workspace volumes: %s", error)
             return
@@ -538,7 +536,7 @@ class DockerRuntime:
         return [self._workspace(container) for container in self._containers()]
 
     def _containers(self, *label_filters: str) -> builtins.list[Container]:
-        labels = [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}", *label_filters]
+        labels = [*self._label_filter, *label_filters]
         return self._docker().containers.list(all=True, filters={"label": labels}, ignore_removed=True)
 
     def _workspace(self, container: Container) -> Workspace:
@@ -643,7 +641,7 @@ class DockerRuntime:
     ) -> None:
         """Runs in a thread: the engine's events for our containers into `events`, re-subscribing (from the
         last event seen) whenever the connection is lost, until `stop` is set."""
-        filters = {"type": "container", "label": [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}"]}
+        filters = {"type": "container", "label": self._label_filter}
         warned = False  # once per outage, not every retry
         while not stop.is_set():
             client = None

@@ -288,7 +288,7 @@ class SwarmRuntime(DockerRuntime):
                     try:
                         network = self._docker().networks.create(
                             self.network_name, driver="overlay", attachable=True, check_duplicate=True,
-                            labels={MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id},
+                            labels=self._labels,
                         )  # fmt: skip
                     except APIError:  # another orchestrator of this instance was first
                         found = self._docker().networks.list(names=[self.network_name])
@@ -306,9 +306,7 @@ class SwarmRuntime(DockerRuntime):
             found = api.configs(filters={"name": name})
             config_id = next((c["ID"] for c in found if c["Spec"]["Name"] == name), None)
             if config_id is None:
-                config_id = api.create_config(
-                    name, data, labels={MANAGED_LABEL: "true", ORCHESTRATOR_LABEL: self.instance_id}
-                )["ID"]
+                config_id = api.create_config(name, data, labels=self._labels)["ID"]
             self._trust_config = {"ConfigID": config_id, "ConfigName": name}
         return {**self._trust_config, "File": {"Name": CONTAINER_CA_BUNDLE, "UID": "0", "GID": "0", "Mode": 0o444}}
 
@@ -417,7 +415,7 @@ class SwarmRuntime(DockerRuntime):
         return any(task["ServiceID"] == service_id and task.get("NodeID") not in down for task in api.tasks())
 
     def _services(self, *label_filters: str) -> builtins.list[dict[str, Any]]:
-        labels = [f"{MANAGED_LABEL}=true", f"{ORCHESTRATOR_LABEL}={self.instance_id}", *label_filters]
+        labels = [*self._label_filter, *label_filters]
         return self._docker().api.services(filters={"label": labels})
 
     def _list_services(self) -> builtins.list[Workspace]:
