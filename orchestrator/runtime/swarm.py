@@ -71,6 +71,8 @@ REMOVAL_WAIT_S = 20.0
 NETWORK_REMOVAL_WAIT_S = 30.0
 # How long start() waits for the service's task to run (scheduled, container created, ports published).
 TASK_START_TIMEOUT_S = 60.0
+# How often start() makes a service whose task never started (see _never_started) before it gives up.
+START_ATTEMPTS = 3
 # Seconds between looks at the services' tasks for exits (Swarm reports no task events).
 EXITS_POLL_S = 1.0
 # Task states after which a task runs no more.
@@ -189,6 +191,23 @@ class SwarmRuntime(DockerRuntime):
     # ------------------------------------------------------------------ blocking parts (run in threads)
 
     def _start_service(
+        self, name: str, labels: dict[str, str], token: str, resources: ResourceHints, env: dict[str, str]
+    ) -> Workspace:
+        """Creates the service and waits for its task to run; a task whose container never started is tried
+        afresh (service and secret), up to START_ATTEMPTS times: nothing of the workspace existed yet."""
+        attempt = 1
+        while True:
+            try:
+                return self._start_service_once(name, labels, token, resources, env)
+            except _TaskNeverRan as failure:
+                if attempt == START_ATTEMPTS:
+                    raise FailedPrecondition(
+                        f"the workspace's task did not run ({attempt} attempts): {failure}"
+                    ) from None
+                attempt += 1
+                log.warning("swarm: %s: %s; starting it afresh (attempt %d)", name, failure, attempt)
+
+    def _start_service_once(
         self, name: str, labels: dict[str, str], token: str, resources: ResourceHints, env: dict[str, str]
     ) -> Workspace:
         image = self._pinned_image()
@@ -321,6 +340,8 @@ class SwarmRuntime(DockerRuntime):
                     return self._service_workspace(service, task)
                 if state in ENDED_STATES:
                     node = self._docker().api.inspect_node(task["NodeID"]) if task.get("NodeID") else {}
+                    if _never_started(task):
+                        raise _TaskNeverRan(_task_reason(task, node))
                     raise FailedPrecondition(f"the workspace's task did not run: {_task_reason(task, node)}")
             if time.monotonic() > deadline:
                 state = task["Status"]["State"] if task else "not scheduled"
@@ -554,6 +575,18 @@ def _node_name(node: dict[str, Any]) -> str:
 
 def _node_down_reason(node: dict[str, Any]) -> str:
     return f"its node {_node_name(node)} is down"
+
+
+class _TaskNeverRan(Exception):
+    """A service's task ended before its container started (why, for a person, is the message)."""
+
+
+def _never_started(task: dict[str, Any]) -> bool:
+    """Whether a task that ended never had a running container: the node rejected it, or the engine failed to
+    start its container. One such failure is the engine's own race (moby/moby#48783: two tasks starting at once,
+    "unable to remount dir as readonly: mount tmpfs:.../mounts/secrets ... device or resource busy")."""
+    status = task["Status"]
+    return status["State"] == "rejected" or status.get("Err", "").startswith("starting container failed")
 
 
 def _task_reason(task: dict[str, Any], node: dict[str, Any]) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
+import logging
 from collections.abc import AsyncIterator
 
 import docker
@@ -227,6 +229,33 @@ async def test_two_claims_of_one_pool_service_cannot_both_succeed(runtime: Swarm
     assert [w.session_id for w in await runtime.list()] in (["ws-a"], ["ws-b"])
     with pytest.raises(FailedPrecondition):
         await runtime.claim(member, "ws-c", resources=ResourceHints())
+
+
+async def test_a_task_whose_container_never_starts_is_made_afresh_then_refused_with_the_engines_reason(
+    core_image: str, swarm: docker.DockerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real start failure (no such entrypoint) stands in for the engine's start race (moby/moby#48783), which
+    # cannot be made to happen on purpose: both end the task before its container ever ran.
+    instance_id = f"test-swarm-nostart-{asyncio.get_running_loop().time():.0f}"
+    tag = f"workspace-core-nostart-test:{instance_id}"
+    dockerfile = io.BytesIO(f'FROM {core_image}\nENTRYPOINT ["/no/such/agent"]\n'.encode())
+    await asyncio.to_thread(swarm.images.build, fileobj=dockerfile, tag=tag, rm=True)
+    runtime = SwarmRuntime(image=tag, instance_id=instance_id)
+    try:
+        reason = r"\(3 attempts\).*starting container failed.*/no/such/agent"
+        with (
+            caplog.at_level(logging.WARNING, logger="orchestrator.runtime.swarm"),
+            pytest.raises(FailedPrecondition, match=reason),
+        ):
+            await runtime.start("ws-nostart", "token", resources=ResourceHints(), env={}, labels={})
+        assert len([r for r in caplog.records if "starting it afresh" in r.getMessage()]) == 2
+        selector = {"label": f"{ORCHESTRATOR_LABEL}={instance_id}"}
+        assert swarm.services.list(filters=selector) == []
+        assert swarm.secrets.list(filters=selector) == []
+    finally:
+        await runtime.close()
+        await asyncio.to_thread(remove_instance, swarm, instance_id)
+        swarm.images.remove(tag, force=True)  # (the failed tasks' containers go a moment after their services)
 
 
 async def test_a_workspace_that_stops_comes_back_from_its_last_save(
