@@ -105,7 +105,11 @@ class Cluster:
             session = await self._store.get_session(session_id)
             if session is not None and session.state in HELD_STATES:
                 await self._manager.take_over(session)
-            return None
+            # Another replica may have been first to take it over: then that one serves it.
+            owner = await self._store.owner(session_id)
+            if owner is None or owner[0] == self._store.replica_id or not owner[2]:
+                return None
+            replica, address, current = owner
         if not address:
             raise ReplicaUnavailable(f"replica {replica}, owner of session {session_id}, has no address registered")
         channel = self._channels.get(address)

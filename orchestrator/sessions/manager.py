@@ -78,7 +78,7 @@ class SessionManager:
         self._runtime = runtime
         self._live: dict[str, LiveSession] = {}
         self.cluster = Cluster(self, store)
-        self._taking: set[str] = set()
+        self._taking: dict[str, asyncio.Task[None]] = {}  # takeovers under way, by session id
         store.on_lost = self._lost
         self._reconciler = Reconciler(self, config, store, catalog, runtime)
         self._install_cache = (
@@ -669,16 +669,23 @@ class SessionManager:
 
     async def take_over(self, session: pb.Session) -> None:
         """Makes the session this replica's if no live replica owns it (its owner died), adopting its workspace
-        as a restart would (see Reconciler.settle); nothing when another replica was first."""
-        if session.id in self._live or session.id in self._taking:
+        as a restart would (see Reconciler.settle); nothing when another replica was first. The heartbeat and a
+        forwarded call may both get here: the later waits for the takeover under way, so that a call is served
+        by the adopted session, not by one half taken over."""
+        if session.id in self._live and session.id not in self._taking:
             return
-        self._taking.add(session.id)  # the heartbeat and a forwarded call may both get here
-        try:
-            if await self._store.claim(session.id):
-                log.info("taking over session %s (%s)", session.id, pb.SessionState.Name(session.state))
-                await self._reconciler.take_over(session)
-        finally:
-            self._taking.discard(session.id)
+        taking = self._taking.get(session.id)
+        if taking is None:
+            taking = self._taking[session.id] = asyncio.create_task(
+                self._take_over(session), name=f"take over {session.id}"
+            )
+            taking.add_done_callback(lambda _: self._taking.pop(session.id, None))
+        await asyncio.shield(taking)  # a caller that gives up leaves the takeover to finish
+
+    async def _take_over(self, session: pb.Session) -> None:
+        if await self._store.claim(session.id):
+            log.info("taking over session %s (%s)", session.id, pb.SessionState.Name(session.state))
+            await self._reconciler.take_over(session)
 
     def _lost(self, session_id: str) -> None:
         """Another replica owns the session now (this one was cut off past its lease): lets go of it here without
@@ -697,6 +704,10 @@ class SessionManager:
         unclaimed members (their credentials live in this process only), and hands the sessions to the other
         replicas, if any."""
         await self.cluster.close()
+        takeovers = list(self._taking.values())
+        for task in takeovers:
+            task.cancel()
+        await asyncio.gather(*takeovers, return_exceptions=True)
         for pool in self.pools:
             await pool.close()
         await self._reconciler.close()

@@ -27,6 +27,8 @@ LEASE_TTL_S = 3.0
 # How long a dead replica's sessions may wait for a new owner: the stated bound (the lease and one beat, see
 # Cluster.takeover_within_s) plus room for a slow shared machine (the adoption's health check, a busy engine).
 TAKEOVER_DEADLINE_S = LEASE_TTL_S * 4 / 3 + 30
+# Saves sent at a time to a dead replica's session while it is being taken over.
+CONCURRENT_SAVES = 4
 
 
 @dataclass
@@ -112,19 +114,21 @@ async def test_a_killed_replicas_sessions_are_taken_over(cluster: Cluster) -> No
     assert ready.state == READY
 
     first.kill()
+
     # The dead owner's session, saved through the survivor once it took the session over: until then the
-    # survivor answers UNAVAILABLE, saying when to try again.
-    answers: list[grpc.StatusCode] = []
+    # survivor answers UNAVAILABLE, saying when to try again. Several calls at a time, so that some arrive while
+    # the survivor's heartbeat is taking the session over: they wait for it, none finds it half taken over.
+    async def save() -> pb.Archive | None:
+        try:
+            return (await second.stub.SaveSession(pb.SaveSessionRequest(id=created.id))).archive
+        except aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            return None
+
     async with asyncio.timeout(TAKEOVER_DEADLINE_S):
-        while True:
-            try:
-                archive = (await second.stub.SaveSession(pb.SaveSessionRequest(id=created.id))).archive
-                break
-            except aio.AioRpcError as error:
-                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
-                answers.append(error.code())
-                await asyncio.sleep(0.5)
-    assert archive.session_id == created.id
+        while not (saved := [a for a in await asyncio.gather(*(save() for _ in range(CONCURRENT_SAVES))) if a]):
+            await asyncio.sleep(0.1)
+    assert {archive.session_id for archive in saved} == {created.id}
     adopted = (await second.stub.GetSession(pb.GetSessionRequest(id=created.id))).session
     # The same workspace, adopted (not restarted): same agent, still READY.
     assert (adopted.state, adopted.agent_endpoint) == (READY, ready.agent_endpoint)
