@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 # What the image field says for a local workspace: the interpreter the agent runs on.
 LOCAL_IMAGE = f"local:{sys.executable}"
 STATE_FILE = "workspace.json"
+# The pid in a state file written before its agent was started: the agent, if any, is found by its root.
+STARTING_PID = 0
 TOKEN_FILE = "agent-token"
 # The agent binds port 0 and writes the port it got here: chosen by the kernel at bind time, it cannot be
 # taken by another process in between (as a port probed free beforehand could, by another session's agent).
@@ -84,6 +86,8 @@ class LocalRuntime:
         self._children: dict[str, asyncio.subprocess.Process] = {}
         # Directories stop() is taking down: their agents' exits are not reported.
         self._stopping: set[str] = set()
+        # Directories whose agent is starting: an exit before it serves is the start's failure, not an exit.
+        self._starting: set[str] = set()
         # Makes claims single in this process (another orchestrator on the same data directory is not supported).
         self._claiming = asyncio.Lock()
         # Dev server ports handed out lately, by when: their servers may not have bound them yet.
@@ -151,7 +155,7 @@ class LocalRuntime:
             state = await asyncio.to_thread(_read_json, session_dir / STATE_FILE)
             if not workspace.pool_id or state is None or state.get("session_id"):
                 raise FailedPrecondition(f"the pool member {workspace.pool_id or workspace.handle} is claimed already")
-            if not await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
+            if await asyncio.to_thread(_agent_pid, state, session_dir / "app") is None:
                 raise FailedPrecondition(f"the pool member {workspace.pool_id}'s agent is not running")
             state["session_id"] = session_id
             await asyncio.to_thread(_write_json, session_dir / STATE_FILE, state)
@@ -179,28 +183,51 @@ class LocalRuntime:
         port_file.unlink(missing_ok=True)  # left by an earlier agent of this session
         if self.trust_bundle is not None:
             environment.update(trust_env(str(self.trust_bundle)))
+        state_file = session_dir / STATE_FILE
+        earlier = await asyncio.to_thread(_read_json, state_file)  # a paused session's, when resuming
+        state = {
+            "session_id": session_id,
+            "pid": STARTING_PID,
+            "agent_endpoint": "",  # known once it serves
+            "preview_port": preview_port,
+            "preview_url": f"http://{self.host_address}:{preview_port}/",
+            "labels": labels,
+        }
+        self._starting.add(name)
+        try:
+            # Written before the agent exists: an orchestrator killed at any point of the start leaves a workspace
+            # that list() shows (its agent found by its root until its pid is recorded) and a restart removes or a
+            # pool discards, never an agent that no state file names.
+            await asyncio.to_thread(_write_json, state_file, state)
+            try:
+                process = await self._spawn(session_dir, token_file, port_file, root, environment)
+                self._children[name] = process
+                state["pid"] = process.pid
+                await asyncio.to_thread(_write_json, state_file, state)
+                agent_port = await _serving_port(process, port_file, session_dir / "agent.log")
+            except (OSError, InitializationFailed):
+                # No agent is left (_serving_port killed its group): the state file is as before this start.
+                await asyncio.to_thread(_restore_json, state_file, earlier)
+                raise
+            state["agent_endpoint"] = f"{self.host_address}:{agent_port}"
+            await asyncio.to_thread(_write_json, state_file, state)
+        finally:
+            self._starting.discard(name)
+        return self._workspace(state, name, running=True)
+
+    async def _spawn(
+        self, session_dir: Path, token_file: Path, port_file: Path, root: Path, environment: dict[str, str]
+    ) -> asyncio.subprocess.Process:
         # The working directory is not the workspace root: `python -m` puts it first on sys.path, and a
         # workspace may well hold a package named `agent`.
         with open(session_dir / "agent.log", "ab") as log:
-            process = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 # --root last: _is_agent recognises the agent by it.
                 sys.executable, "-m", "agent", "--token-file", str(token_file), "--port-file", str(port_file),
                 "--listen", f"{self.host_address}:0", "--root", str(root),
                 cwd=session_dir, env=environment, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # its own process group, outside the orchestrator's terminal signals
             )  # fmt: skip
-        self._children[name] = process
-        agent_port = await _serving_port(process, port_file, session_dir / "agent.log")
-        state = {
-            "session_id": session_id,
-            "pid": process.pid,
-            "agent_endpoint": f"{self.host_address}:{agent_port}",
-            "preview_port": preview_port,
-            "preview_url": f"http://{self.host_address}:{preview_port}/",
-            "labels": labels,
-        }
-        await asyncio.to_thread(_write_json, session_dir / STATE_FILE, state)
-        return self._workspace(state, name, running=True)
 
     async def stop(self, session_id: str) -> None:
         """SIGTERM to the agent's group (the agent then stops its named processes), SIGKILL after a grace
@@ -224,8 +251,8 @@ class LocalRuntime:
         """Ends the agent of the directory `name` and everything it started, the caller marking it stopping."""
         session_dir = self.directory / name
         child = self._children.pop(name, None)
-        if state is not None and await asyncio.to_thread(_is_agent, state["pid"], session_dir / "app"):
-            pid = state["pid"]
+        pid = None if state is None else await asyncio.to_thread(_agent_pid, state, session_dir / "app")
+        if pid is not None:
             groups = await asyncio.to_thread(_descendant_groups, pid)
             _signal_group(pid, signal.SIGTERM)
             if not await _exited(pid, child, STOP_GRACE_S):
@@ -283,7 +310,7 @@ class LocalRuntime:
             reported &= present
             for name, workspace, paused in listed:
                 key = (workspace.session_id, workspace.handle)
-                if workspace.running or paused or key in reported or name in self._stopping:
+                if workspace.running or paused or key in reported or name in self._stopping or name in self._starting:
                     continue
                 reported.add(key)
                 yield WorkspaceExit(workspace.session_id, workspace.handle, await self._exit_reason(name, workspace))
@@ -320,7 +347,10 @@ class LocalRuntime:
             if state is None or state["labels"].get(ORCHESTRATOR_LABEL) != self.instance_id:
                 continue
             name = path.parent.name
-            running = _is_agent(state["pid"], path.parent / "app")
+            pid = _agent_pid(state, path.parent / "app")
+            running = pid is not None
+            if pid is not None:
+                state["pid"] = pid  # found by its root, when its start was cut short before its pid was recorded
             workspaces.append((name, self._workspace(state, name, running=running), bool(state.get("paused"))))
         return workspaces
 
@@ -335,7 +365,7 @@ class LocalRuntime:
 
     def _running(self, session_dir: Path) -> bool:
         state = _read_json(session_dir / STATE_FILE)
-        return state is not None and _is_agent(state["pid"], session_dir / "app")
+        return state is not None and _agent_pid(state, session_dir / "app") is not None
 
     def _workspace(self, state: dict, name: str, *, running: bool) -> Workspace:
         session_id = state.get("session_id") or state["labels"].get(SESSION_LABEL, "")
@@ -412,6 +442,14 @@ def _write_json(path: Path, data: dict) -> None:
     write_atomically(path, json.dumps(data, indent=2))
 
 
+def _restore_json(path: Path, data: dict | None) -> None:
+    """Puts `data` back in `path`, or removes it when there was none."""
+    if data is None:
+        path.unlink(missing_ok=True)
+    else:
+        _write_json(path, data)
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -432,6 +470,14 @@ def _is_agent(pid: int, root: Path) -> bool:
     (nor is a zombie, whose command line is empty)."""
     command = _cmdline(pid)
     return command[1:3] == ["-m", "agent"] and command[-2:] == ["--root", str(root)]
+
+
+def _agent_pid(state: dict, root: Path) -> int | None:
+    """The pid of the agent serving `root` that `state` records, if it runs. A start cut short before the pid was
+    recorded (STARTING_PID) may have left its agent running: it is looked for among the processes."""
+    if state["pid"] != STARTING_PID:
+        return state["pid"] if _is_agent(state["pid"], root) else None
+    return next((process.pid for process in psutil.process_iter() if _is_agent(process.pid, root)), None)
 
 
 def _descendant_groups(pid: int) -> set[int]:

@@ -4,6 +4,7 @@ restart, and stop (which must take the workspace's own processes down too)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -11,6 +12,7 @@ import subprocess
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from orchestrator.agent_client import AgentClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import FailedPrecondition, InitializationFailed, InvalidArgument
-from orchestrator.runtime import make_runtime
+from orchestrator.runtime import local, make_runtime
 from orchestrator.runtime.base import MANAGED_LABEL, ORCHESTRATOR_LABEL, SESSION_LABEL, Workspace
 from orchestrator.runtime.local import LocalRuntime
 from orchestrator.templates import ResourceHints
@@ -153,6 +155,48 @@ async def test_list_shows_workspaces_and_a_restarted_orchestrator_adopts_them(
     assert not alive(int(first.handle))
     assert await restarted.list() == []
     assert not (tmp_path / "workspaces" / "ws-adopt").exists()
+
+
+@pytest.mark.parametrize("cut", ["before its pid was recorded", "before it served"])
+async def test_an_agent_whose_orchestrator_died_while_starting_it_is_found_and_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    # The orchestrator killed while starting an agent (a pool refilling at the time): the agent runs on, and the
+    # restarted orchestrator must see it to remove it (CI runs leaked such agents).
+    async def never(*_: object) -> NoReturn:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    if cut == "before it served":
+        monkeypatch.setattr(local, "_serving_port", never)
+    else:
+        spawn = LocalRuntime._spawn
+
+        async def spawn_then_die(self: LocalRuntime, *args: Any) -> NoReturn:
+            await spawn(self, *args)
+            await never()
+
+        monkeypatch.setattr(LocalRuntime, "_spawn", spawn_then_die)
+    first = LocalRuntime(directory=tmp_path / "workspaces", instance_id="test")
+    starting = asyncio.create_task(first.start_pooled("cut0ff", "credential"))
+    async with asyncio.timeout(30):
+        while not (agents := [p for p in psutil.Process().children() if "pool-cut0ff" in " ".join(p.cmdline())]):
+            await asyncio.sleep(0.02)
+    starting.cancel()  # the orchestrator is gone: none of its code runs on
+    await asyncio.gather(starting, return_exceptions=True)
+    await first.close()
+    monkeypatch.undo()
+
+    try:
+        restarted = LocalRuntime(directory=tmp_path / "workspaces", instance_id="test")
+        [member] = await restarted.list()
+        assert (member.pool_id, member.handle, member.running) == ("cut0ff", str(agents[0].pid), True)
+        await restarted.discard("cut0ff")  # what a pool's start does with an earlier orchestrator's members
+        assert not alive(agents[0].pid)
+        assert await restarted.list() == []
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            agents[0].kill()
 
 
 async def test_a_dead_agent_is_listed_as_not_running(runtime: LocalRuntime) -> None:
